@@ -1,0 +1,1 @@
+"""Code generators: lower the IR to a runnable TinT."""

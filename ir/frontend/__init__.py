@@ -1,0 +1,99 @@
+"""Frontend: a Hugging Face causal LM -> IR graph, through one small adapter per family.
+
+An adapter (one file each: gpt2.py, opt.py) knows its HF classes, checks that the
+model's settings and modules are ones it understands, and emits the IR ops of the
+model in execution order. `trace` then verifies the graph and checks it numerically:
+the IR interpreter must reproduce the HF logits, which proves no op was missed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tintc.errors import FrontendError
+
+from ..graph import Graph
+from ..interpret import Interpreter
+from ..verify import verify
+from .adapter import Adapter
+from .gpt2 import GPT2Adapter
+from .opt import OPTAdapter
+
+ADAPTERS: dict[str, Adapter] = {a.family: a for a in (GPT2Adapter(), OPTAdapter())}
+
+
+def adapter_for(family: str) -> Adapter:
+    if family not in ADAPTERS:
+        raise FrontendError(
+            f"model family {family!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[family]
+
+
+def build_model(family: str, config_kwargs: dict, seed: int = 0, dtype=torch.float32):
+    """A randomly initialised HF model of `family` built from config kwargs (no download)."""
+    adapter = adapter_for(family)
+    config = adapter.config_class(**config_kwargs)
+    torch.manual_seed(seed)
+    model = adapter.model_class(config).to(dtype)
+    return model.eval()
+
+
+def load_model(family: str, path: str | os.PathLike, dtype=torch.float32):
+    """An HF model saved with `save_pretrained` in a local directory (never the hub)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    adapter = adapter_for(family)
+    if not os.path.isdir(path):
+        raise FrontendError(f"model.path {str(path)!r} is not a local directory (the hub is never used)")
+    model = adapter.model_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return model.eval()
+
+
+def family_of(model) -> str:
+    for family, adapter in ADAPTERS.items():
+        if isinstance(model, adapter.model_class):
+            return family
+    raise FrontendError(
+        f"model class {type(model).__name__} is not supported; supported: "
+        + ", ".join(a.model_class.__name__ for a in ADAPTERS.values())
+    )
+
+
+def trace(model, name: str | None = None) -> Graph:
+    """The IR graph of `model`, checked three ways: settings the adapter supports, every
+    parameter read by some op, and the interpreted graph reproducing the HF logits."""
+    family = family_of(model)
+    adapter = ADAPTERS[family]
+    headline = f"cannot trace {type(model).__name__}"
+    problems = adapter.check(model)
+    if problems:
+        raise FrontendError(problems, headline)
+    graph = adapter.build(model, name)
+    params = dict(model.named_parameters())
+    verify(graph, params)
+    unread = [n for n in params if n not in graph.weight_shapes]
+    if unread:
+        raise FrontendError(
+            [f"{n}: module {n.rsplit('.', 1)[0]} holds a parameter that no op of the {family} adapter reads; "
+             "this module is not supported" for n in unread], headline)
+    _check_logits(graph, model, params, headline)
+    return graph
+
+
+def _check_logits(graph: Graph, model, params, headline: str, length: int = 8) -> None:
+    """The interpreter must give the HF logits on a short fixed input."""
+    gen = torch.Generator().manual_seed(0)
+    length = min(length, graph.attrs["max_positions"])
+    ids = torch.randint(0, graph.attrs["vocab"], (1, length), generator=gen)
+    with torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+        got = Interpreter(graph).run(params, ids)
+    err = (got - expected).abs().max().item()
+    scale = max(1.0, expected.abs().max().item())
+    tolerance = (1e-4 if expected.dtype == torch.float32 else 1e-10) * scale
+    if not err <= tolerance:
+        raise FrontendError(
+            f"the traced graph gives logits {err:.3g} from the model's (allowed {tolerance:.1g}): "
+            f"the {family_of(model)} adapter missed or misread an op", headline)

@@ -1,0 +1,167 @@
+"""The IR interpreter: runs a graph on aux weights with plain, differentiable torch ops.
+
+It is the oracle for the frontend (a traced graph must reproduce the HF logits), for
+autodiff (a training graph must reproduce `tintc.reference`'s ĝ) and for the TinT.
+One method per op kind; values are batched: [B, T, ...]. Weights are read at their
+version: θ_0 from `params`, later versions from what descent ops wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import rules
+from .graph import Graph, Node, WeightRef
+
+
+@dataclass
+class Result:
+    logits: torch.Tensor  # [B, T, V]
+    params: dict[str, torch.Tensor]  # every aux parameter at its last version
+    values: dict[str, torch.Tensor]  # every node's value (descent ops: none)
+
+
+class Interpreter:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+
+    def run(self, params: dict[str, torch.Tensor], input_ids: torch.Tensor, keep: bool = False):
+        """Logits [B, T, V] for ids [B, T] (a forward graph); with keep=True also every node's value."""
+        result = self.execute(params, input_ids)
+        return (result.logits, result.values) if keep else result.logits
+
+    def execute(self, params, input_ids, train_mask=None, label_mask=None) -> Result:
+        """Run any graph; training graphs need the train mask (label mask: all tokens by default)."""
+        self.inputs = {"ids": input_ids, "train": train_mask,
+                       "label": torch.ones_like(input_ids, dtype=torch.bool) if label_mask is None else label_mask}
+        self.written: dict[tuple, torch.Tensor] = {}  # (weight key, version) -> value
+        values: dict[str, torch.Tensor] = {}
+        logits = None
+        for node in self.graph.nodes():
+            args = [values[i] for i in node.inputs]
+            weights = {slot: self._read(ref, params) for slot, ref in node.weights.items()}
+            values[node.name] = getattr(self, "op_" + node.kind)(node, args, weights)
+            if node.kind == "output":
+                logits = values[node.name]
+        return Result(logits, self._updated(params), values)
+
+    def _read(self, ref: WeightRef, params):
+        return ref.resolve(params) if ref.version == 0 else self.written[(ref.key, ref.version)]
+
+    def _write(self, node: Node, slot: str, value) -> None:
+        ref = node.weights[slot]
+        self.written[(ref.key, ref.version + 1)] = value
+
+    def _updated(self, params):
+        """The aux parameters with every weight at its last written version."""
+        latest: dict[tuple, tuple[int, torch.Tensor]] = {}
+        for (key, version), value in self.written.items():
+            if version > latest.get(key, (0, None))[0]:
+                latest[key] = (version, value)
+        out = dict(params)
+        for (name, transpose, rows), (_, value) in latest.items():
+            full = out[name].detach().clone() if out[name] is params[name] else out[name]
+            view = full.T if transpose else full
+            if rows is not None:
+                view = view[rows[0] : rows[1]]
+            view.copy_(value)
+            out[name] = full
+        return out
+
+    # -- forward ops -----------------------------------------------------------------------
+    def op_input(self, node: Node, args, w):
+        return self.inputs["ids"]
+
+    def op_embed(self, node, args, w):
+        return w["table"][args[0]]  # [B, T, D]
+
+    def op_pos_embed(self, node, args, w):
+        batch, length = args[0].shape
+        offset = node.attrs["offset"]
+        return w["table"][offset : offset + length].expand(batch, -1, -1)
+
+    def op_add(self, node, args, w):
+        return args[0] + args[1]
+
+    def op_layer_norm(self, node, args, w):
+        return self.layer_norm(args[0], w["gain"], w["bias"], node.attrs["eps"])
+
+    def op_linear(self, node, args, w):
+        return F.linear(args[0], w["weight"], w.get("bias"))
+
+    def op_activation(self, node, args, w):
+        return self.activation(args[0], node.attrs["fn"])
+
+    def op_attention(self, node, args, w):
+        q, k, v = (_heads(x, node.attrs["heads"]) for x in args)  # [B, H, T, hd]
+        return _merge(self.attention(q, k, v, node.attrs["scale"], node.attrs["causal"]))
+
+    def op_lm_head(self, node, args, w):
+        return args[0] @ w["weight"].T
+
+    def op_output(self, node, args, w):
+        return args[0]
+
+    # -- training ops ----------------------------------------------------------------------
+    def op_mask(self, node, args, w):
+        return self.inputs[node.attrs["which"]].bool()
+
+    def op_loss_grad(self, node, args, w):
+        x, ids, train, label = args
+        return rules.loss_grad(x, ids, w["weight"], rules.loss_weights(train, label))
+
+    def op_linear_backward(self, node, args, w):
+        return args[0] @ w["weight"]
+
+    def op_linear_descent(self, node, args, w):
+        x, dy = args
+        lr = node.attrs["lr"]
+        if "weight" in w:
+            self._write(node, "weight", w["weight"] - lr * torch.einsum("bto,bti->oi", dy, x))
+        if "bias" in w:
+            self._write(node, "bias", w["bias"] - lr * dy.sum((0, 1)))
+
+    def op_layer_norm_backward(self, node, args, w):
+        a = node.attrs
+        return rules.layer_norm_backward(args[0], w["gain"], args[1], a["eps"], a["rule"], a["scale"])
+
+    def op_layer_norm_descent(self, node, args, w):
+        x, dy = args
+        lr = node.attrs["lr"]
+        if "gain" in w:
+            self._write(node, "gain", w["gain"] - lr * (dy * rules.normalise(x, node.attrs["eps"])).sum((0, 1)))
+        if "bias" in w:
+            self._write(node, "bias", w["bias"] - lr * dy.sum((0, 1)))
+
+    def op_activation_backward(self, node, args, w):
+        a = node.attrs
+        return rules.activation_backward(args[0], args[1], a["fn"], a["rule"], a["scale"])
+
+    def op_attention_backward(self, node, args, w):
+        q, k, do = (_heads(x, node.attrs["heads"]) for x in args)
+        return _merge(rules.attention_backward_values(q, k, do, node.attrs["scale"], node.attrs["causal"]))
+
+    # -- the primitives whose backward the oracle replaces ---------------------------------
+    def layer_norm(self, x, gain, bias, eps):
+        return F.layer_norm(x, (x.shape[-1],), gain, bias, eps)
+
+    def activation(self, x, fn: str):
+        return rules.ACTIVATION_FNS[fn](x)
+
+    def attention(self, q, k, v, scale: float, causal: bool):
+        return rules.attention_probs(q, k, scale, causal) @ v
+
+
+def _heads(x, heads: int):
+    """[B, T, H·hd] -> [B, H, T, hd]"""
+    b, t, d = x.shape
+    return x.view(b, t, heads, d // heads).transpose(1, 2)
+
+
+def _merge(x):
+    """[B, H, T, hd] -> [B, T, H·hd]"""
+    b, h, t, hd = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * hd)

@@ -1,0 +1,196 @@
+"""The closed set of IR op kinds: for each, its inputs, attributes, weight slots and shape rule.
+
+Shapes are tuples whose entries are ints or the symbol "T" (sequence length). Every
+op works per sequence; a batch dimension is implicit and handled by the interpreter.
+Node attributes that every op may carry besides its own (for reports and error
+messages): `module` (HF module path), `layer` (aux layer index, -1 outside layers),
+`role` (what the op is in the aux model, e.g. "q", "mlp_in", "ln_attn"), and `train`
+(the weight slots that SGD updates, comma-separated; set by passes/select_train.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+T = "T"
+COMMON_ATTRS = {"module": str, "layer": int, "role": str, "train": str}
+
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu")  # gelu_tanh = GPT-2's gelu_new
+POSITION_SCHEMES = ("none",)  # absolute positions are added by pos_embed; rotary/alibi later
+MASKS = ("train", "label")
+BACKWARD_RULES = ("finite_difference", "exact")  # layer norm and activation backward
+ATTENTION_RULES = ("stop_gradient",)  # attention backward: scores are constants
+LINEAR_ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+NORM_ROLES = ("ln_attn", "ln_mlp", "ln_final")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    kind: str
+    inputs: int  # number of graph inputs
+    attrs: dict[str, type]  # required attributes of this kind
+    weights: tuple[str, ...]  # weight slots, in print order
+    infer: Callable  # (input shapes, attrs, weight shapes by slot) -> output shape or error str
+    doc: str
+    optional_weights: tuple[str, ...] = field(default=())  # slots that may be absent
+
+
+def _input(shapes, attrs, w):
+    return (T,)
+
+
+def _embed(shapes, attrs, w):
+    (ids,) = shapes
+    if ids != (T,):
+        return f"expects token ids of shape [T], got {list(ids)}"
+    return (T, w["table"][1])
+
+
+def _same(shapes, attrs, w):
+    a, b = shapes
+    return a if a == b else f"input shapes differ: {list(a)} vs {list(b)}"
+
+
+def _layer_norm(shapes, attrs, w):
+    (x,) = shapes
+    for slot in ("gain", "bias"):
+        if slot in w and w[slot] != (x[-1],):
+            return f"{slot} has shape {list(w[slot])}, expected [{x[-1]}]"
+    return x
+
+
+def _linear(shapes, attrs, w):
+    (x,) = shapes
+    d_out, d_in = w["weight"]
+    if x[-1] != d_in:
+        return f"input width {x[-1]} does not match weight [{d_out}, {d_in}]"
+    if "bias" in w and w["bias"] != (d_out,):
+        return f"bias has shape {list(w['bias'])}, expected [{d_out}]"
+    return (*x[:-1], d_out)
+
+
+def _activation(shapes, attrs, w):
+    if attrs["fn"] not in ACTIVATIONS:
+        return f"fn={attrs['fn']!r}; allowed: {', '.join(ACTIVATIONS)}"
+    return shapes[0]
+
+
+def _attention(shapes, attrs, w):
+    q, k, v = shapes
+    width = attrs["heads"] * attrs["head_dim"]
+    if not (q == k == v == (T, width)):
+        return f"q, k, v must all be [T, {width}] (heads*head_dim), got {[list(s) for s in shapes]}"
+    if attrs["positions"] not in POSITION_SCHEMES:
+        return f"positions={attrs['positions']!r}; allowed: {', '.join(POSITION_SCHEMES)}"
+    return q
+
+
+def _lm_head(shapes, attrs, w):
+    (x,) = shapes
+    vocab, d = w["weight"]
+    if x != (T, d):
+        return f"input {list(x)} does not match unembedding [{vocab}, {d}]"
+    return (T, vocab)
+
+
+def _output(shapes, attrs, w):
+    return shapes[0]
+
+
+# -- the training graph's ops (ir/passes/autodiff.py) ---------------------------------------
+def _mask(shapes, attrs, w):
+    return (T,) if attrs["which"] in MASKS else f"which={attrs['which']!r}; allowed: {', '.join(MASKS)}"
+
+
+def _loss_grad(shapes, attrs, w):
+    x, ids, train, label = shapes
+    if not ids == train == label == (T,):
+        return "expects ids, train mask and label mask of shape [T]"
+    problem = _lm_head([x], attrs, w)
+    return problem if isinstance(problem, str) else x
+
+
+def _linear_backward(shapes, attrs, w):
+    (dy,) = shapes
+    d_out, d_in = w["weight"]
+    return (T, d_in) if dy == (T, d_out) else f"∂y {list(dy)} does not match weight [{d_out}, {d_in}]"
+
+
+def _linear_descent(shapes, attrs, w):
+    x, dy = shapes
+    if not w:
+        return "updates nothing: needs a weight or a bias slot"
+    if "weight" in w and w["weight"] != (dy[-1], x[-1]):
+        return f"weight {list(w['weight'])} does not match ∂y {list(dy)} and x {list(x)}"
+    if "bias" in w and w["bias"] != (dy[-1],):
+        return f"bias {list(w['bias'])} does not match ∂y {list(dy)}"
+    return ()
+
+
+def _rule(attrs, allowed):
+    return None if attrs["rule"] in allowed else f"rule={attrs['rule']!r}; allowed: {', '.join(allowed)}"
+
+
+def _pointwise_backward(shapes, attrs, w):
+    x, dy = shapes
+    if x != dy:
+        return f"x {list(x)} and ∂y {list(dy)} differ"
+    if "gain" in w and w["gain"] != (x[-1],):
+        return f"gain {list(w['gain'])} does not match width {x[-1]}"
+    if "fn" in attrs and attrs["fn"] not in ACTIVATIONS:
+        return f"fn={attrs['fn']!r}; allowed: {', '.join(ACTIVATIONS)}"
+    return _rule(attrs, BACKWARD_RULES) or x
+
+
+def _layer_norm_descent(shapes, attrs, w):
+    x, dy = shapes
+    if not w:
+        return "updates nothing: needs a gain or a bias slot"
+    bad = [s for s, shape in w.items() if shape != (x[-1],)]
+    return f"{bad} do not match width {x[-1]}" if bad or x != dy else ()
+
+
+def _attention_backward(shapes, attrs, w):
+    width = attrs["heads"] * attrs["head_dim"]
+    if any(s != (T, width) for s in shapes):
+        return f"q, k, ∂o must all be [T, {width}], got {[list(s) for s in shapes]}"
+    return _rule(attrs, ATTENTION_RULES) or (T, width)
+
+
+_specs = [
+    OpSpec("input", 0, {}, (), _input, "token ids z_1..z_T"),
+    OpSpec("embed", 1, {}, ("table",), _embed, "token embedding: table[ids]"),
+    OpSpec("pos_embed", 1, {"offset": int}, ("table",), _embed,
+           "learned absolute positions: table[offset + 0..T-1] (the input only gives T)"),
+    OpSpec("add", 2, {}, (), _same, "residual addition a + b"),
+    OpSpec("layer_norm", 1, {"eps": float}, ("gain", "bias"), _layer_norm,
+           "(x - mean) / sqrt(var + eps) * gain + bias over the last axis"),
+    OpSpec("linear", 1, {}, ("weight", "bias"), _linear,
+           "x @ weight.T + bias with weight [out, in]; bias optional", ("bias",)),
+    OpSpec("activation", 1, {"fn": str}, (), _activation, "elementwise activation fn(x)"),
+    OpSpec("attention", 3, {"heads": int, "head_dim": int, "causal": bool, "scale": float,
+                            "positions": str}, (), _attention,
+           "multi-head softmax attention of (q, k, v), scores scaled by `scale`"),
+    OpSpec("lm_head", 1, {}, ("weight",), _lm_head, "logits = x @ weight.T (weight [vocab, D])"),
+    OpSpec("output", 1, {}, (), _output, "marks the graph's result (the logits)"),
+    # training graph: inputs, the loss gradient, backward and descent ops
+    OpSpec("mask", 0, {"which": str}, (), _mask, "a [T] 0/1 input: the train segment or the label tokens"),
+    OpSpec("loss_grad", 4, {}, ("weight",), _loss_grad,
+           "∂/∂x of Σ_t w_t·CE(z_{t+1} | x_t·weightᵀ), inputs (x, ids, train mask, label mask), "
+           "w_t = m_t·m_{t+1}·l_{t+1}"),
+    OpSpec("linear_backward", 1, {}, ("weight",), _linear_backward, "∂x = ∂y @ weight"),
+    OpSpec("linear_descent", 2, {"lr": float}, ("weight", "bias"), _linear_descent,
+           "inputs (x, ∂y): weight#n+1 = weight#n − lr·Σ_t ∂y_t x_tᵀ, bias#n+1 = bias#n − lr·Σ_t ∂y_t",
+           ("weight", "bias")),
+    OpSpec("layer_norm_backward", 2, {"eps": float, "rule": str, "scale": float}, ("gain",), _pointwise_backward,
+           "inputs (x, ∂y): ∂x; finite_difference: N·[f(x + gain⊙∂y/N) − f(x)], f the normalisation"),
+    OpSpec("layer_norm_descent", 2, {"eps": float, "lr": float}, ("gain", "bias"), _layer_norm_descent,
+           "inputs (x, ∂y): gain −= lr·Σ_t ∂y_t⊙f(x_t), bias −= lr·Σ_t ∂y_t", ("gain", "bias")),
+    OpSpec("activation_backward", 2, {"fn": str, "rule": str, "scale": float}, (), _pointwise_backward,
+           "inputs (x, ∂y): ∂x; finite_difference: N·[σ(x + ∂y/N) − σ(x)]"),
+    OpSpec("attention_backward", 3, {"heads": int, "head_dim": int, "causal": bool, "scale": float, "rule": str},
+           (), _attention_backward, "inputs (q, k, ∂o): ∂v_j = Σ_t a_tj ∂o_t (stop_gradient: scores constant)"),
+]
+
+OPS: dict[str, OpSpec] = {s.kind: s for s in _specs}

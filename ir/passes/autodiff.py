@@ -1,0 +1,147 @@
+"""Autodiff: the traced forward graph -> the training graph of N SGD steps and the evaluation.
+
+For each step n the forward ops are re-emitted reading the weights' version n (a
+forward op that reads nothing new reuses its earlier value), then `loss_grad` gives
+∂ at the final norm's output, the backward ops run in reverse order, and a descent op
+per trained op writes version n+1 of its trained weights. Finally the forward runs
+once more on the last version: its logits are the graph's output.
+
+Only ops upstream of which some weight trains receive a gradient; with the
+stop-gradient attention rule only v does (q and k get none).
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from tintc.errors import PassError
+
+from ..graph import Graph, Node
+from . import PassResult
+
+FORWARD_KINDS = {"input", "embed", "pos_embed", "add", "layer_norm", "linear", "activation", "attention",
+                 "lm_head", "output"}
+
+
+def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradient",
+             layer_norm: str = "finite_difference", activation: str = "finite_difference",
+             scale: float = 1000.0) -> PassResult:
+    if any(n.kind not in FORWARD_KINDS for n in graph.nodes()):
+        return PassResult(graph, False)  # already a training graph: a second run changes nothing
+    if attention != "stop_gradient":
+        raise PassError(f"attention backward rule {attention!r} has no construction yet; allowed: stop_gradient")
+    rules = {"layer_norm": layer_norm, "activation": activation, "scale": float(scale)}
+    out = Graph(graph.name, {**graph.attrs, "steps": steps, "lr": lr})
+    out.weight_shapes = dict(graph.weight_shapes)
+    builder = _Builder(graph, out, lr, rules)
+    for step in range(steps):
+        builder.forward(step)
+        builder.backward(step)
+    builder.forward(steps, evaluate=True)
+    return PassResult(out, True)
+
+
+class _Builder:
+    def __init__(self, src: Graph, out: Graph, lr: float, rules: dict):
+        self.src, self.out, self.lr, self.rules = src, out, lr, rules
+        self.version: dict[tuple, int] = {}  # trained weight -> its current version
+        self.value: dict[str, str] = {}  # source node -> its value in the step being built
+        self.memo: dict[tuple, str] = {}  # (kind, inputs, weights) -> node: reuse unchanged values
+        trained = {n.name for n in src.nodes() if n.attrs.get("train")}
+        # the ops whose output carries gradient: those with a trained op at or above them
+        self.carries_grad = {n for n in src.nx if trained & (nx.ancestors(src.nx, n) | {n})}
+        self.ids = out.add("ids", "input", (), ("T",), {"module": "", "layer": -1})
+        self.train_mask = out.add("train_mask", "mask", (), ("T",), {"which": "train", "module": "", "layer": -1})
+        self.label_mask = out.add("label_mask", "mask", (), ("T",), {"which": "label", "module": "", "layer": -1})
+
+    def _current(self, ref):
+        return ref.at(self.version.get(ref.key, 0))
+
+    def forward(self, step: int, evaluate: bool = False) -> None:
+        for node in self.src.nodes():
+            if node.kind == "input":
+                self.value[node.name] = self.ids
+                continue
+            if node.kind in ("lm_head", "output") and not evaluate:
+                continue  # the training steps need only ∂ at the final norm (loss_grad)
+            inputs = tuple(self.value[i] for i in node.inputs)
+            weights = {slot: self._current(ref) for slot, ref in node.weights.items()}
+            key = (node.kind, node.name, inputs, tuple(sorted(weights.items())))
+            if key not in self.memo:
+                attrs = {k: v for k, v in node.attrs.items() if k != "train"}
+                self.memo[key] = self.out.add(f"{node.name}@{step}", node.kind, inputs, node.shape, attrs, weights)
+            self.value[node.name] = self.memo[key]
+
+    def backward(self, step: int) -> None:
+        grads: dict[str, list[str]] = {}  # source node -> gradient contributions
+        head = next(n for n in self.src.nodes() if n.kind == "lm_head")
+        final = head.inputs[0]
+        grads[final] = [self._add(f"{final}.grad_loss@{step}", "loss_grad",
+                                  [self.value[final], self.ids, self.train_mask, self.label_mask],
+                                  self.src.node(final).shape, head, {"weight": head.weights["weight"]})]
+        updates = []
+        for node in reversed(self.src.nodes()):
+            if node.name not in grads:
+                continue
+            dy = self._sum(node, grads[node.name], step)
+            updates += self._descend(node, dy, step)
+            for target, contribution in self._backward_op(node, dy, step):
+                if target in self.carries_grad:
+                    grads.setdefault(target, []).append(contribution)
+        for refs in updates:  # versions change only after the whole backward pass of the step
+            for ref in refs:
+                self.version[ref.key] = step + 1
+
+    # -- helpers ------------------------------------------------------------------------
+    def _add(self, name, kind, inputs, shape, like: Node, weights=None, **attrs) -> str:
+        meta = {k: like.attrs[k] for k in ("module", "layer", "role") if k in like.attrs}
+        return self.out.add(name, kind, inputs, shape, {**attrs, **meta}, weights or {})
+
+    def _sum(self, node: Node, contributions: list[str], step: int) -> str:
+        total = contributions[0]
+        for i, c in enumerate(contributions[1:], 1):
+            total = self._add(f"{node.name}.grad{i}@{step}", "add", [total, c], node.shape, node)
+        return total
+
+    def _descend(self, node: Node, dy: str, step: int) -> list:
+        slots = [s for s in node.attrs.get("train", "").split(",") if s]
+        if not slots:
+            return []
+        weights = {s: self._current(node.weights[s]) for s in slots}
+        x = self.value[node.inputs[0]]
+        if node.kind == "linear":
+            self._add(f"{node.name}.descent@{step}", "linear_descent", [x, dy], (), node, weights, lr=self.lr)
+        elif node.kind == "layer_norm":
+            self._add(f"{node.name}.descent@{step}", "layer_norm_descent", [x, dy], (), node, weights,
+                      eps=node.attrs["eps"], lr=self.lr)
+        else:
+            raise PassError(f"node %{node.name}: {node.kind} ops have no trainable weights")
+        return [list(weights.values())]
+
+    def _backward_op(self, node: Node, dy: str, step: int) -> list[tuple[str, str]]:
+        """(source node, gradient contribution) pairs for the inputs of `node`."""
+        name = f"{node.name}.bwd@{step}"
+        if node.kind == "add":
+            return [(node.inputs[0], dy), (node.inputs[1], dy)]
+        x = node.inputs[0]
+        if node.kind == "linear":
+            if x not in self.carries_grad:
+                return []
+            return [(x, self._add(name, "linear_backward", [dy], self.src.node(x).shape, node,
+                                  {"weight": self._current(node.weights["weight"])}))]
+        if node.kind == "layer_norm":
+            if x not in self.carries_grad:
+                return []
+            return [(x, self._add(name, "layer_norm_backward", [self.value[x], dy], node.shape, node,
+                                  {"gain": self._current(node.weights["gain"])}, eps=node.attrs["eps"],
+                                  rule=self.rules["layer_norm"], scale=self.rules["scale"]))]
+        if node.kind == "activation":
+            return [(x, self._add(name, "activation_backward", [self.value[x], dy], node.shape, node,
+                                  fn=node.attrs["fn"], rule=self.rules["activation"], scale=self.rules["scale"]))]
+        if node.kind == "attention":
+            q, k, v = node.inputs
+            a = node.attrs
+            return [(v, self._add(name, "attention_backward", [self.value[q], self.value[k], dy], node.shape, node,
+                                  heads=a["heads"], head_dim=a["head_dim"], causal=a["causal"], scale=a["scale"],
+                                  rule="stop_gradient"))]
+        return []  # embeddings: nothing below them trains

@@ -1,0 +1,56 @@
+"""Train-set selection: mark which weight slots of which ops SGD updates.
+
+A parameter *kind* names a role and a slot: attn_q = the weight and bias of the q
+linear, norm_gain = the gain of every layer norm in the layer, and so on. Only ops
+inside the chosen aux layers are marked (embeddings and the final norm never train).
+"""
+
+from __future__ import annotations
+
+from tintc.errors import PassError
+
+from ..graph import Graph, WeightRef
+from . import PassResult
+
+# kind -> (op roles, weight slots)
+KINDS = {
+    "attn_q": (("q",), ("weight", "bias")),
+    "attn_k": (("k",), ("weight", "bias")),
+    "attn_v": (("v",), ("weight", "bias")),
+    "attn_o": (("o",), ("weight", "bias")),
+    "mlp_in": (("mlp_in",), ("weight", "bias")),
+    "mlp_out": (("mlp_out",), ("weight", "bias")),
+    "norm_gain": (("ln_attn", "ln_mlp"), ("gain",)),
+    "norm_bias": (("ln_attn", "ln_mlp"), ("bias",)),
+}
+
+
+def select_train(graph: Graph, layers: list[int], kinds: list[str]) -> PassResult:
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise PassError(f"unknown parameter kinds {unknown}; allowed: {', '.join(KINDS)}")
+    out = graph.copy()
+    changed = False
+    for node in out.nodes():
+        slots = set()
+        for kind in kinds:
+            roles, kind_slots = KINDS[kind]
+            if node.attrs.get("layer") in layers and node.attrs.get("role") in roles:
+                slots |= {s for s in kind_slots if s in node.weights}
+        text = ",".join(s for s in node.weights if s in slots)
+        if text and node.attrs.get("train") != text:
+            node.attrs["train"] = text
+            changed = True
+        elif not text and "train" in node.attrs:
+            del node.attrs["train"]
+            changed = True
+    return PassResult(out, changed)
+
+
+def trained_refs(graph: Graph) -> list[WeightRef]:
+    """The weights that SGD updates, in graph order (after select_train)."""
+    refs = []
+    for node in graph.nodes():
+        for slot in filter(None, node.attrs.get("train", "").split(",")):
+            refs.append(node.weights[slot])
+    return refs

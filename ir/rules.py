@@ -1,0 +1,76 @@
+"""The math of the IR's ops that is more than one torch call, as plain tensor code on [B, T, ...]
+values: activations, softmax attention, and the backward rules of the training graph.
+
+These are the rules the TinT simulates; the training-graph interpreter runs them, and
+the oracle (`tintc.reference`) uses the same formulas inside its autograd functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def gelu_tanh(x):
+    """GPT-2's gelu_new."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+ACTIVATION_FNS = {"gelu_tanh": gelu_tanh, "gelu": F.gelu, "relu": F.relu}
+
+
+def normalise(x, eps: float):
+    """f(x) = (x − mean) / sqrt(var + eps) over the last axis (layer norm without affine)."""
+    return F.layer_norm(x, (x.shape[-1],), None, None, eps)
+
+
+def layer_norm_backward(x, gain, dy, eps: float, rule: str, scale: float):
+    """∂x of y = f(x)·γ + β. finite_difference: N·[f(x + γ⊙∂y/N) − f(x)]."""
+    g = gain * dy
+    if rule == "finite_difference":
+        return scale * (normalise(x + g / scale, eps) - normalise(x, eps))
+    xhat = normalise(x, eps)
+    sigma = (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    return (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)) / sigma
+
+
+def activation_backward(x, dy, fn: str, rule: str, scale: float):
+    """∂x of y = σ(x). finite_difference: N·[σ(x + ∂y/N) − σ(x)]."""
+    sigma = ACTIVATION_FNS[fn]
+    if rule == "finite_difference":
+        return scale * (sigma(x + dy / scale) - sigma(x))
+    return torch.func.vjp(sigma, x)[1](dy)[0]
+
+
+def attention_probs(q, k, scale: float, causal: bool):
+    """a[b, h, t, j] = softmax_j(scale·⟨q_t, k_j⟩) on [B, H, T, hd] tensors."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        t = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return scores.softmax(-1)
+
+
+def attention_backward_values(q, k, do, scale: float, causal: bool):
+    """Stop-gradient rule: the scores are constants, so ∂v_j = Σ_t a_tj ∂o_t (heads [B, H, T, hd])."""
+    return attention_probs(q, k, scale, causal).transpose(-1, -2) @ do
+
+
+def loss_weights(train_mask, label_mask=None):
+    """w[b, t] = 1 where CE(z_{t+1} | z_≤t) enters the loss: t and t+1 train (and t+1 a label)."""
+    m = train_mask.bool()
+    w = torch.zeros_like(m)
+    w[:, :-1] = m[:, :-1] & m[:, 1:]
+    if label_mask is not None:
+        w[:, :-1] &= label_mask.bool()[:, 1:]
+    return w
+
+
+def loss_grad(x, input_ids, unembed, weights):
+    """∂/∂x_t of Σ_t w_t·CE(z_{t+1} | x_t) with logits x_t·Eᵀ: w_t·(softmax(E x_t) − e_{z_{t+1}})ᵀ E."""
+    probs = (x @ unembed.T).softmax(-1)  # [B, T, V]
+    targets = torch.zeros_like(probs)
+    targets[:, :-1].scatter_(-1, input_ids[:, 1:, None], 1.0)
+    return ((probs - targets) * weights[..., None].to(x.dtype)) @ unembed

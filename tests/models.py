@@ -1,0 +1,32 @@
+"""The shared table of tiny test configs, one row per model family, and a builder.
+
+A new family = one adapter file + one row here. `tiny_model` builds a seeded, randomly
+initialised HF model from the row (never downloads anything).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # conftest.py sets it too; this keeps direct imports safe
+
+import torch  # noqa: E402
+
+from ir.frontend import build_model  # noqa: E402
+
+TINY: dict[str, dict] = {
+    "gpt2": dict(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ),
+    "opt": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, vocab_size=64,
+        max_position_embeddings=32, word_embed_proj_dim=32,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ),
+}
+
+
+def tiny_model(family: str, dtype=torch.float32, seed: int = 0, **overrides):
+    """A tiny HF model of `family` (TINY[family] updated by `overrides`), in eval mode."""
+    return build_model(family, {**TINY[family], **overrides}, seed=seed, dtype=dtype)

@@ -1,0 +1,179 @@
+"""The oracle against plain autograd / torch.optim, and its approximations against their limits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ir.frontend import trace
+from ir.rules import loss_weights
+from ir.passes.select_train import KINDS
+from tintc import metrics
+from tintc.fidelity import example_input, fidelity_rows
+from tintc.reference import (
+    EXACT,
+    FiniteDifferenceActivation,
+    FiniteDifferenceLayerNorm,
+    TrainSettings,
+    approx_gd,
+    exact_gd,
+    stop_gradient_attention,
+    summed_loss,
+    with_approximations,
+)
+from tests.models import tiny_model
+
+ALL_KINDS = tuple(KINDS)
+
+
+def _setup(family, dtype=torch.float64, length=16, batch=2):
+    model = tiny_model(family, dtype=dtype)
+    graph = trace(model)
+    ids, train, labels = example_input(graph.attrs["vocab"], length, batch, seed=1)
+    return model, graph, ids, train, labels
+
+
+def _params(model):
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_loss_weights_mark_pairs_inside_the_train_segment():
+    train = torch.tensor([[1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert loss_weights(train).tolist() == [[True, True, False, False, False]]
+    labels = torch.tensor([[0, 0, 1, 0, 1]], dtype=torch.bool)
+    assert loss_weights(train, labels).tolist() == [[False, True, False, False, False]]
+
+
+@pytest.mark.parametrize("family,kinds,layers", [("gpt2", ALL_KINDS, (1,)), ("opt", None, None)])
+def test_exact_gd_equals_torch_optim_sgd(family, kinds, layers):
+    model, graph, ids, train, _ = _setup(family)
+    settings = TrainSettings(lr=0.05, steps=2, layers=layers, **({"kinds": kinds} if kinds else {}))
+    result = exact_gd(model, graph, ids, train, settings)
+
+    sgd_model = copy.deepcopy(model)
+    named = dict(sgd_model.named_parameters())
+    trained = [named[n] for n in result.trained]
+    # With these kinds every trained tensor is trained whole, so plain SGD on them is the oracle.
+    optimiser = torch.optim.SGD(trained, lr=0.05)
+    for _ in range(2):
+        optimiser.zero_grad()
+        summed_loss(sgd_model(ids).logits, ids, loss_weights(train)).backward()
+        optimiser.step()
+    assert len(result.trained) > 0
+    for name in result.trained:
+        assert _rel(result.params[name] - _params(model)[name], named[name].detach() - _params(model)[name]) < 1e-12
+    with torch.no_grad():
+        assert (result.logits - sgd_model(ids).logits).abs().max() < 1e-12
+    untouched = set(named) - set(result.trained)
+    assert all(torch.equal(result.params[n], _params(model)[n]) for n in untouched)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+@pytest.mark.parametrize("layers,steps,loss", [(None, 1, "context"), ((1,), 2, "context"), (None, 2, "label_only")])
+def test_approximate_gd_with_exact_rules_equals_exact_gd(family, layers, steps, loss):
+    model, graph, ids, train, labels = _setup(family)
+    settings = TrainSettings(lr=0.05, steps=steps, layers=layers, kinds=ALL_KINDS, loss=loss, approximations=EXACT)
+    exact = exact_gd(model, graph, ids, train, settings, labels)
+    approx = approx_gd(graph, _params(model), ids, train, settings, labels)
+    assert (exact.logits - exact.logits_before).abs().max() > 1e-3  # training moved the logits
+    assert (approx.logits - exact.logits).abs().max() < 1e-10
+    for name in exact.trained:
+        assert (approx.params[name] - exact.params[name]).abs().max() < 1e-12
+
+
+def test_top_layer_training_leaves_lower_layers_alone():
+    model, graph, ids, train, _ = _setup("opt")
+    result = exact_gd(model, graph, ids, train, TrainSettings(lr=0.05, layers=(1,), kinds=ALL_KINDS))
+    assert result.trained and all(".layers.1." in n for n in result.trained)
+
+
+def test_gpt2_value_only_training_updates_only_the_value_slice_of_c_attn():
+    model, graph, ids, train, _ = _setup("gpt2")
+    result = exact_gd(model, graph, ids, train, TrainSettings(lr=0.05, kinds=("attn_v",)))
+    name = "transformer.h.0.attn.c_attn.weight"  # [in, q|k|v]
+    update = result.params[name] - _params(model)[name]
+    d = update.shape[0]
+    assert update[:, : 2 * d].abs().max() == 0
+    assert update[:, 2 * d :].abs().max() > 0
+
+
+def _approx_error(family, scale, **rule):
+    model, graph, ids, train, _ = _setup(family)
+    settings = with_approximations(TrainSettings(lr=0.05, kinds=ALL_KINDS, approximations=EXACT), scale=scale, **rule)
+    exact = exact_gd(model, graph, ids, train, settings)
+    approx = approx_gd(graph, _params(model), ids, train, settings)
+    return metrics.logit_change_errors(approx, exact, metrics.eval_mask(train))["delta_rel_err"]
+
+
+@pytest.mark.parametrize("family,rule", [("gpt2", {"layer_norm": "finite_difference"}),
+                                          ("gpt2", {"activation": "finite_difference"}),
+                                          ("opt", {"layer_norm": "finite_difference"})])
+def test_finite_difference_error_falls_linearly_in_one_over_n(family, rule):
+    errors = [_approx_error(family, n, **rule) for n in (1e2, 1e3, 1e4)]
+    assert errors[0] > 1e-6  # the approximation is visible at N=100
+    for coarse, fine in zip(errors, errors[1:]):
+        assert 7 < coarse / fine < 13  # first order: 10x larger N, 10x smaller error
+
+
+def test_stop_gradient_freezes_query_and_key():
+    model, graph, ids, train, _ = _setup("gpt2")
+    settings = TrainSettings(lr=0.05, kinds=ALL_KINDS, approximations=with_approximations(
+        TrainSettings(approximations=EXACT), attention="stop_gradient").approximations)
+    result = approx_gd(graph, _params(model), ids, train, settings)
+    name = "transformer.h.1.attn.c_attn.weight"
+    update = result.params[name] - _params(model)[name]
+    d = update.shape[0]
+    assert update[:, : 2 * d].abs().max() == 0  # W_Q and W_K get no gradient
+    assert update[:, 2 * d :].abs().max() > 0
+    exact = exact_gd(model, graph, ids, train, settings)
+    assert (exact.params[name] - _params(model)[name])[:, : 2 * d].abs().max() > 0
+
+
+def test_finite_difference_layer_norm_matches_autograd_in_the_limit():
+    gen = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64), torch.randn(2, 5, 8, generator=gen, dtype=torch.float64)
+    gain, bias = torch.randn(8, generator=gen, dtype=torch.float64), torch.randn(8, generator=gen, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, gain, bias)]
+    torch.nn.functional.layer_norm(leaves[0], (8,), leaves[1], leaves[2], 1e-5).backward(dy)
+    approx = [t.clone().requires_grad_() for t in (x, gain, bias)]
+    FiniteDifferenceLayerNorm.apply(*approx, 1e-5, 1e6).backward(dy)
+    assert _rel(approx[0].grad, leaves[0].grad) < 1e-5
+    assert torch.allclose(approx[1].grad, leaves[1].grad, rtol=1e-12, atol=1e-12)  # gain/bias grads are exact
+    assert torch.allclose(approx[2].grad, leaves[2].grad, rtol=1e-12, atol=1e-12)
+
+
+def test_finite_difference_activation_matches_autograd_in_the_limit():
+    gen = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(50, generator=gen, dtype=torch.float64), torch.randn(50, generator=gen, dtype=torch.float64)
+    for fn, torch_fn in (("gelu", torch.nn.functional.gelu), ("relu", torch.nn.functional.relu)):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch_fn(a).backward(dy)
+        FiniteDifferenceActivation.apply(b, fn, 1e7).backward(dy)
+        assert (a.grad - b.grad).abs().max() < 1e-6
+
+
+def test_stop_gradient_attention_gives_value_gradient_only():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = stop_gradient_attention(q, k, v, 0.5, causal=True)
+    scores = (q @ k.transpose(-1, -2) * 0.5).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), float("-inf"))
+    expected = scores.softmax(-1) @ v
+    assert torch.allclose(out, expected, atol=1e-14)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    assert dq is None and dk is None
+    assert torch.allclose(dv, scores.softmax(-1).transpose(-1, -2) @ torch.ones_like(out), atol=1e-14)
+
+
+def test_fidelity_rows_report_zero_error_only_for_the_exact_mode():
+    model, graph, ids, train, labels = _setup("gpt2")
+    rows = fidelity_rows(model, graph, ids, train, TrainSettings(lr=0.05), labels)
+    by_name = {r.name.split(" (")[0]: r for r in rows}
+    assert by_name["ĝ all exact"].errors["delta_rel_err"] < 1e-9
+    assert by_name["ĝ configured"].errors["delta_rel_err"] > 1e-6
+    assert by_name["exact GD"].test_ce != by_name["base θ_0"].test_ce

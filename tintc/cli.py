@@ -1,0 +1,105 @@
+"""The `tintc` command line: a thin layer over tintc.pipeline.
+
+Every tintc error is printed in red, without a traceback, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the hub: models are built or read locally
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from enum import Enum  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from tintc.errors import TintcError  # noqa: E402
+
+app = typer.Typer(
+    help="Compile a Hugging Face transformer into a TinT (Trainable Transformer in Transformer).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output (CI logs, files) gets room for wide tables instead of rich's default 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+ConfigArg = typer.Argument(..., help="the model.yaml file")
+
+
+class Format(str, Enum):
+    text = "text"
+    dot = "dot"
+
+
+class Stage(str, Enum):
+    traced = "traced"  # the auxiliary model as the frontend traced it
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _fail(error: TintcError) -> typer.Exit:
+    err.print(str(error), style="red", markup=False)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def inspect(
+    config: Path = ConfigArg,
+    format: Format = typer.Option(Format.text, "--format", help="text: the IR dump; dot: Graphviz"),
+    stage: Stage = typer.Option(Stage.traced, "--stage", help="which graph to show"),
+) -> None:
+    """Print the IR graph of the model at a stage, then its op counts."""
+    from ir.dot import to_dot
+    from ir.text import dump
+    from tintc import pipeline
+    from tintc.config import load_config
+
+    _quiet_transformers()
+    try:
+        cfg = load_config(config)
+        model = pipeline.load_aux_model(cfg)
+        graph = pipeline.trace(cfg, model)
+        counts = pipeline.summary(graph)
+    except TintcError as error:
+        raise _fail(error) from None
+
+    typer.echo(to_dot(graph) if format is Format.dot else dump(graph))
+    table = Table(title=f"ops at stage {stage.value}")
+    table.add_column("op")
+    table.add_column("count", justify="right")
+    for kind, count in sorted(counts.items()):
+        table.add_row(kind, str(count))
+    table.add_row("total", str(sum(counts.values())), style="bold")
+    # the table goes to stderr when the dump is Graphviz, so that stdout stays a valid .dot file
+    (err if format is Format.dot else out).print(table)
+
+
+@app.command()
+def reference(config: Path = ConfigArg) -> None:
+    """Run the plain-PyTorch oracles (exact and approximate GD) and show how they differ."""
+    from tintc import pipeline
+    from tintc.config import load_config
+
+    _quiet_transformers()
+    try:
+        cfg = load_config(config)
+        table = pipeline.reference_table(cfg)
+    except TintcError as error:
+        raise _fail(error) from None
+    out.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,430 @@
+"""The model.yaml file: schema, loading, and errors that point at file:line.
+
+Loading runs in three steps and reports every problem of all three at once:
+
+1. YAML syntax (and duplicate keys), on the node tree so that lines are known;
+2. the schema below (pydantic, unknown keys forbidden everywhere);
+3. cross-field checks that need the Hugging Face config of the family (unknown HF keys,
+   hidden size vs. prefixes and heads, top-N vs. number of layers).
+
+Each problem reads `file:line: dotted.key: got VALUE; allowed: WHAT`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from tintc.errors import ConfigError
+
+# A problem before formatting: where it is (keys and list indices from the top) and what.
+Loc = tuple[str | int, ...]
+
+# The parameter kinds of a layer that training may update, and the paper's default set.
+Kind = Literal["attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_out", "norm_gain", "norm_bias"]
+PARAM_KINDS: tuple[str, ...] = get_args(Kind)
+PAPER_KINDS = ("attn_v", "attn_o", "mlp_in", "mlp_out", "norm_bias")
+
+LAYERS_PATTERN = re.compile(r"^(all|top-(\d+))$")
+LAYERS_ALLOWED = "all | top-N with N >= 1"
+
+
+def _not_allowed(allowed: str) -> PydanticCustomError:
+    """A validator error whose `allowed` text the formatter prints as is."""
+    return PydanticCustomError("not_allowed", "allowed: {allowed}", {"allowed": allowed})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- schema -------------------------------------------------------------------------
+# Every leaf field's `description` is the "allowed" text shown when its value is wrong.
+
+
+class ModelSpec(_Strict):
+    family: str = Field(description="a supported family (gpt2 | opt)")
+    config: dict[str, Any] | None = Field(None, description="a mapping of HF config keys to values")
+    path: str | None = Field(None, description="a local save_pretrained directory")
+    seed: int = Field(0, ge=0, strict=True, description="an integer >= 0")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        from ir.frontend import ADAPTERS  # lazy: the frontend imports torch and transformers
+
+        if family not in ADAPTERS:
+            raise _not_allowed(" | ".join(sorted(ADAPTERS)))
+        return family
+
+
+class TrainSpec(_Strict):
+    layers: str = Field("all", description=LAYERS_ALLOWED)
+    steps: int = Field(1, ge=1, strict=True, description="an integer >= 1")
+    lr: float = Field(1.0e-3, gt=0, description="a number > 0")
+    loss: Literal["context", "label_only"] = "context"
+    kinds: list[Kind] = Field(
+        default_factory=lambda: list(PAPER_KINDS),
+        min_length=1,
+        description="a non-empty list without repeats of: " + " | ".join(PARAM_KINDS),
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_form(cls, layers: str) -> str:
+        match = LAYERS_PATTERN.match(layers)
+        if match is None or (match.group(2) is not None and int(match.group(2)) < 1):
+            raise _not_allowed(LAYERS_ALLOWED)
+        return layers
+
+    @field_validator("kinds")
+    @classmethod
+    def _no_repeats(cls, kinds: list[str]) -> list[str]:
+        if len(set(kinds)) != len(kinds):
+            raise _not_allowed("each of " + " | ".join(PARAM_KINDS) + " at most once")
+        return kinds
+
+    def top_n(self) -> int | None:
+        """N of `top-N`, or None for `all`."""
+        match = LAYERS_PATTERN.match(self.layers)
+        return int(match.group(2)) if match and match.group(2) else None
+
+
+class ApproximationSpec(_Strict):
+    attention: Literal["stop_gradient", "exact"] = "stop_gradient"
+    layer_norm: Literal["finite_difference", "exact"] = "finite_difference"
+    activation: Literal["finite_difference", "exact"] = "finite_difference"
+    scale: float = Field(1000.0, gt=0, description="a number > 0")
+
+
+class TintSpec(_Strict):
+    prefixes: int = Field(16, ge=1, strict=True, description="an integer >= 1 that divides the hidden size")
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    approximations: ApproximationSpec = Field(default_factory=ApproximationSpec)
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+class TintcConfig(_Strict):
+    model: ModelSpec
+    tint: TintSpec = Field(default_factory=TintSpec)
+    output: str | None = Field(None, description="a directory path (default: build/<config name>)")
+
+    _source: Path | None = PrivateAttr(None)  # the YAML file, None when parsed from a string
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)  # relative paths resolve against it
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    @property
+    def name(self) -> str:
+        """A short name for titles and graphs: the YAML file's stem, else the model family."""
+        return self._source.stem if self._source else self.model.family
+
+    @property
+    def resolved_output(self) -> Path:
+        if self.output is not None:
+            return (self.base_dir / self.output).resolve()
+        return (self.base_dir / "build" / self.name).resolve()
+
+    @property
+    def resolved_model_path(self) -> Path | None:
+        return None if self.model.path is None else (self.base_dir / self.model.path).resolve()
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"float32": torch.float32, "float64": torch.float64}[self.tint.dtype]
+
+    def trained_layers(self, n_layer: int) -> list[int]:
+        """Indices of the trained layers, ascending: all of them, or the top N."""
+        n = self.tint.train.top_n()
+        if n is None:
+            return list(range(n_layer))
+        if n > n_layer:
+            raise ConfigError(f"tint.train.layers: got 'top-{n}'; allowed: top-N with N <= {n_layer} layers")
+        return list(range(n_layer - n, n_layer))
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> TintcConfig:
+    """Read and check a model.yaml; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
+    return parse_config(text, filename=str(path))
+
+
+def parse_config(text: str, filename: str = "<string>", base_dir: str | Path | None = None) -> TintcConfig:
+    """Check YAML text as a config.
+
+    Relative paths in it resolve against `base_dir`, by default the directory of
+    `filename` (or the current directory for "<string>").
+    """
+    source = None if filename == "<string>" else Path(filename)
+    if base_dir is None:
+        base_dir = source.parent if source is not None else Path.cwd()
+    base = Path(base_dir).resolve()
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        what = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{filename}:{line}: YAML syntax error: {what}") from None
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else type(data).__name__
+        raise ConfigError(f"{filename}:1: got {got}; allowed: a mapping with keys model, tint, output")
+
+    problems: list[tuple[Loc, str]] = _duplicate_keys(root)
+    config = None
+    try:
+        config = TintcConfig.model_validate(data)
+    except ValidationError as err:
+        problems += [(tuple(e["loc"]), _explain(e)) for e in err.errors()]
+    problems += _cross_checks(data, base)
+    if problems:
+        lines = sorted((_line_of(root, loc), _dotted(loc), msg) for loc, msg in problems)
+        raise ConfigError([f"{filename}:{line}: {key}: {msg}" for line, key, msg in lines])
+    config._source = source.resolve() if source is not None else None
+    config._base_dir = base
+    return config
+
+
+# --- turning pydantic errors into "got X; allowed: Y" -------------------------------
+
+
+def _explain(error: dict) -> str:
+    loc, kind, ctx = tuple(error["loc"]), error["type"], error.get("ctx") or {}
+    if kind == "missing":
+        return f"missing; allowed: {_field_allowed(loc) or 'a value'}"
+    if kind == "extra_forbidden":
+        return "unknown key; allowed: " + " | ".join(_model_at(loc[:-1]).model_fields)
+    if "allowed" in ctx:
+        allowed = ctx["allowed"]
+    elif kind == "literal_error":
+        allowed = " | ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
+    else:
+        allowed = _field_allowed(loc) or error["msg"]
+    return f"got {_show(error.get('input'))}; allowed: {allowed}"
+
+
+def _model_at(loc: Loc) -> type[BaseModel]:
+    """The schema class that holds the keys at `loc` (a path of nested model fields)."""
+    cls: type[BaseModel] = TintcConfig
+    for part in loc:
+        annotation = cls.model_fields[part].annotation
+        cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else cls
+    return cls
+
+
+def _field_allowed(loc: Loc) -> str | None:
+    keys = [part for part in loc if isinstance(part, str)]
+    if not keys:
+        return None
+    holder = _model_at(tuple(keys[:-1]))
+    field = holder.model_fields.get(keys[-1])
+    if field is None:
+        return None
+    if field.description:
+        return field.description
+    if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+        return "a mapping with keys " + " | ".join(field.annotation.model_fields)
+    args = getattr(field.annotation, "__args__", ())
+    return " | ".join(str(a) for a in args) or None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _dotted(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+# --- YAML node tree: lines and duplicate keys ---------------------------------------
+
+
+def _line_of(root: yaml.Node | None, loc: Loc) -> int:
+    """The line of the deepest key of `loc` present in the file (1 if none)."""
+    line, node = 1, root
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:  # the last one wins, as in yaml.safe_load
+                if key.value == str(part):
+                    line, child = key.start_mark.line + 1, value
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line
+
+
+def _duplicate_keys(node: yaml.Node | None, loc: Loc = ()) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if key.value in seen:
+                problems.append(
+                    (loc + (key.value,), f"duplicate key (first on line {seen[key.value]}); allowed: each key once")
+                )
+            seen.setdefault(key.value, key.start_mark.line + 1)
+            problems += _duplicate_keys(value, loc + (key.value,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _duplicate_keys(item, loc + (i,))
+    return problems
+
+
+# --- cross-field checks on the raw data (so they run even when the schema fails) ----
+
+
+def _cross_checks(data: dict, base: Path) -> list[tuple[Loc, str]]:
+    return _rule_checks(data) + _model_checks(data, base)
+
+
+def _rule_checks(data: dict) -> list[tuple[Loc, str]]:
+    """Kinds that get no gradient under the chosen backward rules."""
+    tint = data.get("tint") if isinstance(data.get("tint"), dict) else {}
+    train = tint.get("train") if isinstance(tint.get("train"), dict) else {}
+    approx = tint.get("approximations") if isinstance(tint.get("approximations"), dict) else {}
+    kinds = train.get("kinds", [])
+    attention = approx.get("attention", ApproximationSpec.model_fields["attention"].default)
+    frozen = [k for k in ("attn_q", "attn_k") if isinstance(kinds, list) and k in kinds]
+    if frozen and attention == "stop_gradient":
+        return [(("tint", "train", "kinds"), f"got {', '.join(frozen)} with approximations.attention: stop_gradient, "
+                 "under which W_Q and W_K get no gradient; allowed: approximations.attention: exact, or drop them")]
+    return []
+
+
+def _model_checks(data: dict, base: Path) -> list[tuple[Loc, str]]:
+    from ir.frontend import ADAPTERS
+
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    family = model.get("family")
+    if not isinstance(family, str) or family not in ADAPTERS:
+        return []  # the schema already reports it; nothing below can be checked
+    has_config, has_path = model.get("config") is not None, model.get("path") is not None
+    if has_config == has_path:
+        loc: Loc = ("model", "path") if has_config else ("model",)
+        got = "both model.config and model.path" if has_config else "neither model.config nor model.path"
+        return [(loc, f"got {got}; allowed: exactly one of model.config (random init) | model.path")]
+
+    config_class = ADAPTERS[family].config_class
+    if has_config:
+        problems, hf_config = _hf_config_from_kwargs(config_class, model["config"])
+    else:
+        problems, hf_config = _hf_config_from_path(config_class, model["path"], base)
+    if hf_config is not None and not problems:  # with a misspelt key, the shapes would use defaults
+        problems += _shape_checks(data, hf_config, has_config)
+    return problems
+
+
+def _hf_config_keys(config_class) -> set[str]:
+    keys = set(config_class().to_dict())
+    keys |= set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    keys |= set(getattr(config_class, "attribute_map", {}))
+    return keys
+
+
+def _hf_config_from_kwargs(config_class, kwargs: Any):
+    if not isinstance(kwargs, dict):
+        return [], None  # the schema reports the type
+    allowed = _hf_config_keys(config_class)
+    problems: list[tuple[Loc, str]] = []
+    for key in kwargs:
+        if key not in allowed:
+            name = config_class.__name__
+            close = difflib.get_close_matches(str(key), allowed, n=3)
+            if close:
+                allowed_text = f"a {name} key (closest: {' | '.join(close)})"
+            else:
+                allowed_text = f"a {name} key: " + " | ".join(sorted(k for k in allowed if not k.startswith("_")))
+            problems.append((("model", "config", key), f"unknown {name} key; allowed: {allowed_text}"))
+    known = {key: value for key, value in kwargs.items() if key in allowed}
+    try:
+        return problems, config_class(**known)
+    except Exception as err:  # HF validates types field by field; name the field it rejects
+        field = re.search(r"field '(\w+)'", str(err))
+        expected = re.search(r"expected (.+?), got", str(err))
+        loc: Loc = ("model", "config", field.group(1)) if field else ("model", "config")
+        got = known.get(field.group(1)) if field else known
+        reason = expected.group(1) if expected else str(err).strip().splitlines()[-1].strip()
+        return problems + [(loc, f"got {_show(got)}; allowed: {reason}")], None
+
+
+def _hf_config_from_path(config_class, path: Any, base: Path):
+    if not isinstance(path, str):
+        return [], None
+    directory = (base / path).resolve()
+    if not directory.is_dir():
+        return [(("model", "path"), f"got {path!r} ({directory}); allowed: an existing local directory")], None
+    if not (directory / "config.json").is_file():
+        return [], None
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    if model_type != config_class.model_type:
+        return [
+            (("model", "path"), f"got a {model_type!r} model; allowed: a {config_class.model_type!r} model (model.family)")
+        ], None
+    return [], config_class.from_pretrained(directory)
+
+
+def _shape_checks(data: dict, hf, from_kwargs: bool) -> list[tuple[Loc, str]]:
+    """Hidden size vs. heads and prefixes; top-N vs. number of layers."""
+    names = dict(getattr(type(hf), "attribute_map", {}))  # canonical name -> the family's own key
+
+    def where(canonical: str) -> Loc:
+        return ("model", "config", names.get(canonical, canonical)) if from_kwargs else ("model", "path")
+
+    def key(canonical: str) -> str:
+        return "model.config." + names.get(canonical, canonical)
+
+    problems: list[tuple[Loc, str]] = []
+    hidden, heads, layers = hf.hidden_size, hf.num_attention_heads, hf.num_hidden_layers
+    for canonical, value in (("hidden_size", hidden), ("num_attention_heads", heads), ("num_hidden_layers", layers)):
+        if not isinstance(value, int) or value < 1:
+            problems.append((where(canonical), f"got {value!r}; allowed: an integer >= 1"))
+    if problems:
+        return problems
+    if hidden % heads:
+        problems.append(
+            (where("num_attention_heads"), f"got {heads}; allowed: a divisor of the hidden size {hidden} ({key('hidden_size')})")
+        )
+
+    tint = data.get("tint") if isinstance(data.get("tint"), dict) else {}
+    prefixes = tint.get("prefixes", TintSpec.model_fields["prefixes"].default)
+    if isinstance(prefixes, int) and not isinstance(prefixes, bool) and prefixes >= 1 and hidden % prefixes:
+        divisors = " | ".join(str(d) for d in range(1, hidden + 1) if hidden % d == 0)
+        problems.append(
+            (("tint", "prefixes"), f"got {prefixes}; allowed: a divisor of the hidden size {hidden} ({key('hidden_size')}): {divisors}")
+        )
+
+    train = tint.get("train") if isinstance(tint.get("train"), dict) else {}
+    match = LAYERS_PATTERN.match(train.get("layers", "all")) if isinstance(train.get("layers", "all"), str) else None
+    if match and match.group(2) and int(match.group(2)) > layers:
+        problems.append(
+            (("tint", "train", "layers"), f"got {train['layers']!r}; allowed: all | top-N with 1 <= N <= {layers} ({key('num_hidden_layers')})")
+        )
+    return problems

@@ -1,0 +1,196 @@
+"""The oracle: dynamic evaluation in plain PyTorch, exact (g) and approximate (ĝ).
+
+    θ_0 = θ;  θ_{n+1} = θ_n − η·grad(θ_n);  output = logits of θ_N on the whole input
+
+`exact_gd` takes the gradient g by autograd through the Hugging Face model itself.
+`approx_gd` runs the IR interpreter with the TinT's backward rules swapped in as
+ordinary tensor code (custom autograd functions), each switchable on its own:
+stop-gradient attention, finite-difference layer-norm and activation backward. With
+every rule `exact`, ĝ = g, which ties the IR to the HF model.
+
+The loss is the next-token cross-entropy *summed* over positions t whose token and
+next token are both in the train segment (and, for `label_only`, whose next token
+is a label).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ir import rules
+from ir.graph import Graph
+from ir.interpret import Interpreter
+from ir.passes.select_train import select_train, trained_refs
+
+PAPER_KINDS = ("attn_v", "attn_o", "mlp_in", "mlp_out", "norm_bias")
+
+
+@dataclass(frozen=True)
+class Approximations:
+    """The backward rules the TinT uses (defaults: the paper's)."""
+
+    attention: str = "stop_gradient"  # stop_gradient | exact
+    layer_norm: str = "finite_difference"  # finite_difference | exact
+    activation: str = "finite_difference"  # finite_difference | exact
+    scale: float = 1000.0  # N of the finite differences
+
+
+EXACT = Approximations("exact", "exact", "exact")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    lr: float = 1e-3
+    steps: int = 1
+    layers: tuple[int, ...] | None = None  # None: every layer
+    kinds: tuple[str, ...] = PAPER_KINDS
+    loss: str = "context"  # context | label_only (then pass a label mask)
+    approximations: Approximations = field(default_factory=Approximations)
+
+    @classmethod
+    def from_config(cls, cfg, n_layer: int) -> "TrainSettings":
+        t = cfg.tint.train
+        a = cfg.tint.approximations
+        return cls(lr=t.lr, steps=t.steps, layers=tuple(cfg.trained_layers(n_layer)), kinds=tuple(t.kinds),
+                   loss=t.loss, approximations=Approximations(a.attention, a.layer_norm, a.activation, a.scale))
+
+
+@dataclass
+class GDResult:
+    params: dict[str, torch.Tensor]  # every aux parameter after the last step (HF names)
+    logits: torch.Tensor  # [B, T, V] of the updated model on the whole input
+    logits_before: torch.Tensor  # [B, T, V] of θ_0
+    trained: list[str]  # names of the parameters that were (partly) updated
+
+
+# -- the loss ---------------------------------------------------------------------------
+def summed_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")  # [B, T-1]
+    return (ce * weights[:, :-1].to(ce.dtype)).sum()
+
+
+# -- the approximate backward rules as autograd functions (formulas in ir/rules.py) -----
+class FiniteDifferenceLayerNorm(torch.autograd.Function):
+    """y = f(x)·γ + β with f the normalisation; ∂x ≈ N·[f(x + γ⊙∂y/N) − f(x)]."""
+
+    @staticmethod
+    def forward(ctx, x, gain, bias, eps, scale):
+        xhat = rules.normalise(x, eps)
+        ctx.save_for_backward(x, xhat, gain)
+        ctx.eps, ctx.scale = eps, scale
+        return xhat * gain + bias
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xhat, gain = ctx.saved_tensors
+        dx = rules.layer_norm_backward(x, gain, dy, ctx.eps, "finite_difference", ctx.scale)
+        flat = dy.reshape(-1, dy.shape[-1])
+        dgain = (flat * xhat.reshape(flat.shape)).sum(0)
+        return dx, dgain, flat.sum(0), None, None
+
+
+class FiniteDifferenceActivation(torch.autograd.Function):
+    """y = σ(x); ∂x ≈ N·[σ(x + ∂y/N) − σ(x)]."""
+
+    @staticmethod
+    def forward(ctx, x, fn, scale):
+        ctx.save_for_backward(x)
+        ctx.fn, ctx.scale = fn, scale
+        return rules.ACTIVATION_FNS[fn](x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return rules.activation_backward(x, dy, ctx.fn, "finite_difference", ctx.scale), None, None
+
+
+def stop_gradient_attention(q, k, v, scale: float, causal: bool):
+    """Softmax attention whose scores are constants for autograd: only v gets a gradient."""
+    return rules.attention_probs(q, k, scale, causal).detach() @ v
+
+
+class ApproxInterpreter(Interpreter):
+    """The IR interpreter with the TinT's backward rules; forward values are unchanged."""
+
+    def __init__(self, graph: Graph, approximations: Approximations):
+        super().__init__(graph)
+        self.approx = approximations
+
+    def layer_norm(self, x, gain, bias, eps):
+        if self.approx.layer_norm == "finite_difference":
+            return FiniteDifferenceLayerNorm.apply(x, gain, bias, eps, self.approx.scale)
+        return super().layer_norm(x, gain, bias, eps)
+
+    def activation(self, x, fn):
+        if self.approx.activation == "finite_difference":
+            return FiniteDifferenceActivation.apply(x, fn, self.approx.scale)
+        return super().activation(x, fn)
+
+    def attention(self, q, k, v, scale, causal):
+        if self.approx.attention == "stop_gradient":
+            return stop_gradient_attention(q, k, v, scale, causal)
+        return super().attention(q, k, v, scale, causal)
+
+
+# -- the SGD loop -----------------------------------------------------------------------
+def update_masks(graph: Graph, params: dict[str, torch.Tensor], settings: TrainSettings) -> dict[str, torch.Tensor]:
+    """For every (partly) trained parameter, a 0/1 mask of its trained entries.
+
+    GPT-2 fuses q|k|v in one tensor, so training V alone updates a slice of it."""
+    layers = list(range(graph.attrs["n_layer"])) if settings.layers is None else list(settings.layers)
+    selected = select_train(graph, layers, list(settings.kinds)).graph
+    masks: dict[str, torch.Tensor] = {}
+    for ref in trained_refs(selected):
+        mask = masks.setdefault(ref.name, torch.zeros_like(params[ref.name]))
+        view = mask.T if ref.transpose else mask
+        if ref.rows is not None:
+            view = view[ref.rows[0] : ref.rows[1]]
+        view.fill_(1.0)
+    return masks
+
+
+def _descend(forward, params, input_ids, train_mask, label_mask, settings, masks) -> GDResult:
+    weights = rules.loss_weights(train_mask, label_mask if settings.loss == "label_only" else None)
+    params = {n: p.detach() for n, p in params.items()}
+    with torch.no_grad():
+        logits_before = forward(params)
+    for _ in range(settings.steps):
+        leaves = dict(params)
+        for name in masks:
+            leaves[name] = params[name].clone().requires_grad_(True)
+        loss = summed_loss(forward(leaves), input_ids, weights)
+        grads = torch.autograd.grad(loss, [leaves[n] for n in masks])
+        for (name, mask), grad in zip(masks.items(), grads):
+            params[name] = (leaves[name] - settings.lr * grad * mask).detach()
+    with torch.no_grad():
+        logits = forward(params)
+    return GDResult(params, logits, logits_before, list(masks))
+
+
+def exact_gd(model, graph: Graph, input_ids, train_mask, settings: TrainSettings, label_mask=None) -> GDResult:
+    """g by autograd through the HF model (functional: the model is not modified)."""
+    params = dict(model.named_parameters())
+
+    def forward(p):
+        return functional_call(model, p, (input_ids,), {"use_cache": False}).logits
+
+    masks = update_masks(graph, params, settings)
+    return _descend(forward, params, input_ids, train_mask, label_mask, settings, masks)
+
+
+def approx_gd(graph: Graph, params: dict[str, torch.Tensor], input_ids, train_mask, settings: TrainSettings,
+              label_mask=None) -> GDResult:
+    """ĝ: the IR interpreter with the approximate backward rules of `settings.approximations`."""
+    interpreter = ApproxInterpreter(graph, settings.approximations)
+    masks = update_masks(graph, params, settings)
+    return _descend(lambda p: interpreter.run(p, input_ids), dict(params), input_ids, train_mask, label_mask,
+                    settings, masks)
+
+
+def with_approximations(settings: TrainSettings, **changes) -> TrainSettings:
+    """The same settings with some backward rules changed, e.g. attention="exact"."""
+    return replace(settings, approximations=replace(settings.approximations, **changes))
