@@ -30,11 +30,24 @@ class Interpreter:
 
     def run(self, params: dict[str, torch.Tensor], input_ids: torch.Tensor, keep: bool = False):
         """Logits [B, T, V] for ids [B, T] (a forward graph); with keep=True also every node's value."""
-        result = self.execute(params, input_ids)
-        return (result.logits, result.values) if keep else result.logits
+        logits, params, values = self._execute_one(params, input_ids, None, None)
+        return (logits, values) if keep else logits
 
     def execute(self, params, input_ids, train_mask=None, label_mask=None) -> Result:
-        """Run any graph; training graphs need the train mask (label mask: all tokens by default)."""
+        """Run any graph on each sequence of the batch as its own context (a training graph
+        trains one copy of θ per sequence). Result.params: [B, *shape]; values: [B, T, ...]."""
+        runs = []
+        for b in range(input_ids.shape[0]):
+            one = slice(b, b + 1)
+            runs.append(self._execute_one(params, input_ids[one], None if train_mask is None else train_mask[one],
+                                          None if label_mask is None else label_mask[one]))
+        return Result(
+            logits=torch.cat([r[0] for r in runs]),
+            params={n: torch.stack([r[1][n] for r in runs]) for n in params},
+            values={n: torch.cat([r[2][n] for r in runs]) for n, v in runs[0][2].items() if v is not None},
+        )
+
+    def _execute_one(self, params, input_ids, train_mask, label_mask):
         self.inputs = {"ids": input_ids, "train": train_mask,
                        "label": torch.ones_like(input_ids, dtype=torch.bool) if label_mask is None else label_mask}
         self.written: dict[tuple, torch.Tensor] = {}  # (weight key, version) -> value
@@ -46,7 +59,7 @@ class Interpreter:
             values[node.name] = getattr(self, "op_" + node.kind)(node, args, weights)
             if node.kind == "output":
                 logits = values[node.name]
-        return Result(logits, self._updated(params), values)
+        return logits, self._updated(params), values
 
     def _read(self, ref: WeightRef, params):
         return ref.resolve(params) if ref.version == 0 else self.written[(ref.key, ref.version)]

@@ -29,8 +29,8 @@ def normalise(x, eps: float):
 def layer_norm_backward(x, gain, dy, eps: float, rule: str, scale: float):
     """∂x of y = f(x)·γ + β. finite_difference: N·[f(x + γ⊙∂y/N) − f(x)]."""
     g = gain * dy
-    if rule == "finite_difference":
-        return scale * (normalise(x + g / scale, eps) - normalise(x, eps))
+    if rule == "finite_difference":  # written op by op as the TinT computes it, so both round alike
+        return scale * (normalise(x + g * (1.0 / scale), eps) - normalise(x, eps))
     xhat = normalise(x, eps)
     sigma = (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
     return (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)) / sigma
@@ -40,7 +40,7 @@ def activation_backward(x, dy, fn: str, rule: str, scale: float):
     """∂x of y = σ(x). finite_difference: N·[σ(x + ∂y/N) − σ(x)]."""
     sigma = ACTIVATION_FNS[fn]
     if rule == "finite_difference":
-        return scale * (sigma(x + dy / scale) - sigma(x))
+        return scale * (sigma(x + dy * (1.0 / scale)) - sigma(x))
     return torch.func.vjp(sigma, x)[1](dy)[0]
 
 
@@ -69,8 +69,8 @@ def loss_weights(train_mask, label_mask=None):
 
 
 def loss_grad(x, input_ids, unembed, weights):
-    """∂/∂x_t of Σ_t w_t·CE(z_{t+1} | x_t) with logits x_t·Eᵀ: w_t·(softmax(E x_t) − e_{z_{t+1}})ᵀ E."""
-    probs = (x @ unembed.T).softmax(-1)  # [B, T, V]
-    targets = torch.zeros_like(probs)
-    targets[:, :-1].scatter_(-1, input_ids[:, 1:, None], 1.0)
-    return ((probs - targets) * weights[..., None].to(x.dtype)) @ unembed
+    """∂/∂x_t of Σ_t w_t·CE(z_{t+1} | x_t) with logits x_t·Eᵀ: w_t·(Σ_v softmax_v(E x_t)·E_v − E_{z_{t+1}})."""
+    expected = (x @ unembed.T).softmax(-1) @ unembed  # [B, T, D]
+    target = torch.zeros_like(x)
+    target[:, :-1] = unembed[input_ids[:, 1:]]
+    return weights[..., None].to(x.dtype) * (expected - target)

@@ -30,3 +30,18 @@ TINY: dict[str, dict] = {
 def tiny_model(family: str, dtype=torch.float32, seed: int = 0, **overrides):
     """A tiny HF model of `family` (TINY[family] updated by `overrides`), in eval mode."""
     return build_model(family, {**TINY[family], **overrides}, seed=seed, dtype=dtype)
+
+
+def tiny_config(family: str, **tint):
+    """A TintcConfig for the TINY[family] model; `tint` sets keys of the tint section
+    (e.g. steps=2 goes under train, dtype=... at the top of tint)."""
+    import json
+
+    from tintc.config import parse_config
+
+    train_keys = {"layers", "steps", "lr", "loss", "kinds"}
+    train = {k: v for k, v in tint.items() if k in train_keys}
+    rest = {k: v for k, v in tint.items() if k not in train_keys}
+    section = {"prefixes": 8, "max_length": 32, **rest, "train": {"lr": 0.05, **train}}
+    text = json.dumps({"model": {"family": family, "config": TINY[family]}, "tint": section})
+    return parse_config(text)  # JSON is YAML

@@ -55,23 +55,23 @@ def test_exact_gd_equals_torch_optim_sgd(family, kinds, layers):
     model, graph, ids, train, _ = _setup(family)
     settings = TrainSettings(lr=0.05, steps=2, layers=layers, **({"kinds": kinds} if kinds else {}))
     result = exact_gd(model, graph, ids, train, settings)
-
-    sgd_model = copy.deepcopy(model)
-    named = dict(sgd_model.named_parameters())
-    trained = [named[n] for n in result.trained]
-    # With these kinds every trained tensor is trained whole, so plain SGD on them is the oracle.
-    optimiser = torch.optim.SGD(trained, lr=0.05)
-    for _ in range(2):
-        optimiser.zero_grad()
-        summed_loss(sgd_model(ids).logits, ids, loss_weights(train)).backward()
-        optimiser.step()
     assert len(result.trained) > 0
-    for name in result.trained:
-        assert _rel(result.params[name] - _params(model)[name], named[name].detach() - _params(model)[name]) < 1e-12
-    with torch.no_grad():
-        assert (result.logits - sgd_model(ids).logits).abs().max() < 1e-12
-    untouched = set(named) - set(result.trained)
-    assert all(torch.equal(result.params[n], _params(model)[n]) for n in untouched)
+    before = _params(model)
+    for b in range(ids.shape[0]):  # each sequence trains its own copy of the model
+        sgd_model = copy.deepcopy(model)
+        named = dict(sgd_model.named_parameters())
+        # With these kinds every trained tensor is trained whole, so plain SGD on them is the oracle.
+        optimiser = torch.optim.SGD([named[n] for n in result.trained], lr=0.05)
+        for _ in range(2):
+            optimiser.zero_grad()
+            summed_loss(sgd_model(ids[b : b + 1]).logits, ids[b : b + 1], loss_weights(train[b : b + 1])).backward()
+            optimiser.step()
+        for name in result.trained:
+            assert _rel(result.params[name][b] - before[name], named[name].detach() - before[name]) < 1e-12
+        with torch.no_grad():
+            assert (result.logits[b : b + 1] - sgd_model(ids[b : b + 1]).logits).abs().max() < 1e-12
+    untouched = set(before) - set(result.trained)
+    assert all(torch.equal(result.params[n], before[n].expand_as(result.params[n])) for n in untouched)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
@@ -97,10 +97,10 @@ def test_gpt2_value_only_training_updates_only_the_value_slice_of_c_attn():
     model, graph, ids, train, _ = _setup("gpt2")
     result = exact_gd(model, graph, ids, train, TrainSettings(lr=0.05, kinds=("attn_v",)))
     name = "transformer.h.0.attn.c_attn.weight"  # [in, q|k|v]
-    update = result.params[name] - _params(model)[name]
-    d = update.shape[0]
-    assert update[:, : 2 * d].abs().max() == 0
-    assert update[:, 2 * d :].abs().max() > 0
+    update = result.params[name] - _params(model)[name]  # [B, in, 3·in]
+    d = update.shape[-2]
+    assert update[..., : 2 * d].abs().max() == 0
+    assert update[..., 2 * d :].abs().max() > 0
 
 
 def _approx_error(family, scale, **rule):
@@ -127,12 +127,12 @@ def test_stop_gradient_freezes_query_and_key():
         TrainSettings(approximations=EXACT), attention="stop_gradient").approximations)
     result = approx_gd(graph, _params(model), ids, train, settings)
     name = "transformer.h.1.attn.c_attn.weight"
-    update = result.params[name] - _params(model)[name]
-    d = update.shape[0]
-    assert update[:, : 2 * d].abs().max() == 0  # W_Q and W_K get no gradient
-    assert update[:, 2 * d :].abs().max() > 0
+    update = result.params[name] - _params(model)[name]  # [B, in, 3·in]
+    d = update.shape[-2]
+    assert update[..., : 2 * d].abs().max() == 0  # W_Q and W_K get no gradient
+    assert update[..., 2 * d :].abs().max() > 0
     exact = exact_gd(model, graph, ids, train, settings)
-    assert (exact.params[name] - _params(model)[name])[:, : 2 * d].abs().max() > 0
+    assert (exact.params[name] - _params(model)[name])[..., : 2 * d].abs().max() > 0
 
 
 def test_finite_difference_layer_norm_matches_autograd_in_the_limit():

@@ -40,6 +40,7 @@ class Format(str, Enum):
 
 class Stage(str, Enum):
     traced = "traced"  # the auxiliary model as the frontend traced it
+    train = "train"  # after select_train and autodiff: N SGD steps and the evaluation
 
 
 def _quiet_transformers() -> None:
@@ -71,6 +72,8 @@ def inspect(
         cfg = load_config(config)
         model = pipeline.load_aux_model(cfg)
         graph = pipeline.trace(cfg, model)
+        if stage is Stage.train:
+            graph = pipeline.train_graph(cfg, graph)
         counts = pipeline.summary(graph)
     except TintcError as error:
         raise _fail(error) from None
@@ -98,6 +101,70 @@ def reference(config: Path = ConfigArg) -> None:
         table = pipeline.reference_table(cfg)
     except TintcError as error:
         raise _fail(error) from None
+    out.print(table)
+
+
+@app.command()
+def compile(config: Path = ConfigArg) -> None:
+    """Build the TinT and save its weights and IR dumps under the config's output directory."""
+    from tintc import pipeline
+    from tintc.config import load_config
+
+    _quiet_transformers()
+    try:
+        cfg = load_config(config)
+        compiled = pipeline.compile_tint(cfg)
+        paths = pipeline.save(compiled, cfg)
+    except TintcError as error:
+        raise _fail(error) from None
+    _print_compiled(compiled)
+    for path in paths:
+        out.print(f"wrote {path}")
+
+
+def _print_compiled(compiled) -> None:
+    program = compiled.tint.program
+    unique = sum(p.numel() for p in compiled.tint.parameters())
+    out.print(f"compiled in {compiled.seconds:.2f} s: {len(program.calls)} TinT layer calls of "
+              f"{len(program.layers)} shared primitives, width {program.width}, max length {program.max_length}, "
+              f"{unique:,} unique parameters")
+
+
+@app.command()
+def verify(
+    config: Path = ConfigArg,
+    length: int = typer.Option(None, "--length", help="sequence length (default: the TinT's max length, at most 64)"),
+    batch: int = typer.Option(1, "--batch", help="independent sequences"),
+    text: Path = typer.Option(None, "--text", help="a text file to use as the input instead of random ids"),
+) -> None:
+    """Compile, run the TinT and the oracles on one input (first half train), and print both errors."""
+    from tintc import pipeline
+    from tintc.config import load_config
+    from tintc.fidelity import example_input
+
+    _quiet_transformers()
+    try:
+        cfg = load_config(config)
+        compiled = pipeline.compile_tint(cfg)
+        graph = compiled.graph
+        n = length or min(64, compiled.tint.program.max_length)
+        ids, train, labels = example_input(graph.attrs["vocab"], n, batch, seed=cfg.model.seed)
+        if text is not None:
+            ids = pipeline.text_input(cfg, graph, text, n)
+            ids, train, labels = ids, train[:1, : ids.shape[1]], labels[:1, : ids.shape[1]]
+        result = pipeline.verify(cfg, compiled, ids, train, labels)
+    except TintcError as error:
+        raise _fail(error) from None
+    _print_compiled(compiled)
+    table = Table(title=f"{cfg.name}: T={ids.shape[1]}, batch {ids.shape[0]}, {cfg.tint.dtype}, "
+                        f"TinT forward {result.tint_seconds:.2f} s")
+    for column in ("error", "‖logits−ref‖/‖ref‖", "‖Δ−Δref‖/‖Δref‖", "cos(Δ,Δref)", "max|logits−ref|",
+                   "worst update rel err"):
+        table.add_column(column, justify="left" if column == "error" else "right")
+    for name, e in (("construction: TinT vs ĝ oracle", result.construction),
+                    ("approximation: ĝ vs exact GD", result.approximation)):
+        table.add_row(name, f"{e['logits_rel']:.3e}", f"{e['delta_rel_err']:.3e}", f"{e['delta_cosine']:.9f}",
+                      f"{e['logits_max_abs']:.3e}", f"{e['worst_update_rel']:.3e}")
     out.print(table)
 
 

@@ -110,6 +110,9 @@ class TintSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     approximations: ApproximationSpec = Field(default_factory=ApproximationSpec)
     dtype: Literal["float32", "float64"] = "float32"
+    max_length: int | None = Field(None, ge=2, strict=True,
+                                   description="an integer >= 2: the longest input the TinT takes "
+                                               "(default: the aux model's, at most 256)")
 
 
 class TintcConfig(_Strict):
@@ -144,6 +147,15 @@ class TintcConfig(_Strict):
         import torch
 
         return {"float32": torch.float32, "float64": torch.float64}[self.tint.dtype]
+
+    def max_length(self, aux_max_positions: int) -> int:
+        """The longest input the TinT is built for (its one-hot positions have this width)."""
+        if self.tint.max_length is None:
+            return min(aux_max_positions, 256)
+        if self.tint.max_length > aux_max_positions:
+            raise ConfigError(f"tint.max_length: got {self.tint.max_length}; allowed: at most the aux model's "
+                              f"{aux_max_positions} positions")
+        return self.tint.max_length
 
     def trained_layers(self, n_layer: int) -> list[int]:
         """Indices of the trained layers, ascending: all of them, or the top N."""

@@ -39,7 +39,7 @@ def logit_change_errors(run, ref, mask: torch.Tensor) -> dict[str, float]:
 
 
 def update_errors(run, ref, before: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per trained tensor: ‖Δθ_run − Δθ_ref‖ / ‖Δθ_ref‖."""
+    """Per trained tensor: ‖Δθ_run − Δθ_ref‖ / ‖Δθ_ref‖ over all sequences (params [B, *shape])."""
     errors = {}
     for name in ref.trained:
         ua = (run.params[name] - before[name]).double()

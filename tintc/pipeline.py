@@ -1,4 +1,4 @@
-"""The driver: config -> aux model -> IR -> (passes -> backend, in later stages) -> reports.
+"""The driver: config -> aux model -> IR -> training passes -> TinT -> verification and reports.
 
 Each function is one step of the pipeline; the CLI calls them in order.
 """
@@ -6,16 +6,29 @@ Each function is one step of the pipeline; the CLI calls them in order.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
+from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
 
-import ir.frontend
-from ir.graph import Graph
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
-from .config import TintcConfig
-from .fidelity import example_input, fidelity_rows, render
-from .reference import TrainSettings
+import ir.frontend  # noqa: E402
+from backends.torch.lower import lower  # noqa: E402
+from backends.torch.prefixes import plan  # noqa: E402
+from backends.torch.tint import TinT  # noqa: E402
+from ir.graph import Graph  # noqa: E402
+from ir.passes import run_passes  # noqa: E402
+from ir.passes.autodiff import autodiff  # noqa: E402
+from ir.passes.select_train import select_train  # noqa: E402
+from ir.text import dump  # noqa: E402
+
+from . import metrics  # noqa: E402
+from .config import TintcConfig  # noqa: E402
+from .fidelity import example_input, fidelity_rows, render  # noqa: E402
+from .reference import GDResult, TrainSettings, approx_gd, exact_gd  # noqa: E402
 
 
 def load_aux_model(cfg: TintcConfig):
@@ -29,9 +42,107 @@ def trace(cfg: TintcConfig, model) -> Graph:
     return ir.frontend.trace(model, name=cfg.name)
 
 
+def train_graph(cfg: TintcConfig, graph: Graph) -> Graph:
+    """The training graph: which weights train, then N steps of backward and descent, then evaluation."""
+    t, a = cfg.tint.train, cfg.tint.approximations
+    return run_passes(graph, [
+        (select_train, {"layers": cfg.trained_layers(graph.attrs["n_layer"]), "kinds": list(t.kinds)}),
+        (autodiff, {"steps": t.steps, "lr": t.lr, "attention": a.attention, "layer_norm": a.layer_norm,
+                    "activation": a.activation, "scale": a.scale}),
+    ])
+
+
 def summary(graph: Graph) -> dict[str, int]:
     """Op counts by kind."""
     return dict(Counter(node.kind for node in graph.nodes()))
+
+
+@dataclass
+class Compiled:
+    model: object  # the aux HF model
+    graph: Graph  # traced
+    train_graph: Graph
+    tint: TinT
+    seconds: float  # compile time: trace, passes and lowering
+
+
+def compile_tint(cfg: TintcConfig, model=None) -> Compiled:
+    model = model if model is not None else load_aux_model(cfg)
+    start = time.perf_counter()
+    graph = trace(cfg, model)
+    tg = train_graph(cfg, graph)
+    layout = plan(graph, cfg.tint.prefixes)
+    program = lower(tg, layout, cfg.max_length(graph.attrs["max_positions"]), cfg.torch_dtype)
+    tint = TinT(program).eval()
+    return Compiled(model, graph, tg, tint, time.perf_counter() - start)
+
+
+def save(compiled: Compiled, cfg: TintcConfig) -> list[str]:
+    """Write the TinT's weights (safetensors) and the IR dumps under `output`; return the paths."""
+    out = cfg.resolved_output
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"weights.safetensors": None, "traced.ir": dump(compiled.graph), "train.ir": dump(compiled.train_graph)}
+    written = []
+    for name, text in paths.items():
+        path = out / name
+        tmp = path.with_suffix(path.suffix + ".tmp")  # nothing half-written is left under the final name
+        if text is None:
+            save_file({k: v.contiguous() for k, v in compiled.tint.state_dict().items()}, str(tmp))
+        else:
+            tmp.write_text(text)
+        tmp.replace(path)
+        written.append(str(path))
+    return written
+
+
+@dataclass
+class Verification:
+    construction: dict[str, float]  # TinT vs ĝ
+    approximation: dict[str, float]  # ĝ vs exact GD
+    tint_seconds: float
+
+
+def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_mask=None) -> Verification:
+    """Run the TinT and the oracles on one input; measure the two errors of DESIGN §1."""
+    model, graph, tint = compiled.model, compiled.graph, compiled.tint
+    settings = TrainSettings.from_config(cfg, graph.attrs["n_layer"])
+    labels = label_mask if cfg.tint.train.loss == "label_only" else None
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g_hat = approx_gd(graph, params, input_ids, train_mask, settings, labels)
+    exact = exact_gd(model, graph, input_ids, train_mask, settings, labels)
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits, prefixes = tint(input_ids, train_mask, tint.encode(params), labels)
+    seconds = time.perf_counter() - start
+    tint_run = GDResult(tint.decode(prefixes), logits, g_hat.logits_before, g_hat.trained)
+    evaluated = metrics.eval_mask(train_mask)
+    return Verification(_errors(tint_run, g_hat, params, evaluated), _errors(g_hat, exact, params, evaluated),
+                        seconds)
+
+
+def _errors(run, ref, params, evaluated) -> dict[str, float]:
+    errors = metrics.logit_change_errors(run, ref, evaluated)
+    errors["logits_rel"] = ((run.logits - ref.logits).norm() / ref.logits.norm()).item()
+    updates = metrics.update_errors(run, ref, params)
+    errors["worst_update_rel"] = max(updates.values()) if updates else 0.0
+    return errors
+
+
+def text_input(cfg: TintcConfig, graph: Graph, path, length: int):
+    """Token ids of a text file: the local model directory's tokenizer if it has one, else bytes
+    modulo the vocabulary (random-weight test models have no tokenizer)."""
+    text = open(path, encoding="utf-8").read()
+    ids = None
+    if cfg.resolved_model_path is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            ids = AutoTokenizer.from_pretrained(cfg.resolved_model_path, local_files_only=True)(text)["input_ids"]
+        except (OSError, ValueError):
+            ids = None
+    if ids is None:
+        ids = [b % graph.attrs["vocab"] for b in text.encode("utf-8")]
+    return torch.tensor(ids[:length])[None]
 
 
 def reference_table(cfg: TintcConfig, length: int | None = None, batch: int = 1):

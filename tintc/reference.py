@@ -10,7 +10,8 @@ every rule `exact`, ĝ = g, which ties the IR to the HF model.
 
 The loss is the next-token cross-entropy *summed* over positions t whose token and
 next token are both in the train segment (and, for `label_only`, whose next token
-is a label).
+is a label). The sequences of a batch are independent contexts: each trains its own
+copy of θ, as each sequence given to a TinT does.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class TrainSettings:
 
 @dataclass
 class GDResult:
-    params: dict[str, torch.Tensor]  # every aux parameter after the last step (HF names)
+    params: dict[str, torch.Tensor]  # every aux parameter after the last step, per sequence: [B, *shape]
     logits: torch.Tensor  # [B, T, V] of the updated model on the whole input
     logits_before: torch.Tensor  # [B, T, V] of θ_0
     trained: list[str]  # names of the parameters that were (partly) updated
@@ -154,29 +155,44 @@ def update_masks(graph: Graph, params: dict[str, torch.Tensor], settings: TrainS
 
 
 def _descend(forward, params, input_ids, train_mask, label_mask, settings, masks) -> GDResult:
-    weights = rules.loss_weights(train_mask, label_mask if settings.loss == "label_only" else None)
+    """SGD on each sequence of the batch separately: every sequence is its own context."""
+    runs = []
+    for b in range(input_ids.shape[0]):
+        labels = None if label_mask is None or settings.loss != "label_only" else label_mask[b : b + 1]
+        runs.append(_descend_one(forward, params, input_ids[b : b + 1], train_mask[b : b + 1], labels,
+                                 settings, masks))
+    return GDResult(
+        params={n: torch.stack([r[0][n] for r in runs]) for n in params},
+        logits=torch.cat([r[1] for r in runs]),
+        logits_before=torch.cat([r[2] for r in runs]),
+        trained=list(masks),
+    )
+
+
+def _descend_one(forward, params, input_ids, train_mask, label_mask, settings, masks):
+    weights = rules.loss_weights(train_mask, label_mask)
     params = {n: p.detach() for n, p in params.items()}
     with torch.no_grad():
-        logits_before = forward(params)
+        logits_before = forward(params, input_ids)
     for _ in range(settings.steps):
         leaves = dict(params)
         for name in masks:
             leaves[name] = params[name].clone().requires_grad_(True)
-        loss = summed_loss(forward(leaves), input_ids, weights)
+        loss = summed_loss(forward(leaves, input_ids), input_ids, weights)
         grads = torch.autograd.grad(loss, [leaves[n] for n in masks])
         for (name, mask), grad in zip(masks.items(), grads):
             params[name] = (leaves[name] - settings.lr * grad * mask).detach()
     with torch.no_grad():
-        logits = forward(params)
-    return GDResult(params, logits, logits_before, list(masks))
+        logits = forward(params, input_ids)
+    return params, logits, logits_before
 
 
 def exact_gd(model, graph: Graph, input_ids, train_mask, settings: TrainSettings, label_mask=None) -> GDResult:
     """g by autograd through the HF model (functional: the model is not modified)."""
     params = dict(model.named_parameters())
 
-    def forward(p):
-        return functional_call(model, p, (input_ids,), {"use_cache": False}).logits
+    def forward(p, ids):
+        return functional_call(model, p, (ids,), {"use_cache": False}).logits
 
     masks = update_masks(graph, params, settings)
     return _descend(forward, params, input_ids, train_mask, label_mask, settings, masks)
@@ -187,8 +203,7 @@ def approx_gd(graph: Graph, params: dict[str, torch.Tensor], input_ids, train_ma
     """ĝ: the IR interpreter with the approximate backward rules of `settings.approximations`."""
     interpreter = ApproxInterpreter(graph, settings.approximations)
     masks = update_masks(graph, params, settings)
-    return _descend(lambda p: interpreter.run(p, input_ids), dict(params), input_ids, train_mask, label_mask,
-                    settings, masks)
+    return _descend(interpreter.run, dict(params), input_ids, train_mask, label_mask, settings, masks)
 
 
 def with_approximations(settings: TrainSettings, **changes) -> TrainSettings:

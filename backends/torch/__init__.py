@@ -1,0 +1,1 @@
+"""The PyTorch backend: lower a training graph to TinT layers with constructed weights."""

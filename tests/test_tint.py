@@ -1,0 +1,170 @@
+"""The TinT against the ĝ oracle, and the invariants that make it a TinT (DESIGN §2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from backends.torch import primitives
+from tintc import pipeline
+from tintc.errors import BackendError
+from tintc.fidelity import example_input
+from tintc.reference import TrainSettings, approx_gd
+from tests.models import tiny_config, tiny_model
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _run(family, dtype, seed=0, length=16, batch=2, **tint):
+    cfg = tiny_config(family, dtype=dtype, **tint)
+    model = tiny_model(family, dtype=cfg.torch_dtype, seed=seed)
+    compiled = pipeline.compile_tint(cfg, model)
+    ids, train, labels = example_input(model.config.vocab_size, length, batch, seed=1)
+    labels = labels if cfg.tint.train.loss == "label_only" else None
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    return cfg, model, compiled, ids, train, labels, params
+
+
+def _oracle(cfg, compiled, params, ids, train, labels):
+    settings = TrainSettings.from_config(cfg, compiled.graph.attrs["n_layer"])
+    return approx_gd(compiled.graph, params, ids, train, settings, labels)
+
+
+def _check(compiled, oracle, prefixes, logits, params, tolerance):
+    assert _rel(logits, oracle.logits) <= tolerance
+    assert _rel(logits - oracle.logits_before, oracle.logits - oracle.logits_before) <= tolerance * 10
+    decoded = compiled.tint.decode(prefixes)
+    assert oracle.trained
+    for name in oracle.trained:
+        update = oracle.params[name] - params[name]
+        assert _rel(decoded[name] - params[name], update) <= tolerance * 10, name
+    for name in set(params) - set(oracle.trained):
+        assert torch.equal(decoded[name], params[name].expand_as(decoded[name])), name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("layers", ["all", "top-1"])
+@pytest.mark.parametrize("loss", ["context", "label_only"])
+def test_tint_equals_the_oracle_in_float64(family, steps, layers, loss):
+    cfg, model, compiled, ids, train, labels, params = _run(family, "float64", steps=steps, layers=layers, loss=loss,
+                                                            kinds=["attn_v", "attn_o", "mlp_in", "mlp_out",
+                                                                   "norm_gain", "norm_bias"])
+    oracle = _oracle(cfg, compiled, params, ids, train, labels)
+    with torch.no_grad():
+        logits, prefixes = compiled.tint(ids, train, compiled.tint.encode(params), labels)
+    assert _rel(oracle.logits, oracle.logits_before) > 1e-3  # the steps changed the model
+    _check(compiled, oracle, prefixes, logits, params, 1e-9)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+@pytest.mark.parametrize("steps,layers,loss", [(1, "all", "context"), (2, "top-1", "label_only")])
+def test_tint_equals_the_oracle_in_float32(family, steps, layers, loss):
+    # N = 100: float32 finite differences round to ~1e-7·N relative; both sides round alike but
+    # not identically, so the comparison floor is that of the rule itself (see the next test).
+    cfg, model, compiled, ids, train, labels, params = _run(family, "float32", steps=steps, layers=layers,
+                                                            loss=loss, approximations={"scale": 100.0})
+    oracle = _oracle(cfg, compiled, params, ids, train, labels)
+    with torch.no_grad():
+        logits, prefixes = compiled.tint(ids, train, compiled.tint.encode(params), labels)
+    _check(compiled, oracle, prefixes, logits, params, 1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_float32_tint_is_as_close_to_float64_as_the_float32_oracle(family):
+    """At the default N = 1000 the rule's own float32 rounding is ~1e-4: the TinT in float32
+    must be no further from the float64 oracle than the float32 oracle is."""
+    cfg, model, compiled, ids, train, labels, params = _run(family, "float32")
+    oracle32 = _oracle(cfg, compiled, params, ids, train, labels)
+    oracle64 = _oracle(cfg, compiled, {n: p.double() for n, p in params.items()}, ids, train, labels)
+    with torch.no_grad():
+        logits, _ = compiled.tint(ids, train, compiled.tint.encode(params))
+    floor = _rel(oracle32.logits, oracle64.logits)
+    assert 0 < floor < 1e-3
+    assert _rel(logits, oracle64.logits) <= 2 * floor
+
+
+def test_one_tint_serves_every_checkpoint_even_within_a_batch():
+    cfg, model_a, compiled, ids, train, labels, params_a = _run("gpt2", "float64", seed=0)
+    model_b = tiny_model("gpt2", dtype=torch.float64, seed=1)
+    params_b = {n: p.detach() for n, p in model_b.named_parameters()}
+    tint = compiled.tint
+    batched = {k: torch.stack([a, b]) for (k, a), b in zip(tint.encode(params_a).items(),
+                                                          tint.encode(params_b).values())}
+    with torch.no_grad():
+        logits, prefixes = tint(ids, train, batched)
+    decoded = tint.decode(prefixes)
+    for i, params in enumerate((params_a, params_b)):
+        one = slice(i, i + 1)
+        oracle = _oracle(cfg, compiled, params, ids[one], train[one], None)
+        assert _rel(logits[one], oracle.logits) <= 1e-9
+        for name in oracle.trained:
+            assert _rel(decoded[name][i] - params[name], oracle.params[name][0] - params[name]) <= 1e-8
+
+
+def test_tint_weights_do_not_depend_on_the_aux_weights():
+    cfg = tiny_config("opt", dtype="float64")
+    first = pipeline.compile_tint(cfg, tiny_model("opt", dtype=torch.float64, seed=0)).tint.state_dict()
+    poisoned = tiny_model("opt", dtype=torch.float64, seed=1)
+    with torch.no_grad():
+        for p in poisoned.parameters():
+            p.mul_(-3.0)
+    second = pipeline.compile_tint(cfg, poisoned).tint.state_dict()
+    assert first.keys() == second.keys() and len(first) > 0
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("family,overrides", [("gpt2", {}), ("opt", {}), ("gpt2", {"tie_word_embeddings": False})])
+def test_decode_of_encode_is_bit_exact(family, overrides):
+    cfg = tiny_config(family, dtype="float32")
+    model = tiny_model(family, **overrides)
+    tint = pipeline.compile_tint(cfg, model).tint
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    decoded = tint.decode(tint.encode(params))
+    assert decoded.keys() == params.keys()
+    assert all(torch.equal(decoded[n], params[n]) for n in params)
+
+
+# The aten ops a transformer is made of: matrix products, softmax, layer norm, elementwise
+# activations and arithmetic, masking, and the reshapes, slices and copies that move fields.
+TRANSFORMER_OPS = {
+    "mm", "bmm", "matmul", "addmm", "_softmax", "native_layer_norm", "gelu", "tanh", "relu", "pow", "mul", "add",
+    "sub", "rsub", "div", "masked_fill", "triu", "ones", "zeros", "eye", "cat", "slice", "select", "view",
+    "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "clone", "copy_", "add_", "index",
+    "embedding", "unsqueeze", "squeeze", "contiguous", "detach", "alias", "lift_fresh", "_to_copy", "fill_",
+    "new_zeros", "empty", "empty_like", "zeros_like", "arange", "ones_like", "stack", "expand_as", "as_strided",
+}
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_tint_is_built_from_transformer_primitives_only():
+    cfg, model, compiled, ids, train, labels, params = _run("gpt2", "float32")
+    tint = compiled.tint
+    for name, module in tint.layers.items():
+        assert isinstance(module, primitives.PRIMITIVES), name
+    assert {type(m).__name__ for m in tint.modules()} <= {"TinT", "ModuleDict"} | {
+        p.__name__ for p in primitives.PRIMITIVES}
+    prefixes = tint.encode(params)
+    with torch.no_grad(), _Ops() as ops:
+        tint(ids, train, prefixes)
+    assert ops.seen, "no op was recorded"
+    assert ops.seen <= TRANSFORMER_OPS, sorted(ops.seen - TRANSFORMER_OPS)
+    assert {"bmm", "_softmax", "native_layer_norm"} <= ops.seen | {"matmul"}
+
+
+def test_backward_rules_without_a_construction_are_refused():
+    cfg = tiny_config("gpt2", approximations={"layer_norm": "exact"})
+    with pytest.raises(BackendError, match=r"layer-norm backward rule 'exact' has no TinT construction"):
+        pipeline.compile_tint(cfg, tiny_model("gpt2"))
