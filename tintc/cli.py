@@ -105,6 +105,26 @@ def reference(config: Path = ConfigArg) -> None:
 
 
 @app.command()
+def report(config: Path = ConfigArg) -> None:
+    """Compile, print the TinT's parameter report, and write it (report.json, .md, .png) under the output directory."""
+    from tintc import pipeline
+    from tintc.config import load_config
+    from tintc.report import parameter_report, rich_tables, write_report
+
+    _quiet_transformers()
+    try:
+        cfg = load_config(config)
+        compiled = pipeline.compile_tint(cfg)
+    except TintcError as error:
+        raise _fail(error) from None
+    counts = parameter_report(compiled)
+    for table in rich_tables(counts):
+        out.print(table)
+    for path in write_report(counts, cfg.resolved_output):
+        out.print(f"wrote {path}")
+
+
+@app.command()
 def compile(config: Path = ConfigArg) -> None:
     """Build the TinT and save its weights and IR dumps under the config's output directory."""
     from tintc import pipeline
@@ -166,6 +186,33 @@ def verify(
         table.add_row(name, f"{e['logits_rel']:.3e}", f"{e['delta_rel_err']:.3e}", f"{e['delta_cosine']:.9f}",
                       f"{e['logits_max_abs']:.3e}", f"{e['worst_update_rel']:.3e}")
     out.print(table)
+
+
+@app.command()
+def bench(
+    config: Path = ConfigArg,
+    lengths: str = typer.Option("64,128,256,512", "--lengths",
+                                help="comma-separated input lengths T; those above the TinT's max length are skipped"),
+    repeats: int = typer.Option(None, "--repeats", min=1,
+                                help="timed runs per measurement after one warm-up (default: 5, fewer for big models)"),
+) -> None:
+    """Time the compile, and the TinT forward against direct autograd (exact_gd) for several T, with peak
+    memory (one process per measurement); write bench.json and bench.png under the output directory."""
+    from tintc import bench as benchmark
+    from tintc.config import load_config
+
+    try:
+        cfg = load_config(config)
+        result = benchmark.run(config, benchmark.parse_lengths(lengths), repeats,
+                               progress=lambda message: err.print(message, style="dim"))
+        paths = benchmark.save(result, cfg.resolved_output)
+    except TintcError as error:
+        raise _fail(error) from None
+    out.print(benchmark.table(result))
+    for line in benchmark.notes(result):
+        out.print(line)
+    for path in paths:
+        out.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 import ir.frontend  # noqa: E402
+from backends.torch.emit import emit, write_files  # noqa: E402
 from backends.torch.lower import lower  # noqa: E402
 from backends.torch.prefixes import plan  # noqa: E402
 from backends.torch.tint import TinT  # noqa: E402
@@ -78,21 +78,13 @@ def compile_tint(cfg: TintcConfig, model=None) -> Compiled:
 
 
 def save(compiled: Compiled, cfg: TintcConfig) -> list[str]:
-    """Write the TinT's weights (safetensors) and the IR dumps under `output`; return the paths."""
+    """Write under `output` the standalone TinT package (tint_model.py, weights.safetensors,
+    tint_config.json: see backends/torch/emit.py) and the IR dumps of the traced and the
+    training graph; return the paths."""
     out = cfg.resolved_output
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"weights.safetensors": None, "traced.ir": dump(compiled.graph), "train.ir": dump(compiled.train_graph)}
-    written = []
-    for name, text in paths.items():
-        path = out / name
-        tmp = path.with_suffix(path.suffix + ".tmp")  # nothing half-written is left under the final name
-        if text is None:
-            save_file({k: v.contiguous() for k, v in compiled.tint.state_dict().items()}, str(tmp))
-        else:
-            tmp.write_text(text)
-        tmp.replace(path)
-        written.append(str(path))
-    return written
+    paths = emit(compiled, cfg, out)
+    paths += write_files(out, {"traced.ir": dump(compiled.graph), "train.ir": dump(compiled.train_graph)})
+    return [str(path) for path in paths]
 
 
 @dataclass

@@ -1,0 +1,285 @@
+"""`tintc bench`: what a TinT costs against direct autograd, for several input lengths T.
+
+Every measurement runs in a fresh Python process (`python -m tintc.bench PART …`) that prints
+one JSON line, so that its peak memory is that process's own: the peak resident set size
+(getrusage ru_maxrss). It counts the interpreter and torch (a few hundred MiB, alike on both
+sides) besides weights, inputs and activations; `base_mib` is the resident size just before
+the timed runs. The parts:
+
+- compile: build the aux model, trace, passes, lowering (the compile time), then write the
+  standalone package to the output directory (the emit time) and θ's prefixes for the TinT runs.
+- tint: load the emitted package (torch and safetensors only) and the prefixes; one forward
+  of the TinT on T tokens (a batch of one, the first half train), under no_grad.
+- direct: the aux model; `tintc.reference.exact_gd` on the same input: per step a forward, a
+  backward and the SGD update, then the evaluation forward (plus one forward with θ_0, which
+  exact_gd computes for the logits before training).
+
+Times are the median of `repeats` runs after one warm-up run; without `repeats`, 5 runs, fewer
+(down to 1) when the warm-up shows that 5 would take more than 30 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import TintcError
+
+LENGTHS = (64, 128, 256, 512)
+AUTO_REPEATS, AUTO_BUDGET_S = 5, 30.0
+
+
+def parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 2:
+        raise TintcError(f"--lengths: got {text!r}; allowed: comma-separated integers >= 2, e.g. 64,128",
+                         headline="bench")
+    return sorted(set(lengths))
+
+
+# -- the driver (parent process) ---------------------------------------------------------------
+def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambda message: None) -> dict:
+    """Compile in one process, then for each T run the TinT and the direct evaluation in one each."""
+    import tempfile
+
+    import torch
+
+    from .config import load_config
+
+    cfg = load_config(config_path)  # config errors stop here, before any process starts
+    with tempfile.TemporaryDirectory(prefix="tintc-bench-") as work:
+        progress(f"compiling {cfg.name}")
+        compiled = _child(["compile", str(config_path), work])
+        if "error" in compiled:
+            raise TintcError(compiled["error"], headline="bench: compile failed")
+        runs, skipped = [], []
+        for length in lengths:
+            if length > compiled["max_length"]:
+                skipped.append({"length": length, "reason": f"above the TinT's max_length {compiled['max_length']}"})
+                continue
+            row = {"length": length}
+            for part in ("tint", "direct"):
+                progress(f"T={length}: {part}")
+                args = [part, str(config_path), work, "--length", str(length)]
+                row[part] = _child(args + (["--repeats", str(repeats)] if repeats else []))
+            if "error" not in row["tint"] and "error" not in row["direct"]:
+                row["time_ratio"] = row["tint"]["seconds"] / row["direct"]["seconds"]
+                row["memory_ratio"] = row["tint"]["peak_mib"] / row["direct"]["peak_mib"]
+            runs.append(row)
+    return {"config": cfg.name, "family": cfg.model.family, "dtype": cfg.tint.dtype, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "compile": compiled, "runs": runs, "skipped": skipped,
+            "method": "one process per measurement; peak = ru_maxrss of that process; time = median after a "
+                      "warm-up; direct = tintc.reference.exact_gd (see tintc/bench.py)"}
+
+
+def _child(args: list[str]) -> dict:
+    """Run one part in a fresh interpreter; its last stdout line is the JSON result."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run([sys.executable, "-m", "tintc.bench", *args], capture_output=True, text=True, env=env)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-5:]
+        return {"error": f"{args[0]} process exited with code {done.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def table(result: dict):
+    from rich.table import Table
+
+    title = (f"{result['config']}: TinT forward vs direct autograd (exact_gd), {result['dtype']}, batch 1, "
+             f"{result['threads']} threads")
+    t = Table(title=title)
+    for column in ("T", "TinT s", "direct s", "time ×", "TinT peak MiB", "direct peak MiB", "memory ×", "runs"):
+        t.add_column(column, justify="right")
+    for row in result["runs"]:
+        tint, direct = row["tint"], row["direct"]
+        if "error" in tint or "error" in direct:
+            t.add_row(str(row["length"]), *(["failed"] * 6), "", style="red")
+            continue
+        t.add_row(str(row["length"]), f"{tint['seconds']:.4g}", f"{direct['seconds']:.4g}", f"{row['time_ratio']:.1f}",
+                  f"{tint['peak_mib']:,.0f}", f"{direct['peak_mib']:,.0f}", f"{row['memory_ratio']:.2f}",
+                  f"{tint['runs']}/{direct['runs']}")
+    return t
+
+
+def notes(result: dict) -> list[str]:
+    """What the table does not show: the compile, skipped lengths, failures."""
+    c = result["compile"]
+    lines = [f"compile: {c['compile_seconds']:.2f} s (trace, passes, lowering), package written in "
+             f"{c['emit_seconds']:.2f} s, peak {c['peak_mib']:,.0f} MiB; TinT width {c['width']}, {c['calls']} calls, "
+             f"{c['parameters']:,} parameters, max_length {c['max_length']}"]
+    lines += [f"skipped T={s['length']}: {s['reason']}" for s in result["skipped"]]
+    for row in result["runs"]:
+        lines += [f"T={row['length']} {part}: {row[part]['error']}" for part in ("tint", "direct")
+                  if "error" in row[part]]
+    return lines
+
+
+def save(result: dict, directory) -> list[Path]:
+    """bench.json and bench.png (time and peak memory against T) in `directory`."""
+    from backends.torch.emit import write_files
+
+    figure = _plot(result)
+    return write_files(directory, {"bench.json": json.dumps(result, indent=2) + "\n",
+                                   "bench.png": lambda path: figure.savefig(path, format="png", dpi=100)})
+
+
+def _plot(result: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
+
+    rows = [r for r in result["runs"] if "time_ratio" in r]
+    lengths = [r["length"] for r in rows]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    time_axis, memory_axis = figure.subplots(1, 2)
+    panels = ((time_axis, "seconds", "time (s), log scale"), (memory_axis, "peak_mib", "peak memory (MiB)"))
+    for axis, key, label in panels:
+        for part, marker in (("tint", "o"), ("direct", "s")):
+            axis.plot(lengths, [r[part][key] for r in rows], marker=marker, label="TinT" if part == "tint" else part)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(lengths, [str(n) for n in lengths])
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.set_xlabel("input length T")
+        axis.set_ylabel(label)
+        axis.legend()
+    time_axis.set_yscale("log")
+    memory_axis.set_ylim(bottom=0)
+    figure.suptitle(f"{result['config']}: TinT forward vs direct autograd ({result['dtype']})")
+    return figure
+
+
+# -- the measurements (child processes) -------------------------------------------------------
+def _peak_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _resident_mib() -> float | None:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _timed(fn, repeats: int | None) -> dict:
+    start = time.perf_counter()
+    fn()  # warm-up
+    warm = time.perf_counter() - start
+    runs = repeats or max(1, min(AUTO_REPEATS, int(AUTO_BUDGET_S / max(warm, 1e-9))))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "runs": runs, "warmup_seconds": warm}
+
+
+def measure_compile(config: str, work: Path) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    from . import pipeline
+    from .config import load_config
+
+    cfg = load_config(config)
+    model = pipeline.load_aux_model(cfg)
+    compiled = pipeline.compile_tint(cfg, model)
+    start = time.perf_counter()
+    pipeline.save(compiled, cfg)
+    emit_seconds = time.perf_counter() - start
+    program = compiled.tint.program
+    result = {"compile_seconds": compiled.seconds, "emit_seconds": emit_seconds, "peak_mib": _peak_mib(),
+              "width": program.width, "calls": len(program.calls), "primitives": len(program.layers),
+              "parameters": sum(p.numel() for p in compiled.tint.parameters()), "max_length": program.max_length,
+              "threads": torch.get_num_threads()}
+    # for the TinT runs: θ as prefixes, and what they need to know without reading the config
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    prefixes = {k: v.contiguous() for k, v in compiled.tint.encode(params).items()}
+    save_file(prefixes, str(work / "prefixes.safetensors"))
+    run = {"package": str(cfg.resolved_output), "vocab": model.config.vocab_size, "seed": cfg.model.seed,
+           "label_only": cfg.tint.train.loss == "label_only"}
+    (work / "run.json").write_text(json.dumps(run))
+    return result
+
+
+def _input(run: dict, length: int):
+    from .fidelity import example_input
+
+    ids, train, labels = example_input(run["vocab"], length, 1, seed=run["seed"])
+    return ids, train, labels if run["label_only"] else None
+
+
+def measure_tint(work: Path, length: int, repeats: int | None) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    run = json.loads((work / "run.json").read_text())
+    spec = importlib.util.spec_from_file_location("tint_model", Path(run["package"]) / "tint_model.py")
+    package = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(package)
+    tint = package.load(run["package"])
+    prefixes = load_file(str(work / "prefixes.safetensors"))
+    ids, train, labels = _input(run, length)
+    base = _resident_mib()
+
+    def forward():
+        with torch.no_grad():
+            tint(ids, train, prefixes, labels)
+
+    return {**_timed(forward, repeats), "peak_mib": _peak_mib(), "base_mib": base, "threads": torch.get_num_threads()}
+
+
+def measure_direct(config: str, work: Path, length: int, repeats: int | None) -> dict:
+    import torch
+
+    from . import pipeline
+    from .config import load_config
+    from .reference import TrainSettings, exact_gd
+
+    cfg = load_config(config)
+    model = pipeline.load_aux_model(cfg)
+    graph = pipeline.trace(cfg, model)
+    settings = TrainSettings.from_config(cfg, graph.attrs["n_layer"])
+    ids, train, labels = _input(json.loads((work / "run.json").read_text()), length)
+    base = _resident_mib()
+    timed = _timed(lambda: exact_gd(model, graph, ids, train, settings, labels), repeats)
+    return {**timed, "peak_mib": _peak_mib(), "base_mib": base, "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tintc.bench", description="one measurement of `tintc bench`")
+    parser.add_argument("part", choices=["compile", "tint", "direct"])
+    parser.add_argument("config")
+    parser.add_argument("work", type=Path, help="the bench's scratch directory")
+    parser.add_argument("--length", type=int)
+    parser.add_argument("--repeats", type=int)
+    args = parser.parse_args(argv)
+    try:
+        if args.part == "compile":
+            result = measure_compile(args.config, args.work)
+        elif args.part == "tint":
+            result = measure_tint(args.work, args.length, args.repeats)
+        else:
+            result = measure_direct(args.config, args.work, args.length, args.repeats)
+    except TintcError as error:
+        result = {"error": str(error)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
