@@ -4,8 +4,12 @@ Shapes are tuples whose entries are ints or the symbol "T" (sequence length). Ev
 op works per sequence; a batch dimension is implicit and handled by the interpreter.
 Node attributes that every op may carry besides its own (for reports and error
 messages): `module` (HF module path), `layer` (aux layer index, -1 outside layers),
-`role` (what the op is in the aux model, e.g. "q", "mlp_in", "ln_attn"), and `train`
-(the weight slots that SGD updates, comma-separated; set by passes/select_train.py).
+`role` (what the op is in the aux model, e.g. "q", "mlp_in", "ln_attn"), `train`
+(the weight slots that SGD updates, comma-separated; set by passes/select_train.py),
+and the construction choices the optimisation passes make for the backend:
+`prefixes` (K prefix tokens for the op's weight: passes/prefix_stacking.py),
+`head_width` (the input chunk each head reads: passes/head_splitting.py) and
+`group_width` (the chunk width of elementwise work: passes/sub_mlp.py).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 T = "T"
-COMMON_ATTRS = {"module": str, "layer": int, "role": str, "train": str}
+COMMON_ATTRS = {"module": str, "layer": int, "role": str, "train": str, "prefixes": int, "head_width": int,
+                "group_width": int}
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")  # gelu_tanh = GPT-2's gelu_new
 POSITION_SCHEMES = ("none",)  # absolute positions are added by pos_embed; rotary/alibi later

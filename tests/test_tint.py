@@ -129,10 +129,12 @@ def test_decode_of_encode_is_bit_exact(family, overrides):
 
 
 # The aten ops a transformer is made of: matrix products, softmax, layer norm, elementwise
-# activations and arithmetic, masking, and the reshapes, slices and copies that move fields.
+# activations and arithmetic, masking, the reshapes, slices and copies that move fields, and the
+# gated residual write of each call: its fields are gated out (index_put_ of zeros), then each
+# head's or chunk's output is added in (index_add_).
 TRANSFORMER_OPS = {
     "mm", "bmm", "matmul", "addmm", "_softmax", "native_layer_norm", "gelu", "tanh", "relu", "pow", "mul", "add",
-    "sub", "rsub", "div", "masked_fill", "triu", "ones", "zeros", "eye", "cat", "slice", "select", "view",
+    "sub", "rsub", "div", "index_add_", "index_put_", "masked_fill", "triu", "ones", "zeros", "eye", "cat", "slice", "select", "view",
     "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "clone", "copy_", "add_", "index",
     "embedding", "unsqueeze", "squeeze", "contiguous", "detach", "alias", "lift_fresh", "_to_copy", "fill_",
     "new_zeros", "empty", "empty_like", "zeros_like", "arange", "ones_like", "stack", "expand_as", "as_strided",

@@ -105,11 +105,34 @@ class ApproximationSpec(_Strict):
     scale: float = Field(1000.0, gt=0, description="a number > 0")
 
 
+def _default_width(hidden: int) -> int:
+    """The default head and chunk width: the largest divisor of the hidden size up to 256."""
+    return max(w for w in range(1, min(hidden, 256) + 1) if hidden % w == 0)
+
+
+class PassSpec(_Strict):
+    enabled: bool = Field(True, strict=True, description="true | false")
+
+
+class WidthPassSpec(PassSpec):
+    width: int | None = Field(None, ge=1, strict=True, description="an integer >= 1, or null for the default")
+
+
+class PassesSpec(_Strict):
+    """The optimisation passes (ir/passes/), each switchable, with its knobs."""
+
+    prefix_stacking: PassSpec = Field(default_factory=PassSpec)  # its knob is tint.prefixes (K)
+    head_splitting: WidthPassSpec = Field(default_factory=WidthPassSpec)  # width: largest divisor of D <= 256
+    sub_mlp: WidthPassSpec = Field(default_factory=WidthPassSpec)  # width: the head-splitting width
+    block_sharing: PassSpec = Field(default_factory=PassSpec)
+
+
 class TintSpec(_Strict):
     prefixes: int = Field(16, ge=1, strict=True, description="an integer >= 1 that divides the hidden size")
     train: TrainSpec = Field(default_factory=TrainSpec)
     approximations: ApproximationSpec = Field(default_factory=ApproximationSpec)
     dtype: Literal["float32", "float64"] = "float32"
+    passes: PassesSpec = Field(default_factory=PassesSpec)
     max_length: int | None = Field(None, ge=2, strict=True,
                                    description="an integer >= 2: the longest input the TinT takes "
                                                "(default: the aux model's, at most 256)")
@@ -156,6 +179,20 @@ class TintcConfig(_Strict):
             raise ConfigError(f"tint.max_length: got {self.tint.max_length}; allowed: at most the aux model's "
                               f"{aux_max_positions} positions")
         return self.tint.max_length
+
+    def head_width(self, hidden: int) -> int | None:
+        """c, the input chunk each head of a simulated linear map reads; None: splitting off."""
+        spec = self.tint.passes.head_splitting
+        if not spec.enabled:
+            return None
+        return spec.width or _default_width(hidden)
+
+    def group_width(self, hidden: int) -> int | None:
+        """The chunk width of elementwise work on wide values; None: the partition is off."""
+        spec = self.tint.passes.sub_mlp
+        if not spec.enabled:
+            return None
+        return spec.width or self.head_width(hidden) or _default_width(hidden)
 
     def trained_layers(self, n_layer: int) -> list[int]:
         """Indices of the trained layers, ascending: all of them, or the top N."""

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
 import torch  # noqa: E402
 
 import ir.frontend  # noqa: E402
+from backends.torch.allocate import allocate  # noqa: E402
 from backends.torch.emit import emit, write_files  # noqa: E402
 from backends.torch.lower import lower  # noqa: E402
 from backends.torch.prefixes import plan  # noqa: E402
@@ -22,7 +23,11 @@ from backends.torch.tint import TinT  # noqa: E402
 from ir.graph import Graph  # noqa: E402
 from ir.passes import run_passes  # noqa: E402
 from ir.passes.autodiff import autodiff  # noqa: E402
+from ir.passes.block_sharing import block_sharing  # noqa: E402
+from ir.passes.head_splitting import head_splitting  # noqa: E402
+from ir.passes.prefix_stacking import prefix_stacking  # noqa: E402
 from ir.passes.select_train import select_train  # noqa: E402
+from ir.passes.sub_mlp import sub_mlp  # noqa: E402
 from ir.text import dump  # noqa: E402
 
 from . import metrics  # noqa: E402
@@ -43,12 +48,18 @@ def trace(cfg: TintcConfig, model) -> Graph:
 
 
 def train_graph(cfg: TintcConfig, graph: Graph) -> Graph:
-    """The training graph: which weights train, then N steps of backward and descent, then evaluation."""
-    t, a = cfg.tint.train, cfg.tint.approximations
+    """The training graph: which weights train, N steps of backward and descent, the evaluation;
+    then the construction choices of the optimisation passes."""
+    t, a, p = cfg.tint.train, cfg.tint.approximations, cfg.tint.passes
+    d = graph.attrs["d_model"]
     return run_passes(graph, [
         (select_train, {"layers": cfg.trained_layers(graph.attrs["n_layer"]), "kinds": list(t.kinds)}),
         (autodiff, {"steps": t.steps, "lr": t.lr, "attention": a.attention, "layer_norm": a.layer_norm,
                     "activation": a.activation, "scale": a.scale}),
+        (prefix_stacking, {"prefixes": cfg.tint.prefixes if p.prefix_stacking.enabled else None}),
+        (head_splitting, {"width": cfg.head_width(d)}),
+        (sub_mlp, {"width": cfg.group_width(d)}),
+        (block_sharing, {"enabled": p.block_sharing.enabled}),
     ])
 
 
@@ -71,8 +82,8 @@ def compile_tint(cfg: TintcConfig, model=None) -> Compiled:
     start = time.perf_counter()
     graph = trace(cfg, model)
     tg = train_graph(cfg, graph)
-    layout = plan(graph, cfg.tint.prefixes)
-    program = lower(tg, layout, cfg.max_length(graph.attrs["max_positions"]), cfg.torch_dtype)
+    layout = plan(tg)
+    program = allocate(lower(tg, layout, cfg.max_length(graph.attrs["max_positions"]), cfg.torch_dtype))
     tint = TinT(program).eval()
     return Compiled(model, graph, tg, tint, time.perf_counter() - start)
 

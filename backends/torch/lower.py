@@ -1,20 +1,22 @@
 """Lowering: a training graph -> a program of TinT layer calls with constructed weights.
 
 The TinT's token stream is [B, T, width]; every value of the training graph gets its
-own field (a range of coordinates) in it, written once by adding a delta into zeros.
+own field (a range of coordinates), written once by one call; backends/torch/allocate.py
+then lets values whose lives do not overlap share coordinates.
 Prefix blocks (backends/torch/prefixes.py) are the other streams: a TinT layer either
 attends from tokens to a block (linear forward and backward), from a block to the
 tokens (descent, which writes the block's next version), or among tokens.
 
-Each op kind has one method below; each emits calls of shared primitives: the weights
-of a primitive depend only on its key (shapes and settings), so identical keys share one
-module (block sharing), and nothing here ever reads an aux weight.
+A call applies one shared primitive to G groups (heads, or chunks of a wide value):
+each group gathers its inputs from fields and adds its output to a field. Each op
+kind has one method below. A primitive's weights depend only on its key (shapes and
+settings), so identical keys share one module; nothing here reads an aux weight.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -41,19 +43,28 @@ class Field:
     def part(self, offset: int, width: int) -> "Field":
         return Field(self.start + offset, width)
 
+    def chunks(self, width: int) -> list["Field"]:
+        return [self.part(i, width) for i in range(0, self.width, width)]
+
 
 @dataclass(frozen=True)
 class Read:
     stream: str  # "tokens", "unembed", or a prefix block version "h0.q@1"
-    fields: tuple[Field, ...] = ()  # gathered in order; () = the whole stream
+    groups: tuple[tuple[Field, ...], ...] = ()  # per group, the fields gathered in order; () = the whole stream
+
+
+@dataclass(frozen=True)
+class Write:
+    stream: str
+    groups: tuple[Field, ...]  # per group, the field its output is added to (repeats add up)
+    base: str | None = None  # a new block version starts as a copy of this one
 
 
 @dataclass(frozen=True)
 class Call:
     layer: str  # the shared primitive in Program.layers
     reads: tuple[Read, ...]  # one per primitive input
-    write: Read  # one field of one stream receives the delta
-    base: str | None  # a new block version starts as a copy of this one
+    write: Write
     node: str  # the training-graph op this call simulates
     op: str  # linear | activation | attention | norm | loss | residual
     phase: str  # forward | backward | descent | eval
@@ -69,6 +80,7 @@ class Program:
     logits: Field  # the evaluation's final hidden state, read by the output head
     final_blocks: dict[str, str]  # block -> the stream of its last version
     layout: Layout
+    values: list[Field]  # every value's field, in allocation order (for register allocation)
 
 
 OP_OF_KIND = {"add": "residual", "layer_norm": "norm", "linear": "linear", "activation": "activation",
@@ -79,27 +91,22 @@ def lower(graph: Graph, layout: Layout, max_length: int, dtype=torch.float32) ->
     return _Lowering(graph, layout, max_length, dtype).run()
 
 
-def _eye(n, dtype):
-    return torch.eye(n, dtype=dtype)
-
-
-def _stack(blocks, dim=0):
-    return torch.cat(blocks, dim)
-
-
 class _Lowering:
     def __init__(self, graph: Graph, layout: Layout, max_length: int, dtype):
         self.graph, self.layout, self.tmax, self.dtype = graph, layout, max_length, dtype
+        self.share = graph.attrs.get("share_blocks", True)
         self.steps = graph.attrs["steps"]
         self.width = 0
+        self.values: list[Field] = []  # every field allocated, in order
         self.calls: list[Call] = []
         self.layers: dict[str, nn.Module] = {}
         self.fields: dict[str, Field] = {}  # training-graph value -> its field
         self.memo: dict[tuple, Field] = {}  # derived values computed once (x̂, copied γ/β, shifts)
         self.block_version: dict[str, int] = {b: 0 for b in layout.blocks}
         d = graph.attrs["d_model"]
-        self.inputs = {"one": self.alloc(1), "positions": self.alloc(max_length), "train": self.alloc(1),
-                       "label": self.alloc(1), "token_embed": self.alloc(d), "pos_embed": self.alloc(d)}
+        self.inputs = {"one": self.alloc(1), "zero": self.alloc(1), "positions": self.alloc(max_length),
+                       "train": self.alloc(1), "label": self.alloc(1), "token_embed": self.alloc(d),
+                       "pos_embed": self.alloc(d)}
         if not layout.tied:
             self.inputs["target_embed"] = self.alloc(d)  # unembed[z]: the loss's target rows
         self.node: Node | None = None
@@ -109,23 +116,38 @@ class _Lowering:
     def alloc(self, width: int) -> Field:
         f = Field(self.width, width)
         self.width += width
+        self.values.append(f)
         return f
 
+    def eye(self, n: int) -> torch.Tensor:
+        return torch.eye(n, dtype=self.dtype)
+
     def layer(self, key: tuple, build: Callable[[], nn.Module]) -> str:
+        """The shared primitive of this construction key (without block sharing: one per call)."""
+        if not self.share:
+            key = (*key, "call", len(self.calls))
         name = re.sub(r"[^0-9a-zA-Z_]", "_", "_".join(str(k) for k in key))
         if name not in self.layers:
             self.layers[name] = build()
         return name
 
-    def call(self, layer: str, reads, width: int | None = None, write: Read | None = None,
-             base: str | None = None) -> Field | None:
-        out = None
-        if write is None:
-            out = self.alloc(width)
-            write = Read(TOKENS, (out,))
+    def call(self, layer: str, reads: list, out: list[Field] | Write) -> None:
+        """reads: per primitive input, a Read or a list of per-group field tuples (token stream)."""
+        reads = tuple(r if isinstance(r, Read) else Read(TOKENS, tuple(tuple(g) for g in r)) for r in reads)
+        write = out if isinstance(out, Write) else Write(TOKENS, tuple(out))
         node = self.node
-        self.calls.append(Call(layer, tuple(reads), write, base, node.name, self._op(node), self._phase(node)))
-        return out
+        self.calls.append(Call(layer, reads, write, node.name, self._op(node), self._phase(node)))
+
+    def new(self, width: int, group: int) -> tuple[Field, list[Field]]:
+        """A fresh field and its chunks of `group` width (the groups' output fields)."""
+        f = self.alloc(width)
+        return f, f.chunks(group)
+
+    def group(self, width: int) -> int:
+        """The chunk width for elementwise work on a value of `width`: the op's `group_width`
+        (passes/sub_mlp.py) where it divides, else one chunk."""
+        g = self.node.attrs.get("group_width", width)
+        return g if width % g == 0 else width
 
     def _phase(self, node: Node) -> str:
         if node.kind.endswith("_descent"):
@@ -140,9 +162,6 @@ class _Lowering:
         kind = node.kind.removesuffix("_backward").removesuffix("_descent")
         return OP_OF_KIND.get(kind, kind)
 
-    def tok(self, *fields: Field) -> Read:
-        return Read(TOKENS, tuple(fields))
-
     def block_of(self, node: Node) -> tuple[str, int]:
         """The prefix block holding a node's weights, and the version to read (the newest it reads)."""
         blocks = {self.layout.by_ref[ref.key][0] for ref in node.weights.values()}
@@ -150,8 +169,9 @@ class _Lowering:
             raise BackendError(f"node %{node.name}: reads weights of {len(blocks)} prefix blocks; expected one")
         return blocks.pop(), max(ref.version for ref in node.weights.values())
 
-    def block_read(self, block: str, version: int, coords: range) -> Read:
-        return Read(f"{block}@{version}", (Field(coords.start, len(coords)),))
+    @staticmethod
+    def block_read(block: str, version: int, groups: list[range]) -> Read:
+        return Read(f"{block}@{version}", tuple((Field(r.start, len(r)),) for r in groups))
 
     # -- the driver ----------------------------------------------------------------------
     def run(self) -> Program:
@@ -162,7 +182,8 @@ class _Lowering:
                 raise BackendError(f"node %{node.name}: op kind {node.kind!r} has no TinT construction")
             method(node)
         final = {b: f"{b}@{v}" for b, v in self.block_version.items()}
-        return Program(self.width, self.tmax, self.inputs, self.calls, self.layers, self.logits, final, self.layout)
+        return Program(self.width, self.tmax, self.inputs, self.calls, self.layers, self.logits, final, self.layout,
+                       self.values)
 
     def x(self, node: Node, i: int = 0) -> Field:
         return self.fields[node.inputs[i]]
@@ -180,48 +201,59 @@ class _Lowering:
     def lower_pos_embed(self, node):
         self.fields[node.name] = self.inputs["pos_embed"]
 
-    # -- shared constructions ------------------------------------------------------------
-    def _linear_map(self, name: str, weight_fn, width_in: int, reads, width_out: int) -> Field:
-        layer = self.layer((name, width_in, width_out), lambda: P.Linear(weight_fn()))
-        return self.call(layer, [reads], width_out)
+    # -- elementwise constructions, in chunks of the group width -----------------------
+    def _chunked_linear(self, name: str, weight: Callable[[int], torch.Tensor], *values: Field) -> Field:
+        """out = W·[a; b; …] chunk by chunk: W is built for one chunk (width g per value)."""
+        g = self.group(values[0].width)
+        layer = self.layer((name, g), lambda: P.Linear(weight(g)))
+        out, chunks = self.new(values[0].width, g)
+        self.call(layer, [list(zip(*(v.chunks(g) for v in values)))], chunks)
+        return out
 
     def _sum(self, a: Field, b: Field) -> Field:
-        d = a.width
-        return self._linear_map("sum", lambda: _stack([_eye(d, self.dtype)] * 2, 1), 2 * d, self.tok(a, b), d)
+        return self._chunked_linear("sum", lambda g: torch.cat([self.eye(g)] * 2, 1), a, b)
 
     def _difference(self, a: Field, b: Field) -> Field:
-        d, e = a.width, _eye(a.width, self.dtype)
-        return self._linear_map("difference", lambda: _stack([e, -e], 1), 2 * d, self.tok(a, b), d)
+        return self._chunked_linear("difference", lambda g: torch.cat([self.eye(g), -self.eye(g)], 1), a, b)
 
     def _scaled(self, a: Field, factor: float) -> Field:
-        d = a.width
-        layer = self.layer(("scale", d, repr(factor)), lambda: P.Linear(factor * _eye(d, self.dtype)))
-        return self.call(layer, [self.tok(a)], d)
+        return self._chunked_linear(f"scale_{factor!r}", lambda g: factor * self.eye(g), a)
+
+    def _product(self, a: Field, b: Field) -> Field:
+        """a ⊙ b chunk by chunk; a of width 1 is broadcast over b."""
+        g = self.group(b.width)
+        left = (lambda: torch.ones(g, 1, dtype=self.dtype)) if a.width == 1 else (lambda: self.eye(g))
+        layer = self.layer(("product", a.width == 1, g), lambda: P.Gate(left(), self.eye(g)))
+        a_chunks = [a] * (b.width // g) if a.width == 1 else a.chunks(g)
+        out, chunks = self.new(b.width, g)
+        self.call(layer, [[(c,) for c in a_chunks], [(c,) for c in b.chunks(g)]], chunks)
+        return out
 
     def _normalised(self, x: Field, eps: float) -> Field:
         key = ("normalised", x, eps)
         if key not in self.memo:
-            self.memo[key] = self.call(self.layer(("norm", repr(eps)), lambda: P.Norm(eps)), [self.tok(x)], x.width)
+            out = self.alloc(x.width)
+            self.call(self.layer(("norm", repr(eps)), lambda: P.Norm(eps)), [[(x,)]], [out])
+            self.memo[key] = out
         return self.memo[key]
 
-    def _product(self, a: Field, b: Field) -> Field:
-        """a ⊙ b, with a of width 1 broadcast over b."""
-        d = b.width
-        ga = torch.ones(d, a.width, dtype=self.dtype) if a.width == 1 else _eye(d, self.dtype)
-        layer = self.layer(("product", a.width, d), lambda: P.Gate(ga, _eye(d, self.dtype)))
-        return self.call(layer, [self.tok(a), self.tok(b)], d)
-
     def _norm_params(self, block: str, version: int) -> tuple[Field, Field]:
-        """Copy a layer norm's [γ, β] from its prefix token into every token (linear attention, score 1)."""
+        """Copy a layer norm's [γ, β] from its prefix token into every token: linear attention
+        with score 1, one head per chunk."""
         key = ("norm_params", block, version)
         if key not in self.memo:
             d = self.layout.blocks[block].d_out
+            g = self.group(d)
             one = torch.ones(1, 1, dtype=self.dtype)
-            layer = self.layer(("copy_norm_params", d), lambda: P.Attention(
-                one, one, _eye(2 * d, self.dtype), _eye(2 * d, self.dtype), heads=1, softmax=False, mask="full"))
-            self.memo[key] = self.call(layer, [self.tok(self.inputs["one"]),
-                                               self.block_read(block, version, range(2 * d, 2 * d + 1)),
-                                               self.block_read(block, version, range(0, 2 * d))], 2 * d)
+            layer = self.layer(("copy_norm_params", g), lambda: P.Attention(
+                one, one, self.eye(g), self.eye(g), softmax=False, mask="full"))
+            out, chunks = self.new(2 * d, g)
+            heads = len(chunks)
+            self.call(layer, [[(self.inputs["one"],)] * heads,
+                              self.block_read(block, version, [range(2 * d, 2 * d + 1)] * heads),
+                              self.block_read(block, version, [range(i, i + g) for i in range(0, 2 * d, g)])],
+                      chunks)
+            self.memo[key] = out
         gb = self.memo[key]
         return gb.part(0, gb.width // 2), gb.part(gb.width // 2, gb.width // 2)
 
@@ -233,44 +265,51 @@ class _Lowering:
         block, version = self.block_of(node)
         xhat = self._normalised(self.x(node), node.attrs["eps"])
         gamma, beta = self._norm_params(block, version)
-        d = xhat.width
-        e = _eye(d, self.dtype)
-        layer = self.layer(("affine", d), lambda: P.Gate(e, e, e))
-        self.fields[node.name] = self.call(layer, [self.tok(xhat), self.tok(gamma), self.tok(beta)], d)
+        g = self.group(xhat.width)
+        layer = self.layer(("affine", g), lambda: P.Gate(self.eye(g), self.eye(g), self.eye(g)))
+        out, chunks = self.new(xhat.width, g)
+        self.call(layer, [[(c,) for c in f.chunks(g)] for f in (xhat, gamma, beta)], chunks)
+        self.fields[node.name] = out
+
+    def _one_or_zero(self, chunk: int) -> Field:
+        """The bias input of row chunk `chunk`: 1 for the first chunk, 0 for the others."""
+        return self.inputs["one"] if chunk == 0 else self.inputs["zero"]
 
     def lower_linear(self, node):
-        """y = W x + b: S heads of linear attention from tokens to the K prefix tokens of W.
-        Head s scores ⟨[x; 1], [W[jS+s]; b[jS+s]]⟩ = y[jS+s] and routes it by j's one-hot."""
+        """y = W x + b: head (s, ch) scores ⟨[x_ch; 1 or 0], [W[sK+j]_ch; b or 0]⟩ against each prefix
+        token j and routes it by j's one-hot to y[sK+j]; the chunks' heads add up."""
         block, version = self.block_of(node)
         b = self.layout.blocks[block]
-        S, K, din, dout = b.rows, b.tokens, b.d_in, b.d_out
-        dt = self.dtype
-
-        def build():
-            return P.Attention(_stack([_eye(din + 1, dt)] * S), _eye(S * (din + 1), dt),
-                               _stack([_eye(K, dt)] * S), _rows_by_slot(S, K, dt).T, heads=S, softmax=False,
-                               mask="full")
-
-        layer = self.layer(("linear_forward", din, dout, K), build)
-        self.fields[node.name] = self.call(layer, [
-            self.tok(self.x(node), self.inputs["one"]),
-            self.block_read(block, version, range(0, S * (din + 1))),
-            self.block_read(block, version, b.onehot)], dout)
+        S, K, C, c = b.rows, b.tokens, b.chunks, b.chunk
+        x = self.x(node)
+        layer = self.layer(("linear_forward", c, K), lambda: P.Attention(
+            self.eye(c + 1), self.eye(c + 1), self.eye(K), self.eye(K), softmax=False, mask="full"))
+        heads = [(s, ch) for s in range(S) for ch in range(C)]
+        out = self.alloc(b.d_out)
+        self.call(layer, [
+            [(x.part(ch * c, c), self._one_or_zero(ch)) for s, ch in heads],
+            self.block_read(block, version, [b.unit(s, ch) for s, ch in heads]),
+            self.block_read(block, version, [b.onehot] * len(heads))],
+            [out.part(s * K, K) for s, ch in heads])
+        self.fields[node.name] = out
 
     def lower_activation(self, node):
-        x = self.x(node)
-        e = _eye(x.width, self.dtype)
-        layer = self.layer(("activation", node.attrs["fn"], x.width), lambda: P.MLP(e, e, node.attrs["fn"]))
-        self.fields[node.name] = self.call(layer, [self.tok(x)], x.width)
+        x, fn = self.x(node), node.attrs["fn"]
+        g = self.group(x.width)
+        layer = self.layer(("activation", fn, g), lambda: P.MLP(self.eye(g), self.eye(g), fn))
+        out, chunks = self.new(x.width, g)
+        self.call(layer, [[(c,) for c in x.chunks(g)]], chunks)
+        self.fields[node.name] = out
 
     def lower_attention(self, node):
         a = node.attrs
-        q, k, v = (self.x(node, i) for i in range(3))
-        d = q.width
-        e = _eye(d, self.dtype)
-        layer = self.layer(("attention", d, a["heads"], repr(a["scale"])),
-                           lambda: P.Attention(a["scale"] * e, e, e, e, a["heads"], softmax=True, mask="causal"))
-        self.fields[node.name] = self.call(layer, [self.tok(q), self.tok(k), self.tok(v)], d)
+        hd = a["head_dim"]
+        q, k, v = (self.x(node, i).chunks(hd) for i in range(3))
+        layer = self.layer(("attention", hd, repr(a["scale"])), lambda: P.Attention(
+            a["scale"] * self.eye(hd), self.eye(hd), self.eye(hd), self.eye(hd), softmax=True, mask="causal"))
+        out, chunks = self.new(self.x(node).width, hd)
+        self.call(layer, [[(c,) for c in q], [(c,) for c in k], [(c,) for c in v]], chunks)
+        self.fields[node.name] = out
 
     def lower_lm_head(self, node):
         self.logits = self.x(node)  # the TinT's output head reads it with the unembedding
@@ -279,55 +318,59 @@ class _Lowering:
         pass
 
     # -- the loss gradient ---------------------------------------------------------------
-    def _next_token(self) -> Field:
-        """[E_{z_{t+1}}, m_{t+1}, l_{t+1}] at every t: linear attention whose query is the
+    def _next_token(self) -> tuple[Field, Field]:
+        """E_{z_{t+1}} and [m_{t+1}, l_{t+1}] at every t: linear attention whose query is the
         one-hot of t+1 (a shift of t's one-hot) and whose keys are the one-hots."""
         if "next" not in self.memo:
-            n, d = self.tmax, self.graph.attrs["d_model"]
+            n = self.tmax
             shift = torch.zeros(n, n, dtype=self.dtype)
             shift[torch.arange(1, n), torch.arange(0, n - 1)] = 1.0  # e_t -> e_{t+1}
-            layer = self.layer(("next_token", n, d), lambda: P.Attention(
-                shift, _eye(n, self.dtype), _eye(d + 2, self.dtype), _eye(d + 2, self.dtype),
-                heads=1, softmax=False, mask="full"))
-            target = self.inputs.get("target_embed", self.inputs["token_embed"])
             pos = self.inputs["positions"]
-            self.memo["next"] = self.call(layer, [self.tok(pos), self.tok(pos),
-                                                  self.tok(target, self.inputs["train"], self.inputs["label"])], d + 2)
+
+            def shifted(groups: list[tuple[Field, ...]], width: int) -> Field:
+                layer = self.layer(("next_token", n, width), lambda: P.Attention(
+                    shift, self.eye(n), self.eye(width), self.eye(width), softmax=False, mask="full"))
+                out, outs = self.new(width * len(groups), width)
+                self.call(layer, [[(pos,)] * len(groups), [(pos,)] * len(groups), groups], outs)
+                return out
+
+            target = self.inputs.get("target_embed", self.inputs["token_embed"])
+            g = self.group(target.width)
+            self.memo["next"] = (shifted([(c,) for c in target.chunks(g)], g),
+                                 shifted([(self.inputs["train"], self.inputs["label"])], 2))
         return self.memo["next"]
 
     def lower_loss_grad(self, node):
         """w_t·(Σ_v softmax_v(⟨E_v, x_t⟩)·E_v − E_{z_{t+1}}), w_t = m_t·m_{t+1}·l_{t+1}: the first term is
         one softmax head whose keys and values are the vocabulary rows."""
-        x, train, label = self.x(node, 0), self.x(node, 2), self.x(node, 3)
+        x, train = self.x(node, 0), self.x(node, 2)
         d = x.width
-        nxt = self._next_token()
-        pair = self._product(train, nxt.part(d, 1))
-        weight = self._product(pair, nxt.part(d + 1, 1))
-        e = _eye(d, self.dtype)
-        layer = self.layer(("expected_embedding", d), lambda: P.Attention(e, e, e, e, heads=1, softmax=True,
-                                                                          mask="full"))
-        expected = self.call(layer, [self.tok(x), Read("unembed"), Read("unembed")], d)
-        self.fields[node.name] = self._product(weight, self._difference(expected, nxt.part(0, d)))
+        next_embed, next_masks = self._next_token()
+        weight = self._product(self._product(train, next_masks.part(0, 1)), next_masks.part(1, 1))
+        layer = self.layer(("expected_embedding", d), lambda: P.Attention(
+            self.eye(d), self.eye(d), self.eye(d), self.eye(d), softmax=True, mask="full"))
+        expected = self.alloc(d)
+        self.call(layer, [[(x,)], Read("unembed"), Read("unembed")], [expected])
+        self.fields[node.name] = self._product(weight, self._difference(expected, next_embed))
 
     # -- backward ops --------------------------------------------------------------------
     def lower_linear_backward(self, node):
-        """∂x = Σ_r ∂y[r]·W[r]: head s scores ∂y[jS+s] against j's one-hot and sums the rows."""
+        """∂x = Σ_r ∂y[r]·W[r]: head (s, ch) scores ∂y[sK+j] against j's one-hot and sums
+        chunk ch of the rows into ∂x[ch]."""
         block, version = self.block_of(node)
         b = self.layout.blocks[block]
-        S, K, din, dout = b.rows, b.tokens, b.d_in, b.d_out
-        dt = self.dtype
-
-        def build():
-            w_v = torch.zeros(S * din, S * (din + 1), dtype=dt)
-            for s in range(S):
-                w_v[s * din : (s + 1) * din, s * (din + 1) : s * (din + 1) + din] = _eye(din, dt)
-            return P.Attention(_rows_by_slot(S, K, dt), _stack([_eye(K, dt)] * S), w_v,
-                               _stack([_eye(din, dt)] * S, 1), heads=S, softmax=False, mask="full")
-
-        layer = self.layer(("linear_backward", din, dout, K), build)
-        self.fields[node.name] = self.call(layer, [
-            self.tok(self.x(node)), self.block_read(block, version, b.onehot),
-            self.block_read(block, version, range(0, S * (din + 1)))], din)
+        S, K, C, c = b.rows, b.tokens, b.chunks, b.chunk
+        dy = self.x(node)
+        layer = self.layer(("linear_backward", c, K), lambda: P.Attention(
+            self.eye(K), self.eye(K), self.eye(c), self.eye(c), softmax=False, mask="full"))
+        heads = [(s, ch) for s in range(S) for ch in range(C)]
+        out = self.alloc(b.d_in)
+        self.call(layer, [
+            [(dy.part(s * K, K),) for s, ch in heads],
+            self.block_read(block, version, [b.onehot] * len(heads)),
+            self.block_read(block, version, [b.unit(s, ch)[:-1] for s, ch in heads])],
+            [out.part(ch * c, c) for s, ch in heads])
+        self.fields[node.name] = out
 
     def lower_layer_norm_backward(self, node):
         """Finite difference: N·[f(x + (γ⊙∂y)·(1/N)) − f(x)], step by step as the rule computes it."""
@@ -343,17 +386,19 @@ class _Lowering:
         self.fields[node.name] = self._scaled(change, a["scale"])
 
     def lower_activation_backward(self, node):
-        """Finite difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: one MLP with hidden [x + ∂y/N; x]."""
+        """Finite difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: an MLP with hidden [x + ∂y/N; x] per chunk."""
         a = node.attrs
         if a["rule"] != "finite_difference":
             raise BackendError(f"node %{node.name}: activation backward rule {a['rule']!r} has no TinT "
                                "construction; allowed: finite_difference")
         x, dy = self.x(node, 0), self.x(node, 1)
-        f = x.width
-        e, z = _eye(f, self.dtype), torch.zeros(f, f, dtype=self.dtype)
-        layer = self.layer(("activation_difference", a["fn"], f), lambda: P.MLP(
+        g = self.group(x.width)
+        e, z = self.eye(g), torch.zeros(g, g, dtype=self.dtype)
+        layer = self.layer(("activation_difference", a["fn"], g), lambda: P.MLP(
             torch.cat([torch.cat([e, e], 1), torch.cat([e, z], 1)], 0), torch.cat([e, -e], 1), a["fn"]))
-        change = self.call(layer, [self.tok(x, self._scaled(dy, 1.0 / a["scale"]))], f)
+        scaled = self._scaled(dy, 1.0 / a["scale"])
+        change, chunks = self.new(x.width, g)
+        self.call(layer, [list(zip(x.chunks(g), scaled.chunks(g)))], chunks)
         self.fields[node.name] = self._scaled(change, a["scale"])
 
     def lower_attention_backward(self, node):
@@ -361,16 +406,18 @@ class _Lowering:
         whose values are one-hot positions writes the row a_t; a linear head with query e_j and
         key a_t then weighs ∂o_t by a_tj."""
         a = node.attrs
-        q, k, do = (self.x(node, i) for i in range(3))
-        d, h, n, dt = q.width, a["heads"], self.tmax, self.dtype
-        e, en, ehn = _eye(d, dt), _eye(n, dt), _eye(h * n, dt)
-        probs_layer = self.layer(("attention_rows", d, h, n, repr(a["scale"])), lambda: P.Attention(
-            a["scale"] * e, e, _stack([en] * h), ehn, heads=h, softmax=True, mask="causal"))
-        rows = self.call(probs_layer, [self.tok(q), self.tok(k), self.tok(self.inputs["positions"])], h * n)
-        back_layer = self.layer(("attention_backward", d, h, n), lambda: P.Attention(
-            _stack([en] * h), ehn, e, e, heads=h, softmax=False, mask="full"))
-        self.fields[node.name] = self.call(back_layer, [self.tok(self.inputs["positions"]), self.tok(rows),
-                                                        self.tok(do)], d)
+        hd, h, n = a["head_dim"], a["heads"], self.tmax
+        q, k, do = (self.x(node, i).chunks(hd) for i in range(3))
+        pos = self.inputs["positions"]
+        rows_layer = self.layer(("attention_rows", hd, n, repr(a["scale"])), lambda: P.Attention(
+            a["scale"] * self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=True, mask="causal"))
+        rows, row_chunks = self.new(h * n, n)
+        self.call(rows_layer, [[(c,) for c in q], [(c,) for c in k], [(pos,)] * h], row_chunks)
+        back_layer = self.layer(("attention_backward", hd, n), lambda: P.Attention(
+            self.eye(n), self.eye(n), self.eye(hd), self.eye(hd), softmax=False, mask="full"))
+        out, chunks = self.new(self.x(node).width, hd)
+        self.call(back_layer, [[(pos,)] * h, [(c,) for c in row_chunks], [(c,) for c in do]], chunks)
+        self.fields[node.name] = out
 
     # -- descent ops: a block's next version -------------------------------------------
     def _next_version(self, block: str, version: int) -> tuple[str, int]:
@@ -382,54 +429,43 @@ class _Lowering:
 
     def lower_linear_descent(self, node):
         """W[r] −= η Σ_t ∂y_t[r]·x_t, b[r] −= η Σ_t ∂y_t[r]: the K prefix tokens query the tokens;
-        head s scores ∂y_t[jS+s] and its value −η·[x_t; 1] is added to row slot s."""
+        head (s, ch) scores ∂y_t[sK+j] and adds −η·[x_t,ch; 1 or 0] to unit (s, ch)."""
         block, version = self.block_of(node)
         b = self.layout.blocks[block]
-        S, K, din, dout = b.rows, b.tokens, b.d_in, b.d_out
+        S, K, C, c = b.rows, b.tokens, b.chunks, b.chunk
         lr, has_w, has_b = node.attrs["lr"], "weight" in node.weights, "bias" in node.weights
-        dt = self.dtype
-
-        def build():
-            keep = torch.tensor([1.0 if has_w else 0.0] * din + [1.0 if has_b else 0.0], dtype=dt)
-            return P.Attention(_stack([_eye(K, dt)] * S), _rows_by_slot(S, K, dt),
-                               _stack([-lr * torch.diag(keep)] * S), _eye(S * (din + 1), dt),
-                               heads=S, softmax=False, mask="full")
-
-        layer = self.layer(("linear_descent", din, dout, K, repr(lr), has_w, has_b), build)
+        x, dy = self.x(node, 0), self.x(node, 1)
+        keep = torch.tensor([1.0 if has_w else 0.0] * c + [1.0 if has_b else 0.0], dtype=self.dtype)
+        layer = self.layer(("linear_descent", c, K, repr(lr), has_w, has_b), lambda: P.Attention(
+            self.eye(K), self.eye(K), -lr * torch.diag(keep), self.eye(c + 1), softmax=False, mask="full"))
+        heads = [(s, ch) for s in range(S) for ch in range(C)]
         base, new = self._next_version(block, version)
-        self.call(layer, [self.block_read(block, version, b.onehot), self.tok(self.x(node, 1)),
-                          self.tok(self.x(node, 0), self.inputs["one"])],
-                  write=self.block_read(block, new, range(0, S * (din + 1))), base=base)
+        units = [b.unit(s, ch) for s, ch in heads]
+        self.call(layer, [
+            self.block_read(block, version, [b.onehot] * len(heads)),
+            [(dy.part(s * K, K),) for s, ch in heads],
+            [(x.part(ch * c, c), self._one_or_zero(ch)) for s, ch in heads]],
+            Write(f"{block}@{new}", tuple(Field(u.start, len(u)) for u in units), base))
 
     def lower_layer_norm_descent(self, node):
         """γ −= η Σ_t ∂y_t⊙x̂_t, β −= η Σ_t ∂y_t: the norm's prefix token attends to every token
-        with score 1 and adds −η times their values."""
+        with score 1 and adds −η times their values, one head per chunk."""
         a = node.attrs
         block, version = self.block_of(node)
         x, dy = self.x(node, 0), self.x(node, 1)
-        d, dt = x.width, self.dtype
-        slots = [s for s in ("gain", "bias") if s in node.weights]
-        values = [self._product(dy, self._normalised(x, a["eps"])) if s == "gain" else dy for s in slots]
-        one = torch.ones(1, 1, dtype=dt)
-
-        def build():
-            w_o = torch.zeros(2 * d, len(slots) * d, dtype=dt)
-            for i, s in enumerate(slots):
-                at = 0 if s == "gain" else d
-                w_o[at : at + d, i * d : (i + 1) * d] = _eye(d, dt)
-            return P.Attention(one, one, -a["lr"] * _eye(len(slots) * d, dt), w_o, heads=1, softmax=False,
-                               mask="full")
-
-        layer = self.layer(("norm_descent", d, repr(a["lr"]), *slots), build)
+        d = x.width
+        g = self.group(d)
+        values, targets = [], []
+        for slot, at in (("gain", 0), ("bias", d)):
+            if slot in node.weights:
+                value = self._product(dy, self._normalised(x, a["eps"])) if slot == "gain" else dy
+                values += value.chunks(g)
+                targets += [Field(at + i, g) for i in range(0, d, g)]
+        one = torch.ones(1, 1, dtype=self.dtype)
+        layer = self.layer(("norm_descent", g, repr(a["lr"])), lambda: P.Attention(
+            one, one, -a["lr"] * self.eye(g), self.eye(g), softmax=False, mask="full"))
         base, new = self._next_version(block, version)
-        self.call(layer, [self.block_read(block, version, range(2 * d, 2 * d + 1)), self.tok(self.inputs["one"]),
-                          self.tok(*values)], write=self.block_read(block, new, range(0, 2 * d)), base=base)
-
-
-def _rows_by_slot(S: int, K: int, dtype) -> torch.Tensor:
-    """[S·K, S·K] selection: head s, position j <- coordinate jS+s (of a ∂y of width S·K)."""
-    m = torch.zeros(S * K, S * K, dtype=dtype)
-    for s in range(S):
-        for j in range(K):
-            m[s * K + j, j * S + s] = 1.0
-    return m
+        heads = len(values)
+        self.call(layer, [self.block_read(block, version, [range(2 * d, 2 * d + 1)] * heads),
+                          [(self.inputs["one"],)] * heads, [(v,) for v in values]],
+                  Write(f"{block}@{new}", tuple(targets), base))

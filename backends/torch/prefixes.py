@@ -1,9 +1,12 @@
 """Prefix blocks: how aux weights become TinT input tokens, and back.
 
 Every aux op with weights gets one block of prefix tokens, named after the op:
-- a linear map W [Dout, Din] with bias b: K tokens; token j stacks S = Dout/K rows,
-  each followed by its bias, then a one-hot of j that routes values by position:
-      [W[jS], b[jS], W[jS+1], b[jS+1], …, W[jS+S−1], b[jS+S−1], onehot_K(j)]   width S·(Din+1) + K
+- a linear map W [Dout, Din] with bias b: K tokens; token j stacks the S = Dout/K rows
+  r = s·K + j (s < S), each cut into C = Din/c chunks of width c; each chunk is followed
+  by one coordinate, the row's bias after chunk 0 and 0 after the others; a one-hot of
+  j ends the token and routes values by position:
+      [W[j, 0:c], b[j], W[j, c:2c], 0, …, W[K+j, 0:c], b[K+j], …, onehot_K(j)]
+  width S·C·(c+1) + K. Unit (s, ch) is what head (s, ch) of a linear forward reads.
 - a layer norm with gain γ and bias β: one token [γ, β, 1], width 2D + 1.
 The token embedding table ("vocab"), the position table ("positions") and, when not
 tied to the vocab, the LM head ("unembed") are inputs too: the TinT reuses them for
@@ -30,20 +33,31 @@ class Block:
     d_out: int
     tokens: int  # K
     rows: int  # S, rows per token (linear); 0 for a norm
+    chunk: int  # c, the width of a row chunk (linear); 0 for a norm
+
+    @property
+    def chunks(self) -> int:
+        return self.d_in // self.chunk if self.kind == "linear" else 0
+
+    @property
+    def units(self) -> int:
+        """Row chunks per token: S·C."""
+        return self.rows * self.chunks
 
     @property
     def width(self) -> int:
         if self.kind == "linear":
-            return self.rows * (self.d_in + 1) + self.tokens
+            return self.units * (self.chunk + 1) + self.tokens
         return 2 * self.d_out + 1
 
-    def slot(self, s: int) -> range:
-        """Coordinates of row slot s (its weight row then its bias) in a linear block."""
-        return range(s * (self.d_in + 1), (s + 1) * (self.d_in + 1))
+    def unit(self, s: int, ch: int) -> range:
+        """Coordinates of chunk ch of row slot s, with its bias-or-zero coordinate last."""
+        u = s * self.chunks + ch
+        return range(u * (self.chunk + 1), (u + 1) * (self.chunk + 1))
 
     @property
     def onehot(self) -> range:
-        return range(self.rows * (self.d_in + 1), self.width)
+        return range(self.units * (self.chunk + 1), self.width)
 
 
 @dataclass
@@ -61,35 +75,35 @@ class Layout:
         return self.unembed.key == self.vocab.key
 
 
-def plan(graph: Graph, prefixes: int) -> Layout:
-    """One block per aux op with weights; errors name every op whose width K does not divide."""
-    blocks, by_ref, problems = {}, {}, []
+def plan(graph: Graph) -> Layout:
+    """One block per aux op with weights, shaped as the passes chose for the ops that read it
+    (`prefixes`: K tokens, `head_width`: row chunks of c; K = Dout and c = Din if unset)."""
+    blocks, by_ref = {}, {}
     vocab = positions = unembed = None
     offset = 0
     for node in graph.nodes():
+        name = node.name.split("@")[0]  # the aux op: the same block at every step
         if node.kind == "embed":
             vocab = node.weights["table"]
         elif node.kind == "lm_head":
             unembed = node.weights["weight"]
         elif node.kind == "pos_embed":
             positions, offset = node.weights["table"], node.attrs["offset"]
-        elif node.kind in ("linear", "layer_norm"):
+        elif node.kind in ("linear", "layer_norm") and name not in blocks:
             refs = {slot: ref.at(0) for slot, ref in node.weights.items()}
             if node.kind == "linear":
                 d_out, d_in = refs["weight"].shape(graph.weight_shapes[refs["weight"].name])
-                if d_out % prefixes:
-                    problems.append(f"node %{node.name} ({node.attrs.get('module')}): output width {d_out} is not "
-                                    f"divisible by tint.prefixes={prefixes}; allowed: a K dividing every linear width")
-                    continue
-                block = Block(node.name, "linear", refs, d_in, d_out, prefixes, d_out // prefixes)
+                k, c = node.attrs.get("prefixes", d_out), node.attrs.get("head_width", d_in)
+                if d_out % k or d_in % c:
+                    raise BackendError(f"node %{node.name}: {k} prefixes or head width {c} do not divide "
+                                       f"its weight [{d_out}, {d_in}]")
+                block = Block(name, "linear", refs, d_in, d_out, k, d_out // k, c)
             else:
                 width = graph.weight_shapes[refs["gain"].name][0]
-                block = Block(node.name, "layer_norm", refs, width, width, 1, 0)
-            blocks[node.name] = block
+                block = Block(name, "layer_norm", refs, width, width, 1, 0, 0)
+            blocks[name] = block
             for slot, ref in refs.items():
-                by_ref[ref.key] = (node.name, slot)
-    if problems:
-        raise BackendError(problems, headline="cannot lay out prefixes")
+                by_ref[ref.key] = (name, slot)
     return Layout(blocks, by_ref, vocab, positions, offset, unembed, dict(graph.weight_shapes))
 
 
@@ -103,11 +117,8 @@ def encode(layout: Layout, params: dict[str, torch.Tensor]) -> dict[str, torch.T
         weight = next(iter(block.refs.values())).resolve(params)
         tokens = torch.zeros(block.tokens, block.width, dtype=weight.dtype)
         if block.kind == "linear":
-            w = block.refs["weight"].resolve(params)  # [Dout, Din]
-            b = block.refs["bias"].resolve(params) if "bias" in block.refs else torch.zeros(block.d_out, dtype=w.dtype)
-            rows = torch.cat([w, b[:, None]], 1).view(block.tokens, block.rows * (block.d_in + 1))
-            tokens[:, : rows.shape[1]] = rows
-            tokens[:, list(block.onehot)] = torch.eye(block.tokens, dtype=w.dtype)
+            tokens[:, : block.units * (block.chunk + 1)] = _units(block, params)
+            tokens[:, list(block.onehot)] = torch.eye(block.tokens, dtype=weight.dtype)
         else:
             d = block.d_out
             tokens[0, :d] = block.refs["gain"].resolve(params)
@@ -115,6 +126,17 @@ def encode(layout: Layout, params: dict[str, torch.Tensor]) -> dict[str, torch.T
             tokens[0, 2 * d] = 1.0
         out[block.name] = tokens
     return out
+
+
+def _units(block: Block, params) -> torch.Tensor:
+    """[K, S·C·(c+1)]: the row chunks of a linear block, each followed by its bias or 0."""
+    S, K, C, c = block.rows, block.tokens, block.chunks, block.chunk
+    w = block.refs["weight"].resolve(params)  # [Dout, Din]
+    units = torch.zeros(S, K, C, c + 1, dtype=w.dtype)
+    units[..., :c] = w.reshape(S, K, C, c)
+    if "bias" in block.refs:
+        units[:, :, 0, c] = block.refs["bias"].resolve(params).reshape(S, K)
+    return units.movedim(1, 0).reshape(K, S * C * (c + 1))
 
 
 def decode(layout: Layout, prefixes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,10 +161,12 @@ def decode(layout: Layout, prefixes: dict[str, torch.Tensor]) -> dict[str, torch
     for block in layout.blocks.values():
         tokens = prefixes[block.name]
         if block.kind == "linear":
-            rows = tokens[..., : block.rows * (block.d_in + 1)].reshape(*batch, block.d_out, block.d_in + 1)
-            put(block.refs["weight"], rows[..., :-1])
+            S, K, C, c = block.rows, block.tokens, block.chunks, block.chunk
+            units = tokens[..., : block.units * (c + 1)].reshape(*batch, K, S, C, c + 1)
+            rows = units.movedim(-4, -3)  # [.., S, K, C, c+1]: row r = s·K + j
+            put(block.refs["weight"], rows[..., :-1].reshape(*batch, block.d_out, block.d_in))
             if "bias" in block.refs:
-                put(block.refs["bias"], rows[..., -1])
+                put(block.refs["bias"], rows[..., 0, -1].reshape(*batch, block.d_out))
         else:
             put(block.refs["gain"], tokens[..., 0, : block.d_out])
             put(block.refs["bias"], tokens[..., 0, block.d_out : 2 * block.d_out])

@@ -3,8 +3,13 @@
 Each is an ordinary transformer component with weights constructed by the lowering
 from shapes and settings alone (never from aux weights): linear maps, MLPs with an
 elementwise activation, gated linear units, layer norm, and attention (softmax or
-linear, causal or full, self- or cross-). A primitive maps gathered inputs to a
-delta; the TinT module adds the delta to the fields it writes (the residual).
+linear, causal or full, self- or cross-).
+
+Every primitive works on G groups at once with one set of weights: inputs are
+[B, T, G, width] and so is the output. For attention a group is a head (heads share
+their projections, each reads its own slice of the stream: head splitting); for the
+others a group is a chunk of a wide value (sub-MLP partition). The TinT module
+gathers the groups' inputs from the stream and adds each group's output to its field.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class Linear(nn.Module):
 
 
 class MLP(nn.Module):
-    """w_out · σ(w_in · x): an MLP layer of the TinT, σ elementwise."""
+    """w_out · σ(w_in · x): an MLP layer, σ elementwise."""
 
     def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, fn: str):
         super().__init__()
@@ -62,7 +67,7 @@ class Gate(nn.Module):
 
 
 class Norm(nn.Module):
-    """Layer norm without affine parameters: (x − mean) / sqrt(var + eps)."""
+    """Layer norm without affine parameters, over each group: (x − mean) / sqrt(var + eps)."""
 
     def __init__(self, eps: float):
         super().__init__()
@@ -76,38 +81,34 @@ class Norm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention: queries from one stream, keys and values from another (or the same).
+    """Attention with one head per group; all heads share w_q, w_k, w_v, w_o.
 
-    softmax=False is linear attention: the weight of key j for query i is the raw score
-    ⟨q_i, k_j⟩. mask: "causal" (query i sees keys j <= i, same stream) or "full".
+    Queries come from one stream ([B, Tq, G, in_q]), keys and values from another or the
+    same ([B, Tk, G, in_k], [B, Tk, G, in_v]). softmax=False is linear attention: the weight
+    of key j for query i is the raw score ⟨q_i, k_j⟩. mask: "causal" (query i sees keys
+    j <= i, same stream) or "full".
     """
 
-    def __init__(self, w_q, w_k, w_v, w_o, heads: int, softmax: bool, mask: str):
+    def __init__(self, w_q, w_k, w_v, w_o, softmax: bool, mask: str):
         super().__init__()
-        assert mask in MASKS
+        if mask not in MASKS:
+            raise ValueError(f"mask={mask!r}; allowed: {', '.join(MASKS)}")
         self.w_q, self.w_k, self.w_v, self.w_o = (_param(w) for w in (w_q, w_k, w_v, w_o))
-        self.heads, self.softmax, self.mask = heads, softmax, mask
+        self.softmax, self.mask = softmax, mask
 
     def forward(self, xq, xk, xv):
-        q = _split(xq @ self.w_q.T, self.heads)  # [B, H, Tq, dq]
-        k = _split(xk @ self.w_k.T, self.heads)  # [B, H, Tk, dq]
-        v = _split(xv @ self.w_v.T, self.heads)  # [B, H, Tk, dv]
+        q = (xq @ self.w_q.T).transpose(1, 2)  # [B, G, Tq, dq]
+        k = (xk @ self.w_k.T).transpose(1, 2)  # [B, G, Tk, dq]
+        v = (xv @ self.w_v.T).transpose(1, 2)  # [B, G, Tk, dv]
         scores = q @ k.transpose(-1, -2)
         if self.mask == "causal":
             future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
             scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
         weights = scores.softmax(-1) if self.softmax else scores
-        out = weights @ v  # [B, H, Tq, dv]
-        b, h, t, dv = out.shape
-        return out.transpose(1, 2).reshape(b, t, h * dv) @ self.w_o.T
+        return (weights @ v).transpose(1, 2) @ self.w_o.T  # [B, Tq, G, out]
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, softmax={self.softmax}, mask={self.mask}"
-
-
-def _split(x, heads: int):
-    b, t, d = x.shape
-    return x.view(b, t, heads, d // heads).transpose(1, 2)
+        return f"softmax={self.softmax}, mask={self.mask}"
 
 
 PRIMITIVES = (Linear, MLP, Gate, Norm, Attention)

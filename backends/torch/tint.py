@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from . import prefixes as prefix_blocks
-from .lower import TOKENS, Program, Read
+from .lower import TOKENS, Program
+
+
+def _index(groups) -> torch.Tensor:
+    """[G, width]: the stream coordinates each group reads or writes."""
+    return torch.tensor([[i for f in fields for i in range(f.start, f.stop)] for fields in groups])
 
 
 class TinT(nn.Module):
@@ -21,6 +26,9 @@ class TinT(nn.Module):
         super().__init__()
         self.program = program
         self.layers = nn.ModuleDict(program.layers)
+        # the wiring: which coordinates each call gathers and writes (not weights: fixed by the lowering)
+        self._reads = [[None if not r.groups else _index(r.groups) for r in c.reads] for c in program.calls]
+        self._writes = [_index([(f,) for f in c.write.groups]).flatten() for c in program.calls]
 
     # -- θ <-> prefixes --------------------------------------------------------------------
     def encode(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,20 +51,23 @@ class TinT(nn.Module):
         streams = {TOKENS: h, "unembed": unembed}
         for block in p.layout.blocks:
             streams[f"{block}@0"] = batched[block]
-        for call in p.calls:
-            delta = self.layers[call.layer](*(self._gather(streams, r) for r in call.reads))
-            if call.base is not None:  # a descent writes the block's next version
-                streams[call.write.stream] = streams[call.base].clone()
-            field = call.write.fields[0]
-            streams[call.write.stream][..., field.start : field.stop] += delta
+        for call, reads, write in zip(p.calls, self._reads, self._writes):
+            inputs = [streams[r.stream].unsqueeze(2) if index is None else streams[r.stream][..., index]
+                      for r, index in zip(call.reads, reads)]  # each [B, T, G, width]
+            delta = self.layers[call.layer](*inputs)
+            if call.write.base is not None:  # a descent adds to a copy: the block's next version
+                streams[call.write.stream] = streams[call.write.base].clone()
+            else:  # a gated residual write: the field's old content is gated out first
+                streams[call.write.stream][..., write] = 0.0
+            streams[call.write.stream].index_add_(-1, write, delta.flatten(-2))
         logits = h[..., p.logits.start : p.logits.stop] @ unembed.transpose(-1, -2)
         new_prefixes = {name: prefixes[name] for name in ("vocab", "positions", "unembed") if name in prefixes}
         new_prefixes.update({block: streams[stream] for block, stream in p.final_blocks.items()})
         return logits, new_prefixes
 
     def _input_layer(self, input_ids, train_mask, label_mask, positions, vocab, unembed):
-        """The TinT's embedding: token and position rows of the aux tables, a constant one,
-        one-hot positions, and the train and label masks, each in its field."""
+        """The TinT's embedding: token and position rows of the aux tables, constants one and
+        zero, one-hot positions, and the train and label masks, each in its field."""
         p = self.program
         batch, length = input_ids.shape
         f = p.inputs
@@ -72,14 +83,6 @@ class TinT(nn.Module):
         h[..., f["train"].start] = train_mask.to(h.dtype)
         h[..., f["label"].start] = 1.0 if label_mask is None else label_mask.to(h.dtype)
         return h
-
-    @staticmethod
-    def _gather(streams, read: Read):
-        t = streams[read.stream]
-        if not read.fields:
-            return t
-        parts = [t[..., f.start : f.stop] for f in read.fields]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
 def _slice(field) -> slice:
