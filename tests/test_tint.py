@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from backends.torch import primitives
+from backends.torch import runtime
 from tintc import pipeline
 from tintc.errors import BackendError
 from tintc.fidelity import example_input
@@ -155,9 +155,9 @@ def test_the_tint_is_built_from_transformer_primitives_only():
     cfg, model, compiled, ids, train, labels, params = _run("gpt2", "float32")
     tint = compiled.tint
     for name, module in tint.layers.items():
-        assert isinstance(module, primitives.PRIMITIVES), name
+        assert isinstance(module, runtime.PRIMITIVES), name
     assert {type(m).__name__ for m in tint.modules()} <= {"TinT", "ModuleDict"} | {
-        p.__name__ for p in primitives.PRIMITIVES}
+        p.__name__ for p in runtime.PRIMITIVES}
     prefixes = tint.encode(params)
     with torch.no_grad(), _Ops() as ops:
         tint(ids, train, prefixes)

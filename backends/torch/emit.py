@@ -1,9 +1,11 @@
 """Emission: the TinT as a standalone package that needs only torch and safetensors.
 
-    tint_model.py        the source, from templates/: one class per primitive kind used, and
-                         every layer call spelled out in `forward` with its fields as literal slices
+    tint_model.py        the source, from templates/: the runtime (backends/torch/runtime.py: the
+                         primitives, the input layer, the prefix encoder and decoder) and the TinT
+                         class, with every layer call spelled out in `forward`, commented
+    tint_config.json     the data the code reads: the prefix layout, input fields, each call's
+                         wiring (which coordinates it reads and writes), sizes
     weights.safetensors  the primitives' weights (the TinT's state dict; no pickle)
-    tint_config.json     the data the code reads: the prefix layout, input fields, sizes
 
 The output is deterministic (no paths, no timestamps). Every file is first written under a
 temporary name; they are renamed only once all of them are written.
@@ -11,6 +13,7 @@ temporary name; they are renamed only once all of them are written.
 
 from __future__ import annotations
 
+import inspect
 import json
 import keyword
 from pathlib import Path
@@ -23,13 +26,12 @@ from torch import nn
 import tintc
 from tintc.errors import BackendError
 
-from .lower import TOKENS, Program, Read
-from .prefixes import Layout
+from . import runtime
+from .lower import TOKENS, Program, call_json
+from .prefixes import layout_json
 
-FORMAT = "tintc.tint/1"  # of tint_config.json; the generated code checks it
-KINDS = ("Linear", "MLP", "Gate", "Norm", "Attention")  # one template each, in templates/primitives/
-SETTINGS = {"Linear": (), "MLP": ("fn",), "Gate": (), "Norm": ("eps",), "Attention": ("heads", "softmax", "mask")}
-ACTIVATION_SOURCE = {"gelu_tanh": "gelu_tanh", "gelu": "F.gelu", "relu": "F.relu"}  # as spelled in MLP.py.jinja
+FORMAT = "tintc.tint/2"  # of tint_config.json; the generated code checks it
+SETTINGS = {"Linear": (), "MLP": ("fn",), "Gate": (), "Norm": ("eps",), "Attention": ("softmax", "mask")}
 
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("backends.torch", "templates"),
                                undefined=jinja2.StrictUndefined, autoescape=False)
@@ -73,41 +75,33 @@ def write_files(directory, files: dict[str, str | Callable[[Path], None]]) -> li
 
 # -- tint_model.py ------------------------------------------------------------------------
 def source(program: Program, cfg=None) -> str:
+    code = inspect.getsource(runtime)
+    code = code[code.index('"""', 3) + 3 :].strip()  # the runtime without its module docstring
     layers = [{"name": name, "constructor": _constructor(name, module)} for name, module in program.layers.items()]
-    used = {type(m).__name__ for m in program.layers.values()}
-    activations = sorted({m.fn for m in program.layers.values() if type(m).__name__ == "MLP"})
-    unknown = [fn for fn in activations if fn not in ACTIVATION_SOURCE]
-    if unknown:
-        raise BackendError([f"activation {fn!r} has no emitted source; allowed: {', '.join(ACTIVATION_SOURCE)}"
-                            for fn in unknown], "cannot emit the TinT")
     return TEMPLATES.get_template("tint_model.py.jinja").render(
-        version=tintc.__version__, summary=_summary(cfg), format=FORMAT,
-        kinds=[k for k in KINDS if k in used], activations=activations, activation_source=ACTIVATION_SOURCE,
-        layers=layers, calls=[_call(c) for c in program.calls],
-        logits=_gather(Read(TOKENS, (program.logits,))),
+        version=tintc.__version__, summary=_summary(cfg), format=FORMAT, runtime=code, layers=layers,
+        calls=[_call(i, c) for i, c in enumerate(program.calls)],
+        logits=f"h[..., {program.logits.start}:{program.logits.stop}]",
         final_blocks=[(_str(block), _stream(stream)) for block, stream in program.final_blocks.items()],
     ) + "\n"
 
 
 def _constructor(name: str, module: nn.Module) -> str:
-    """`Kind(weight=shape, …, setting=value, …)`: the weights' shapes and the settings, as literals."""
+    """`Kind(weight=torch.empty(shape), …, setting=value, …)`: load() assigns the weights."""
     kind = type(module).__name__
     if kind not in SETTINGS:
-        raise BackendError(f"layer {name}: primitive {kind} has no template; allowed: {', '.join(KINDS)}")
-    shapes = [f"{p}={tuple(t.shape)}" for p, t in module.named_parameters(recurse=False)]
+        raise BackendError(f"layer {name}: primitive {kind} is not in the runtime; allowed: {', '.join(SETTINGS)}")
+    shapes = [f"{p}=torch.empty{tuple(t.shape)}" for p, t in module.named_parameters(recurse=False)]
     settings = [f"{s}={_literal(getattr(module, s))}" for s in SETTINGS[kind]]
     return f"{kind}({', '.join(shapes + settings)})"
 
 
-def _call(call) -> dict:
-    if len(call.write.fields) != 1:
-        raise BackendError(f"call of {call.layer} for %{call.node}: writes {len(call.write.fields)} fields; "
-                           "expected one")
+def _call(index: int, call) -> dict:
     layer = f"L.{call.layer}" if _attribute(call.layer) else f"L[{_str(call.layer)}]"
-    return {"node": call.node, "op": call.op, "phase": call.phase, "layer": layer,
-            "args": [_gather(r) for r in call.reads], "target": _gather(call.write),
-            "base": call.base, "target_stream": _stream(call.write.stream),
-            "base_stream": _stream(call.base) if call.base else None}
+    into = _stream(call.write.stream) if call.write.base is None else f"{_stream(call.write.base)}.clone()"
+    return {"node": call.node, "op": call.op, "phase": call.phase, "layer": layer, "index": index,
+            "streams": [_stream(r.stream) for r in call.reads], "target": _stream(call.write.stream),
+            "into": into, "gated": call.write.base is None}
 
 
 def _attribute(name: str) -> bool:
@@ -127,15 +121,6 @@ def _str(text: str) -> str:
 
 def _literal(value) -> str:
     return _str(value) if isinstance(value, str) else repr(value)
-
-
-def _gather(read: Read) -> str:
-    """A read as an expression: the stream, a slice of it, or its slices concatenated."""
-    stream = _stream(read.stream)
-    parts = [f"{stream}[..., {f.start}:{f.stop}]" for f in read.fields]
-    if not parts:
-        return stream
-    return parts[0] if len(parts) == 1 else f"torch.cat([{', '.join(parts)}], -1)"
 
 
 def _summary(cfg) -> str:
@@ -160,17 +145,6 @@ def config(program: Program) -> dict:
         "max_length": program.max_length,
         "inputs": {name: [f.start, f.width] for name, f in program.inputs.items()},
         "logits": [program.logits.start, program.logits.width],
-        "layout": _layout(program.layout),
+        "layout": layout_json(program.layout),
+        "calls": [call_json(c) for c in program.calls],
     }
-
-
-def _layout(layout: Layout) -> dict:
-    def ref(r) -> dict:
-        return {"name": r.name, "transpose": r.transpose, "rows": list(r.rows) if r.rows is not None else None}
-
-    blocks = {name: {"kind": b.kind, "refs": {slot: ref(r) for slot, r in b.refs.items()}, "d_in": b.d_in,
-                     "d_out": b.d_out, "tokens": b.tokens, "rows": b.rows, "width": b.width}
-              for name, b in layout.blocks.items()}
-    return {"vocab": ref(layout.vocab), "positions": ref(layout.positions), "unembed": ref(layout.unembed),
-            "tied": layout.tied, "position_offset": layout.position_offset,
-            "shapes": {name: list(shape) for name, shape in layout.shapes.items()}, "blocks": blocks}

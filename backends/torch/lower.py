@@ -25,7 +25,7 @@ from torch import nn
 from ir.graph import Graph, Node
 from tintc.errors import BackendError
 
-from . import primitives as P
+from . import runtime as P
 from .prefixes import Layout
 
 TOKENS = "tokens"
@@ -81,6 +81,13 @@ class Program:
     final_blocks: dict[str, str]  # block -> the stream of its last version
     layout: Layout
     values: list[Field]  # every value's field, in allocation order (for register allocation)
+
+
+def call_json(call: Call) -> dict:
+    """A call's wiring as plain data: per read, per group, the [start, width] fields gathered
+    (an empty list: the whole stream); per group the field written; whether the write is gated."""
+    return {"reads": [[[[f.start, f.width] for f in fields] for fields in r.groups] for r in call.reads],
+            "write": [[f.start, f.width] for f in call.write.groups], "gated": call.write.base is None}
 
 
 OP_OF_KIND = {"add": "residual", "layer_norm": "norm", "linear": "linear", "activation": "activation",

@@ -11,14 +11,13 @@ Every aux op with weights gets one block of prefix tokens, named after the op:
 The token embedding table ("vocab"), the position table ("positions") and, when not
 tied to the vocab, the LM head ("unembed") are inputs too: the TinT reuses them for
 its own input and output.
-`encode(θ)` builds the blocks; `decode(blocks)` returns θ in Hugging Face names.
+`plan` shapes the blocks; the runtime's `encode(θ)` builds them from `layout_json` and
+`decode(blocks)` returns θ in Hugging Face names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from ir.graph import Graph, WeightRef
 from tintc.errors import BackendError
@@ -107,70 +106,14 @@ def plan(graph: Graph) -> Layout:
     return Layout(blocks, by_ref, vocab, positions, offset, unembed, dict(graph.weight_shapes))
 
 
-def encode(layout: Layout, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """θ (HF names) -> {block name: [K, width]} plus "vocab" [V, D] and "positions" [P, D]."""
-    out = {"vocab": layout.vocab.resolve(params).detach().clone(),
-           "positions": layout.positions.resolve(params).detach().clone()}
-    if not layout.tied:
-        out["unembed"] = layout.unembed.resolve(params).detach().clone()
-    for block in layout.blocks.values():
-        weight = next(iter(block.refs.values())).resolve(params)
-        tokens = torch.zeros(block.tokens, block.width, dtype=weight.dtype)
-        if block.kind == "linear":
-            tokens[:, : block.units * (block.chunk + 1)] = _units(block, params)
-            tokens[:, list(block.onehot)] = torch.eye(block.tokens, dtype=weight.dtype)
-        else:
-            d = block.d_out
-            tokens[0, :d] = block.refs["gain"].resolve(params)
-            tokens[0, d : 2 * d] = block.refs["bias"].resolve(params)
-            tokens[0, 2 * d] = 1.0
-        out[block.name] = tokens
-    return out
+def layout_json(layout: Layout) -> dict:
+    """The layout as plain data: what the runtime's encoder and decoder (and tint_config.json) read."""
+    def ref(r: WeightRef) -> dict:
+        return {"name": r.name, "transpose": r.transpose, "rows": list(r.rows) if r.rows is not None else None}
 
-
-def _units(block: Block, params) -> torch.Tensor:
-    """[K, S·C·(c+1)]: the row chunks of a linear block, each followed by its bias or 0."""
-    S, K, C, c = block.rows, block.tokens, block.chunks, block.chunk
-    w = block.refs["weight"].resolve(params)  # [Dout, Din]
-    units = torch.zeros(S, K, C, c + 1, dtype=w.dtype)
-    units[..., :c] = w.reshape(S, K, C, c)
-    if "bias" in block.refs:
-        units[:, :, 0, c] = block.refs["bias"].resolve(params).reshape(S, K)
-    return units.movedim(1, 0).reshape(K, S * C * (c + 1))
-
-
-def decode(layout: Layout, prefixes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Blocks -> θ in HF names. Batched blocks ([B, K, width], one θ per sequence) give [B, *shape]."""
-    batch = prefixes[next(iter(layout.blocks))].shape[:-2]
-    dtype = prefixes["vocab"].dtype
-    params = {name: torch.empty(*batch, *shape, dtype=dtype) for name, shape in layout.shapes.items()}
-    written = set()
-
-    def put(ref: WeightRef, value):
-        view = params[ref.name].transpose(-1, -2) if ref.transpose else params[ref.name]
-        if ref.rows is not None:
-            view = view[..., ref.rows[0] : ref.rows[1], :] if view.dim() - len(batch) == 2 else \
-                view[..., ref.rows[0] : ref.rows[1]]
-        view.copy_(value)
-        written.add(ref.name)
-
-    put(layout.vocab, prefixes["vocab"])
-    put(layout.positions, prefixes["positions"])
-    if not layout.tied:
-        put(layout.unembed, prefixes["unembed"])
-    for block in layout.blocks.values():
-        tokens = prefixes[block.name]
-        if block.kind == "linear":
-            S, K, C, c = block.rows, block.tokens, block.chunks, block.chunk
-            units = tokens[..., : block.units * (c + 1)].reshape(*batch, K, S, C, c + 1)
-            rows = units.movedim(-4, -3)  # [.., S, K, C, c+1]: row r = s·K + j
-            put(block.refs["weight"], rows[..., :-1].reshape(*batch, block.d_out, block.d_in))
-            if "bias" in block.refs:
-                put(block.refs["bias"], rows[..., 0, -1].reshape(*batch, block.d_out))
-        else:
-            put(block.refs["gain"], tokens[..., 0, : block.d_out])
-            put(block.refs["bias"], tokens[..., 0, block.d_out : 2 * block.d_out])
-    missing = set(params) - written
-    if missing:
-        raise BackendError([f"parameter {n} is in no prefix block" for n in sorted(missing)], "cannot decode")
-    return params
+    blocks = {name: {"kind": b.kind, "refs": {slot: ref(r) for slot, r in b.refs.items()}, "d_in": b.d_in,
+                     "d_out": b.d_out, "tokens": b.tokens, "rows": b.rows, "chunk": b.chunk, "width": b.width}
+              for name, b in layout.blocks.items()}
+    return {"vocab": ref(layout.vocab), "positions": ref(layout.positions), "unembed": ref(layout.unembed),
+            "tied": layout.tied, "position_offset": layout.position_offset,
+            "shapes": {name: list(shape) for name, shape in layout.shapes.items()}, "blocks": blocks}

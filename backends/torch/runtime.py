@@ -1,0 +1,248 @@
+"""The TinT runtime: everything a compiled TinT runs besides its list of calls, in plain torch.
+
+The in-memory module (backends/torch/tint.py) imports it, and the emitted package carries
+its source inside tint_model.py, so both run the same code. It must therefore import
+nothing but torch. Contents: the layer primitives, the application of one call (gather
+the groups' inputs, run the primitive, write each group's output), the input layer, and
+the prefix encoder and decoder over a layout in JSON form (backends/torch/prefixes.py).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# -- the primitives ---------------------------------------------------------------------------
+# Ordinary transformer components with weights built from shapes and settings alone. Each
+# works on G groups at once with one set of weights: inputs and output are [B, T, G, width].
+# For attention a group is a head (heads share their projections, each reads its own slice of
+# the stream); for the others a group is a chunk of a wide value.
+
+
+def gelu_tanh(x):
+    """GPT-2's gelu_new."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu": F.gelu, "relu": F.relu}
+MASKS = ("causal", "full")
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    """Every stored weight is its own tensor (constructions often reuse one identity matrix)."""
+    return nn.Parameter(t.detach().clone(), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """x @ weightᵀ."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = _param(weight)  # [out, in]
+
+    def forward(self, x):
+        return x @ self.weight.T
+
+
+class MLP(nn.Module):
+    """w_out · σ(w_in · x): an MLP layer, σ elementwise."""
+
+    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, fn: str):
+        super().__init__()
+        self.w_in, self.w_out, self.fn = _param(w_in), _param(w_out), fn  # [hidden, in], [out, hidden]
+
+    def forward(self, x):
+        return ACTIVATIONS[self.fn](x @ self.w_in.T) @ self.w_out.T
+
+    def extra_repr(self) -> str:
+        return f"fn={self.fn}"
+
+
+class Gate(nn.Module):
+    """(a · x_a) ⊙ (b · x_b) + c · x_c: a gated linear unit with a linear path (c optional)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None):
+        super().__init__()
+        self.a, self.b = _param(a), _param(b)
+        self.c = _param(c) if c is not None else None
+
+    def forward(self, xa, xb, xc=None):
+        out = (xa @ self.a.T) * (xb @ self.b.T)
+        return out if self.c is None else out + xc @ self.c.T
+
+
+class Norm(nn.Module):
+    """Layer norm without affine parameters, over each group: (x − mean) / sqrt(var + eps)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+class Attention(nn.Module):
+    """Attention with one head per group; all heads share w_q, w_k, w_v, w_o.
+
+    Queries come from one stream ([B, Tq, G, in_q]), keys and values from another or the
+    same ([B, Tk, G, in_k], [B, Tk, G, in_v]). softmax=False is linear attention: the weight
+    of key j for query i is the raw score ⟨q_i, k_j⟩. mask: "causal" (query i sees keys
+    j <= i, same stream) or "full".
+    """
+
+    def __init__(self, w_q, w_k, w_v, w_o, softmax: bool, mask: str):
+        super().__init__()
+        if mask not in MASKS:
+            raise ValueError(f"mask={mask!r}; allowed: {', '.join(MASKS)}")
+        self.w_q, self.w_k, self.w_v, self.w_o = (_param(w) for w in (w_q, w_k, w_v, w_o))
+        self.softmax, self.mask = softmax, mask
+
+    def forward(self, xq, xk, xv):
+        q = (xq @ self.w_q.T).transpose(1, 2)  # [B, G, Tq, dq]
+        k = (xk @ self.w_k.T).transpose(1, 2)  # [B, G, Tk, dq]
+        v = (xv @ self.w_v.T).transpose(1, 2)  # [B, G, Tk, dv]
+        scores = q @ k.transpose(-1, -2)
+        if self.mask == "causal":
+            future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
+        weights = scores.softmax(-1) if self.softmax else scores
+        return (weights @ v).transpose(1, 2) @ self.w_o.T  # [B, Tq, G, out]
+
+    def extra_repr(self) -> str:
+        return f"softmax={self.softmax}, mask={self.mask}"
+
+
+PRIMITIVES = (Linear, MLP, Gate, Norm, Attention)
+
+
+# -- one call: gather, apply, write -----------------------------------------------------------
+def wiring(call: dict) -> tuple[list, torch.Tensor]:
+    """Index tensors of a call in JSON form: per read [G, width] (None: the whole stream as one
+    group), and the flat write index."""
+    def index(groups):
+        return torch.tensor([[i for start, width in fields for i in range(start, start + width)]
+                             for fields in groups])
+
+    reads = [None if not groups else index(groups) for groups in call["reads"]]
+    return reads, index([[field] for field in call["write"]]).flatten()
+
+
+def apply(layer: nn.Module, reads: list, write: torch.Tensor, streams: list, into: torch.Tensor,
+          gated: bool) -> torch.Tensor:
+    """Run one call and return `into` with each group's output added to its field. A gated write
+    first gates out what the field held (h ← (1−m)⊙h + Δ, m the field's indicator)."""
+    inputs = [s.unsqueeze(2) if index is None else s[..., index.to(s.device)] for s, index in zip(streams, reads)]
+    delta = layer(*inputs)  # [B, T, G, width]
+    write = write.to(into.device)
+    if gated:
+        into[..., write] = 0.0
+    return into.index_add_(-1, write, delta.flatten(-2))
+
+
+# -- the input layer ----------------------------------------------------------------------------
+def input_layer(fields: dict, width: int, position_offset: int, input_ids, train_mask, label_mask,
+                positions, vocab, unembed):
+    """The TinT's embedding [B, T, width]: token and position rows of the aux tables, constants one
+    and zero, one-hot positions, and the train and label masks, each in its field (start, width)."""
+    batch, length = input_ids.shape
+    h = torch.zeros(batch, length, width, dtype=vocab.dtype, device=vocab.device)
+
+    def at(name):
+        start, size = fields[name]
+        return slice(start, start + size)
+
+    rows = torch.arange(batch, device=input_ids.device)[:, None]
+    h[..., at("token_embed")] = vocab[rows, input_ids]
+    h[..., at("pos_embed")] = positions[:, position_offset : position_offset + length]
+    if "target_embed" in fields:
+        h[..., at("target_embed")] = unembed[rows, input_ids]
+    h[..., fields["one"][0]] = 1.0
+    start = fields["positions"][0]
+    h[..., start : start + length] = torch.eye(length, dtype=h.dtype, device=h.device)
+    h[..., fields["train"][0]] = train_mask.to(h.dtype)
+    h[..., fields["label"][0]] = 1.0 if label_mask is None else label_mask.to(h.dtype)
+    return h
+
+
+# -- aux weights <-> prefix tokens ----------------------------------------------------------------
+def resolve(ref: dict, params: dict) -> torch.Tensor:
+    """The matrix or vector a weight reference names: param (transposed?) [rows start:stop]."""
+    t = params[ref["name"]]
+    if ref["transpose"]:
+        t = t.T
+    if ref["rows"] is not None:
+        t = t[ref["rows"][0] : ref["rows"][1]]
+    return t
+
+
+def encode(layout: dict, params: dict) -> dict:
+    """θ (Hugging Face names) -> {block: [K, width]} plus "vocab", "positions" (and "unembed")."""
+    out = {"vocab": resolve(layout["vocab"], params).detach().clone(),
+           "positions": resolve(layout["positions"], params).detach().clone()}
+    if not layout["tied"]:
+        out["unembed"] = resolve(layout["unembed"], params).detach().clone()
+    for name, block in layout["blocks"].items():
+        refs = block["refs"]
+        first = resolve(next(iter(refs.values())), params)
+        tokens = torch.zeros(block["tokens"], block["width"], dtype=first.dtype, device=first.device)
+        if block["kind"] == "linear":
+            S, K, c = block["rows"], block["tokens"], block["chunk"]
+            C = block["d_in"] // c
+            units = torch.zeros(S, K, C, c + 1, dtype=first.dtype, device=first.device)
+            units[..., :c] = resolve(refs["weight"], params).reshape(S, K, C, c)  # row r = s·K + j
+            if "bias" in refs:
+                units[:, :, 0, c] = resolve(refs["bias"], params).reshape(S, K)
+            tokens[:, : S * C * (c + 1)] = units.movedim(1, 0).reshape(K, S * C * (c + 1))
+            tokens[:, S * C * (c + 1) :] = torch.eye(K, dtype=first.dtype, device=first.device)
+        else:
+            d = block["d_out"]
+            tokens[0, :d] = resolve(refs["gain"], params)
+            tokens[0, d : 2 * d] = resolve(refs["bias"], params)
+            tokens[0, 2 * d] = 1.0
+        out[name] = tokens
+    return out
+
+
+def decode(layout: dict, prefixes: dict) -> dict:
+    """Prefix tokens -> θ in Hugging Face names; batched blocks ([B, K, width]) give [B, *shape]."""
+    batch = prefixes[next(iter(layout["blocks"]))].shape[:-2]
+    vocab = prefixes["vocab"]
+    params = {name: torch.empty(*batch, *shape, dtype=vocab.dtype, device=vocab.device)
+              for name, shape in layout["shapes"].items()}
+    written = set()
+
+    def put(ref, value):
+        view = params[ref["name"]].transpose(-1, -2) if ref["transpose"] else params[ref["name"]]
+        if ref["rows"] is not None:
+            start, stop = ref["rows"]
+            view = view[..., start:stop, :] if view.dim() - len(batch) == 2 else view[..., start:stop]
+        view.copy_(value)
+        written.add(ref["name"])
+
+    put(layout["vocab"], prefixes["vocab"])
+    put(layout["positions"], prefixes["positions"])
+    if not layout["tied"]:
+        put(layout["unembed"], prefixes["unembed"])
+    for name, block in layout["blocks"].items():
+        tokens, refs = prefixes[name], block["refs"]
+        if block["kind"] == "linear":
+            S, K, c = block["rows"], block["tokens"], block["chunk"]
+            C = block["d_in"] // c
+            units = tokens[..., : S * C * (c + 1)].reshape(*batch, K, S, C, c + 1)
+            rows = units.movedim(-4, -3)  # [.., S, K, C, c+1]: row r = s·K + j
+            put(refs["weight"], rows[..., :-1].reshape(*batch, block["d_out"], block["d_in"]))
+            if "bias" in refs:
+                put(refs["bias"], rows[..., 0, -1].reshape(*batch, block["d_out"]))
+        else:
+            put(refs["gain"], tokens[..., 0, : block["d_out"]])
+            put(refs["bias"], tokens[..., 0, block["d_out"] : 2 * block["d_out"]])
+    missing = sorted(set(params) - written)
+    if missing:
+        raise ValueError(f"parameters in no prefix block: {', '.join(missing)}")
+    return params
