@@ -181,8 +181,12 @@ def verify(
     for column in ("error", "‖logits−ref‖/‖ref‖", "‖Δ−Δref‖/‖Δref‖", "cos(Δ,Δref)", "max|logits−ref|",
                    "worst update rel err"):
         table.add_column(column, justify="left" if column == "error" else "right")
-    for name, e in (("construction: TinT vs ĝ oracle", result.construction),
-                    ("approximation: ĝ vs exact GD", result.approximation)):
+    rows = [("construction: TinT vs ĝ oracle", result.construction)]
+    if result.rounding is not None:
+        rows += [("  TinT (float32) vs ĝ in float64", result.construction_vs_float64),
+                 ("  the float32 floor: ĝ (float32) vs ĝ in float64", result.rounding)]
+    rows.append(("approximation: ĝ vs exact GD", result.approximation))
+    for name, e in rows:
         table.add_row(name, f"{e['logits_rel']:.3e}", f"{e['delta_rel_err']:.3e}", f"{e['delta_cosine']:.9f}",
                       f"{e['logits_max_abs']:.3e}", f"{e['worst_update_rel']:.3e}")
     out.print(table)

@@ -103,6 +103,10 @@ class Verification:
     construction: dict[str, float]  # TinT vs ĝ
     approximation: dict[str, float]  # ĝ vs exact GD
     tint_seconds: float
+    # float32 only: ĝ in float32 vs ĝ in float64, the rounding the rules themselves incur (the
+    # finite differences amplify it by N), and the TinT vs ĝ in float64
+    rounding: dict[str, float] | None = None
+    construction_vs_float64: dict[str, float] | None = None
 
 
 def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_mask=None) -> Verification:
@@ -119,8 +123,14 @@ def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_ma
     seconds = time.perf_counter() - start
     tint_run = GDResult(tint.decode(prefixes), logits, g_hat.logits_before, g_hat.trained)
     evaluated = metrics.eval_mask(train_mask)
-    return Verification(_errors(tint_run, g_hat, params, evaluated), _errors(g_hat, exact, params, evaluated),
-                        seconds)
+    result = Verification(_errors(tint_run, g_hat, params, evaluated), _errors(g_hat, exact, params, evaluated),
+                          seconds)
+    if g_hat.logits.dtype == torch.float32:
+        params64 = {n: p.double() for n, p in params.items()}
+        g_hat64 = approx_gd(graph, params64, input_ids, train_mask, settings, labels)
+        result.rounding = _errors(g_hat, g_hat64, params64, evaluated)
+        result.construction_vs_float64 = _errors(tint_run, g_hat64, params64, evaluated)
+    return result
 
 
 def _errors(run, ref, params, evaluated) -> dict[str, float]:

@@ -41,3 +41,20 @@ def annotate(graph: Graph, attr: str, choose: Callable[[Node], int | None | str]
     if problems:
         raise PassError(problems)
     return PassResult(out, changed)
+
+
+def annotate_linear_ops(graph: Graph, attr: str, side: str, value: int | None, knob: str) -> PassResult:
+    """Set `attr` on every op that reads a linear weight: `value`, or the map's own width on
+    `side` ("output" or "input") when value is None; the value must divide that width."""
+    def choose(node):
+        if node.kind not in LINEAR_OPS:
+            return None
+        d_out, d_in = linear_widths(graph, node)
+        width = d_out if side == "output" else d_in
+        chosen = width if value is None else value
+        if width % chosen:
+            return (f"{side} width {width} is not divisible by {knob}={chosen}; "
+                    f"allowed: a value dividing every linear {side} width")
+        return chosen
+
+    return annotate(graph, attr, choose)

@@ -8,19 +8,10 @@ the unsplit construction. Sets `head_width` on every op that reads a linear weig
 from __future__ import annotations
 
 from ..graph import Graph
-from .annotate import LINEAR_OPS, annotate, linear_widths
+from . import PassResult
+from .annotate import annotate_linear_ops
 
 
-def head_splitting(graph: Graph, width: int | None) -> object:
+def head_splitting(graph: Graph, width: int | None) -> PassResult:
     """width=None turns splitting off: every head reads the whole input."""
-    def choose(node):
-        if node.kind not in LINEAR_OPS:
-            return None
-        _, d_in = linear_widths(graph, node)
-        c = d_in if width is None else width
-        if d_in % c:
-            return (f"input width {d_in} is not divisible by tint.passes.head_splitting.width={c}; "
-                    "allowed: a width dividing every linear input width")
-        return c
-
-    return annotate(graph, "head_width", choose)
+    return annotate_linear_ops(graph, "head_width", "input", width, "tint.passes.head_splitting.width")

@@ -8,18 +8,10 @@ reads a linear weight.
 from __future__ import annotations
 
 from ..graph import Graph
-from .annotate import LINEAR_OPS, annotate, linear_widths
+from . import PassResult
+from .annotate import annotate_linear_ops
 
 
-def prefix_stacking(graph: Graph, prefixes: int | None) -> object:
+def prefix_stacking(graph: Graph, prefixes: int | None) -> PassResult:
     """prefixes=None turns stacking off: K = Dout for every map."""
-    def choose(node):
-        if node.kind not in LINEAR_OPS:
-            return None
-        d_out, _ = linear_widths(graph, node)
-        k = d_out if prefixes is None else prefixes
-        if d_out % k:
-            return f"output width {d_out} is not divisible by tint.prefixes={k}; allowed: a K dividing every linear width"
-        return k
-
-    return annotate(graph, "prefixes", choose)
+    return annotate_linear_ops(graph, "prefixes", "output", prefixes, "tint.prefixes")

@@ -5,13 +5,14 @@ every elementwise op whose width g divides; other ops stay one chunk."""
 from __future__ import annotations
 
 from ..graph import Graph
+from . import PassResult
 from .annotate import annotate
 
 ELEMENTWISE_OPS = ("add", "layer_norm", "activation", "activation_backward", "layer_norm_backward",
                    "layer_norm_descent", "loss_grad")
 
 
-def sub_mlp(graph: Graph, width: int | None) -> object:
+def sub_mlp(graph: Graph, width: int | None) -> PassResult:
     """width=None turns the partition off: one chunk per value."""
     def choose(node):
         if node.kind not in ELEMENTWISE_OPS:
