@@ -16,13 +16,16 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
-from backends.torch.emit import emit, write_files
+from backends.torch import runtime
+from backends.torch.emit import emit
+from tintc.files import write_files
 from tintc import pipeline
 from tintc.fidelity import example_input
 from tintc.reference import TrainSettings, approx_gd
 from tests.models import tiny_config, tiny_model
 
 PACKAGE = {"tint_model.py", "weights.safetensors", "tint_config.json"}
+OUTPUTS = {"traced.ir", "train.ir", "report.json", "report.md", "report.png"}  # written beside the package
 
 
 def _rel(a, b):
@@ -60,8 +63,8 @@ def gpt2(tmp_path_factory):
 
 def test_compile_writes_the_package_and_the_ir_dumps(gpt2):
     cfg, model, compiled, out, paths = gpt2
-    assert {Path(p).name for p in paths} == PACKAGE | {"traced.ir", "train.ir"}
-    assert {p.name for p in out.iterdir()} == PACKAGE | {"traced.ir", "train.ir"}  # no temporary file left
+    assert {Path(p).name for p in paths} == PACKAGE | OUTPUTS
+    assert {p.name for p in out.iterdir()} == PACKAGE | OUTPUTS  # no temporary file left
     state = compiled.tint.state_dict()
     with safetensors.safe_open(out / "weights.safetensors", "pt") as stored:
         assert set(stored.keys()) == set(state)
@@ -74,7 +77,8 @@ def test_compile_writes_the_package_and_the_ir_dumps(gpt2):
     assert "torch.load" not in source
     program = compiled.tint.program
     used = {type(m).__name__ for m in program.layers.values()}
-    assert set(re.findall(r"^class (\w+)\(nn\.Module\)", source, re.M)) == used | {"TinT"}
+    classes = set(re.findall(r"^class (\w+)\(nn\.Module\)", source, re.M))  # the runtime's, and the TinT
+    assert used <= classes == {c.__name__ for c in runtime.PRIMITIVES} | {"LowRank", "TinT"}
     comments = re.findall(r"^        # %(\S+): (\w+), (\w+)$", source, re.M)
     assert comments == [(c.node, c.op, c.phase) for c in program.calls]
     assert json.loads(config)["layout"]["blocks"]["h0.q"]["refs"]["weight"] == {

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from tintc import pipeline
 from tintc import report as R
+from tintc import report_render as V
 from tests.models import TINY, tiny_config, tiny_model
 
 
@@ -140,7 +141,7 @@ def test_untied_gpt2_counts_the_unembedding_too():
     assert tables["total"] == vocab + positions + model.lm_head.weight.numel()
     assert report["aux_parameters"] == sum(p.numel() for p in model.parameters())
     assert report["settings"]["tied_embeddings"] is False
-    assert "aux embedding table: unembed" in R.to_markdown(report)
+    assert "aux embedding table: unembed" in V.to_markdown(report)
 
 
 def test_tensors_stored_outside_the_primitives_are_counted_once():
@@ -154,11 +155,11 @@ def test_tensors_stored_outside_the_primitives_are_counted_once():
     assert report["counts"]["stored_outside_calls"]["dense"] == 3
     for name in ("by_layer", "by_op", "by_phase"):
         _sums(report["breakdown"]["unrolled"][name], report["counts"]["unrolled"])
-    assert "stored outside the calls" in R.to_markdown(report)
+    assert "stored outside the calls" in V.to_markdown(report)
 
 
 def test_files_are_written_and_the_json_round_trips(report, tmp_path):
-    paths = R.write_report(report, tmp_path / "out")
+    paths = V.write_report(report, tmp_path / "out")
     assert [p.rsplit("/", 1)[1] for p in paths] == ["report.json", "report.md", "report.png"]
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
     md = (tmp_path / "out" / "report.md").read_text()
@@ -178,7 +179,7 @@ def test_reference_figures_shown_for_the_reference_shapes(family, report):
         {f"layer {i}": full["breakdown"]["unrolled"]["by_layer_phase"]["layer 0"] for i in range(12)})
     full["reference"] = R._reference(full)
     assert full["reference"]["settings_match"]
-    md = R.to_markdown(full)
+    md = V.to_markdown(full)
     figures = {"gpt2": ("1,476,796,914", "1,266,757,362"), "opt": ("1,669,324,018", "1,458,484,978")}[family]
     for figure in figures:
         assert figure in md

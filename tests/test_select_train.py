@@ -5,7 +5,6 @@ run_passes names a failing pass and the ones before it."""
 import pytest
 
 from ir.frontend import trace
-from ir.interpret import Interpreter
 from ir.passes import PassResult, run_passes
 from ir.passes.select_train import select_train, trained_refs
 from ir.text import dump, parse

@@ -128,7 +128,7 @@ def notes(result: dict) -> list[str]:
 
 def save(result: dict, directory) -> list[Path]:
     """bench.json and bench.png (time and peak memory against T) in `directory`."""
-    from backends.torch.emit import write_files
+    from .files import write_files
 
     figure = _plot(result)
     return write_files(directory, {"bench.json": json.dumps(result, indent=2) + "\n",

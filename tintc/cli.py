@@ -109,7 +109,8 @@ def report(config: Path = ConfigArg) -> None:
     """Compile, print the TinT's parameter report, and write it (report.json, .md, .png) under the output directory."""
     from tintc import pipeline
     from tintc.config import load_config
-    from tintc.report import parameter_report, rich_tables, write_report
+    from tintc.report import parameter_report
+    from tintc.report_render import rich_tables, write_report
 
     _quiet_transformers()
     try:
@@ -126,7 +127,7 @@ def report(config: Path = ConfigArg) -> None:
 
 @app.command()
 def compile(config: Path = ConfigArg) -> None:
-    """Build the TinT and save its weights and IR dumps under the config's output directory."""
+    """Build the TinT; write its package, IR dumps and parameter report under the output directory."""
     from tintc import pipeline
     from tintc.config import load_config
 

@@ -118,6 +118,11 @@ class WidthPassSpec(PassSpec):
     width: int | None = Field(None, ge=1, strict=True, description="an integer >= 1, or null for the default")
 
 
+class LowRankSpec(PassSpec):
+    enabled: bool = Field(False, strict=True, description="true | false")
+    rank: int = Field(64, ge=1, strict=True, description="an integer >= 1")
+
+
 class PassesSpec(_Strict):
     """The optimisation passes (ir/passes/), each switchable, with its knobs."""
 
@@ -125,6 +130,7 @@ class PassesSpec(_Strict):
     head_splitting: WidthPassSpec = Field(default_factory=WidthPassSpec)  # width: largest divisor of D <= 256
     sub_mlp: WidthPassSpec = Field(default_factory=WidthPassSpec)  # width: the head-splitting width
     block_sharing: PassSpec = Field(default_factory=PassSpec)
+    low_rank: LowRankSpec = Field(default_factory=LowRankSpec)  # off by default
 
 
 class TintSpec(_Strict):

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 import ir.frontend  # noqa: E402
 from backends.torch.allocate import allocate  # noqa: E402
-from backends.torch.emit import emit, write_files  # noqa: E402
+from backends.torch.emit import emit  # noqa: E402
 from backends.torch.lower import lower  # noqa: E402
 from backends.torch.prefixes import plan  # noqa: E402
 from backends.torch.tint import TinT  # noqa: E402
@@ -25,6 +25,7 @@ from ir.passes import run_passes  # noqa: E402
 from ir.passes.autodiff import autodiff  # noqa: E402
 from ir.passes.block_sharing import block_sharing  # noqa: E402
 from ir.passes.head_splitting import head_splitting  # noqa: E402
+from ir.passes.low_rank import low_rank  # noqa: E402
 from ir.passes.prefix_stacking import prefix_stacking  # noqa: E402
 from ir.passes.select_train import select_train  # noqa: E402
 from ir.passes.sub_mlp import sub_mlp  # noqa: E402
@@ -32,6 +33,8 @@ from ir.text import dump  # noqa: E402
 
 from . import metrics  # noqa: E402
 from .config import TintcConfig  # noqa: E402
+from .files import write_files  # noqa: E402
+from .report import save_report  # noqa: E402
 from .fidelity import example_input, fidelity_rows, render  # noqa: E402
 from .reference import GDResult, TrainSettings, approx_gd, exact_gd  # noqa: E402
 
@@ -60,6 +63,7 @@ def train_graph(cfg: TintcConfig, graph: Graph) -> Graph:
         (head_splitting, {"width": cfg.head_width(d)}),
         (sub_mlp, {"width": cfg.group_width(d)}),
         (block_sharing, {"enabled": p.block_sharing.enabled}),
+        (low_rank, {"rank": p.low_rank.rank if p.low_rank.enabled else None}),
     ])
 
 
@@ -90,12 +94,12 @@ def compile_tint(cfg: TintcConfig, model=None) -> Compiled:
 
 def save(compiled: Compiled, cfg: TintcConfig) -> list[str]:
     """Write under `output` the standalone TinT package (tint_model.py, weights.safetensors,
-    tint_config.json: see backends/torch/emit.py) and the IR dumps of the traced and the
-    training graph; return the paths."""
+    tint_config.json: see backends/torch/emit.py), the IR dumps of the traced and the
+    training graph, and the parameter report; return the paths."""
     out = cfg.resolved_output
     paths = emit(compiled, cfg, out)
     paths += write_files(out, {"traced.ir": dump(compiled.graph), "train.ir": dump(compiled.train_graph)})
-    return [str(path) for path in paths]
+    return [str(path) for path in paths] + save_report(compiled, out)
 
 
 @dataclass

@@ -17,7 +17,6 @@ import inspect
 import json
 import keyword
 from pathlib import Path
-from typing import Callable
 
 import jinja2
 from safetensors.torch import save_file
@@ -25,6 +24,7 @@ from torch import nn
 
 import tintc
 from tintc.errors import BackendError
+from tintc.files import write_files
 
 from . import runtime
 from .lower import TOKENS, Program, call_json
@@ -50,29 +50,6 @@ def emit(compiled_or_tint, cfg, directory) -> list[Path]:
     })
 
 
-def write_files(directory, files: dict[str, str | Callable[[Path], None]]) -> list[Path]:
-    """Write each file (text, or a function that writes the path it is given) under a temporary
-    name, then rename them all; on failure remove the temporary files and keep what was there."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = {}
-    try:
-        for name, content in files.items():
-            tmp = temporary[name] = directory / f".{name}.tmp"
-            if callable(content):
-                content(tmp)
-            else:
-                tmp.write_text(content, encoding="utf-8")
-    except BaseException:
-        for tmp in temporary.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    for name, tmp in temporary.items():
-        tmp.chmod(0o644)
-        tmp.replace(directory / name)
-    return [directory / name for name in files]
-
-
 # -- tint_model.py ------------------------------------------------------------------------
 def source(program: Program, cfg=None) -> str:
     code = inspect.getsource(runtime)
@@ -91,9 +68,17 @@ def _constructor(name: str, module: nn.Module) -> str:
     kind = type(module).__name__
     if kind not in SETTINGS:
         raise BackendError(f"layer {name}: primitive {kind} is not in the runtime; allowed: {', '.join(SETTINGS)}")
-    shapes = [f"{p}=torch.empty{tuple(t.shape)}" for p, t in module.named_parameters(recurse=False)]
+    shapes = [f"{attr}={_weight_literal(getattr(module, attr))}" for attr in runtime.WEIGHTS[type(module)]]
     settings = [f"{s}={_literal(getattr(module, s))}" for s in SETTINGS[kind]]
     return f"{kind}({', '.join(shapes + settings)})"
+
+
+def _weight_literal(w) -> str:
+    if w is None:
+        return "None"
+    if isinstance(w, runtime.LowRank):
+        return f"LowRank(torch.empty{tuple(w.left.shape)}, torch.empty{tuple(w.right.shape)})"
+    return f"torch.empty{tuple(w.shape)}"
 
 
 def _call(index: int, call) -> dict:

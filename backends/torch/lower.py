@@ -26,6 +26,7 @@ from ir.graph import Graph, Node
 from tintc.errors import BackendError
 
 from . import runtime as P
+from .low_rank import factorise
 from .prefixes import Layout
 
 TOKENS = "tokens"
@@ -81,6 +82,7 @@ class Program:
     final_blocks: dict[str, str]  # block -> the stream of its last version
     layout: Layout
     values: list[Field]  # every value's field, in allocation order (for register allocation)
+    low_rank: list[dict]  # with tint.passes.low_rank: each projection, its rank, factorised or not
 
 
 def call_json(call: Call) -> dict:
@@ -102,6 +104,8 @@ class _Lowering:
     def __init__(self, graph: Graph, layout: Layout, max_length: int, dtype):
         self.graph, self.layout, self.tmax, self.dtype = graph, layout, max_length, dtype
         self.share = graph.attrs.get("share_blocks", True)
+        self.rank = graph.attrs.get("low_rank")
+        self.low_rank_log: list[dict] = []
         self.steps = graph.attrs["steps"]
         self.width = 0
         self.values: list[Field] = []  # every field allocated, in order
@@ -136,6 +140,8 @@ class _Lowering:
         name = re.sub(r"[^0-9a-zA-Z_]", "_", "_".join(str(k) for k in key))
         if name not in self.layers:
             self.layers[name] = build()
+            if self.rank is not None:
+                self.low_rank_log += factorise(name, self.layers[name], self.rank)
         return name
 
     def call(self, layer: str, reads: list, out: list[Field] | Write) -> None:
@@ -190,7 +196,7 @@ class _Lowering:
             method(node)
         final = {b: f"{b}@{v}" for b, v in self.block_version.items()}
         return Program(self.width, self.tmax, self.inputs, self.calls, self.layers, self.logits, final, self.layout,
-                       self.values)
+                       self.values, self.low_rank_log)
 
     def x(self, node: Node, i: int = 0) -> Field:
         return self.fields[node.inputs[i]]

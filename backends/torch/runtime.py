@@ -35,15 +35,35 @@ def _param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach().clone(), requires_grad=False)
 
 
+class LowRank(nn.Module):
+    """A projection stored as two factors, W = left @ right (tint.passes.low_rank)."""
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor):
+        super().__init__()
+        self.left, self.right = _param(left), _param(right)  # [out, r], [r, in]
+
+
+def _weight(w):
+    """A primitive's projection: a matrix, its low-rank factors, or None."""
+    return w if w is None or isinstance(w, LowRank) else _param(w)
+
+
+def project(x, w):
+    """x @ Wᵀ for a stored matrix or its factors."""
+    if isinstance(w, LowRank):
+        return (x @ w.right.T) @ w.left.T
+    return x @ w.T
+
+
 class Linear(nn.Module):
     """x @ weightᵀ."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.weight = _param(weight)  # [out, in]
+        self.weight = _weight(weight)  # [out, in]
 
     def forward(self, x):
-        return x @ self.weight.T
+        return project(x, self.weight)
 
 
 class MLP(nn.Module):
@@ -51,10 +71,10 @@ class MLP(nn.Module):
 
     def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, fn: str):
         super().__init__()
-        self.w_in, self.w_out, self.fn = _param(w_in), _param(w_out), fn  # [hidden, in], [out, hidden]
+        self.w_in, self.w_out, self.fn = _weight(w_in), _weight(w_out), fn  # [hidden, in], [out, hidden]
 
     def forward(self, x):
-        return ACTIVATIONS[self.fn](x @ self.w_in.T) @ self.w_out.T
+        return project(ACTIVATIONS[self.fn](project(x, self.w_in)), self.w_out)
 
     def extra_repr(self) -> str:
         return f"fn={self.fn}"
@@ -65,12 +85,11 @@ class Gate(nn.Module):
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None):
         super().__init__()
-        self.a, self.b = _param(a), _param(b)
-        self.c = _param(c) if c is not None else None
+        self.a, self.b, self.c = _weight(a), _weight(b), _weight(c)
 
     def forward(self, xa, xb, xc=None):
-        out = (xa @ self.a.T) * (xb @ self.b.T)
-        return out if self.c is None else out + xc @ self.c.T
+        out = project(xa, self.a) * project(xb, self.b)
+        return out if self.c is None else out + project(xc, self.c)
 
 
 class Norm(nn.Module):
@@ -100,25 +119,27 @@ class Attention(nn.Module):
         super().__init__()
         if mask not in MASKS:
             raise ValueError(f"mask={mask!r}; allowed: {', '.join(MASKS)}")
-        self.w_q, self.w_k, self.w_v, self.w_o = (_param(w) for w in (w_q, w_k, w_v, w_o))
+        self.w_q, self.w_k, self.w_v, self.w_o = (_weight(w) for w in (w_q, w_k, w_v, w_o))
         self.softmax, self.mask = softmax, mask
 
     def forward(self, xq, xk, xv):
-        q = (xq @ self.w_q.T).transpose(1, 2)  # [B, G, Tq, dq]
-        k = (xk @ self.w_k.T).transpose(1, 2)  # [B, G, Tk, dq]
-        v = (xv @ self.w_v.T).transpose(1, 2)  # [B, G, Tk, dv]
+        q = project(xq, self.w_q).transpose(1, 2)  # [B, G, Tq, dq]
+        k = project(xk, self.w_k).transpose(1, 2)  # [B, G, Tk, dq]
+        v = project(xv, self.w_v).transpose(1, 2)  # [B, G, Tk, dv]
         scores = q @ k.transpose(-1, -2)
         if self.mask == "causal":
             future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
             scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
         weights = scores.softmax(-1) if self.softmax else scores
-        return (weights @ v).transpose(1, 2) @ self.w_o.T  # [B, Tq, G, out]
+        return project((weights @ v).transpose(1, 2), self.w_o)  # [B, Tq, G, out]
 
     def extra_repr(self) -> str:
         return f"softmax={self.softmax}, mask={self.mask}"
 
 
 PRIMITIVES = (Linear, MLP, Gate, Norm, Attention)
+WEIGHTS = {Linear: ("weight",), MLP: ("w_in", "w_out"), Gate: ("a", "b", "c"), Norm: (),
+           Attention: ("w_q", "w_k", "w_v", "w_o")}  # each primitive's projections, in constructor order
 
 
 # -- one call: gather, apply, write -----------------------------------------------------------
