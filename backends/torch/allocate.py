@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import replace
 
-from .lower import TOKENS, Field, Program, Read, Write
+from .program import TOKENS, Field, Program, Read, Write
 
 
 def allocate(program: Program) -> Program:

@@ -27,7 +27,7 @@ from tintc.errors import BackendError
 from tintc.files import write_files
 
 from . import runtime
-from .lower import TOKENS, Program, call_json
+from .program import TOKENS, Program, call_json
 from .prefixes import layout_json
 
 FORMAT = "tintc.tint/2"  # of tint_config.json; the generated code checks it

@@ -1,4 +1,5 @@
-"""Lowering: a training graph -> a program of TinT layer calls with constructed weights.
+"""Lowering: a training graph -> a program (backends/torch/program.py) of TinT layer calls
+with constructed weights.
 
 The TinT's token stream is [B, T, width]; every value of the training graph gets its
 own field (a range of coordinates), written once by one call; backends/torch/allocate.py
@@ -16,7 +17,6 @@ settings), so identical keys share one module; nothing here reads an aux weight.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -28,69 +28,7 @@ from tintc.errors import BackendError
 from . import runtime as P
 from .low_rank import factorise
 from .prefixes import Layout
-
-TOKENS = "tokens"
-
-
-@dataclass(frozen=True)
-class Field:
-    start: int
-    width: int
-
-    @property
-    def stop(self) -> int:
-        return self.start + self.width
-
-    def part(self, offset: int, width: int) -> "Field":
-        return Field(self.start + offset, width)
-
-    def chunks(self, width: int) -> list["Field"]:
-        return [self.part(i, width) for i in range(0, self.width, width)]
-
-
-@dataclass(frozen=True)
-class Read:
-    stream: str  # "tokens", "unembed", or a prefix block version "h0.q@1"
-    groups: tuple[tuple[Field, ...], ...] = ()  # per group, the fields gathered in order; () = the whole stream
-
-
-@dataclass(frozen=True)
-class Write:
-    stream: str
-    groups: tuple[Field, ...]  # per group, the field its output is added to (repeats add up)
-    base: str | None = None  # a new block version starts as a copy of this one
-
-
-@dataclass(frozen=True)
-class Call:
-    layer: str  # the shared primitive in Program.layers
-    reads: tuple[Read, ...]  # one per primitive input
-    write: Write
-    node: str  # the training-graph op this call simulates
-    op: str  # linear | activation | attention | norm | loss | residual
-    phase: str  # forward | backward | descent | eval
-
-
-@dataclass
-class Program:
-    width: int  # D_sim: the token stream's width
-    max_length: int  # T_max: the longest input (one-hot positions)
-    inputs: dict[str, Field]  # the input layer's fields
-    calls: list[Call]
-    layers: dict[str, nn.Module]  # shared primitives by name
-    logits: Field  # the evaluation's final hidden state, read by the output head
-    final_blocks: dict[str, str]  # block -> the stream of its last version
-    layout: Layout
-    values: list[Field]  # every value's field, in allocation order (for register allocation)
-    low_rank: list[dict]  # with tint.passes.low_rank: each projection, its rank, factorised or not
-
-
-def call_json(call: Call) -> dict:
-    """A call's wiring as plain data: per read, per group, the [start, width] fields gathered
-    (an empty list: the whole stream); per group the field written; whether the write is gated."""
-    return {"reads": [[[[f.start, f.width] for f in fields] for fields in r.groups] for r in call.reads],
-            "write": [[f.start, f.width] for f in call.write.groups], "gated": call.write.base is None}
-
+from .program import TOKENS, Call, Field, Program, Read, Write
 
 OP_OF_KIND = {"add": "residual", "layer_norm": "norm", "linear": "linear", "activation": "activation",
               "attention": "attention", "loss_grad": "loss"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import runtime
-from .lower import TOKENS, Program, call_json
+from .program import TOKENS, Program, call_json
 from .prefixes import layout_json
 
 
