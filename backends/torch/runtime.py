@@ -55,6 +55,13 @@ def project(x, w):
     return x @ w.T
 
 
+def _transposed_project(x, w):
+    """x @ W for a stored matrix or its factors."""
+    if isinstance(w, LowRank):
+        return (x @ w.left) @ w.right
+    return x @ w
+
+
 class Linear(nn.Module):
     """x @ weightᵀ."""
 
@@ -112,7 +119,9 @@ class Attention(nn.Module):
     Queries come from one stream ([B, Tq, G, in_q]), keys and values from another or the
     same ([B, Tk, G, in_k], [B, Tk, G, in_v]). softmax=False is linear attention: the weight
     of key j for query i is the raw score ⟨q_i, k_j⟩. mask: "causal" (query i sees keys
-    j <= i, same stream) or "full".
+    j <= i, same stream) or "full". With more keys than queries (prefix blocks are often
+    longer than the input) the products are associated the other way: the same function
+    for less work.
     """
 
     def __init__(self, w_q, w_k, w_v, w_o, softmax: bool, mask: str):
@@ -124,14 +133,20 @@ class Attention(nn.Module):
 
     def forward(self, xq, xk, xv):
         q = project(xq, self.w_q).transpose(1, 2)  # [B, G, Tq, dq]
-        k = project(xk, self.w_k).transpose(1, 2)  # [B, G, Tk, dq]
-        v = project(xv, self.w_v).transpose(1, 2)  # [B, G, Tk, dv]
-        scores = q @ k.transpose(-1, -2)
+        keys_first = xk.shape[1] <= xq.shape[1]
+        if keys_first:  # the usual order: project the keys and values
+            scores = q @ project(xk, self.w_k).transpose(1, 2).transpose(-1, -2)
+        else:  # more keys than queries (a prefix block): apply w_k to the queries instead, same scores
+            scores = _transposed_project(q, self.w_k) @ xk.transpose(1, 2).transpose(-1, -2)
         if self.mask == "causal":
             future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
             scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
-        weights = scores.softmax(-1) if self.softmax else scores
-        return project((weights @ v).transpose(1, 2), self.w_o)  # [B, Tq, G, out]
+        weights = scores.softmax(-1) if self.softmax else scores  # [B, G, Tq, Tk]
+        if keys_first:
+            heads = weights @ project(xv, self.w_v).transpose(1, 2)
+        else:  # weigh the raw values, then project: (A·X)·Wᵀ = A·(X·Wᵀ)
+            heads = project(weights @ xv.transpose(1, 2), self.w_v)
+        return project(heads.transpose(1, 2), self.w_o)  # [B, Tq, G, out]
 
     def extra_repr(self) -> str:
         return f"softmax={self.softmax}, mask={self.mask}"
@@ -143,27 +158,56 @@ WEIGHTS = {Linear: ("weight",), MLP: ("w_in", "w_out"), Gate: ("a", "b", "c"), N
 
 
 # -- one call: gather, apply, write -----------------------------------------------------------
-def wiring(call: dict) -> tuple[list, torch.Tensor]:
-    """Index tensors of a call in JSON form: per read [G, width] (None: the whole stream as one
-    group), and the flat write index."""
+def wiring(call: dict) -> tuple[list, object]:
+    """A call's wiring (JSON form) as indices: per read, None for the whole stream, a
+    (start, G, width, shared) run when the groups' fields lie side by side or are all the same
+    field, else a [G, width] index tensor; the write as a side-by-side run or a flat index."""
     def index(groups):
-        return torch.tensor([[i for start, width in fields for i in range(start, start + width)]
-                             for fields in groups])
+        flat = [i for fields in groups for start, width in fields for i in range(start, start + width)]
+        width = len(flat) // len(groups)
+        if flat == list(range(flat[0], flat[0] + len(flat))):  # side by side: a view, no copy
+            return (flat[0], len(groups), width, False)
+        one = flat[:width]
+        if one == list(range(one[0], one[0] + width)) and flat == one * len(groups):  # every group reads one field
+            return (flat[0], len(groups), width, True)
+        return torch.tensor(flat).view(len(groups), width)
 
     reads = [None if not groups else index(groups) for groups in call["reads"]]
-    return reads, index([[field] for field in call["write"]]).flatten()
+    fields = call["write"]
+    write = index([[field] for field in fields])
+    if isinstance(write, tuple) and not write[3]:
+        return reads, write
+    return reads, torch.tensor([i for start, width in fields for i in range(start, start + width)])
 
 
-def apply(layer: nn.Module, reads: list, write: torch.Tensor, streams: list, into: torch.Tensor,
-          gated: bool) -> torch.Tensor:
+def _gather(stream, index):
+    """[B, T, G, width] from a stream by a wiring index."""
+    if index is None:
+        return stream.unsqueeze(2)
+    if isinstance(index, tuple):
+        start, groups, width, shared = index
+        if shared:  # the same field for every group: a broadcast view
+            return stream[..., start : start + width].unsqueeze(-2).expand(*stream.shape[:-1], groups, width)
+        return stream[..., start : start + groups * width].unflatten(-1, (groups, width))
+    return stream[..., index.to(stream.device)]
+
+
+def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tensor, gated: bool) -> torch.Tensor:
     """Run one call and return `into` with each group's output added to its field. A gated write
     first gates out what the field held (h ← (1−m)⊙h + Δ, m the field's indicator)."""
-    inputs = [s.unsqueeze(2) if index is None else s[..., index.to(s.device)] for s, index in zip(streams, reads)]
-    delta = layer(*inputs)  # [B, T, G, width]
+    delta = layer(*(_gather(s, index) for s, index in zip(streams, reads))).flatten(-2)  # [B, T, G·width]
+    if isinstance(write, tuple) and not write[3]:  # fields side by side, each written once
+        start, groups, width, _ = write
+        field = into[..., start : start + groups * width]
+        if gated:
+            field.copy_(delta)
+        else:
+            field.add_(delta)
+        return into
     write = write.to(into.device)
     if gated:
         into[..., write] = 0.0
-    return into.index_add_(-1, write, delta.flatten(-2))
+    return into.index_add_(-1, write, delta)
 
 
 # -- the input layer ----------------------------------------------------------------------------
