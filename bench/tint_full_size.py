@@ -37,9 +37,9 @@ def run_part(part: str, config: str, length: int) -> dict:
     if part == "direct":  # forward + backward + SGD + evaluation forward, by autograd on the HF model
         graph = pipeline.trace(cfg, model)
         settings = TrainSettings.from_config(cfg, graph.attrs["n_layer"])
-        exact_gd(model, graph, ids, train, settings)  # warm-up
+        exact_gd(model, graph, ids, train, settings, before=False)  # warm-up
         start = time.perf_counter()
-        exact_gd(model, graph, ids, train, settings)
+        exact_gd(model, graph, ids, train, settings, before=False)
         result["seconds"] = time.perf_counter() - start
     else:
         compiled = pipeline.compile_tint(cfg, model)

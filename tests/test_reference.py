@@ -177,3 +177,10 @@ def test_fidelity_rows_report_zero_error_only_for_the_exact_mode():
     assert by_name["ĝ all exact"].errors["delta_rel_err"] < 1e-9
     assert by_name["ĝ configured"].errors["delta_rel_err"] > 1e-6
     assert by_name["exact GD"].test_ce != by_name["base θ_0"].test_ce
+
+
+def test_exact_gd_can_skip_the_forward_with_theta_0():
+    model, graph, ids, train, _ = _setup("opt")
+    settings = TrainSettings(lr=0.05)
+    full, lean = exact_gd(model, graph, ids, train, settings), exact_gd(model, graph, ids, train, settings, before=False)
+    assert lean.logits_before is None and torch.equal(lean.logits, full.logits)

@@ -10,9 +10,8 @@ the timed runs. The parts:
   standalone package to the output directory (the emit time) and θ's prefixes for the TinT runs.
 - tint: load the emitted package (torch and safetensors only) and the prefixes; one forward
   of the TinT on T tokens (a batch of one, the first half train), under no_grad.
-- direct: the aux model; `tintc.reference.exact_gd` on the same input: per step a forward, a
-  backward and the SGD update, then the evaluation forward (plus one forward with θ_0, which
-  exact_gd computes for the logits before training).
+- direct: the aux model; `tintc.reference.exact_gd(..., before=False)` on the same input: per
+  step a forward, a backward and the SGD update, then the evaluation forward.
 
 Times are the median of `repeats` runs after one warm-up run; without `repeats`, 5 runs, fewer
 (down to 1) when the warm-up shows that 5 would take more than 30 s.
@@ -257,7 +256,7 @@ def measure_direct(config: str, work: Path, length: int, repeats: int | None) ->
     settings = TrainSettings.from_config(cfg, graph.attrs["n_layer"])
     ids, train, labels = _input(json.loads((work / "run.json").read_text()), length)
     base = _resident_mib()
-    timed = _timed(lambda: exact_gd(model, graph, ids, train, settings, labels), repeats)
+    timed = _timed(lambda: exact_gd(model, graph, ids, train, settings, labels, before=False), repeats)
     return {**timed, "peak_mib": _peak_mib(), "base_mib": base, "threads": torch.get_num_threads()}
 
 

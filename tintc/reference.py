@@ -154,26 +154,29 @@ def update_masks(graph: Graph, params: dict[str, torch.Tensor], settings: TrainS
     return masks
 
 
-def _descend(forward, params, input_ids, train_mask, label_mask, settings, masks) -> GDResult:
-    """SGD on each sequence of the batch separately: every sequence is its own context."""
+def _descend(forward, params, input_ids, train_mask, label_mask, settings, masks, before=True) -> GDResult:
+    """SGD on each sequence of the batch separately: every sequence is its own context.
+    before=False skips the forward with θ_0 (logits_before is then None), as timings want."""
     runs = []
     for b in range(input_ids.shape[0]):
         labels = None if label_mask is None or settings.loss != "label_only" else label_mask[b : b + 1]
         runs.append(_descend_one(forward, params, input_ids[b : b + 1], train_mask[b : b + 1], labels,
-                                 settings, masks))
+                                 settings, masks, before))
     return GDResult(
         params={n: torch.stack([r[0][n] for r in runs]) for n in params},
         logits=torch.cat([r[1] for r in runs]),
-        logits_before=torch.cat([r[2] for r in runs]),
+        logits_before=torch.cat([r[2] for r in runs]) if before else None,
         trained=list(masks),
     )
 
 
-def _descend_one(forward, params, input_ids, train_mask, label_mask, settings, masks):
+def _descend_one(forward, params, input_ids, train_mask, label_mask, settings, masks, before):
     weights = rules.loss_weights(train_mask, label_mask)
     params = {n: p.detach() for n, p in params.items()}
-    with torch.no_grad():
-        logits_before = forward(params, input_ids)
+    logits_before = None
+    if before:
+        with torch.no_grad():
+            logits_before = forward(params, input_ids)
     for _ in range(settings.steps):
         leaves = dict(params)
         for name in masks:
@@ -187,15 +190,18 @@ def _descend_one(forward, params, input_ids, train_mask, label_mask, settings, m
     return params, logits, logits_before
 
 
-def exact_gd(model, graph: Graph, input_ids, train_mask, settings: TrainSettings, label_mask=None) -> GDResult:
-    """g by autograd through the HF model (functional: the model is not modified)."""
+def exact_gd(model, graph: Graph, input_ids, train_mask, settings: TrainSettings, label_mask=None,
+             before: bool = True) -> GDResult:
+    """g by autograd through the HF model (functional: the model is not modified): per step a
+    forward, a backward and the update, then the evaluation forward (and, with before=True, the
+    forward with θ_0 for the logits before training)."""
     params = dict(model.named_parameters())
 
     def forward(p, ids):
         return functional_call(model, p, (ids,), {"use_cache": False}).logits
 
     masks = update_masks(graph, params, settings)
-    return _descend(forward, params, input_ids, train_mask, label_mask, settings, masks)
+    return _descend(forward, params, input_ids, train_mask, label_mask, settings, masks, before)
 
 
 def approx_gd(graph: Graph, params: dict[str, torch.Tensor], input_ids, train_mask, settings: TrainSettings,
