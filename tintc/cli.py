@@ -127,9 +127,12 @@ def report(config: Path = ConfigArg) -> None:
 
 @app.command()
 def compile(config: Path = ConfigArg) -> None:
-    """Build the TinT; write its package, IR dumps and parameter report under the output directory."""
+    """Build the TinT; write its package, IR dumps and parameter report under the output directory,
+    and print the parameter counts."""
     from tintc import pipeline
     from tintc.config import load_config
+    from tintc.report import parameter_report
+    from tintc.report_render import rich_tables
 
     _quiet_transformers()
     try:
@@ -139,6 +142,7 @@ def compile(config: Path = ConfigArg) -> None:
     except TintcError as error:
         raise _fail(error) from None
     _print_compiled(compiled)
+    out.print(rich_tables(parameter_report(compiled))[1])  # the parameter counts; report.md has every table
     for path in paths:
         out.print(f"wrote {path}")
 
