@@ -55,9 +55,11 @@ def project(x, w):
     return x @ w.T
 
 
-def _matrix(w):
-    """The matrix of a projection stored as a matrix or as its factors."""
-    return w.left @ w.right if isinstance(w, LowRank) else w
+def _transposed_project(x, w):
+    """x @ W for a stored matrix or its factors."""
+    if isinstance(w, LowRank):
+        return (x @ w.left) @ w.right
+    return x @ w
 
 
 class Linear(nn.Module):
@@ -117,8 +119,9 @@ class Attention(nn.Module):
     Queries come from one stream ([B, Tq, G, in_q]), keys and values from another or the
     same ([B, Tk, G, in_k], [B, Tk, G, in_v]). softmax=False is linear attention: the weight
     of key j for query i is the raw score ⟨q_i, k_j⟩. mask: "causal" (query i sees keys
-    j <= i, same stream) or "full". The products are associated whichever way costs fewer
-    multiply-adds: the same function for less work.
+    j <= i, same stream) or "full". With more keys than queries (prefix blocks are often
+    longer than the input) the products are associated the other way: the same function
+    for less work.
     """
 
     def __init__(self, w_q, w_k, w_v, w_o, softmax: bool, mask: str):
@@ -129,32 +132,21 @@ class Attention(nn.Module):
         self.softmax, self.mask = softmax, mask
 
     def forward(self, xq, xk, xv):
-        folded = self._folded_is_cheaper(xq.shape[1], xk.shape[1], xq.shape[-1], xk.shape[-1], xv.shape[-1])
-        if folded:
-            # the same function with the products associated the other way: the score form
-            # xq·(w_qᵀ·w_k)·xkᵀ and the output (A·xv)·(w_o·w_v)ᵀ; cheaper when a prefix block
-            # (many keys, constant across the input) meets few queries
-            q = project(xq, _matrix(self.w_k).T @ _matrix(self.w_q)).transpose(1, 2)  # [B, G, Tq, in_k]
-            scores = q @ xk.transpose(1, 2).transpose(-1, -2)
-        else:
-            q = project(xq, self.w_q).transpose(1, 2)  # [B, G, Tq, dq]
-            scores = q @ project(xk, self.w_k).transpose(1, 2).transpose(-1, -2)  # [B, G, Tq, Tk]
+        q = project(xq, self.w_q).transpose(1, 2)  # [B, G, Tq, dq]
+        keys_first = xk.shape[1] <= xq.shape[1]
+        if keys_first:  # the usual order: project the keys and values
+            scores = q @ project(xk, self.w_k).transpose(1, 2).transpose(-1, -2)
+        else:  # more keys than queries (a prefix block): apply w_k to the queries instead, same scores
+            scores = _transposed_project(q, self.w_k) @ xk.transpose(1, 2).transpose(-1, -2)
         if self.mask == "causal":
             future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
             scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
-        weights = scores.softmax(-1) if self.softmax else scores
-        if folded:
-            return project((weights @ xv.transpose(1, 2)).transpose(1, 2), _matrix(self.w_o) @ _matrix(self.w_v))
-        heads = weights @ project(xv, self.w_v).transpose(1, 2)  # [B, G, Tq, dv]
+        weights = scores.softmax(-1) if self.softmax else scores  # [B, G, Tq, Tk]
+        if keys_first:
+            heads = weights @ project(xv, self.w_v).transpose(1, 2)
+        else:  # weigh the raw values, then project: (A·X)·Wᵀ = A·(X·Wᵀ)
+            heads = project(weights @ xv.transpose(1, 2), self.w_v)
         return project(heads.transpose(1, 2), self.w_o)  # [B, Tq, G, out]
-
-    def _folded_is_cheaper(self, tq: int, tk: int, in_q: int, in_k: int, in_v: int) -> bool:
-        """Multiply-adds per head of the two associations (the folded one with its weight products)."""
-        dq, dv, out = _matrix(self.w_q).shape[0], _matrix(self.w_v).shape[0], _matrix(self.w_o).shape[0]
-        usual = tq * in_q * dq + tk * in_k * dq + tq * tk * (dq + dv) + tk * in_v * dv + tq * dv * out
-        folded = (tq * in_q * in_k + tq * tk * (in_k + in_v) + tq * in_v * out
-                  + in_q * dq * in_k + out * dv * in_v)
-        return folded < usual
 
     def extra_repr(self) -> str:
         return f"softmax={self.softmax}, mask={self.mask}"
