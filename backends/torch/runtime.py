@@ -181,13 +181,14 @@ def wiring(call: dict) -> tuple[list, object]:
 
 
 def _gather(stream, index):
-    """[B, T, G, width] from a stream by a wiring index."""
+    """[B, T, G, width] from a stream by a wiring index ([B, T, 1, width] when every group reads
+    the same field: primitives broadcast it, so shared work is done once)."""
     if index is None:
         return stream.unsqueeze(2)
     if isinstance(index, tuple):
         start, groups, width, shared = index
-        if shared:  # the same field for every group: a broadcast view
-            return stream[..., start : start + width].unsqueeze(-2).expand(*stream.shape[:-1], groups, width)
+        if shared:  # the same field for every group: one group that broadcasts against the others
+            return stream[..., start : start + width].unsqueeze(-2)
         return stream[..., start : start + groups * width].unflatten(-1, (groups, width))
     return stream[..., index.to(stream.device)]
 
@@ -195,7 +196,9 @@ def _gather(stream, index):
 def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tensor, gated: bool) -> torch.Tensor:
     """Run one call and return `into` with each group's output added to its field. A gated write
     first gates out what the field held (h ← (1−m)⊙h + Δ, m the field's indicator)."""
-    delta = layer(*(_gather(s, index) for s, index in zip(streams, reads))).flatten(-2)  # [B, T, G·width]
+    delta = layer(*(_gather(s, index) for s, index in zip(streams, reads)))  # [B, T, G or 1, width]
+    groups = (write[1] * write[2] if isinstance(write, tuple) else write.numel()) // delta.shape[-1]
+    delta = delta.expand(*delta.shape[:-2], groups, delta.shape[-1]).flatten(-2)  # [B, T, G·width]
     if isinstance(write, tuple) and not write[3]:  # fields side by side, each written once
         start, groups, width, _ = write
         field = into[..., start : start + groups * width]
