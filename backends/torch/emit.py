@@ -58,7 +58,6 @@ def source(program: Program, cfg=None) -> str:
     return TEMPLATES.get_template("tint_model.py.jinja").render(
         version=tintc.__version__, summary=_summary(cfg), format=FORMAT, runtime=code, layers=layers,
         calls=[_call(i, c) for i, c in enumerate(program.calls)],
-        logits=f"h[..., {program.logits.start}:{program.logits.stop}]",
         final_blocks=[(_str(block), _stream(stream)) for block, stream in program.final_blocks.items()],
     ) + "\n"
 

@@ -213,7 +213,31 @@ def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tenso
     return into.index_add_(-1, write, delta)
 
 
-# -- the input layer ----------------------------------------------------------------------------
+# -- the start and the end of a forward pass ------------------------------------------------------
+def begin(fields: dict, width: int, max_length: int, position_offset: int, blocks, input_ids, train_mask,
+          label_mask, prefixes: dict):
+    """Check the input, let every input hold one checkpoint for all sequences or one per sequence,
+    and return the token stream after the input layer, the unembedding and the prefix streams
+    at version 0 ("block@0")."""
+    batch, length = input_ids.shape
+    if length > max_length:
+        raise ValueError(f"input length {length} exceeds the TinT's max_length {max_length}")
+    batched = {name: t if t.dim() == 3 else t.expand(batch, -1, -1) for name, t in prefixes.items()}
+    unembed = batched.get("unembed", batched["vocab"])
+    h = input_layer(fields, width, position_offset, input_ids, train_mask, label_mask, batched["positions"],
+                    batched["vocab"], unembed)  # [B, T, width]
+    return h, unembed, {f"{block}@0": batched[block] for block in blocks}
+
+
+def finish(h, logits_field, unembed, prefixes: dict, final_blocks: dict):
+    """The output head (the final hidden state's field against the unembedding) and the new prefixes:
+    the embedding tables as given, each block at its last version."""
+    start, size = logits_field
+    logits = h[..., start : start + size] @ unembed.transpose(-1, -2)  # [B, T, V]
+    new_prefixes = {name: prefixes[name] for name in ("vocab", "positions", "unembed") if name in prefixes}
+    return logits, {**new_prefixes, **final_blocks}
+
+
 def input_layer(fields: dict, width: int, position_offset: int, input_ids, train_mask, label_mask,
                 positions, vocab, unembed):
     """The TinT's embedding [B, T, width]: token and position rows of the aux tables, constants one

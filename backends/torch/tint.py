@@ -35,23 +35,13 @@ class TinT(nn.Module):
 
     def forward(self, input_ids, train_mask, prefixes, label_mask=None):
         p = self.program
-        batch, length = input_ids.shape
-        if length > p.max_length:
-            raise ValueError(f"input length {length} exceeds the TinT's max_length {p.max_length}")
-        # every input may hold one checkpoint for all sequences or one per sequence: [B, ...]
-        batched = {name: t if t.dim() == 3 else t.expand(batch, -1, -1) for name, t in prefixes.items()}
-        unembed = batched.get("unembed", batched["vocab"])
-        h = runtime.input_layer(self.fields, p.width, p.layout.position_offset, input_ids, train_mask, label_mask,
-                                batched["positions"], batched["vocab"], unembed)  # [B, T, width]
-        streams = {TOKENS: h, "unembed": unembed}
-        for block in p.layout.blocks:
-            streams[f"{block}@0"] = batched[block]
+        h, unembed, blocks = runtime.begin(self.fields, p.width, p.max_length, p.layout.position_offset,
+                                           p.layout.blocks, input_ids, train_mask, label_mask, prefixes)
+        streams = {TOKENS: h, "unembed": unembed, **blocks}
         for call, (reads, write) in zip(p.calls, self._wiring):
             base = call.write.base
             into = streams[call.write.stream] if base is None else streams[base].clone()
             streams[call.write.stream] = runtime.apply(self.layers[call.layer], reads, write,
                                                        [streams[r.stream] for r in call.reads], into, base is None)
-        logits = h[..., p.logits.start : p.logits.stop] @ unembed.transpose(-1, -2)
-        new_prefixes = {name: prefixes[name] for name in ("vocab", "positions", "unembed") if name in prefixes}
-        new_prefixes.update({block: streams[stream] for block, stream in p.final_blocks.items()})
-        return logits, new_prefixes
+        return runtime.finish(h, [p.logits.start, p.logits.width], unembed, prefixes,
+                              {block: streams[stream] for block, stream in p.final_blocks.items()})
