@@ -119,9 +119,6 @@ class Graph:
     def __len__(self) -> int:
         return self.nx.number_of_nodes()
 
-    def users(self, name: str) -> list[str]:
-        return list(self.nx.successors(name))
-
     def copy(self) -> "Graph":
         return copy.deepcopy(self)
 

@@ -26,8 +26,6 @@ POSITION_SCHEMES = ("none",)  # absolute positions are added by pos_embed; rotar
 MASKS = ("train", "label")
 BACKWARD_RULES = ("finite_difference", "exact")  # layer norm and activation backward
 ATTENTION_RULES = ("stop_gradient",)  # attention backward: scores are constants
-LINEAR_ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_out")
-NORM_ROLES = ("ln_attn", "ln_mlp", "ln_final")
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ LINEAR_OPS = ("linear", "linear_backward", "linear_descent")
 
 
 def linear_widths(graph: Graph, node: Node) -> tuple[int, int]:
-    ref = node.weights.get("weight") or next(iter(node.weights.values()))
     if "weight" in node.weights:
+        ref = node.weights["weight"]
         return ref.shape(graph.weight_shapes[ref.name])
     # a bias-only descent: the widths come from its inputs (x, ∂y)
     x, dy = (graph.node(i).shape for i in node.inputs)
