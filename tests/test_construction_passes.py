@@ -21,8 +21,8 @@ from ir.text import dump, parse
 from tintc import pipeline
 from tintc.errors import PassError
 from tintc.fidelity import example_input
-from tintc.reference import PAPER_KINDS, TrainSettings, approx_gd
-from tests.models import tiny_config, tiny_model
+from tintc.reference import PAPER_KINDS
+from tests.models import run_tint_and_oracle, tiny_config, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +92,8 @@ COMBINATIONS = [("opt", s) for s in itertools.product([True, False], repeat=4)] 
 def test_every_combination_of_passes_keeps_the_tint_exact(family, switches):
     cfg = tiny_config(family, dtype="float64", passes=_passes(*switches), steps=2)
     model = tiny_model(family, dtype=torch.float64)
-    compiled = pipeline.compile_tint(cfg, model)
     ids, train, _ = example_input(model.config.vocab_size, 12, 1, seed=3)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    oracle = approx_gd(compiled.graph, params, ids, train, TrainSettings.from_config(cfg, 2))
-    with torch.no_grad():
-        logits, prefixes = compiled.tint(ids, train, compiled.tint.encode(params))
+    compiled, oracle, logits, prefixes, params = run_tint_and_oracle(cfg, model, ids, train)
     assert ((logits - oracle.logits).norm() / oracle.logits.norm()) < 1e-9
     decoded = compiled.tint.decode(prefixes)
     for name in oracle.trained:

@@ -12,10 +12,9 @@ from backends.torch.emit import emit
 from backends.torch.low_rank import factorise
 from tintc import pipeline
 from tintc.fidelity import example_input
-from tintc.reference import TrainSettings, approx_gd
 from tintc.report import parameter_report
 from tintc.report_render import to_markdown
-from tests.models import tiny_config, tiny_model
+from tests.models import run_tint_and_oracle, tiny_config, tiny_model
 
 
 def test_a_low_rank_projection_is_factorised_exactly_and_a_full_rank_one_is_reported():
@@ -38,7 +37,8 @@ def test_a_low_rank_projection_is_factorised_exactly_and_a_full_rank_one_is_repo
 def test_the_low_rank_pass_keeps_the_tint_exact_and_reports_every_projection():
     cfg = tiny_config("gpt2", dtype="float64", passes={"low_rank": {"enabled": True, "rank": 8}})
     model = tiny_model("gpt2", dtype=torch.float64)
-    compiled = pipeline.compile_tint(cfg, model)
+    ids, train, _ = example_input(model.config.vocab_size, 12, 1, seed=2)
+    compiled, oracle, logits, _, _ = run_tint_and_oracle(cfg, model, ids, train)
     log = compiled.tint.program.low_rank
     projections = sum(sum(getattr(m, w) is not None for w in runtime.WEIGHTS[type(m)])
                       for m in compiled.tint.layers.values())
@@ -46,11 +46,6 @@ def test_the_low_rank_pass_keeps_the_tint_exact_and_reports_every_projection():
     for entry in log:  # factorised exactly where the rank allows and it saves storage
         rows, cols = entry["shape"]
         assert entry["factorised"] == (entry["rank"] <= 8 and entry["rank"] * (rows + cols) < rows * cols)
-    ids, train, _ = example_input(model.config.vocab_size, 12, 1, seed=2)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    oracle = approx_gd(compiled.graph, params, ids, train, TrainSettings.from_config(cfg, 2))
-    with torch.no_grad():
-        logits, _ = compiled.tint(ids, train, compiled.tint.encode(params))
     assert ((logits - oracle.logits).norm() / oracle.logits.norm()) < 1e-9
     assert "Low rank:" in to_markdown(parameter_report(compiled))
 
