@@ -26,14 +26,23 @@ TINY: dict[str, dict] = {
     ),
 }
 
+# Smaller still, for the standard view (backends/torch/standard.py), whose dense projections
+# over the whole stream grow with width × calls.
+MICRO: dict[str, dict] = {
+    "gpt2": dict(n_embd=16, n_layer=2, n_head=2, vocab_size=32, n_positions=16,
+                 bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "opt": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, vocab_size=32,
+                max_position_embeddings=16, word_embed_proj_dim=16, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+}
 
-def tiny_model(family: str, dtype=torch.float32, seed: int = 0, **overrides):
-    """A tiny HF model of `family` (TINY[family] updated by `overrides`), in eval mode."""
-    return build_model(family, {**TINY[family], **overrides}, seed=seed, dtype=dtype)
+
+def tiny_model(family: str, dtype=torch.float32, seed: int = 0, table: dict = TINY, **overrides):
+    """A tiny HF model of `family` (table[family] updated by `overrides`), in eval mode."""
+    return build_model(family, {**table[family], **overrides}, seed=seed, dtype=dtype)
 
 
-def tiny_config(family: str, **tint):
-    """A TintcConfig for the TINY[family] model; `tint` sets keys of the tint section
+def tiny_config(family: str, table: dict = TINY, **tint):
+    """A TintcConfig for the table[family] model; `tint` sets keys of the tint section
     (e.g. steps=2 goes under train, dtype=... at the top of tint)."""
     import json
 
@@ -43,7 +52,7 @@ def tiny_config(family: str, **tint):
     train = {k: v for k, v in tint.items() if k in train_keys}
     rest = {k: v for k, v in tint.items() if k not in train_keys}
     section = {"prefixes": 8, "max_length": 32, **rest, "train": {"lr": 0.05, **train}}
-    text = json.dumps({"model": {"family": family, "config": TINY[family]}, "tint": section})
+    text = json.dumps({"model": {"family": family, "config": table[family]}, "tint": section})
     return parse_config(text)  # JSON is YAML
 
 

@@ -3,8 +3,9 @@
 The lowering gives every value its own field. A value lives from the call that writes it
 to the last call that reads it (inputs from the start; the final hidden state to the
 end). Walking the calls in order, each value takes the lowest free range of its width
-once the values read for the last time are freed, so the stream is only as wide as the
-values alive at once. A write gates out what its field held before (h ← (1−m)⊙h + Δ,
+once the values read for the last time are freed (by a per-position call: before its own
+output is placed, so it may write over its inputs; by attention or a norm: after), so the
+stream is only as wide as the values alive at once. A write gates out what its field held before (h ← (1−m)⊙h + Δ,
 m the field's indicator), so reused coordinates need no clearing layer.
 """
 
@@ -14,6 +15,9 @@ import bisect
 from dataclasses import replace
 
 from .program import TOKENS, Field, Program, Read, Write
+from .runtime import Gate, Linear, MLP
+
+PER_POSITION = (Linear, MLP, Gate)
 
 
 def allocate(program: Program) -> Program:
@@ -34,6 +38,7 @@ def allocate(program: Program) -> Program:
                 for f in (f for fields in read.groups for f in fields):
                     last[owner(f)] = i
     last[owner(program.logits)] = len(program.calls)  # the output head reads it at the end
+    last[program.inputs["one"]] = len(program.calls)  # the standard view's gated MLPs read it as their constant
 
     ranges = _Ranges()
     placed = {v: ranges.take(v.width) for v in program.inputs.values()}
@@ -45,15 +50,17 @@ def allocate(program: Program) -> Program:
         births.setdefault(i, []).append(v)
     for v in dying.get(-1, []):
         ranges.release(placed[v], v.width)
-    for i in range(len(program.calls)):
-        # a call gathers its inputs before it writes, so it may write where its last reads were
+    for i, call in enumerate(program.calls):
+        # a per-position call (a gated MLP in the standard view) may write where its last reads were:
+        # its block erases them in the same residual add; attention and norm blocks cannot
+        in_place = isinstance(program.layers[call.layer], PER_POSITION)
         for v in dying.get(i, []):
-            if born[v] < i:
+            if born[v] < i and in_place:
                 ranges.release(placed[v], v.width)
         for v in births.get(i, []):
             placed[v] = ranges.take(v.width)
         for v in dying.get(i, []):
-            if born[v] == i:  # written and never read again
+            if born[v] == i or not in_place:  # written and never read again, or read for the last time
                 ranges.release(placed[v], v.width)
 
     def move(f: Field) -> Field:

@@ -1,8 +1,9 @@
 """Emission: the TinT as a standalone package that needs only torch and safetensors.
 
     tint_model.py        the source, from templates/: the runtime (backends/torch/runtime.py: the
-                         primitives, the input layer, the prefix encoder and decoder) and the TinT
-                         class, with every layer call spelled out in `forward`, commented
+                         primitives, the input layer, the prefix encoder and decoder), the standard
+                         view (backends/torch/standard.py) and the TinT class, with every layer call
+                         spelled out in `forward`, commented
     tint_config.json     the data the code reads: the prefix layout, input fields, each call's
                          wiring (which coordinates it reads and writes), sizes
     weights.safetensors  the primitives' weights (the TinT's state dict; no pickle)
@@ -26,9 +27,8 @@ import tintc
 from tintc.errors import BackendError
 from tintc.files import write_files
 
-from . import runtime
-from .program import TOKENS, Program, call_json
-from .prefixes import layout_json
+from . import runtime, standard
+from .program import TOKENS, Program, program_json
 
 FORMAT = "tintc.tint/2"  # of tint_config.json; the generated code checks it
 SETTINGS = {"Linear": (), "MLP": ("fn",), "Gate": (), "Norm": ("eps",), "Attention": ("softmax", "mask")}
@@ -52,14 +52,20 @@ def emit(compiled_or_tint, cfg, directory) -> list[Path]:
 
 # -- tint_model.py ------------------------------------------------------------------------
 def source(program: Program, cfg=None) -> str:
-    code = inspect.getsource(runtime)
-    code = code[code.index('"""', 3) + 3 :].strip()  # the runtime without its module docstring
+    code = _body(runtime)
+    view = _body(standard).replace(standard.RUNTIME_IMPORT, "# (the runtime's names are defined above)")
     layers = [{"name": name, "constructor": _constructor(name, module)} for name, module in program.layers.items()]
     return TEMPLATES.get_template("tint_model.py.jinja").render(
-        version=tintc.__version__, summary=_summary(cfg), format=FORMAT, runtime=code, layers=layers,
+        version=tintc.__version__, summary=_summary(cfg), format=FORMAT, runtime=code, standard=view, layers=layers,
         calls=[_call(i, c) for i, c in enumerate(program.calls)],
         final_blocks=[(_str(block), _stream(stream)) for block, stream in program.final_blocks.items()],
     ) + "\n"
+
+
+def _body(module) -> str:
+    """A module's source without its docstring."""
+    code = inspect.getsource(module)
+    return code[code.index('"""', 3) + 3 :].strip()
 
 
 def _constructor(name: str, module: nn.Module) -> str:
@@ -123,12 +129,4 @@ def _summary(cfg) -> str:
 
 # -- tint_config.json ------------------------------------------------------------------------
 def config(program: Program) -> dict:
-    return {
-        "format": FORMAT,
-        "width": program.width,
-        "max_length": program.max_length,
-        "inputs": {name: [f.start, f.width] for name, f in program.inputs.items()},
-        "logits": [program.logits.start, program.logits.width],
-        "layout": layout_json(program.layout),
-        "calls": [call_json(c) for c in program.calls],
-    }
+    return {"format": FORMAT, **program_json(program)}

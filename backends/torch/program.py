@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .prefixes import Layout
+from .prefixes import Layout, layout_json
 
 TOKENS = "tokens"
 
@@ -72,6 +72,22 @@ class Program:
 
 def call_json(call: Call) -> dict:
     """A call's wiring as plain data: per read, per group, the [start, width] fields gathered
-    (an empty list: the whole stream); per group the field written; whether the write is gated."""
+    (an empty list: the whole stream); per group the field written; whether the write is gated;
+    the primitive, the streams read and written, and the training-graph op and phase."""
     return {"reads": [[[[f.start, f.width] for f in fields] for fields in r.groups] for r in call.reads],
-            "write": [[f.start, f.width] for f in call.write.groups], "gated": call.write.base is None}
+            "write": [[f.start, f.width] for f in call.write.groups], "gated": call.write.base is None,
+            "layer": call.layer, "streams": [r.stream for r in call.reads], "target": call.write.stream,
+            "node": call.node, "phase": call.phase}
+
+
+def program_json(program: Program) -> dict:
+    """The program as plain data (tint_config.json without its format tag): sizes, input fields,
+    the logits field, the prefix layout and every call's wiring."""
+    return {
+        "width": program.width,
+        "max_length": program.max_length,
+        "inputs": {name: [f.start, f.width] for name, f in program.inputs.items()},
+        "logits": [program.logits.start, program.logits.width],
+        "layout": layout_json(program.layout),
+        "calls": [call_json(c) for c in program.calls],
+    }

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import runtime
-from .program import TOKENS, Program, call_json
+from .program import TOKENS, Program, call_json, program_json
 from .prefixes import layout_json
 
 
@@ -26,6 +26,13 @@ class TinT(nn.Module):
         self.fields = {name: [f.start, f.width] for name, f in program.inputs.items()}
         # the wiring: which coordinates each call gathers and writes (fixed by the lowering)
         self._wiring = [runtime.wiring(call_json(c)) for c in program.calls]
+
+    def standard(self, dtype=None):
+        """The standard view of this TinT (backends/torch/standard.py): the same function as a plain
+        stack of transformer blocks over one residual stream."""
+        from .standard import standard_view
+
+        return standard_view(program_json(self.program), self.layers, dtype or next(self.parameters()).dtype)
 
     def encode(self, state_dict):
         return runtime.encode(self.layout, state_dict)

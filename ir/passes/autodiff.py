@@ -3,7 +3,8 @@
 For each step n the forward ops are re-emitted reading the weights' version n (a
 forward op that reads nothing new reuses its earlier value), then `loss_grad` gives
 ∂ at the final norm's output, the backward ops run in reverse order, and a descent op
-per trained op writes version n+1 of its trained weights. Finally the forward runs
+per trained op, right after the op's backward (the last reader of version n), writes
+version n+1 of its trained weights. Finally the forward runs
 once more on the last version: its logits are the graph's output.
 
 Only ops upstream of which some weight trains receive a gradient; with the
@@ -84,8 +85,9 @@ class _Builder:
             if node.name not in grads:
                 continue
             dy = self._sum(node, grads[node.name], step)
-            updates += self._descend(node, dy, step)
-            for target, contribution in self._backward_op(node, dy, step):
+            contributions = self._backward_op(node, dy, step)
+            updates += self._descend(node, dy, step)  # after the backward: it reads the old weights
+            for target, contribution in contributions:
                 if target in self.carries_grad:
                     grads.setdefault(target, []).append(contribution)
         for refs in updates:  # versions change only after the whole backward pass of the step

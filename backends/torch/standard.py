@@ -1,0 +1,403 @@
+"""The standard view: the same TinT as a plain stack of transformer blocks over one residual stream.
+
+Every block is `h ← h + sublayer(h)` over h [B, P, D_sim], with one of three sublayers:
+- attention: heads with dense Q, K, V, O over the stream, softmax or linear (raw scores),
+  under a fixed mask over positions;
+- gated MLP: W_o·[σ(W_a h) ⊙ (W_b h)], σ the identity (a bilinear GLU), GELU, tanh-GELU or ReLU;
+- norm: W_o·LN(W_in h), a layer norm over each group of coordinates that W_in selects (a
+  grouped pre-norm; the output projection follows it directly).
+Nothing else touches the stream: no overwrite, no gather or scatter, no copy.
+
+Positions: [null | vocabulary rows | each prefix block's K tokens | the T input tokens]. The null
+position stays 0: a query with no allowed key attends to it and gets 0, so a head acts only on
+its own query positions. Coordinates: [token fields (the fast executor's stream, width W) |
+block and vocabulary rows (width of the widest block)]; token fields are 0 at every other
+position, so per-position sublayers (which only read token fields) give 0 there too.
+
+Correspondence with the fast executor (runtime.apply): one call = one block. Its gathers are
+the selection inside Q, K, V, W_a, W_b, W_in; its write field is the selection inside O, W_o;
+a group (head or chunk) is a head or a set of units; all versions of a prefix block live on
+the same positions, so a descent is the residual add of its attention. A gated write (the fast
+executor overwrites a field that may hold a dead value) becomes erase units −h_c in a gated
+MLP: in the writing block itself when it is one, else in the latest gated MLP after the dead
+value's last read, else in an erase block inserted before the write.
+
+This module imports only torch and the runtime (the emitted package carries its source); it
+builds the view from a TinT's config (tint_config.json's form) and its primitives.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, finish  # noqa: E402
+
+RUNTIME_IMPORT = "from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, finish  # noqa: E402"
+
+NULL, VOCAB, TOKENS = "null", "vocab", "tokens"
+ACT = {"identity": lambda x: x, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+def _dense(w):
+    return w.left @ w.right if isinstance(w, LowRank) else w
+
+
+# -- the plan: blocks as small matrices over coordinate runs (no D_sim-wide tensor) ----------------
+# A coordinate set is a tuple of (start, size) runs of the stream; a projection part is
+# (matrix [n, width], runs) with width = the runs' total size, or (None, runs): the identity.
+def _width(runs) -> int:
+    return sum(size for _, size in runs)
+
+
+@dataclass
+class Head:
+    q: tuple  # (matrix [dq, n], runs): the query reads these coordinates
+    k: tuple
+    v: tuple
+    o: tuple  # (matrix [out, dv], per written field: runs)
+
+
+@dataclass
+class Units:
+    """n units σ(a·h) ⊙ (b·h); a or b None means the constant-one coordinate (1 at every token)."""
+    n: int
+    a: tuple | None
+    b: tuple | None
+    o: tuple  # (matrix [out, n] or None for the identity, scale, per written field: runs)
+
+
+@dataclass
+class BlockPlan:
+    kind: str  # attention | mlp | norm
+    node: str  # the training-graph op (or "erase")
+    phase: str
+    heads: list = field(default_factory=list)  # attention: Head; norm: (runs read, [runs written])
+    units: list = field(default_factory=list)  # mlp: Units
+    act: str = "identity"
+    softmax: bool = False
+    mask: tuple = ()  # (query kind, key kind, causal)
+    eps: float = 0.0
+
+    def erase(self, coords: list[int]) -> None:
+        """Add −h_c for each coordinate: linear units on the constant branch σ(1)."""
+        runs = _runs(coords)
+        scale = 1.0 / float(ACT[self.act](torch.tensor(1.0, dtype=torch.float64)))
+        self.units.append(Units(len(coords), None, ("negate", runs), (None, scale, [runs])))
+
+    @property
+    def width(self) -> int:
+        """Heads (attention), units (MLP) or normalised coordinates (norm)."""
+        if self.kind == "attention":
+            return len(self.heads)
+        if self.kind == "mlp":
+            return sum(u.n for u in self.units)
+        return sum(_width(runs) for runs, _ in self.heads)
+
+    def dense_parameters(self, d_sim: int) -> int:
+        """Parameters of the block's projections as dense matrices over the stream."""
+        if self.kind == "attention":
+            return sum(d_sim * (h.q[0].shape[0] + h.k[0].shape[0] + 2 * h.v[0].shape[0]) for h in self.heads)
+        return (3 if self.kind == "mlp" else 2) * d_sim * self.width
+
+
+def _runs(coords: list[int]) -> tuple:
+    out = []
+    for c in coords:
+        if out and out[-1][0] + out[-1][1] == c:
+            out[-1][1] += 1
+        else:
+            out.append([c, 1])
+    return tuple((a, b) for a, b in out)
+
+
+@dataclass
+class StreamPlan:
+    width: int  # W: the token fields
+    rows: int  # the widest block or vocabulary row
+    blocks: list[BlockPlan]
+    one: int  # the constant-one coordinate
+
+    @property
+    def d_sim(self) -> int:
+        return self.width + self.rows
+
+
+def plan(config: dict, layers) -> StreamPlan:
+    """The standard view of a TinT: config in tint_config.json's form, layers its primitives by name."""
+    width = config["width"]
+    d = config["inputs"]["token_embed"][1]
+    rows = max([d] + [b["width"] for b in config["layout"]["blocks"].values()])
+    version = {name: 0 for name in config["layout"]["blocks"]}
+
+    def kind(stream: str) -> str:
+        return TOKENS if stream == TOKENS else VOCAB if stream == "unembed" else stream.split("@")[0]
+
+    def runs(stream: str, fields, read=True) -> tuple:
+        if read and "@" in stream and int(stream.split("@")[1]) != version[kind(stream)]:
+            raise ValueError(f"{stream} is read after its block's next version was written; the standard view "
+                             "keeps one version of a block per position")
+        if stream == "unembed" and not fields:
+            return ((width, d),)
+        offset = 0 if stream == TOKENS else width
+        return tuple((offset + start, size) for start, size in fields)
+
+    out = []
+    for call in config["calls"]:
+        streams, target = call["streams"], call["target"]
+        reads = [[runs(s, g) for g in r] or [runs(s, [])] * len(call["write"]) for s, r in zip(streams, call["reads"])]
+        unique: dict[tuple, list] = {}  # groups that read the same coordinates compute once
+        for group, written in zip(zip(*reads), call["write"]):
+            unique.setdefault(group, []).append(runs(target, [written], read=False))
+        out.append(_block(layers[call["layer"]], call, kind(streams[-1]), kind(target), unique))
+        if "@" in target:
+            version[kind(target)] += 1
+    return _place_erasures(StreamPlan(width, rows, out, config["inputs"]["one"][0]), config)
+
+
+def _block(layer, call, key_kind: str, query_kind: str, unique: dict) -> BlockPlan:
+    node, phase = call["node"], call["phase"]
+    if isinstance(layer, Attention):
+        wq, wk, wv, wo = (_dense(w) for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_o))
+        heads = [Head((wq, q), (wk, k), (wv, v), (wo, written)) for (q, k, v), written in unique.items()]
+        return BlockPlan("attention", node, phase, heads=heads, softmax=layer.softmax,
+                         mask=(query_kind, key_kind, layer.mask == "causal"))
+    if isinstance(layer, Norm):
+        return BlockPlan("norm", node, phase, heads=[(g[0], w) for g, w in unique.items()], eps=layer.eps)
+    block = BlockPlan("mlp", node, phase, act=layer.fn if isinstance(layer, MLP) else "identity")
+    for group, written in unique.items():
+        if isinstance(layer, Linear):
+            w = _dense(layer.weight)
+            block.units.append(Units(w.shape[0], None, (w, group[0]), (None, 1.0, written)))
+        elif isinstance(layer, MLP):
+            w_in = _dense(layer.w_in)
+            block.units.append(Units(w_in.shape[0], (w_in, group[0]), None, (_dense(layer.w_out), 1.0, written)))
+        else:  # Gate: (a·x_a) ⊙ (b·x_b) + c·x_c
+            a = _dense(layer.a)
+            block.units.append(Units(a.shape[0], (a, group[0]), (_dense(layer.b), group[1]), (None, 1.0, written)))
+            if layer.c is not None:
+                c = _dense(layer.c)
+                block.units.append(Units(c.shape[0], None, (c, group[2]), (None, 1.0, written)))
+    return block
+
+
+def _place_erasures(stream: StreamPlan, config: dict) -> StreamPlan:
+    """Each gated write over coordinates that may hold a dead value gets erase units (see the
+    module docstring). A coordinate is dirty once written; the input layer writes the inputs."""
+    dirty, last_access, last_read = set(), {}, {}
+    for start, size in config["inputs"].values():
+        for c in range(start, start + size):
+            dirty.add(c)
+            last_access[c], last_read[c] = -1, False
+    blocks = stream.blocks
+    latest_mlp = -1
+    erase_in: dict[int, list[int]] = {}  # block index (or −1 − index: a new block before it) -> coordinates
+    for i, (block, call) in enumerate(zip(blocks, config["calls"])):
+        for fields, s in zip(call["reads"], call["streams"]):
+            if s == TOKENS:
+                for c in {c for g in fields for start, size in g for c in range(start, start + size)}:
+                    last_access[c], last_read[c] = i, True
+        if call["target"] == TOKENS:
+            written = sorted({c for start, size in call["write"] for c in range(start, start + size)})
+            for c in (c for c in written if call["gated"] and c in dirty):
+                earliest = last_access[c] if last_read[c] else last_access[c] + 1
+                at = i if block.kind == "mlp" else latest_mlp if latest_mlp >= earliest else -1 - i
+                erase_in.setdefault(at, []).append(c)
+            for c in written:
+                dirty.add(c)
+                last_access[c], last_read[c] = i, False
+        if block.kind == "mlp":
+            latest_mlp = i
+    inserted = {}
+    for at, coords in erase_in.items():
+        if at < 0:
+            inserted[-1 - at] = BlockPlan("mlp", "erase", blocks[-1 - at].phase)
+            inserted[-1 - at].erase(coords)
+        else:
+            blocks[at].erase(coords)
+    stream.blocks = [b for i, block in enumerate(blocks) for b in ([inserted[i]] if i in inserted else []) + [block]]
+    return stream
+
+
+# -- the module ------------------------------------------------------------------------------------
+def _add(w: torch.Tensor, rows: slice, part, runs) -> None:
+    """w[rows, coordinates of runs] += part: a matrix, None (the identity) or "negate"."""
+    cols = torch.tensor([c for start, size in runs for c in range(start, start + size)], dtype=torch.long)
+    if part is None or isinstance(part, str):
+        part = torch.eye(len(cols), dtype=w.dtype) * (-1.0 if part == "negate" else 1.0)
+    w[rows].index_add_(1, cols, part.to(w.dtype))
+
+
+def _param(t):
+    return nn.Parameter(t, requires_grad=False)
+
+
+class AttentionBlock(nn.Module):
+    """h + Σ_heads O_h · attention(Q_h h, K_h h, V_h h): softmax or linear heads under a fixed mask."""
+
+    def __init__(self, p: BlockPlan, d_sim: int, one: int, dtype):
+        super().__init__()
+        projections = {}
+        for name in ("q", "k", "v"):
+            w = torch.zeros(len(p.heads), getattr(p.heads[0], name)[0].shape[0], d_sim, dtype=dtype)
+            for i, head in enumerate(p.heads):
+                _add(w[i], slice(None), *getattr(head, name))
+            projections[name] = _param(w)  # [H, d, D_sim]
+        self.w_q, self.w_k, self.w_v = projections["q"], projections["k"], projections["v"]
+        w_o = torch.zeros(len(p.heads), p.heads[0].v[0].shape[0], d_sim, dtype=dtype)
+        for i, head in enumerate(p.heads):
+            matrix, written = head.o
+            for runs in written:
+                _add(w_o[i], slice(None), matrix.T, runs)
+        self.w_o = _param(w_o)  # [H, dv, D_sim]: O_h transposed
+        self.softmax = p.softmax
+
+    def forward(self, h, blocked):
+        x = h.unsqueeze(1)  # [B, 1, P, D_sim]
+        q, k, v = x @ self.w_q.mT, x @ self.w_k.mT, x @ self.w_v.mT  # [B, H, P, d]
+        scores = q @ k.mT  # [B, H, P, P]
+        if self.softmax:
+            weights = scores.masked_fill(blocked, float("-inf")).softmax(-1)
+        else:
+            weights = scores.masked_fill(blocked, 0.0)
+        return h + ((weights @ v) @ self.w_o).sum(1)
+
+
+class MLPBlock(nn.Module):
+    """h + W_o·[σ(W_a h) ⊙ (W_b h)]."""
+
+    def __init__(self, p: BlockPlan, d_sim: int, one: int, dtype):
+        super().__init__()
+        n = p.width
+        w_a, w_b, w_o = (torch.zeros(n, d_sim, dtype=dtype) for _ in range(3))  # w_o transposed
+        row = 0
+        for u in p.units:
+            rows = slice(row, row + u.n)
+            for w, part in ((w_a, u.a), (w_b, u.b)):
+                if part is None:
+                    w[rows, one] = 1.0  # the constant branch
+                else:
+                    _add(w, rows, *part)
+            matrix, scale, written = u.o
+            for runs in written:
+                _add(w_o, rows, None if matrix is None else matrix.T, runs)
+            w_o[rows] *= scale
+            row += u.n
+        self.w_a, self.w_b, self.w_o = _param(w_a), _param(w_b), _param(w_o)
+        self.act = p.act
+
+    def forward(self, h):
+        return h + (ACT[self.act](h @ self.w_a.T) * (h @ self.w_b.T)) @ self.w_o
+
+
+class NormBlock(nn.Module):
+    """h + W_o·LN(W_in h), the layer norm over each group of coordinates that W_in selects."""
+
+    def __init__(self, p: BlockPlan, d_sim: int, one: int, dtype):
+        super().__init__()
+        self.group = _width(p.heads[0][0])
+        w_in, w_o = (torch.zeros(p.width, d_sim, dtype=dtype) for _ in range(2))  # w_o transposed
+        for i, (runs, written) in enumerate(p.heads):
+            rows = slice(i * self.group, (i + 1) * self.group)
+            _add(w_in, rows, None, runs)
+            for out in written:
+                _add(w_o, rows, None, out)
+        self.w_in, self.w_o = _param(w_in), _param(w_o)
+        self.eps = p.eps
+
+    def forward(self, h):
+        x = (h @ self.w_in.T).unflatten(-1, (-1, self.group))
+        return h + F.layer_norm(x, (self.group,), None, None, self.eps).flatten(-2) @ self.w_o
+
+
+BLOCKS = {"attention": AttentionBlock, "mlp": MLPBlock, "norm": NormBlock}
+
+
+class Stack(nn.Module):
+    """The blocks in order; attention block i reads blocked[mask_index[i]], where True masks a score."""
+
+    def __init__(self, blocks: list[nn.Module], mask_index: list[int]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.mask_index = mask_index
+
+    def forward(self, h, blocked):
+        for block, m in zip(self.blocks, self.mask_index):
+            h = block(h) if m < 0 else block(h, blocked[m])
+        return h
+
+
+class StandardTinT(nn.Module):
+    """The standard view as a module: forward(input_ids, train_mask, prefixes, label_mask=None)
+    -> (logits, new prefixes), the same contract as the fast TinT. `embed` builds the stream,
+    `stack` is the transformer, `masks(T)` its fixed attention masks, `read_out` the output head."""
+
+    def __init__(self, config: dict, stream: StreamPlan, dtype):
+        super().__init__()
+        self.config, self.plan = config, stream
+        specs = sorted({b.mask for b in stream.blocks if b.kind == "attention"})
+        self.mask_specs = specs
+        self.stack = Stack([BLOCKS[b.kind](b, stream.d_sim, stream.one, dtype) for b in stream.blocks],
+                           [specs.index(b.mask) if b.kind == "attention" else -1 for b in stream.blocks])
+
+    def positions(self, length: int) -> list[tuple[str, int]]:
+        """Each position's kind and its index within the kind: null, vocab rows, blocks, tokens."""
+        vocab = self.config["layout"]["shapes"][self.config["layout"]["unembed"]["name"]]
+        blocks = self.config["layout"]["blocks"]
+        kinds = [(NULL, 1), (VOCAB, vocab[1] if self.config["layout"]["unembed"]["transpose"] else vocab[0])]
+        kinds += [(name, b["tokens"]) for name, b in blocks.items()] + [(TOKENS, length)]
+        return [(k, i) for k, n in kinds for i in range(n)]
+
+    def masks(self, length: int, device=None) -> torch.Tensor:
+        """[M, P, P] booleans, True where a score is masked, one per mask spec (query kind, key kind,
+        causal among tokens)."""
+        pos = self.positions(length)
+        kinds = [k for k, _ in pos]
+        index = torch.tensor([i for _, i in pos], device=device)
+        out = []
+        for query, key, causal in self.mask_specs:
+            q = torch.tensor([k == query for k in kinds], device=device)
+            k = torch.tensor([k == key for k in kinds], device=device)
+            allowed = q[:, None] & k[None, :]
+            if causal:
+                allowed &= index[None, :] <= index[:, None]
+            allowed[:, 0] |= ~allowed.any(-1)  # nothing to attend to: the null position, which holds 0
+            out.append(~allowed)
+        return torch.stack(out) if out else torch.zeros(0, len(pos), len(pos), dtype=torch.bool, device=device)
+
+    def embed(self, input_ids, train_mask, prefixes, label_mask=None) -> torch.Tensor:
+        """The stream h0 [B, P, D_sim]: the fast executor's input layer at the tokens, the vocabulary
+        rows and the prefix blocks at theirs."""
+        c, layout = self.config, self.config["layout"]
+        tokens, unembed, blocks = begin(c["inputs"], c["width"], c["max_length"], layout["position_offset"],
+                                          layout["blocks"], input_ids, train_mask, label_mask, prefixes)
+        batch, length = input_ids.shape
+        parts = [torch.zeros(batch, 1, self.plan.d_sim, dtype=tokens.dtype, device=tokens.device)]
+        for rows in [unembed] + [blocks[f"{name}@0"] for name in layout["blocks"]]:
+            parts.append(F.pad(rows, (c["width"], self.plan.d_sim - c["width"] - rows.shape[-1])))
+        parts.append(F.pad(tokens, (0, self.plan.rows)))
+        return torch.cat(parts, 1)
+
+    def read_out(self, h, prefixes):
+        """The output head (the final hidden state's field against the unembedding) and the blocks."""
+        width = self.config["width"]
+        pos = self.positions(0)
+        starts = {}
+        for at, (kind, _) in enumerate(pos):
+            starts.setdefault(kind, at)
+        blocks = {name: h[:, starts[name] : starts[name] + b["tokens"], width : width + b["width"]]
+                  for name, b in self.config["layout"]["blocks"].items()}
+        unembed = prefixes.get("unembed", prefixes["vocab"])
+        unembed = unembed if unembed.dim() == 3 else unembed.expand(h.shape[0], -1, -1)
+        return finish(h[:, len(pos) :, :width], self.config["logits"], unembed, prefixes, blocks)
+
+    def forward(self, input_ids, train_mask, prefixes, label_mask=None):
+        h = self.embed(input_ids, train_mask, prefixes, label_mask)
+        h = self.stack(h, self.masks(input_ids.shape[1], h.device))
+        return self.read_out(h, prefixes)
+
+
+def standard_view(config: dict, layers, dtype=torch.float64) -> StandardTinT:
+    """The standard view of the TinT with this config (tint_config.json's form) and primitives."""
+    return StandardTinT(config, plan(config, layers), dtype)

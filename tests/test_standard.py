@@ -1,0 +1,147 @@
+"""The standard view (backends/torch/standard.py): the TinT as a plain stack of transformer blocks
+equals the fast executor and the ĝ oracle, and its exported graph holds only block operations."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+from backends.torch.standard import AttentionBlock, MLPBlock
+from tintc import pipeline
+from tintc.fidelity import example_input
+from tintc.reference import TrainSettings, approx_gd
+from tests.models import MICRO, tiny_config, tiny_model
+
+KINDS = ["attn_v", "attn_o", "mlp_in", "mlp_out", "norm_gain", "norm_bias"]
+
+
+def _passes(stacking, splitting, partition, sharing):
+    return {"prefix_stacking": {"enabled": stacking}, "head_splitting": {"enabled": splitting, "width": 8},
+            "sub_mlp": {"enabled": partition, "width": 8}, "block_sharing": {"enabled": sharing}}
+
+
+def _compile(family, switches=(True,) * 4, **tint):
+    cfg = tiny_config(family, table=MICRO, dtype="float64", prefixes=4, max_length=8, passes=_passes(*switches),
+                      kinds=KINDS, **tint)
+    model = tiny_model(family, dtype=torch.float64, table=MICRO)
+    return cfg, model, pipeline.compile_tint(cfg, model)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+CASES = ([("opt", s, 1, "context") for s in itertools.product([True, False], repeat=4)]
+         + [(f, s, 2, "context") for f in ("gpt2", "opt") for s in ((True,) * 4, (False,) * 4)]
+         + [("gpt2", (True,) * 4, 1, "context"), ("gpt2", (True,) * 4, 1, "label_only")])
+
+
+@pytest.mark.parametrize("family,switches,steps,loss", CASES)
+def test_standard_view_equals_the_fast_executor_and_the_oracle(family, switches, steps, loss):
+    cfg, model, compiled = _compile(family, switches, steps=steps, loss=loss)
+    ids, train, labels = example_input(model.config.vocab_size, 8, 2, seed=1)
+    labels = labels if loss == "label_only" else None
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    prefixes = compiled.tint.encode(params)
+    view = compiled.tint.standard()
+    with torch.no_grad():
+        fast_logits, _ = compiled.tint(ids, train, prefixes, labels)
+        logits, new_prefixes = view(ids, train, prefixes, labels)
+    oracle = approx_gd(compiled.graph, params, ids, train, TrainSettings.from_config(cfg, 2), labels)
+    assert _rel(oracle.logits, oracle.logits_before) > 1e-3  # the steps changed the model
+    assert _rel(logits, fast_logits) <= 1e-9
+    assert _rel(logits, oracle.logits) <= 1e-9
+    decoded = compiled.tint.decode(new_prefixes)
+    for name in oracle.trained:
+        update = oracle.params[name] - params[name]
+        assert _rel(decoded[name] - params[name], update) <= 1e-8, name
+
+
+# -- the exported graph ------------------------------------------------------------------------
+VIEWS = {"aten.mT.default", "aten.numpy_T.default", "aten.select.int", "aten.unsqueeze.default",
+         "aten.unflatten.int", "aten.flatten.using_ints"}  # views: no arithmetic
+
+
+def expected_ops(stream) -> Counter:
+    """The ATen ops the blocks compute: per attention block 6 matrix products (q, k, v, scores,
+    weights·v, O), the mask, the sum over heads and a softmax if it has one; per gated MLP 3
+    products, the activation and the ⊙; per norm 2 products and the layer norm; each block one
+    residual add."""
+    ops = Counter()
+    for b in stream.blocks:
+        ops["aten.add.Tensor"] += 1
+        if b.kind == "attention":
+            ops.update({"aten.matmul.default": 6, "aten.masked_fill.Scalar": 1, "aten.sum.dim_IntList": 1})
+            ops["aten.softmax.int"] += b.softmax
+        elif b.kind == "mlp":
+            ops.update({"aten.matmul.default": 3, "aten.mul.Tensor": 1})
+            if b.act != "identity":
+                ops[f"aten.{'gelu' if b.act.startswith('gelu') else b.act}.default"] += 1
+        else:
+            ops.update({"aten.matmul.default": 2, "aten.layer_norm.default": 1})
+    return ops
+
+
+def op_histogram(view, length: int, h0) -> Counter:
+    exported = torch.export.export(view.stack, (h0, view.masks(length)))
+    return Counter(str(n.target) for n in exported.graph.nodes if n.op == "call_function")
+
+
+@pytest.fixture(scope="module")
+def exported_view():
+    cfg, model, compiled = _compile("gpt2")
+    ids, train, _ = example_input(model.config.vocab_size, 6, 1, seed=1)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    view = compiled.tint.standard()
+    return view, view.embed(ids, train, compiled.tint.encode(params))
+
+
+def test_the_exported_standard_view_holds_only_block_operations(exported_view):
+    view, h0 = exported_view
+    histogram = op_histogram(view, 6, h0)
+    assert set(histogram) - VIEWS - set(expected_ops(view.plan)) == set()
+    assert Counter({op: n for op, n in histogram.items() if op not in VIEWS}) == expected_ops(view.plan)
+    assert {b.kind for b in view.plan.blocks} == {"attention", "mlp", "norm"}
+
+
+def test_the_export_check_catches_an_op_patched_in_between_blocks(exported_view, monkeypatch):
+    view, h0 = exported_view
+    original = MLPBlock.forward
+    monkeypatch.setattr(MLPBlock, "forward", lambda self, h: original(self, h) * 1.0)  # arithmetic on the stream
+    histogram = op_histogram(view, 6, h0)
+    assert Counter({op: n for op, n in histogram.items() if op not in VIEWS}) != expected_ops(view.plan)
+
+
+def test_the_standard_view_has_no_overwrite_every_block_adds(exported_view):
+    """Each block's output is its input plus the sublayer's: zeroing the sublayer leaves h unchanged."""
+    view, h0 = exported_view
+    for block in list(view.stack.blocks)[:20]:
+        saved = {n: p.detach().clone() for n, p in block.named_parameters()}
+        with torch.no_grad():
+            for p in block.parameters():
+                p.zero_()
+            out = block(h0, view.masks(6)[0]) if isinstance(block, AttentionBlock) else block(h0)
+            for n, p in block.named_parameters():
+                p.copy_(saved[n])
+        assert torch.equal(out, h0)
+
+
+def test_the_emitted_package_builds_the_same_standard_view(tmp_path):
+    import importlib.util
+
+    from backends.torch.emit import emit
+
+    cfg, model, compiled = _compile("opt", steps=1)
+    emit(compiled, cfg, tmp_path)
+    spec = importlib.util.spec_from_file_location("tint_model_standard", tmp_path / "tint_model.py")
+    package = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(package)
+    ids, train, _ = example_input(model.config.vocab_size, 8, 1, seed=2)
+    prefixes = compiled.tint.encode({n: p.detach() for n, p in model.named_parameters()})
+    with torch.no_grad():
+        expected, _ = compiled.tint(ids, train, prefixes)
+        logits, _ = package.standard(tmp_path)(ids, train, prefixes)
+    assert _rel(logits, expected) <= 1e-9
