@@ -145,3 +145,54 @@ def test_the_emitted_package_builds_the_same_standard_view(tmp_path):
         expected, _ = compiled.tint(ids, train, prefixes)
         logits, _ = package.standard(tmp_path)(ids, train, prefixes)
     assert _rel(logits, expected) <= 1e-9
+
+
+# -- the dense counts (tintc/dense_count.py) ---------------------------------------------------
+def test_the_dense_count_equals_the_built_standard_view():
+    from tintc.dense_count import dense_counts
+
+    _, _, compiled = _compile("gpt2", steps=1)
+    counts = dense_counts(compiled.tint.program, compiled.tint.layers)
+    view = compiled.tint.standard()
+    assert counts["ours"]["d_sim"] == view.plan.d_sim == view.stack.blocks[0].w_a.shape[-1]
+    assert counts["ours"]["dense"]["total"] == sum(p.numel() for p in view.parameters())
+    assert counts["blocks"] == len(view.stack.blocks)
+
+
+def _working_set_by_hand(program):
+    """The reference convention's working set, one coordinate at a time: a coordinate is in the stream
+    from an access to its next read, except between a forward access and a backward/descent read."""
+    calls, end = program.calls, len(program.calls)
+    events = {c: [(-1, "w")] for f in program.inputs.values() for c in range(f.start, f.stop)}
+    for i, call in enumerate(calls):
+        for r in call.reads:
+            if r.stream == "tokens":
+                for c in {c for g in r.groups for f in g for c in range(f.start, f.stop)}:
+                    events.setdefault(c, []).append((i, "r"))
+        if call.write.stream == "tokens":
+            for c in {c for f in call.write.groups for c in range(f.start, f.stop)}:
+                events.setdefault(c, []).append((i, "w"))
+    for f in (program.logits, program.inputs["one"]):
+        for c in range(f.start, f.stop):
+            events[c].append((end, "r"))
+    alive = Counter()
+    for c, ev in events.items():
+        covered = set()
+        for (a, _), (b, kind) in zip(ev, ev[1:]):
+            if kind == "r":
+                skip = a >= 0 and b < end and calls[a].phase == "forward" and calls[b].phase in ("backward", "descent")
+                covered |= {a, b} if skip else set(range(a, b + 1))
+        alive.update(covered)
+    return max(alive.values())
+
+
+def test_the_working_set_matches_a_coordinate_by_coordinate_count():
+    from tintc.dense_count import working_set
+
+    _, _, compiled = _compile("opt", steps=2)
+    program = compiled.tint.program
+    widest, edges = working_set(program)
+    assert widest == _working_set_by_hand(program)
+    assert edges and widest < program.width  # stored activations leave the stream
+    phases = {c.node: c.phase for c in program.calls}
+    assert all(phases[e["from"]] == "forward" and phases[e["to"]] in ("backward", "descent") for e in edges)

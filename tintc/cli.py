@@ -142,7 +142,8 @@ def compile(config: Path = ConfigArg) -> None:
     except TintcError as error:
         raise _fail(error) from None
     _print_compiled(compiled)
-    out.print(rich_tables(parameter_report(compiled))[1])  # the parameter counts; report.md has every table
+    tables = rich_tables(parameter_report(compiled))
+    out.print(tables[1], tables[2])  # the stored and the dense counts; report.md has every table
     for path in paths:
         out.print(f"wrote {path}")
 

@@ -12,6 +12,11 @@ counted dense, as stored (`numel`), and its nonzeros separately (`count_nonzero`
   and get their own lines, together with "TinT parameters + embedding tables" (the
   reference code counts token and position embeddings inside its total).
 - The prefix tokens are what `encode(θ)` produces for one checkpoint.
+- **standard view, dense** (tintc/dense_count.py): the same TinT as a plain stack of transformer
+  blocks (backends/torch/standard.py), every projection a dense matrix over the stream width
+  D_sim, the paper's convention; and the same under the reference code's convention (stored
+  activations on skip edges outside the stream). The reference code's figures (DESIGN §6) are
+  shown only beside the latter, the count made like theirs.
 
     report = parameter_report(compiled)      # a JSON-able dict
     save_report(compiled, directory)         # report.json, report.md, report.png (report_render.py)
@@ -23,6 +28,8 @@ from collections import Counter, defaultdict
 
 import torch
 from torch import nn
+
+from .dense_count import dense_counts
 
 OP_KINDS = ("linear", "activation", "attention", "norm", "loss", "residual")
 PHASES = ("forward", "backward", "descent", "eval")
@@ -239,6 +246,7 @@ def parameter_report(compiled) -> dict:
              for name, size in sizes.items()),
             key=lambda r: (-r["unrolled"], -r["dense"], r["name"])),
     }
+    report["standard_view"] = dense_counts(program, tint.layers)
     report["reference"] = _reference(report)
     report["low_rank"] = program.low_rank  # empty unless tint.passes.low_rank is on
     return report

@@ -1,0 +1,103 @@
+"""The standard view counted as the paper counts: every block's projections as dense matrices over
+the stream width D_sim (backends/torch/standard.py), computed from shapes alone.
+
+Two conventions, both reported (README "The parameter report"):
+- **ours**: the stream holds everything the TinT keeps, stored activations included: D_sim is the
+  token fields' width as allocated (backends/torch/allocate.py) plus the widest prefix row.
+- **the reference's**: the reference code keeps the activations its backward needs in Python lists,
+  outside the stream and the count. Here: a value written or read in a forward phase and next read
+  in a backward or descent phase travels on a skip edge in between; D_sim is the widest working set
+  (the values in the stream at once, which a dense projection may place anywhere) plus the widest
+  prefix row, and every skip edge is listed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from backends.torch.program import TOKENS, Program, program_json
+from backends.torch.standard import StreamPlan, plan
+
+
+def standard_plan(program: Program, layers) -> StreamPlan:
+    return plan(program_json(program), layers)
+
+
+def dense_counts(program: Program, layers) -> dict:
+    stream = standard_plan(program, layers)
+    working, edges = working_set(program)
+    d_ref = working + stream.rows
+    kinds = Counter(b.kind for b in stream.blocks)
+    heads = sorted(b.width for b in stream.blocks if b.kind == "attention")
+    return {
+        "blocks": len(stream.blocks),
+        "blocks_by_kind": dict(sorted(kinds.items())),
+        "erase_blocks": sum(b.node == "erase" for b in stream.blocks),
+        "heads_per_attention_block": {"min": heads[0], "median": heads[len(heads) // 2], "max": heads[-1]}
+        if heads else None,
+        "ours": {"d_sim": stream.d_sim, "token_fields": stream.width, "prefix_rows": stream.rows,
+                 "dense": _dense(stream, stream.d_sim)},
+        "reference_convention": {"d_sim": d_ref, "working_set": working, "prefix_rows": stream.rows,
+                                 "dense": _dense(stream, d_ref), "skip_edges": len(edges),
+                                 "skip_edge_width": sum(e["width"] for e in edges), "edges": edges},
+    }
+
+
+def _dense(stream: StreamPlan, d_sim: int) -> dict:
+    by_kind = Counter()
+    for b in stream.blocks:
+        by_kind[b.kind] += b.dense_parameters(d_sim)
+    return {"total": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items()))}
+
+
+def working_set(program: Program) -> tuple[int, list[dict]]:
+    """The widest set of token-stream coordinates in the stream at once when stored activations
+    travel on skip edges, and those edges (width, from the call that last touched the coordinates in
+    a forward phase to the backward or descent call that reads them next). A coordinate is in the
+    stream from an access to the next read of it; from an access to a write it is free."""
+    calls, width = program.calls, program.width
+    end = len(calls)
+    phase = torch.tensor([0 if c.phase == "forward" else 1 if c.phase in ("backward", "descent") else 2
+                          for c in calls] + [2])
+    last = torch.full((width,), -2, dtype=torch.long)  # the last access; −2: never written
+    fresh = torch.zeros(width, dtype=torch.bool)  # last access a write, not yet counted at that call
+    for f in program.inputs.values():
+        last[f.start : f.stop], fresh[f.start : f.stop] = -1, True  # the input layer writes them
+    delta = torch.zeros(end + 3, dtype=torch.long)  # coverage of calls −1 … end, at index call + 1
+    edges = Counter()
+
+    def points(at: torch.Tensor) -> None:
+        delta.index_add_(0, at + 1, torch.ones_like(at))
+        delta.index_add_(0, at + 2, -torch.ones_like(at))
+
+    def cover(idx: torch.Tensor, b: int) -> None:
+        """Coordinates read at b: in the stream since their last access a, at a itself if that was an
+        uncounted write; only at both ends on a skip edge."""
+        idx = idx[last[idx] >= -1]
+        a, first = last[idx], fresh[idx]
+        points(a[first])
+        skip = (a >= 0) & (phase[a.clamp(min=0)] == 0) & (phase[b] == 1)
+        through = a[~skip]  # (a, b]
+        delta.index_add_(0, through + 2, torch.ones_like(through))
+        delta[b + 2] -= len(through)
+        points(torch.full((int(skip.sum()),), b))
+        for a_, n in zip(*torch.unique(a[skip], return_counts=True)):
+            edges[(calls[int(a_)].node, calls[b].node)] += int(n)
+        last[idx], fresh[idx] = b, False
+
+    def coordinates(fields) -> torch.Tensor:
+        return torch.unique(torch.cat([torch.arange(f.start, f.stop) for f in fields]))
+
+    for i, call in enumerate(calls):
+        read = [f for r in call.reads if r.stream == TOKENS for g in r.groups for f in g]
+        if read:
+            cover(coordinates(read), i)
+        if call.write.stream == TOKENS:
+            written = coordinates(call.write.groups)
+            fresh[written] = last[written] != i  # read by this call too: already counted here
+            last[written] = i
+    cover(coordinates([program.logits, program.inputs["one"]]), end)  # the output head; kept to the end
+    widest = int(delta.cumsum(0).max())
+    return widest, [{"from": a, "to": b, "width": n} for (a, b), n in edges.items()]
