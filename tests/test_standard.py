@@ -23,9 +23,10 @@ def _passes(stacking, splitting, partition, sharing):
             "sub_mlp": {"enabled": partition, "width": 8}, "block_sharing": {"enabled": sharing}}
 
 
-def _compile(family, switches=(True,) * 4, **tint):
-    cfg = tiny_config(family, table=MICRO, dtype="float64", prefixes=4, max_length=8, passes=_passes(*switches),
-                      kinds=KINDS, **tint)
+def _compile(family, switches=(True,) * 4, passes_low_rank=False, **tint):
+    passes = {**_passes(*switches), "low_rank": {"enabled": passes_low_rank}}
+    cfg = tiny_config(family, table=MICRO, dtype="float64", prefixes=4, max_length=8, passes=passes, kinds=KINDS,
+                      **tint)
     model = tiny_model(family, dtype=torch.float64, table=MICRO)
     return cfg, model, pipeline.compile_tint(cfg, model)
 
@@ -65,13 +66,15 @@ VIEWS = {"aten.mT.default", "aten.numpy_T.default", "aten.select.int", "aten.uns
          "aten.unflatten.int", "aten.flatten.using_ints"}  # views: no arithmetic
 
 
-def expected_ops(stream) -> Counter:
+def expected_ops(view) -> Counter:
     """The ATen ops the blocks compute: per attention block 6 matrix products (q, k, v, scores,
     weights·v, O), the mask, the sum over heads and a softmax if it has one; per gated MLP 3
-    products, the activation and the ⊙; per norm 2 products and the layer norm; each block one
-    residual add."""
+    products, the activation and the ⊙; per norm 2 products and the layer norm; one more product
+    per factored projection; each block one residual add."""
     ops = Counter()
-    for b in stream.blocks:
+    for b, module in zip(view.plan.blocks, view.stack.blocks):
+        ops["aten.matmul.default"] += sum(s is not None for n, s in vars(module)["_parameters"].items()
+                                          if n.startswith("s_"))  # a factored projection: one more product
         ops["aten.add.Tensor"] += 1
         if b.kind == "attention":
             ops.update({"aten.matmul.default": 6, "aten.masked_fill.Scalar": 1, "aten.sum.dim_IntList": 1})
@@ -102,8 +105,8 @@ def exported_view():
 def test_the_exported_standard_view_holds_only_block_operations(exported_view):
     view, h0 = exported_view
     histogram = op_histogram(view, 6, h0)
-    assert set(histogram) - VIEWS - set(expected_ops(view.plan)) == set()
-    assert Counter({op: n for op, n in histogram.items() if op not in VIEWS}) == expected_ops(view.plan)
+    assert set(histogram) - VIEWS - set(expected_ops(view)) == set()
+    assert Counter({op: n for op, n in histogram.items() if op not in VIEWS}) == expected_ops(view)
     assert {b.kind for b in view.plan.blocks} == {"attention", "mlp", "norm"}
 
 
@@ -112,7 +115,7 @@ def test_the_export_check_catches_an_op_patched_in_between_blocks(exported_view,
     original = MLPBlock.forward
     monkeypatch.setattr(MLPBlock, "forward", lambda self, h: original(self, h) * 1.0)  # arithmetic on the stream
     histogram = op_histogram(view, 6, h0)
-    assert Counter({op: n for op, n in histogram.items() if op not in VIEWS}) != expected_ops(view.plan)
+    assert Counter({op: n for op, n in histogram.items() if op not in VIEWS}) != expected_ops(view)
 
 
 def test_the_standard_view_has_no_overwrite_every_block_adds(exported_view):
@@ -157,6 +160,26 @@ def test_the_dense_count_equals_the_built_standard_view():
     assert counts["ours"]["d_sim"] == view.plan.d_sim == view.stack.blocks[0].w_a.shape[-1]
     assert counts["ours"]["dense"]["total"] == sum(p.numel() for p in view.parameters())
     assert counts["blocks"] == len(view.stack.blocks)
+    factored = compiled.tint.standard(factored=True)
+    assert counts["ours"]["dense"]["factored"] == sum(p.numel() for p in factored.parameters())
+    assert counts["ours"]["dense"]["factored"] < counts["ours"]["dense"]["total"]
+
+
+def test_the_low_rank_option_factorises_the_standard_view_exactly():
+    """tint.passes.low_rank: each projection of the standard view that touches k coordinates is stored
+    as [n, k]·[k, D_sim]; the counts fall and the output stays that of the fast executor."""
+    _, model, compiled = _compile("opt", steps=1, passes_low_rank=True)
+    view = compiled.tint.standard()
+    dense = compiled.tint.standard(factored=False)
+    factored = [s for b in view.stack.blocks if isinstance(b, AttentionBlock) for s in (b.s_q, b.s_k, b.s_v, b.s_o)]
+    assert sum(s is not None for s in factored) > len(factored) / 2  # most projections factorised
+    assert sum(p.numel() for p in view.parameters()) < sum(p.numel() for p in dense.parameters())
+    ids, train, _ = example_input(model.config.vocab_size, 8, 2, seed=4)
+    prefixes = compiled.tint.encode({n: p.detach() for n, p in model.named_parameters()})
+    with torch.no_grad():
+        expected, _ = compiled.tint(ids, train, prefixes)
+        logits, _ = view(ids, train, prefixes)
+    assert _rel(logits, expected) <= 1e-9
 
 
 def _working_set_by_hand(program):

@@ -4,6 +4,8 @@ the stream width D_sim (backends/torch/standard.py), computed from shapes alone.
 Two conventions, both reported (README "The parameter report"):
 - **ours**: the stream holds everything the TinT keeps, stored activations included: D_sim is the
   token fields' width as allocated (backends/torch/allocate.py) plus the widest prefix row.
+- both also with the standard view's low-rank option: a projection that touches k stream
+  coordinates stored as two factors [n, k]·[k, D_sim] where that is smaller (exact).
 - **the reference's**: the reference code keeps the activations its backward needs in Python lists,
   outside the stream and the count. Here: a value written or read in a forward phase and next read
   in a backward or descent phase travels on a skip edge in between; D_sim is the widest working set
@@ -46,10 +48,14 @@ def dense_counts(program: Program, layers) -> dict:
 
 
 def _dense(stream: StreamPlan, d_sim: int) -> dict:
-    by_kind = Counter()
+    """Dense parameters over d_sim by block kind; "factored": with every projection that touches k
+    coordinates stored as [n, k]·[k, D_sim] where smaller (exact; the standard view's low-rank option)."""
+    by_kind, factored = Counter(), Counter()
     for b in stream.blocks:
-        by_kind[b.kind] += b.dense_parameters(d_sim)
-    return {"total": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items()))}
+        by_kind[b.kind] += b.dense_parameters(d_sim, stream.one)
+        factored[b.kind] += b.dense_parameters(d_sim, stream.one, factored=True)
+    return {"total": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items())),
+            "factored": sum(factored.values()), "factored_by_kind": dict(sorted(factored.items()))}
 
 
 def working_set(program: Program) -> tuple[int, list[dict]]:

@@ -147,6 +147,8 @@ def _standard_view_table(report: dict) -> tuple[str, list[str], list[list[str]]]
         ["ours: D_sim", _n(ours["d_sim"]), f"token fields {_n(ours['token_fields'])} + prefix rows "
                                            f"{_n(ours['prefix_rows'])}"],
         ["ours: dense parameters", _n(ours["dense"]["total"]), _human(ours["dense"]["total"])],
+        ["ours: dense, projections factored where smaller", _n(ours["dense"]["factored"]),
+         _human(ours["dense"]["factored"])],
         ["reference convention: D_sim", _n(theirs["d_sim"]),
          f"working set {_n(theirs['working_set'])} + prefix rows {_n(theirs['prefix_rows'])}; "
          f"{_n(theirs['skip_edges'])} skip edges carry {_n(theirs['skip_edge_width'])} coordinates"],
@@ -157,6 +159,8 @@ def _standard_view_table(report: dict) -> tuple[str, list[str], list[list[str]]]
         rows.append([f"the reference code's {ref['label']}, same convention (DESIGN §6, D_sim {ref['width']:,})",
                      _n(ref["without_both"]),
                      f"tintc / reference {theirs['dense']['total'] / ref['without_both']:.3g}{note}"])
+    rows.append(["reference convention: dense, projections factored where smaller", _n(theirs["dense"]["factored"]),
+                 _human(theirs["dense"]["factored"])])
     return ("Standard view, dense (every block's projections as dense matrices over D_sim)",
             ["", "value", "note"], rows)
 
@@ -192,7 +196,9 @@ def to_markdown(report: dict) -> str:
              "paper's convention). *Ours*: D_sim holds every value the TinT keeps. *Reference convention*: "
              "as the reference code, which keeps the activations its backward needs in Python lists, "
              "values stored from a forward phase for a backward or descent phase travel on skip edges "
-             "outside the stream, and D_sim is the widest working set plus the prefix rows. The reference "
+             "outside the stream, and D_sim is the widest working set plus the prefix rows. *Factored*: "
+             "each projection that touches k stream coordinates stored as two dense factors [n, k]·[k, D_sim] "
+             "where that is smaller (exact; tint.passes.low_rank builds the view so). The reference "
              "code's figures appear only beside the count made like them; the stored counts above are not "
              "comparable with them.", ""]
     for title, columns, rows in tables(report):

@@ -134,7 +134,7 @@ class _Lowering:
             method(node)
         final = {b: f"{b}@{v}" for b, v in self.block_version.items()}
         return Program(self.width, self.tmax, self.inputs, self.calls, self.layers, self.logits, final, self.layout,
-                       self.values, self.low_rank_log)
+                       self.values, self.low_rank_log, self.rank is not None)
 
     def x(self, node: Node, i: int = 0) -> Field:
         return self.fields[node.inputs[i]]

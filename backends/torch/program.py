@@ -68,6 +68,7 @@ class Program:
     layout: Layout
     values: list[Field]  # every value's field, in allocation order (for register allocation)
     low_rank: list[dict]  # with tint.passes.low_rank: each projection, its rank, factorised or not
+    factored: bool = False  # tint.passes.low_rank: the standard view factorises its projections too
 
 
 def call_json(call: Call) -> dict:
@@ -90,4 +91,5 @@ def program_json(program: Program) -> dict:
         "logits": [program.logits.start, program.logits.width],
         "layout": layout_json(program.layout),
         "calls": [call_json(c) for c in program.calls],
+        "low_rank": program.factored,
     }

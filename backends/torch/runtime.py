@@ -195,7 +195,13 @@ def _gather(stream, index):
 
 def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tensor, gated: bool) -> torch.Tensor:
     """Run one call and return `into` with each group's output added to its field. A gated write
-    first gates out what the field held (h ← (1−m)⊙h + Δ, m the field's indicator)."""
+    first gates out what the field held (h ← (1−m)⊙h + Δ, m the field's indicator).
+
+    This is the fast execution of one block of the standard view (backends/torch/standard.py, which
+    builds and checks it): the gathers are the selections inside the block's Q, K, V or W_a, W_b,
+    W_in; the write field is the selection inside O or W_o; a group is a head or a set of units;
+    a new prefix-block version is the same positions after the residual add; the gate is the
+    block's erase units (−h on a field whose value is dead)."""
     delta = layer(*(_gather(s, index) for s, index in zip(streams, reads)))  # [B, T, G or 1, width]
     groups = (write[1] * write[2] if isinstance(write, tuple) else write.numel()) // delta.shape[-1]
     delta = delta.expand(*delta.shape[:-2], groups, delta.shape[-1]).flatten(-2)  # [B, T, G·width]

@@ -95,11 +95,39 @@ class BlockPlan:
             return sum(u.n for u in self.units)
         return sum(_width(runs) for runs, _ in self.heads)
 
-    def dense_parameters(self, d_sim: int) -> int:
-        """Parameters of the block's projections as dense matrices over the stream."""
+    def columns(self, one: int) -> dict[str, list[int]]:
+        """Per projection, the stream coordinates it reads (Q, K, V, W_a, W_b, W_in) or writes (O, W_o)."""
+        def union(runs_lists) -> list[int]:
+            return sorted({c for runs in runs_lists for start, size in runs for c in range(start, start + size)})
+
         if self.kind == "attention":
-            return sum(d_sim * (h.q[0].shape[0] + h.k[0].shape[0] + 2 * h.v[0].shape[0]) for h in self.heads)
-        return (3 if self.kind == "mlp" else 2) * d_sim * self.width
+            return {"q": union(h.q[1] for h in self.heads), "k": union(h.k[1] for h in self.heads),
+                    "v": union(h.v[1] for h in self.heads), "o": union(r for h in self.heads for r in h.o[1])}
+        if self.kind == "mlp":
+            return {"a": union(u.a[1] if u.a else ((one, 1),) for u in self.units),
+                    "b": union(u.b[1] if u.b else ((one, 1),) for u in self.units),
+                    "o": union(r for u in self.units for r in u.o[2])}
+        return {"in": union(runs for runs, _ in self.heads), "o": union(r for _, w in self.heads for r in w)}
+
+    def rows(self) -> dict[str, int]:
+        """Per projection, its size on the block's side: query, key, value dims of all heads, units,
+        normalised coordinates."""
+        if self.kind == "attention":
+            return {name: sum(getattr(h, part)[0].shape[0] for h in self.heads)
+                    for name, part in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "v"))}
+        return {name: self.width for name in (("a", "b", "o") if self.kind == "mlp" else ("in", "o"))}
+
+    def dense_parameters(self, d_sim: int, one: int, factored: bool = False) -> int:
+        """Parameters of the block's projections as dense matrices over the stream; `factored`: each
+        projection that touches k coordinates stored as [n, k]·[k, D_sim] where that is smaller."""
+        columns, total = self.columns(one), 0
+        for name, n in self.rows().items():
+            total += _factored_size(n, len(columns[name]), d_sim) if factored else n * d_sim
+        return total
+
+
+def _factored_size(n: int, k: int, d_sim: int) -> int:
+    return min(n * d_sim, k * (n + d_sim))
 
 
 def _runs(coords: list[int]) -> tuple:
@@ -230,44 +258,65 @@ def _add(w: torch.Tensor, rows: slice, part, runs) -> None:
 
 
 def _param(t):
-    return nn.Parameter(t, requires_grad=False)
+    return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
+def _factor(block: nn.Module, name: str, w: torch.Tensor, columns: list[int] | None) -> None:
+    """Store projection `name` ([..., D_sim]) dense, or, given the coordinates it touches and where that
+    is smaller, as w[..., columns] and the selection s [k, D_sim] (the low-rank option: exact)."""
+    n, d_sim = w[..., 0].numel(), w.shape[-1]
+    s = None
+    if columns is not None and _factored_size(n, len(columns), d_sim) < n * d_sim:
+        index = torch.tensor(columns, dtype=torch.long)
+        w, s = w[..., index], torch.eye(d_sim, dtype=w.dtype)[index]
+    setattr(block, f"w_{name}", _param(w))
+    setattr(block, f"s_{name}", _param(s))
+
+
+def _read(h, s):
+    """The stream, or the coordinates a factored projection reads."""
+    return h if s is None else h @ s.T
+
+
+def _write(x, s):
+    return x if s is None else x @ s
 
 
 class AttentionBlock(nn.Module):
     """h + Σ_heads O_h · attention(Q_h h, K_h h, V_h h): softmax or linear heads under a fixed mask."""
 
-    def __init__(self, p: BlockPlan, d_sim: int, one: int, dtype):
+    def __init__(self, p: BlockPlan, d_sim: int, one: int, dtype, factored: bool = False):
         super().__init__()
-        projections = {}
+        columns = p.columns(one) if factored else {}
         for name in ("q", "k", "v"):
             w = torch.zeros(len(p.heads), getattr(p.heads[0], name)[0].shape[0], d_sim, dtype=dtype)
             for i, head in enumerate(p.heads):
                 _add(w[i], slice(None), *getattr(head, name))
-            projections[name] = _param(w)  # [H, d, D_sim]
-        self.w_q, self.w_k, self.w_v = projections["q"], projections["k"], projections["v"]
+            _factor(self, name, w, columns.get(name))  # w_q, w_k, w_v [H, d, D_sim]
         w_o = torch.zeros(len(p.heads), p.heads[0].v[0].shape[0], d_sim, dtype=dtype)
         for i, head in enumerate(p.heads):
             matrix, written = head.o
             for runs in written:
                 _add(w_o[i], slice(None), matrix.T, runs)
-        self.w_o = _param(w_o)  # [H, dv, D_sim]: O_h transposed
+        _factor(self, "o", w_o, columns.get("o"))  # [H, dv, D_sim]: O_h transposed
         self.softmax = p.softmax
 
     def forward(self, h, blocked):
-        x = h.unsqueeze(1)  # [B, 1, P, D_sim]
-        q, k, v = x @ self.w_q.mT, x @ self.w_k.mT, x @ self.w_v.mT  # [B, H, P, d]
+        q = _read(h, self.s_q).unsqueeze(1) @ self.w_q.mT  # [B, H, P, d]
+        k = _read(h, self.s_k).unsqueeze(1) @ self.w_k.mT
+        v = _read(h, self.s_v).unsqueeze(1) @ self.w_v.mT
         scores = q @ k.mT  # [B, H, P, P]
         if self.softmax:
             weights = scores.masked_fill(blocked, float("-inf")).softmax(-1)
         else:
             weights = scores.masked_fill(blocked, 0.0)
-        return h + ((weights @ v) @ self.w_o).sum(1)
+        return h + _write(((weights @ v) @ self.w_o).sum(1), self.s_o)
 
 
 class MLPBlock(nn.Module):
     """h + W_o·[σ(W_a h) ⊙ (W_b h)]."""
 
-    def __init__(self, p: BlockPlan, d_sim: int, one: int, dtype):
+    def __init__(self, p: BlockPlan, d_sim: int, one: int, dtype, factored: bool = False):
         super().__init__()
         n = p.width
         w_a, w_b, w_o = (torch.zeros(n, d_sim, dtype=dtype) for _ in range(3))  # w_o transposed
@@ -284,17 +333,20 @@ class MLPBlock(nn.Module):
                 _add(w_o, rows, None if matrix is None else matrix.T, runs)
             w_o[rows] *= scale
             row += u.n
-        self.w_a, self.w_b, self.w_o = _param(w_a), _param(w_b), _param(w_o)
+        columns = p.columns(one) if factored else {}
+        for name, w in (("a", w_a), ("b", w_b), ("o", w_o)):
+            _factor(self, name, w, columns.get(name))
         self.act = p.act
 
     def forward(self, h):
-        return h + (ACT[self.act](h @ self.w_a.T) * (h @ self.w_b.T)) @ self.w_o
+        units = ACT[self.act](_read(h, self.s_a) @ self.w_a.T) * (_read(h, self.s_b) @ self.w_b.T)
+        return h + _write(units @ self.w_o, self.s_o)
 
 
 class NormBlock(nn.Module):
     """h + W_o·LN(W_in h), the layer norm over each group of coordinates that W_in selects."""
 
-    def __init__(self, p: BlockPlan, d_sim: int, one: int, dtype):
+    def __init__(self, p: BlockPlan, d_sim: int, one: int, dtype, factored: bool = False):
         super().__init__()
         self.group = _width(p.heads[0][0])
         w_in, w_o = (torch.zeros(p.width, d_sim, dtype=dtype) for _ in range(2))  # w_o transposed
@@ -303,12 +355,14 @@ class NormBlock(nn.Module):
             _add(w_in, rows, None, runs)
             for out in written:
                 _add(w_o, rows, None, out)
-        self.w_in, self.w_o = _param(w_in), _param(w_o)
+        columns = p.columns(one) if factored else {}
+        for name, w in (("in", w_in), ("o", w_o)):
+            _factor(self, name, w, columns.get(name))
         self.eps = p.eps
 
     def forward(self, h):
-        x = (h @ self.w_in.T).unflatten(-1, (-1, self.group))
-        return h + F.layer_norm(x, (self.group,), None, None, self.eps).flatten(-2) @ self.w_o
+        x = (_read(h, self.s_in) @ self.w_in.T).unflatten(-1, (-1, self.group))
+        return h + _write(F.layer_norm(x, (self.group,), None, None, self.eps).flatten(-2) @ self.w_o, self.s_o)
 
 
 BLOCKS = {"attention": AttentionBlock, "mlp": MLPBlock, "norm": NormBlock}
@@ -333,12 +387,12 @@ class StandardTinT(nn.Module):
     -> (logits, new prefixes), the same contract as the fast TinT. `embed` builds the stream,
     `stack` is the transformer, `masks(T)` its fixed attention masks, `read_out` the output head."""
 
-    def __init__(self, config: dict, stream: StreamPlan, dtype):
+    def __init__(self, config: dict, stream: StreamPlan, dtype, factored: bool = False):
         super().__init__()
         self.config, self.plan = config, stream
         specs = sorted({b.mask for b in stream.blocks if b.kind == "attention"})
         self.mask_specs = specs
-        self.stack = Stack([BLOCKS[b.kind](b, stream.d_sim, stream.one, dtype) for b in stream.blocks],
+        self.stack = Stack([BLOCKS[b.kind](b, stream.d_sim, stream.one, dtype, factored) for b in stream.blocks],
                            [specs.index(b.mask) if b.kind == "attention" else -1 for b in stream.blocks])
 
     def positions(self, length: int) -> list[tuple[str, int]]:
@@ -398,6 +452,9 @@ class StandardTinT(nn.Module):
         return self.read_out(h, prefixes)
 
 
-def standard_view(config: dict, layers, dtype=torch.float64) -> StandardTinT:
-    """The standard view of the TinT with this config (tint_config.json's form) and primitives."""
-    return StandardTinT(config, plan(config, layers), dtype)
+def standard_view(config: dict, layers, dtype=torch.float64, factored: bool | None = None) -> StandardTinT:
+    """The standard view of the TinT with this config (tint_config.json's form) and primitives;
+    `factored` (default: the config's low-rank setting) stores each projection that touches fewer
+    coordinates than it has rows as two factors."""
+    factored = config.get("low_rank", False) if factored is None else factored
+    return StandardTinT(config, plan(config, layers), dtype, factored)

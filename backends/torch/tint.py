@@ -27,12 +27,13 @@ class TinT(nn.Module):
         # the wiring: which coordinates each call gathers and writes (fixed by the lowering)
         self._wiring = [runtime.wiring(call_json(c)) for c in program.calls]
 
-    def standard(self, dtype=None):
+    def standard(self, dtype=None, factored: bool | None = None):
         """The standard view of this TinT (backends/torch/standard.py): the same function as a plain
-        stack of transformer blocks over one residual stream."""
+        stack of transformer blocks over one residual stream (factored: see standard_view)."""
         from .standard import standard_view
 
-        return standard_view(program_json(self.program), self.layers, dtype or next(self.parameters()).dtype)
+        return standard_view(program_json(self.program), self.layers, dtype or next(self.parameters()).dtype,
+                             factored)
 
     def encode(self, state_dict):
         return runtime.encode(self.layout, state_dict)
