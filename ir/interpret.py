@@ -157,6 +157,11 @@ class Interpreter:
         q, k, do = (_heads(x, node.attrs["heads"]) for x in args)
         return _merge(rules.attention_backward_values(q, k, do, node.attrs["scale"], node.attrs["causal"]))
 
+    def op_attention_score_backward(self, node, args, w):
+        q, k, v, do = (_heads(x, node.attrs["heads"]) for x in args)
+        dq, dk = rules.attention_backward_scores(q, k, v, do, node.attrs["scale"], node.attrs["causal"])
+        return _merge(dq if node.attrs["wrt"] == "q" else dk)
+
     # -- the primitives whose backward the oracle replaces ---------------------------------
     def layer_norm(self, x, gain, bias, eps):
         return F.layer_norm(x, (x.shape[-1],), gain, bias, eps)

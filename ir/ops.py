@@ -25,7 +25,7 @@ ACTIVATIONS = ("gelu_tanh", "gelu", "relu")  # gelu_tanh = GPT-2's gelu_new
 POSITION_SCHEMES = ("none",)  # absolute positions are added by pos_embed; rotary/alibi later
 MASKS = ("train", "label")
 BACKWARD_RULES = ("finite_difference", "exact")  # layer norm and activation backward
-ATTENTION_RULES = ("stop_gradient",)  # attention backward: scores are constants
+ATTENTION_RULES = ("stop_gradient", "exact")  # attention backward: scores constant, or differentiated
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,13 @@ def _attention_backward(shapes, attrs, w):
     return _rule(attrs, ATTENTION_RULES) or (T, width)
 
 
+def _attention_score_backward(shapes, attrs, w):
+    width = attrs["heads"] * attrs["head_dim"]
+    if any(s != (T, width) for s in shapes):
+        return f"q, k, v, ∂o must all be [T, {width}], got {[list(s) for s in shapes]}"
+    return (T, width) if attrs["wrt"] in ("q", "k") else f"wrt={attrs['wrt']!r}; allowed: q, k"
+
+
 _specs = [
     OpSpec("input", 0, {}, (), _input, "token ids z_1..z_T"),
     OpSpec("embed", 1, {}, ("table",), _embed, "token embedding: table[ids]"),
@@ -193,7 +200,11 @@ _specs = [
     OpSpec("activation_backward", 2, {"fn": str, "rule": str, "scale": float}, (), _pointwise_backward,
            "inputs (x, ∂y): ∂x; finite_difference: N·[σ(x + ∂y/N) − σ(x)]"),
     OpSpec("attention_backward", 3, {"heads": int, "head_dim": int, "causal": bool, "scale": float, "rule": str},
-           (), _attention_backward, "inputs (q, k, ∂o): ∂v_j = Σ_t a_tj ∂o_t (stop_gradient: scores constant)"),
+           (), _attention_backward, "inputs (q, k, ∂o): ∂v_j = Σ_t a_tj ∂o_t (the same under both rules)"),
+    OpSpec("attention_score_backward", 4, {"heads": int, "head_dim": int, "causal": bool, "scale": float,
+                                           "wrt": str}, (), _attention_score_backward,
+           "inputs (q, k, v, ∂o), rule exact: the gradient through the scores, ∂q_t = scale·Σ_j g_tj k_j "
+           "(wrt q) or ∂k_j = scale·Σ_t g_tj q_t (wrt k), g_tj = a_tj·(⟨∂o_t, v_j⟩ − Σ_j' a_tj'⟨∂o_t, v_j'⟩)"),
 ]
 
 OPS: dict[str, OpSpec] = {s.kind: s for s in _specs}

@@ -58,6 +58,15 @@ def attention_backward_values(q, k, do, scale: float, causal: bool):
     return attention_probs(q, k, scale, causal).transpose(-1, -2) @ do
 
 
+def attention_backward_scores(q, k, v, do, scale: float, causal: bool):
+    """The gradient through the scores (heads [B, H, T, hd]): g_tj = a_tj·(d_tj − Σ_j' a_tj' d_tj'),
+    d_tj = ⟨∂o_t, v_j⟩; returns (∂q, ∂k) = (scale·g·k, scale·gᵀ·q)."""
+    a = attention_probs(q, k, scale, causal)
+    d = do @ v.transpose(-1, -2)
+    g = a * (d - (a * d).sum(-1, keepdim=True))
+    return scale * g @ k, scale * g.transpose(-1, -2) @ q
+
+
 def loss_weights(train_mask, label_mask=None):
     """w[b, t] = 1 where CE(z_{t+1} | z_≤t) enters the loss: t and t+1 train (and t+1 a label)."""
     m = train_mask.bool()

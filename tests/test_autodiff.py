@@ -58,9 +58,29 @@ def test_training_graph_round_trips_through_text():
     assert parse(dump(tg)) == tg
 
 
-def test_exact_attention_backward_is_refused_with_the_pass_named():
-    with pytest.raises(PassError, match=r"pass autodiff failed \(passes before it: select_train\).*stop_gradient"):
-        _training_graph(trace(tiny_model("gpt2")), [1], PAPER_KINDS, attention="exact")
+ALL_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_out", "norm_gain", "norm_bias")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_with_every_rule_exact_the_training_graph_is_exact_gd(family, steps):
+    """attention_score_backward carries the gradient through the scores: W_Q and W_K learn, and every
+    layer below receives the full gradient."""
+    model = tiny_model(family, dtype=torch.float64)
+    graph = trace(model)
+    tg = _training_graph(graph, [0, 1], ALL_KINDS, steps=steps, attention="exact", layer_norm="exact",
+                         activation="exact")
+    assert sum(n.kind == "attention_score_backward" for n in tg.nodes()) == 2 * 2 * steps  # q and k, 2 layers
+    ids, train, _ = example_input(graph.attrs["vocab"], 16, 2, seed=1)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    settings = TrainSettings(lr=0.05, steps=steps, layers=(0, 1), kinds=ALL_KINDS, approximations=EXACT)
+    exact = exact_gd(model, graph, ids, train, settings)
+    result = Interpreter(tg).execute(params, ids, train)
+    assert (result.logits - exact.logits).abs().max() < 1e-10
+    query = next(n for n in exact.trained if "q_proj.weight" in n or "c_attn.weight" in n)
+    assert (exact.params[query] - params[query]).abs().max() > 1e-4  # the queries moved
+    for name in exact.trained:
+        assert (result.params[name] - exact.params[name]).abs().max() < 1e-10, name
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])

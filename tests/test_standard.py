@@ -25,8 +25,8 @@ def _passes(stacking, splitting, partition, sharing):
 
 def _compile(family, switches=(True,) * 4, passes_low_rank=False, **tint):
     passes = {**_passes(*switches), "low_rank": {"enabled": passes_low_rank}}
-    cfg = tiny_config(family, table=MICRO, dtype="float64", prefixes=4, max_length=8, passes=passes, kinds=KINDS,
-                      **tint)
+    cfg = tiny_config(family, table=MICRO, dtype="float64", prefixes=4, max_length=8, passes=passes,
+                      **{"kinds": KINDS, **tint})
     model = tiny_model(family, dtype=torch.float64, table=MICRO)
     return cfg, model, pipeline.compile_tint(cfg, model)
 
@@ -59,6 +59,19 @@ def test_standard_view_equals_the_fast_executor_and_the_oracle(family, switches,
     for name in oracle.trained:
         update = oracle.params[name] - params[name]
         assert _rel(decoded[name] - params[name], update) <= 1e-8, name
+
+
+def test_standard_view_of_the_exact_attention_backward():
+    cfg, model, compiled = _compile("opt", steps=1, approximations={"attention": "exact"},
+                                    kinds=["attn_q", "attn_k", *KINDS])
+    ids, train, _ = example_input(model.config.vocab_size, 8, 2, seed=1)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    prefixes = compiled.tint.encode(params)
+    with torch.no_grad():
+        fast_logits, _ = compiled.tint(ids, train, prefixes)
+        logits, _ = compiled.tint.standard()(ids, train, prefixes)
+    oracle = approx_gd(compiled.graph, params, ids, train, TrainSettings.from_config(cfg, 2))
+    assert _rel(logits, fast_logits) <= 1e-9 and _rel(logits, oracle.logits) <= 1e-9
 
 
 # -- the exported graph ------------------------------------------------------------------------

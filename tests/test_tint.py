@@ -60,6 +60,33 @@ def test_tint_equals_the_oracle_in_float64(family, steps, layers, loss):
     _check(compiled, oracle, prefixes, logits, params, 1e-9)
 
 
+ALL_KINDS = ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_out", "norm_gain", "norm_bias"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+@pytest.mark.parametrize("steps,layers,loss", [(1, "all", "context"), (2, "top-1", "label_only")])
+def test_exact_attention_backward_in_the_tint_equals_the_oracle(family, steps, layers, loss):
+    """attention: exact: W_Q and W_K train through the gradient of the scores, built from linear
+    heads over one-hot positions, products and a row sum."""
+    cfg, model, compiled, ids, train, labels, params = _run(family, "float64", steps=steps, layers=layers, loss=loss,
+                                                            kinds=ALL_KINDS, approximations={"attention": "exact"})
+    oracle = _oracle(cfg, compiled, params, ids, train, labels)
+    with torch.no_grad():
+        logits, prefixes = compiled.tint(ids, train, compiled.tint.encode(params), labels)
+    assert _rel(logits, oracle.logits) <= 1e-9
+    decoded = compiled.tint.decode(prefixes)
+    moved = [n for n in oracle.trained if "q_proj.weight" in n or "k_proj.weight" in n or "c_attn.weight" in n]
+    assert moved
+    for name in oracle.trained:
+        update, got = oracle.params[name] - params[name], decoded[name] - params[name]
+        if name.endswith("k_proj.bias"):  # softmax ignores a shift of a whole row: its gradient is 0
+            assert update.abs().max() < 1e-15 and got.abs().max() < 1e-15, name
+            continue
+        assert _rel(got, update) <= 1e-8, name
+        if name in moved:
+            assert update.abs().max() > 1e-4, name
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
 @pytest.mark.parametrize("steps,layers,loss", [(1, "all", "context"), (2, "top-1", "label_only")])
 def test_tint_equals_the_oracle_in_float32(family, steps, layers, loss):

@@ -31,7 +31,7 @@ from .prefixes import Layout
 from .program import TOKENS, Call, Field, Program, Read, Write
 
 OP_OF_KIND = {"add": "residual", "layer_norm": "norm", "linear": "linear", "activation": "activation",
-              "attention": "attention", "loss_grad": "loss"}
+              "attention": "attention", "attention_score": "attention", "loss_grad": "loss"}
 
 
 def lower(graph: Graph, layout: Layout, max_length: int, dtype=torch.float32) -> Program:
@@ -352,22 +352,72 @@ class _Lowering:
         self.call(layer, [list(zip(x.chunks(g), scaled.chunks(g)))], chunks)
         self.fields[node.name] = self._scaled(change, a["scale"])
 
-    def lower_attention_backward(self, node):
-        """Stop-gradient rule, ∂v_j = Σ_t a_tj ∂o_t, in two exact heads per aux head: a softmax head
-        whose values are one-hot positions writes the row a_t; a linear head with query e_j and
-        key a_t then weighs ∂o_t by a_tj."""
+    def _attention_rows(self, node) -> Field:
+        """Each token's attention row a_t over one-hot positions, per aux head (h·T wide): a softmax
+        head whose values are the one-hot positions. Computed once per (q, k)."""
         a = node.attrs
         hd, h, n = a["head_dim"], a["heads"], self.tmax
-        q, k, do = (self.x(node, i).chunks(hd) for i in range(3))
-        pos = self.inputs["positions"]
-        rows_layer = self.layer(("attention_rows", hd, n, repr(a["scale"])), lambda: P.Attention(
-            a["scale"] * self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=True, mask="causal"))
-        rows, row_chunks = self.new(h * n, n)
-        self.call(rows_layer, [[(c,) for c in q], [(c,) for c in k], [(pos,)] * h], row_chunks)
+        key = ("attention_rows", self.x(node, 0), self.x(node, 1))
+        if key not in self.memo:
+            q, k = (self.x(node, i).chunks(hd) for i in range(2))
+            layer = self.layer(("attention_rows", hd, n, repr(a["scale"])), lambda: P.Attention(
+                a["scale"] * self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=True, mask="causal"))
+            rows, row_chunks = self.new(h * n, n)
+            self.call(layer, [[(c,) for c in q], [(c,) for c in k], [(self.inputs["positions"],)] * h], row_chunks)
+            self.memo[key] = rows
+        return self.memo[key]
+
+    def lower_attention_backward(self, node):
+        """∂v_j = Σ_t a_tj ∂o_t (exact under both rules), per aux head: a linear head with query e_j and
+        key a_t weighs ∂o_t by a_tj."""
+        a = node.attrs
+        hd, h, n = a["head_dim"], a["heads"], self.tmax
+        do = self.x(node, 2).chunks(hd)
+        rows = self._attention_rows(node).chunks(n)
         back_layer = self.layer(("attention_backward", hd, n), lambda: P.Attention(
             self.eye(n), self.eye(n), self.eye(hd), self.eye(hd), softmax=False, mask="full"))
         out, chunks = self.new(self.x(node).width, hd)
-        self.call(back_layer, [[(pos,)] * h, [(c,) for c in row_chunks], [(c,) for c in do]], chunks)
+        self.call(back_layer, [[(self.inputs["positions"],)] * h, [(c,) for c in rows], [(c,) for c in do]], chunks)
+        self.fields[node.name] = out
+
+    def _score_gradient(self, node) -> Field:
+        """g_tj = a_tj·(d_tj − Σ_j' a_tj' d_tj'), d_tj = ⟨∂o_t, v_j⟩, per aux head (h·T wide), once per
+        attention: a causal linear head (query ∂o_t, key v_j, value e_j) gives d_t; products, a row sum
+        and a difference give g_t."""
+        a = node.attrs
+        hd, h, n = a["head_dim"], a["heads"], self.tmax
+        q, k, v, do = (self.x(node, i) for i in range(4))
+        key = ("score_gradient", q, k, v, do)
+        if key not in self.memo:
+            rows = self._attention_rows(node)
+            d_layer = self.layer(("attention_score_products", hd, n), lambda: P.Attention(
+                self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=False, mask="causal"))
+            d, d_chunks = self.new(h * n, n)
+            self.call(d_layer, [[(c,) for c in do.chunks(hd)], [(c,) for c in v.chunks(hd)],
+                                [(self.inputs["positions"],)] * h], d_chunks)
+            weighted = self._product(rows, d)  # a_tj·d_tj
+            sum_layer = self.layer(("row_sum", n), lambda: P.Linear(torch.ones(1, n, dtype=self.dtype)))
+            sums, sum_chunks = self.new(h, 1)
+            self.call(sum_layer, [[(c,) for c in weighted.chunks(n)]], sum_chunks)
+            scale_layer = self.layer(("scale_row", n), lambda: P.Gate(torch.ones(n, 1, dtype=self.dtype), self.eye(n)))
+            scaled, scaled_chunks = self.new(h * n, n)  # (Σ_j' a_tj' d_tj')·a_t
+            self.call(scale_layer, [[(c,) for c in sum_chunks], [(c,) for c in rows.chunks(n)]], scaled_chunks)
+            self.memo[key] = self._difference(weighted, scaled)
+        return self.memo[key]
+
+    def lower_attention_score_backward(self, node):
+        """∂q_t = scale·Σ_j g_tj k_j: a linear head with query g_t and key e_j, value k_j; ∂k_j =
+        scale·Σ_t g_tj q_t: query e_j, key g_t, value q_t."""
+        a = node.attrs
+        hd, h, n = a["head_dim"], a["heads"], self.tmax
+        g = self._score_gradient(node).chunks(n)
+        values = self.x(node, 1 if a["wrt"] == "q" else 0).chunks(hd)
+        pos = [(self.inputs["positions"],)] * h
+        layer = self.layer(("attention_score_backward", hd, n, repr(a["scale"])), lambda: P.Attention(
+            self.eye(n), self.eye(n), a["scale"] * self.eye(hd), self.eye(hd), softmax=False, mask="full"))
+        queries, keys = ([(c,) for c in g], pos) if a["wrt"] == "q" else (pos, [(c,) for c in g])
+        out, chunks = self.new(self.x(node).width, hd)
+        self.call(layer, [queries, keys, [(c,) for c in values]], chunks)
         self.fields[node.name] = out
 
     # -- descent ops: a block's next version -------------------------------------------

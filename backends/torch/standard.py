@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, finish  # noqa: E402
+from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, finish
 
-RUNTIME_IMPORT = "from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, finish  # noqa: E402"
+RUNTIME_IMPORT = "from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, finish"
 
 NULL, VOCAB, TOKENS = "null", "vocab", "tokens"
 ACT = {"identity": lambda x: x, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}

@@ -8,7 +8,8 @@ version n+1 of its trained weights. Finally the forward runs
 once more on the last version: its logits are the graph's output.
 
 Only ops upstream of which some weight trains receive a gradient; with the
-stop-gradient attention rule only v does (q and k get none).
+stop-gradient attention rule only v does (q and k get none); with the exact rule q and k
+get theirs through the scores (attention_score_backward).
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradien
              scale: float = 1000.0) -> PassResult:
     if any(n.kind not in FORWARD_KINDS for n in graph.nodes()):
         return PassResult(graph, False)  # already a training graph: a second run changes nothing
-    if attention != "stop_gradient":
-        raise PassError(f"attention backward rule {attention!r} has no construction yet; allowed: stop_gradient")
-    rules = {"layer_norm": layer_norm, "activation": activation, "scale": float(scale)}
+    rules = {"attention": attention, "layer_norm": layer_norm, "activation": activation, "scale": float(scale)}
     out = Graph(graph.name, {**graph.attrs, "steps": steps, "lr": lr})
     out.weight_shapes = dict(graph.weight_shapes)
     builder = _Builder(graph, out, lr, rules)
@@ -143,7 +142,14 @@ class _Builder:
         if node.kind == "attention":
             q, k, v = node.inputs
             a = node.attrs
-            return [(v, self._add(name, "attention_backward", [self.value[q], self.value[k], dy], node.shape, node,
-                                  heads=a["heads"], head_dim=a["head_dim"], causal=a["causal"], scale=a["scale"],
-                                  rule="stop_gradient"))]
+            out = [(v, self._add(name, "attention_backward", [self.value[q], self.value[k], dy], node.shape, node,
+                                 heads=a["heads"], head_dim=a["head_dim"], causal=a["causal"], scale=a["scale"],
+                                 rule=self.rules["attention"]))]
+            if self.rules["attention"] == "exact":  # through the scores too: q and k learn
+                qkv = [self.value[i] for i in (q, k, v)]
+                out += [(x, self._add(f"{node.name}.bwd_{wrt}@{step}", "attention_score_backward", qkv + [dy],
+                                      node.shape, node, heads=a["heads"], head_dim=a["head_dim"], causal=a["causal"],
+                                      scale=a["scale"], wrt=wrt))
+                        for x, wrt in ((q, "q"), (k, "k")) if x in self.carries_grad]
+            return out
         return []  # embeddings: nothing below them trains
