@@ -61,17 +61,25 @@ def test_standard_view_equals_the_fast_executor_and_the_oracle(family, switches,
         assert _rel(decoded[name] - params[name], update) <= 1e-8, name
 
 
-def test_standard_view_of_the_exact_attention_backward():
-    cfg, model, compiled = _compile("opt", steps=1, approximations={"attention": "exact"},
-                                    kinds=["attn_q", "attn_k", *KINDS])
+EXACT = {"attention": "exact", "layer_norm": "exact", "activation": "exact"}
+
+
+@pytest.mark.parametrize("family,rules", [("opt", {"attention": "exact"}), ("opt", EXACT), ("gpt2", EXACT)])
+def test_standard_view_of_the_exact_rules(family, rules):
+    cfg, model, compiled = _compile(family, steps=1, approximations=rules, kinds=["attn_q", "attn_k", *KINDS])
     ids, train, _ = example_input(model.config.vocab_size, 8, 2, seed=1)
     params = {n: p.detach() for n, p in model.named_parameters()}
     prefixes = compiled.tint.encode(params)
+    view = compiled.tint.standard()
     with torch.no_grad():
         fast_logits, _ = compiled.tint(ids, train, prefixes)
-        logits, _ = compiled.tint.standard()(ids, train, prefixes)
+        logits, _ = view(ids, train, prefixes)
     oracle = approx_gd(compiled.graph, params, ids, train, TrainSettings.from_config(cfg, 2))
     assert _rel(logits, fast_logits) <= 1e-9 and _rel(logits, oracle.logits) <= 1e-9
+    if family == "gpt2" and rules == EXACT:  # tanh units (the exact gelu_tanh derivative) in the export too
+        histogram = op_histogram(view, 8, view.embed(ids, train, prefixes))
+        assert histogram["aten.tanh.default"] > 0
+        assert Counter({op: n for op, n in histogram.items() if op not in VIEWS}) == expected_ops(view)
 
 
 # -- the exported graph ------------------------------------------------------------------------

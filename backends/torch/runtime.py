@@ -26,7 +26,7 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu": F.gelu, "relu": F.relu}
+ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 MASKS = ("causal", "full")
 
 

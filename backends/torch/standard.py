@@ -3,7 +3,8 @@
 Every block is `h ← h + sublayer(h)` over h [B, P, D_sim], with one of three sublayers:
 - attention: heads with dense Q, K, V, O over the stream, softmax or linear (raw scores),
   under a fixed mask over positions;
-- gated MLP: W_o·[σ(W_a h) ⊙ (W_b h)], σ the identity (a bilinear GLU), GELU, tanh-GELU or ReLU;
+- gated MLP: W_o·[σ(W_a h) ⊙ (W_b h)], σ the identity (a bilinear GLU), sigmoid (the GLU of
+  Dauphin et al.), tanh (GTU), GELU, tanh-GELU or ReLU;
 - norm: W_o·LN(W_in h), a layer norm over each group of coordinates that W_in selects (a
   grouped pre-norm; the output projection follows it directly).
 Nothing else touches the stream: no overwrite, no gather or scatter, no copy.
@@ -37,7 +38,8 @@ from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, finish
 RUNTIME_IMPORT = "from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, finish"
 
 NULL, VOCAB, TOKENS = "null", "vocab", "tokens"
-ACT = {"identity": lambda x: x, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+ACT = {"identity": lambda x: x, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
+       "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
 def _dense(w):
