@@ -103,7 +103,11 @@ class Interpreter:
         return self.layer_norm(args[0], w["gain"], w["bias"], node.attrs["eps"])
 
     def op_rms_norm(self, node, args, w):
-        return self.rms_norm(args[0], w["gain"], node.attrs["eps"])
+        x = args[0]
+        upcast = node.attrs.get("upcast")
+        if upcast:  # HF's precision: normalise in float32, cast back, then the gain
+            return w["gain"] * rules.rms_normalise(x.to(getattr(torch, upcast)), node.attrs["eps"]).to(x.dtype)
+        return self.rms_norm(x, w["gain"], node.attrs["eps"])
 
     def op_linear(self, node, args, w):
         return F.linear(args[0], w["weight"], w.get("bias"))

@@ -186,7 +186,9 @@ _specs = [
     OpSpec("layer_norm", 1, {"eps": float}, ("gain", "bias"), _layer_norm,
            "(x - mean) / sqrt(var + eps) * gain + bias over the last axis"),
     OpSpec("rms_norm", 1, {"eps": float}, ("gain",), _layer_norm,
-           "x / sqrt(mean(x²) + eps) * gain over the last axis (LLaMA's RMSNorm: no centring, no bias)"),
+           "x / sqrt(mean(x²) + eps) * gain over the last axis (LLaMA's RMSNorm: no centring, no bias); "
+           "upcast='float32': the normalisation runs in float32 and is cast back before the gain, as HF does",
+           optional_attrs={"upcast": str}),
     OpSpec("linear", 1, {}, ("weight", "bias"), _linear,
            "x @ weight.T + bias with weight [out, in]; bias optional", ("bias",)),
     OpSpec("activation", 1, {"fn": str}, (), _activation, "elementwise activation fn(x)"),

@@ -268,25 +268,33 @@ class Recognizer:
         return self._norm(node, "layer_norm", self.val(node, x), module_of(node),
                           {"gain": self.param(weight), "bias": self.param(bias)}, float(eps))
 
-    def _norm(self, node, kind, x: Val, module: str, weights, eps: float) -> Val:
+    def _norm(self, node, kind, x: Val, module: str, weights, eps: float, **attrs) -> Val:
         layer, _ = self.where(module)
         role = self.role(node, module) if layer >= 0 else "ln_final"
-        return self.emit(role, kind, [x], self.width(x), module, role, weights, eps=eps)
+        return self.emit(role, kind, [x], self.width(x), module, role, weights, eps=eps, **attrs)
 
     def _composite(self, kind: str, run: list[fx.Node]) -> None:
         first, last = run[0], run[-1]
         inside = set(run)
-        for n in run[:-1]:
-            if any(u not in inside for u in n.users):
-                self.fail(n, f"is used outside its module, which does not fit the {kind} pattern")
         external = [a for n in run for a in n.all_input_nodes if a not in inside]
-        vals = [a for a in external if isinstance(self.values.get(a), Val)]
-        x = self.val(first, vals[0])
+        x = self.val(first, next(a for a in external if isinstance(self.values.get(a), Val)))
+        upcast = None
+        for n in run:  # views and casts of the input stay the input (HF's residual reads the cast)
+            if op_name(n) in LAYOUT and self.values.get(n.args[0]) == x:
+                self.values[n] = x
+                dtype = n.kwargs.get("dtype", n.args[1] if len(n.args) > 1 else None)
+                if op_name(n) == "to" and dtype != n.args[0].meta["val"].dtype:
+                    upcast = str(dtype).removeprefix("torch.")  # HF normalises in float32 whatever the dtype
+        for n in run[:-1]:
+            if n not in self.values and any(u not in inside for u in n.users):
+                self.fail(n, f"is used outside its module, which does not fit the {kind} pattern")
         module = module_of(first)
         if kind == "rms_norm":
             gains = [a for a in external if a.name in self.param_of]
             eps = next(n.args[1] for n in run if op_name(n) == "add")
-            self.values[last] = self._norm(first, "rms_norm", x, module, {"gain": self.param(gains[0])}, float(eps))
+            extra = {"upcast": upcast} if upcast else {}
+            self.values[last] = self._norm(first, "rms_norm", x, module, {"gain": self.param(gains[0])}, float(eps),
+                                           **extra)
         else:
             self.values[last] = self._activation(first, x, kind)
 
