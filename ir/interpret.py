@@ -103,11 +103,7 @@ class Interpreter:
         return self.layer_norm(args[0], w["gain"], w["bias"], node.attrs["eps"])
 
     def op_rms_norm(self, node, args, w):
-        x = args[0]
-        upcast = node.attrs.get("upcast")
-        if upcast:  # HF's precision: normalise in float32, cast back, then the gain
-            return w["gain"] * rules.rms_normalise(x.to(getattr(torch, upcast)), node.attrs["eps"]).to(x.dtype)
-        return self.rms_norm(x, w["gain"], node.attrs["eps"])
+        return self.rms_norm(args[0], w["gain"], node.attrs["eps"], node.attrs.get("upcast"))
 
     def op_linear(self, node, args, w):
         return F.linear(args[0], w["weight"], w.get("bias"))
@@ -179,8 +175,8 @@ class Interpreter:
     def layer_norm(self, x, gain, bias, eps):
         return F.layer_norm(x, (x.shape[-1],), gain, bias, eps)
 
-    def rms_norm(self, x, gain, eps):
-        return gain * rules.rms_normalise(x, eps)
+    def rms_norm(self, x, gain, eps, upcast: str | None = None):
+        return gain * rules.rms_normalise_as(x, eps, upcast)
 
     def activation(self, x, fn: str):
         return rules.ACTIVATION_FNS[fn](x)

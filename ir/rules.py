@@ -31,6 +31,13 @@ def rms_normalise(x, eps: float):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def rms_normalise_as(x, eps: float, upcast: str | None):
+    """f(x), computed in `upcast` (a dtype name) and cast back when given: HF's precision."""
+    if upcast is None:
+        return rms_normalise(x, eps)
+    return rms_normalise(x.to(getattr(torch, upcast)), eps).to(x.dtype)
+
+
 def rms_norm_backward(x, gain, dy, eps: float, rule: str, scale: float):
     """∂x of y = f(x)·γ, f the RMS normalisation. finite_difference: N·[f(x + γ⊙∂y/N) − f(x)]."""
     g = gain * dy

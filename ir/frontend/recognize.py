@@ -333,7 +333,7 @@ class Recognizer:
 
     def op_mul(self, node, a, b):
         va, vb = (self.values.get(v) if isinstance(v, fx.Node) else v for v in (a, b))
-        if isinstance(va, Val) and isinstance(vb, (int, float)):  # a scalar factor: only q/k may take one
+        if isinstance(va, Val) and isinstance(vb, (int, float)) and _reaches_attention(node):  # q/k scaling
             return replace(va, scale=va.scale * vb, origin=f"{module_of(node)}: {node.name}, {source_of(node)}")
         if isinstance(va, Val) and isinstance(vb, Val):  # the gated MLP's product
             x, y = self.val(node, a), self.val(node, b)
@@ -405,6 +405,18 @@ class Recognizer:
         if not isinstance(logits, Val) or self.graph.node(logits.name).kind != "lm_head":
             self.fail(node, "the model's output is not the unembedding's logits")
         self.emit("out", "output", [logits], self.width(logits), "", layer=-1)
+
+
+def _reaches_attention(node: fx.Node) -> bool:
+    """Does this value reach an attention op through views only?"""
+    frontier = list(node.users)
+    while frontier:
+        user = frontier.pop()
+        if op_name(user) == "scaled_dot_product_attention":
+            return True
+        if op_name(user) in LAYOUT:
+            frontier += list(user.users)
+    return False
 
 
 def _feeds_split(node: fx.Node) -> bool:
