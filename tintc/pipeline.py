@@ -33,6 +33,7 @@ from ir.text import dump  # noqa: E402
 
 from . import metrics  # noqa: E402
 from .config import TintcConfig  # noqa: E402
+from .errors import ConfigError  # noqa: E402
 from .files import write_files  # noqa: E402
 from .report import save_report  # noqa: E402
 from .fidelity import example_input, fidelity_rows, render  # noqa: E402
@@ -47,7 +48,13 @@ def load_aux_model(cfg: TintcConfig):
 
 
 def trace(cfg: TintcConfig, model) -> Graph:
-    return ir.frontend.trace(model, name=cfg.name)
+    graph = ir.frontend.trace(model, name=cfg.name)
+    length = cfg.max_length(graph.attrs["max_positions"])
+    windows = sorted({n.attrs["window"] for n in graph.nodes() if "window" in n.attrs})
+    if windows and windows[0] < length:  # the TinT's attention sees every earlier token
+        raise ConfigError(f"model.config.sliding_window: got {windows[0]}, shorter than the TinT's max length "
+                          f"{length}; allowed: a window of at least tint.max_length (or none)")
+    return graph
 
 
 def train_graph(cfg: TintcConfig, graph: Graph) -> Graph:
