@@ -169,12 +169,17 @@ def text_input(cfg: TintcConfig, graph: Graph, path, length: int):
     return torch.tensor(ids[:length])[None]
 
 
-def reference_table(cfg: TintcConfig, length: int | None = None, batch: int = 1):
-    """The oracle's fidelity table on a seeded random input (half train, half test)."""
+def reference_table(cfg: TintcConfig, length: int | None = None, batch: int = 1, text=None):
+    """The oracle's fidelity table on a seeded random input, or on a text file (half train, half test)."""
     model = load_aux_model(cfg)
     graph = trace(cfg, model)
     length = length or min(64, graph.attrs["max_positions"])
     input_ids, train_mask, label_mask = example_input(graph.attrs["vocab"], length, batch, seed=cfg.model.seed)
+    if text is not None:
+        input_ids = text_input(cfg, graph, text, length)
+        n = input_ids.shape[1]
+        train_mask, label_mask = train_mask[:1, :n], label_mask[:1, :n]
+        length = n
     settings = TrainSettings.from_config(cfg, graph.attrs["n_layer"])
     rows = fidelity_rows(model, graph, input_ids, train_mask, settings, label_mask)
     t = cfg.tint.train
