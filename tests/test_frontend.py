@@ -74,25 +74,11 @@ def trace_error(model) -> FrontendError:
     return info.value
 
 
-def test_opt_post_layer_norm_is_refused():
-    err = trace_error(tiny_model("opt", do_layer_norm_before=False))
-    assert err.problems == [
-        "model.decoder.layers.*: do_layer_norm_before=False (post-layer-norm, e.g. OPT-350m) is not supported "
-        "yet; allowed: do_layer_norm_before=True"
-    ]
-    assert str(err).startswith("cannot trace OPTForCausalLM: ")
-
-
-def test_opt_projected_embeddings_are_refused():
-    err = trace_error(tiny_model("opt", word_embed_proj_dim=16))
-    assert len(err.problems) == 1
-    assert err.problems[0].startswith("model.decoder.project_in/project_out: word_embed_proj_dim=16 differs "
-                                      "from hidden_size=32")
-
-
 def test_every_opt_problem_is_listed_at_once():
-    err = trace_error(tiny_model("opt", do_layer_norm_before=False, word_embed_proj_dim=16))
-    assert [p.split(":")[0] for p in err.problems] == ["model.decoder.layers.*", "model.decoder.project_in/project_out"]
+    err = trace_error(tiny_model("opt", activation_function="silu", layer_norm_elementwise_affine=False))
+    assert [p.split(":")[0] for p in err.problems] == ["model.decoder.layers.*.self_attn_layer_norm",
+                                                       "model.decoder.layers.*.activation_fn"]
+    assert str(err).startswith("cannot trace OPTForCausalLM: ")
 
 
 def test_gpt2_cross_attention_is_refused():

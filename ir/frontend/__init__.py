@@ -98,14 +98,15 @@ def _recognise(adapter: Adapter, model, name: str, headline: str) -> Graph:
         raise FrontendError(f"torch.export failed: {type(err).__name__}: {str(err).splitlines()[0]}", headline)
     graph = Recognizer(adapter, model, program, name).run()
     nodes = graph.nodes()
-    first = {kind: next((n for n in nodes if n.kind == kind), None) for kind in ("embed", "attention", "lm_head")}
+    residual = next((n for n in nodes if n.kind == "add" and n.attrs["layer"] >= 0), None)  # on the stream
+    attention = next((n for n in nodes if n.kind == "attention"), None)
+    head = next((n for n in nodes if n.kind == "lm_head"), None)
     ffn = next((n for n in nodes if n.attrs.get("role") in ("mlp_in", "mlp_up")), None)
-    if None in first.values() or ffn is None:
-        raise FrontendError("the trace has no token embedding, attention, MLP or unembedding", headline)
-    graph.attrs = {"family": adapter.family, "d_model": first["embed"].shape[-1],
-                   "n_layer": 1 + max(n.attrs["layer"] for n in nodes), "n_head": first["attention"].attrs["heads"],
-                   "d_ffn": ffn.shape[-1], "vocab": first["lm_head"].shape[-1],
-                   "max_positions": adapter.max_positions(model)}
+    if None in (residual, attention, head, ffn):
+        raise FrontendError("the trace has no residual add, attention, MLP or unembedding", headline)
+    graph.attrs = {"family": adapter.family, "d_model": residual.shape[-1],
+                   "n_layer": 1 + max(n.attrs["layer"] for n in nodes), "n_head": attention.attrs["heads"],
+                   "d_ffn": ffn.shape[-1], "vocab": head.shape[-1], "max_positions": adapter.max_positions(model)}
     return graph
 
 

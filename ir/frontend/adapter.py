@@ -19,6 +19,7 @@ class Adapter:
     layers: str  # module path of the decoder layers' list, e.g. "transformer.h"
     # module path inside a layer -> op role; a tuple: a fused projection, split in this order
     roles: dict[str, str | tuple[str, ...]]
+    outer_roles: dict[str, str] = {}  # module path outside the layers -> op role (e.g. OPT's project_in)
     head: str = "lm_head"  # module path of the unembedding
     position_offset: int = 0  # learned positions: the table row of position 0
 

@@ -1,5 +1,6 @@
-"""OPT adapter: OPTForCausalLM (pre-LN). Positions are offset by 2; HF scales q by
-head_dim**-0.5 before attention, which the trace folds into the attention score scale."""
+"""OPT adapter: OPTForCausalLM, pre-LN (OPT-125m) or post-LN with project_in/out (OPT-350m).
+Positions are offset by 2; HF scales q by head_dim**-0.5 before attention, which the trace
+folds into the attention score scale."""
 
 from __future__ import annotations
 
@@ -17,17 +18,12 @@ class OPTAdapter(Adapter):
     roles = {"self_attn_layer_norm": "ln_attn", "self_attn.q_proj": "q", "self_attn.k_proj": "k",
              "self_attn.v_proj": "v", "self_attn.out_proj": "o", "final_layer_norm": "ln_mlp",
              "fc1": "mlp_in", "fc2": "mlp_out"}
+    outer_roles = {"model.decoder.project_in": "project_in", "model.decoder.project_out": "project_out"}
     position_offset = 2  # OPTLearnedPositionalEmbedding reserves the first two rows
 
     def check(self, model) -> list[str]:
         c = model.config
         problems = []
-        if not c.do_layer_norm_before:
-            problems.append("model.decoder.layers.*: do_layer_norm_before=False (post-layer-norm, e.g. "
-                            "OPT-350m) is not supported yet; allowed: do_layer_norm_before=True")
-        if c.word_embed_proj_dim != c.hidden_size:
-            problems.append(f"model.decoder.project_in/project_out: word_embed_proj_dim={c.word_embed_proj_dim} "
-                            f"differs from hidden_size={c.hidden_size}; projected embeddings are not supported")
         if c.do_layer_norm_before and model.model.decoder.final_layer_norm is None:  # post-LN has none
             problems.append("model.decoder.final_layer_norm: missing (_remove_final_layer_norm=True) is not supported")
         if not c.layer_norm_elementwise_affine:

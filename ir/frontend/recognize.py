@@ -135,10 +135,11 @@ class Recognizer:
 
     def role(self, node: fx.Node, module: str, index: int = 0) -> str:
         layer, inner = self.where(module)
-        roles = self.adapter.roles.get(inner) if layer >= 0 else None
+        roles = self.adapter.roles.get(inner) if layer >= 0 else self.adapter.outer_roles.get(module)
         if roles is None:
+            known = [f"{self.adapter.layers}.N.{r}" for r in self.adapter.roles] + list(self.adapter.outer_roles)
             self.fail(node, f"module {module!r} has no role in the {self.adapter.family} adapter; known: "
-                            + ", ".join(f"{self.adapter.layers}.N.{r}" for r in self.adapter.roles))
+                            + ", ".join(known))
         return roles[index] if isinstance(roles, tuple) else roles
 
     def fail(self, node: fx.Node, why: str):

@@ -29,8 +29,8 @@ def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradien
              scale: float = 1000.0) -> PassResult:
     if any(n.kind not in FORWARD_KINDS for n in graph.nodes()):
         return PassResult(graph, False)  # already a training graph: a second run changes nothing
-    missing = [f"node %{n.name} ({n.attrs.get('module', '')}): {_unsupported(n)} has no TinT construction yet; "
-               "allowed: the ops of GPT-2 and pre-LN OPT" for n in graph.nodes() if _unsupported(n)]
+    missing = [f"node %{n.name} ({n.attrs.get('module', '')}): {_unsupported(graph, n)} has no TinT construction "
+               "yet; allowed: the ops of GPT-2 and pre-LN OPT" for n in graph.nodes() if _unsupported(graph, n)]
     if missing:
         raise PassError(missing)
     if attention != "stop_gradient":
@@ -46,9 +46,13 @@ def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradien
     return PassResult(out, True)
 
 
-def _unsupported(node: Node) -> str | None:
+def _unsupported(graph: Graph, node: Node) -> str | None:
     if node.kind in NO_CONSTRUCTION:
         return f"a {node.kind} op"
+    if node.kind == "linear" and node.attrs.get("layer", -1) < 0:
+        return "a linear map outside the layers"
+    if node.kind == "lm_head" and graph.node(node.inputs[0]).attrs.get("role") != "ln_final":
+        return "an unembedding not fed by a final norm (post-LN)"
     extras = [k for k in ("kv_heads", "window") if k in node.attrs]
     if node.kind == "attention" and (node.attrs["positions"] != "none" or extras):
         return f"attention with positions={node.attrs['positions']!r}" + "".join(f", {k}" for k in extras)
