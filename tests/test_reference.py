@@ -115,7 +115,9 @@ def _approx_error(family, scale, **rule):
 
 @pytest.mark.parametrize("family,rule", [("gpt2", {"layer_norm": "finite_difference"}),
                                           ("gpt2", {"activation": "finite_difference"}),
-                                          ("opt", {"layer_norm": "finite_difference"})])
+                                          ("opt", {"layer_norm": "finite_difference"}),
+                                          ("llama", {"layer_norm": "finite_difference"}),  # RMSNorm
+                                          ("llama", {"activation": "finite_difference"})])  # the gate's SiLU
 def test_finite_difference_error_falls_linearly_in_one_over_n(family, rule):
     errors = [_approx_error(family, n, **rule) for n in (1e2, 1e3, 1e4)]
     assert errors[0] > 1e-6  # the approximation is visible at N=100
