@@ -102,15 +102,29 @@ class Interpreter:
     def op_layer_norm(self, node, args, w):
         return self.layer_norm(args[0], w["gain"], w["bias"], node.attrs["eps"])
 
+    def op_rms_norm(self, node, args, w):
+        return self.rms_norm(args[0], w["gain"], node.attrs["eps"], node.attrs.get("upcast"))
+
     def op_linear(self, node, args, w):
         return F.linear(args[0], w["weight"], w.get("bias"))
 
     def op_activation(self, node, args, w):
         return self.activation(args[0], node.attrs["fn"])
 
+    def op_mul(self, node, args, w):
+        return args[0] * args[1]
+
     def op_attention(self, node, args, w):
-        q, k, v = (_heads(x, node.attrs["heads"]) for x in args)  # [B, H, T, hd]
-        return _merge(self.attention(q, k, v, node.attrs["scale"], node.attrs["causal"]))
+        a = node.attrs
+        kv_heads = a.get("kv_heads", a["heads"])
+        q = _heads(args[0], a["heads"])  # [B, H, T, hd]
+        k, v = (_heads(x, kv_heads) for x in args[1:])  # [B, H_kv, T, hd]
+        if a["positions"] == "rope":
+            cos, sin = rules.rope_cos_sin(q.shape[-2], a["rotary_dim"], a["rope_theta"], q.dtype)
+            q, k = rules.apply_rope(q, cos, sin), rules.apply_rope(k, cos, sin)
+        # grouped-query: each k/v head serves heads/kv_heads consecutive query heads
+        k, v = (x.repeat_interleave(a["heads"] // kv_heads, dim=1) for x in (k, v))
+        return _merge(self.attention(q, k, v, a["scale"], a["causal"], a.get("window")))
 
     def op_lm_head(self, node, args, w):
         return args[0] @ w["weight"].T
@@ -166,11 +180,14 @@ class Interpreter:
     def layer_norm(self, x, gain, bias, eps):
         return F.layer_norm(x, (x.shape[-1],), gain, bias, eps)
 
+    def rms_norm(self, x, gain, eps, upcast: str | None = None):
+        return gain * rules.rms_normalise_as(x, eps, upcast)
+
     def activation(self, x, fn: str):
         return rules.ACTIVATION_FNS[fn](x)
 
-    def attention(self, q, k, v, scale: float, causal: bool):
-        return rules.attention_probs(q, k, scale, causal) @ v
+    def attention(self, q, k, v, scale: float, causal: bool, window: int | None = None):
+        return rules.attention_probs(q, k, scale, causal, window) @ v
 
 
 def _heads(x, heads: int):

@@ -21,8 +21,9 @@ T = "T"
 COMMON_ATTRS = {"module": str, "layer": int, "role": str, "train": str, "prefixes": int, "head_width": int,
                 "group_width": int}
 
-ACTIVATIONS = ("gelu_tanh", "gelu", "relu")  # gelu_tanh = GPT-2's gelu_new
-POSITION_SCHEMES = ("none",)  # absolute positions are added by pos_embed; rotary/alibi later
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")  # gelu_tanh = GPT-2's gelu_new
+# none: absolute positions are added by pos_embed; rope: q and k are rotated inside attention
+POSITION_SCHEMES = ("none", "rope")
 MASKS = ("train", "label")
 BACKWARD_RULES = ("finite_difference", "exact")  # layer norm and activation backward
 ATTENTION_RULES = ("stop_gradient", "exact")  # attention backward: scores constant, or differentiated
@@ -37,6 +38,7 @@ class OpSpec:
     infer: Callable  # (input shapes, attrs, weight shapes by slot) -> output shape or error str
     doc: str
     optional_weights: tuple[str, ...] = field(default=())  # slots that may be absent
+    optional_attrs: dict[str, type] = field(default_factory=dict)  # attributes that may be absent
 
 
 def _input(shapes, attrs, w):
@@ -81,11 +83,25 @@ def _activation(shapes, attrs, w):
 
 def _attention(shapes, attrs, w):
     q, k, v = shapes
-    width = attrs["heads"] * attrs["head_dim"]
-    if not (q == k == v == (T, width)):
-        return f"q, k, v must all be [T, {width}] (heads*head_dim), got {[list(s) for s in shapes]}"
+    heads, hd = attrs["heads"], attrs["head_dim"]
+    kv_heads = attrs.get("kv_heads", heads)
+    if kv_heads < 1 or heads % kv_heads:
+        return f"kv_heads={kv_heads} does not divide heads={heads}"
+    if not (q == (T, heads * hd) and k == v == (T, kv_heads * hd)):
+        return (f"q must be [T, {heads * hd}] (heads*head_dim) and k, v [T, {kv_heads * hd}] (kv_heads*head_dim), "
+                f"got {[list(s) for s in shapes]}")
     if attrs["positions"] not in POSITION_SCHEMES:
         return f"positions={attrs['positions']!r}; allowed: {', '.join(POSITION_SCHEMES)}"
+    rope = {"rope_theta", "rotary_dim"} & set(attrs)
+    if attrs["positions"] == "rope" and len(rope) < 2:
+        return "positions='rope' needs rope_theta and rotary_dim"
+    if attrs["positions"] != "rope" and rope:
+        return f"{sorted(rope)} are only allowed with positions='rope'"
+    rotary = attrs.get("rotary_dim", 2)
+    if rotary % 2 or not 0 < rotary <= hd:
+        return f"rotary_dim={rotary}; allowed: an even number in 2..head_dim={hd}"
+    if attrs.get("window", 1) < 1:
+        return f"window={attrs['window']}; allowed: an integer >= 1"
     return q
 
 
@@ -176,12 +192,21 @@ _specs = [
     OpSpec("add", 2, {}, (), _same, "residual addition a + b"),
     OpSpec("layer_norm", 1, {"eps": float}, ("gain", "bias"), _layer_norm,
            "(x - mean) / sqrt(var + eps) * gain + bias over the last axis"),
+    OpSpec("rms_norm", 1, {"eps": float}, ("gain",), _layer_norm,
+           "x / sqrt(mean(x²) + eps) * gain over the last axis (LLaMA's RMSNorm: no centring, no bias); "
+           "upcast='float32': the normalisation runs in float32 and is cast back before the gain, as HF does",
+           optional_attrs={"upcast": str}),
     OpSpec("linear", 1, {}, ("weight", "bias"), _linear,
            "x @ weight.T + bias with weight [out, in]; bias optional", ("bias",)),
     OpSpec("activation", 1, {"fn": str}, (), _activation, "elementwise activation fn(x)"),
+    OpSpec("mul", 2, {}, (), _same, "elementwise product a ⊙ b (a gated MLP: act(gate) ⊙ up)"),
     OpSpec("attention", 3, {"heads": int, "head_dim": int, "causal": bool, "scale": float,
                             "positions": str}, (), _attention,
-           "multi-head softmax attention of (q, k, v), scores scaled by `scale`"),
+           "multi-head softmax attention of (q, k, v), scores scaled by `scale`; with kv_heads < heads "
+           "(grouped-query) query head h reads k/v head h // (heads / kv_heads); positions='rope' rotates "
+           "the first rotary_dim coordinates of every q and k head by position·rope_theta^(-2i/rotary_dim) "
+           "(halves layout); window: query t sees keys j with t − j < window",
+           optional_attrs={"kv_heads": int, "rope_theta": float, "rotary_dim": int, "window": int}),
     OpSpec("lm_head", 1, {}, ("weight",), _lm_head, "logits = x @ weight.T (weight [vocab, D])"),
     OpSpec("output", 1, {}, (), _output, "marks the graph's result (the logits)"),
     # training graph: inputs, the loss gradient, backward and descent ops

@@ -18,12 +18,50 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-ACTIVATION_FNS = {"gelu_tanh": gelu_tanh, "gelu": F.gelu, "relu": F.relu}
+ACTIVATION_FNS = {"gelu_tanh": gelu_tanh, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
 def normalise(x, eps: float):
     """f(x) = (x − mean) / sqrt(var + eps) over the last axis (layer norm without affine)."""
     return F.layer_norm(x, (x.shape[-1],), None, None, eps)
+
+
+def rms_normalise(x, eps: float):
+    """f(x) = x / sqrt(mean(x²) + eps) over the last axis (RMSNorm without gain), in HF's op order."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rms_normalise_as(x, eps: float, upcast: str | None):
+    """f(x), computed in `upcast` (a dtype name) and cast back when given: HF's precision."""
+    if upcast is None:
+        return rms_normalise(x, eps)
+    return rms_normalise(x.to(getattr(torch, upcast)), eps).to(x.dtype)
+
+
+def rms_norm_backward(x, gain, dy, eps: float, rule: str, scale: float):
+    """∂x of y = f(x)·γ, f the RMS normalisation. finite_difference: N·[f(x + γ⊙∂y/N) − f(x)]."""
+    g = gain * dy
+    if rule == "finite_difference":
+        return scale * (rms_normalise(x + g * (1.0 / scale), eps) - rms_normalise(x, eps))
+    return torch.func.vjp(lambda v: rms_normalise(v, eps), x)[1](g)[0]
+
+
+def rope_cos_sin(length: int, rotary_dim: int, theta: float, dtype):
+    """cos, sin [T, rotary_dim] of the rotary embedding (halves layout), computed in float32 as
+    Hugging Face computes them, then cast to `dtype`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]  # [T, rotary_dim/2]
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the first cos.shape[-1] coordinates of x [B, H, T, hd]: x·cos + rotate_half(x)·sin."""
+    rotary = cos.shape[-1]
+    rot, rest = x[..., :rotary], x[..., rotary:]
+    first, second = rot[..., : rotary // 2], rot[..., rotary // 2 :]
+    rotated = rot * cos + torch.cat([-second, first], dim=-1) * sin
+    return torch.cat([rotated, rest], dim=-1) if rest.shape[-1] else rotated
 
 
 def layer_norm_backward(x, gain, dy, eps: float, rule: str, scale: float):
@@ -44,12 +82,18 @@ def activation_backward(x, dy, fn: str, rule: str, scale: float):
     return torch.func.vjp(sigma, x)[1](dy)[0]
 
 
-def attention_probs(q, k, scale: float, causal: bool):
-    """a[b, h, t, j] = softmax_j(scale·⟨q_t, k_j⟩) on [B, H, T, hd] tensors."""
+def attention_probs(q, k, scale: float, causal: bool, window: int | None = None):
+    """a[b, h, t, j] = softmax_j(scale·⟨q_t, k_j⟩) on [B, H, T, hd] tensors; with a window, query t
+    sees only keys j with t − j < window."""
     scores = (q @ k.transpose(-1, -2)) * scale
+    t = q.shape[-2]
+    hidden = torch.zeros(t, t, dtype=torch.bool, device=q.device)
     if causal:
-        t = q.shape[-2]
-        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        hidden |= torch.ones_like(hidden).triu(1)
+    if window is not None:
+        hidden |= torch.ones_like(hidden).tril(-window)
+    if hidden.any():
+        scores = scores.masked_fill(hidden, float("-inf"))
     return scores.softmax(-1)
 
 

@@ -32,7 +32,7 @@ def _check_node(graph: Graph, node, shapes: dict) -> list[str]:
     problems = []
     if len(node.inputs) != spec.inputs:
         problems.append(f"{where}: takes {spec.inputs} inputs, got {len(node.inputs)}")
-    allowed_attrs = {**COMMON_ATTRS, **spec.attrs}
+    allowed_attrs = {**COMMON_ATTRS, **spec.attrs, **spec.optional_attrs}
     for key, typ in spec.attrs.items():
         if key not in node.attrs:
             problems.append(f"{where}: missing attribute {key!r} ({typ.__name__})")

@@ -24,6 +24,22 @@ TINY: dict[str, dict] = {
         max_position_embeddings=32, word_embed_proj_dim=32,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     ),
+    # LLaMA-style rows: grouped-query attention (4 query heads, 2 k/v heads), tied embeddings
+    "llama": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ),
+    "qwen2": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ),
+    "mistral": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32, sliding_window=None,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ),
 }
 
 # Smaller still, for the standard view (backends/torch/standard.py), whose dense projections

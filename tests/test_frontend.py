@@ -1,10 +1,12 @@
 """The frontend: supported variants trace and reproduce the HF logits; unsupported models
 fail with a FrontendError naming the module path and the reason; local checkpoints load."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import BloomConfig, BloomForCausalLM
 
 from ir.frontend import ADAPTERS, load_model, trace
 from ir.text import dump, parse
@@ -72,25 +74,11 @@ def trace_error(model) -> FrontendError:
     return info.value
 
 
-def test_opt_post_layer_norm_is_refused():
-    err = trace_error(tiny_model("opt", do_layer_norm_before=False))
-    assert err.problems == [
-        "model.decoder.layers.*: do_layer_norm_before=False (post-layer-norm, e.g. OPT-350m) is not supported "
-        "yet; allowed: do_layer_norm_before=True"
-    ]
-    assert str(err).startswith("cannot trace OPTForCausalLM: ")
-
-
-def test_opt_projected_embeddings_are_refused():
-    err = trace_error(tiny_model("opt", word_embed_proj_dim=16))
-    assert len(err.problems) == 1
-    assert err.problems[0].startswith("model.decoder.project_in/project_out: word_embed_proj_dim=16 differs "
-                                      "from hidden_size=32")
-
-
 def test_every_opt_problem_is_listed_at_once():
-    err = trace_error(tiny_model("opt", do_layer_norm_before=False, word_embed_proj_dim=16))
-    assert [p.split(":")[0] for p in err.problems] == ["model.decoder.layers.*", "model.decoder.project_in/project_out"]
+    err = trace_error(tiny_model("opt", activation_function="silu", layer_norm_elementwise_affine=False))
+    assert [p.split(":")[0] for p in err.problems] == ["model.decoder.layers.*.self_attn_layer_norm",
+                                                       "model.decoder.layers.*.activation_fn"]
+    assert str(err).startswith("cannot trace OPTForCausalLM: ")
 
 
 def test_gpt2_cross_attention_is_refused():
@@ -108,18 +96,17 @@ def test_unsupported_activation_is_refused():
 
 def test_unsupported_model_class_lists_the_supported_ones():
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=64, max_position_embeddings=32,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0))
-    err = trace_error(llama)
-    assert str(err) == ("frontend error: model class LlamaForCausalLM is not supported; supported: "
-                        "GPT2LMHeadModel, OPTForCausalLM")
+    bloom = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=1, n_head=4, vocab_size=64,
+                                         bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    err = trace_error(bloom)
+    assert str(err) == ("frontend error: model class BloomForCausalLM is not supported; supported: "
+                        "GPT2LMHeadModel, OPTForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM")
 
 
 def test_unknown_family_is_refused():
-    with pytest.raises(FrontendError, match="model family 'llama' is not supported; supported: gpt2, opt"):
-        load_model("llama", "/nonexistent")
+    with pytest.raises(FrontendError, match="model family 'bloom' is not supported; supported: gpt2, llama, "
+                                            "mistral, opt, qwen2"):
+        load_model("bloom", "/nonexistent")
 
 
 def test_extra_parameter_names_its_module():
@@ -130,16 +117,28 @@ def test_extra_parameter_names_its_module():
     assert "module transformer.h.1.extra holds a parameter that no op of the gpt2 adapter reads" in err.problems[0]
 
 
-def test_changed_behaviour_fails_the_logits_check():
-    model = tiny_model("gpt2")
-    mlp = model.transformer.h[0].mlp
-    original = mlp.forward
-    # Note: `+ 1.0` would go unnoticed, since every later layer norm removes a constant shift.
-    mlp.forward = lambda x: original(x) * 2.0
+@pytest.mark.parametrize("family, module, mlp", [("gpt2", "transformer.h.0.mlp", lambda m: m.transformer.h[0].mlp),
+                                                  ("llama", "model.layers.0.mlp", lambda m: m.model.layers[0].mlp)])
+def test_an_unrecognised_op_names_its_module_path_aten_op_and_source_line(family, module, mlp):
+    model = tiny_model(family)
+    patched = mlp(model)
+    original = patched.forward
+    patched.forward = lambda x: original(x) * 2.0  # a scaled MLP output: no IR pattern
     err = trace_error(model)
     assert len(err.problems) == 1
-    assert "the gpt2 adapter missed or misread an op" in err.problems[0]
+    assert err.problems[0].startswith(f"{module}: aten.mul (")
+    assert re.search(r"\(mul_\d+, modeling_\w+\.py:\d+\)", err.problems[0])  # fx node and source line
+    assert "matches no pattern the IR knows" in err.problems[0]
+
+
+def test_changed_behaviour_that_traces_fails_the_logits_check(monkeypatch):
+    model = tiny_model("gpt2")
+    # the trace reads the position offset from the adapter: a wrong one is caught by the logits
+    monkeypatch.setattr(type(ADAPTERS["gpt2"]), "position_offset", 1)
+    err = trace_error(model)
+    assert len(err.problems) == 1
     assert err.problems[0].startswith("the traced graph gives logits ")
+    assert "the gpt2 adapter missed or misread an op" in err.problems[0]
 
 
 # -- local checkpoints --------------------------------------------------------------

@@ -127,4 +127,5 @@ def test_run_passes_verifies_after_each_pass(traced):
         run_passes(graph, [(select_train, OPTIONS), (select_train, OPTIONS), (breaks_the_graph, {})])
     assert info.value.headline == "pass breaks_the_graph failed (passes before it: select_train, select_train)"
     assert info.value.problems == [
-        "node %h0.attn (attention): q, k, v must all be [T, 24] (heads*head_dim), got [['T', 32], ['T', 32], ['T', 32]]"]
+        "node %h0.attn (attention): q must be [T, 24] (heads*head_dim) and k, v [T, 24] (kv_heads*head_dim), "
+        "got [['T', 32], ['T', 32], ['T', 32]]"]

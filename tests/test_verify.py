@@ -87,7 +87,7 @@ def _missing_weight_slot(g):
 
 
 def _bad_activation(g):
-    g.node("h1.act").attrs["fn"] = "silu"
+    g.node("h1.act").attrs["fn"] = "swish"
 
 
 CORRUPTIONS = [
@@ -104,7 +104,7 @@ CORRUPTIONS = [
     (_rank0_input, "node %h0.mlp_in (linear): cannot take inputs of shapes [[]]"),
     (_two_outputs, "graph gpt2: needs exactly one output op, has 2"),
     (_missing_weight_slot, "node %ln_final (layer_norm): missing weight slot 'gain'"),
-    (_bad_activation, "node %h1.act (activation): fn='silu'; allowed: gelu_tanh, gelu, relu"),
+    (_bad_activation, "node %h1.act (activation): fn='swish'; allowed: gelu_tanh, gelu, relu, silu"),
 ]
 
 

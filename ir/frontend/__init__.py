@@ -1,9 +1,10 @@
-"""Frontend: a Hugging Face causal LM -> IR graph, through one small adapter per family.
+"""Frontend: a Hugging Face causal LM -> IR graph: `torch.export`, then recognition.
 
-An adapter (one file each: gpt2.py, opt.py) knows its HF classes, checks that the
-model's settings and modules are ones it understands, and emits the IR ops of the
-model in execution order. `trace` then verifies the graph and checks it numerically:
-the IR interpreter must reproduce the HF logits, which proves no op was missed.
+`trace` exports the model (`use_cache=False`, the default attention), recognises IR
+ops in the exported ATen graph (recognize.py), verifies the graph and checks it
+numerically: the IR interpreter must reproduce the HF logits. An adapter per family
+(one small file each, registered in ADAPTERS) adds what the graph cannot give: module
+roles, config settings, and the settings it refuses.
 """
 
 from __future__ import annotations
@@ -19,9 +20,15 @@ from ..interpret import Interpreter
 from ..verify import verify
 from .adapter import Adapter
 from .gpt2 import GPT2Adapter
+from .llama import LlamaAdapter
+from .mistral import MistralAdapter
 from .opt import OPTAdapter
+from .qwen2 import Qwen2Adapter
+from .recognize import Recognizer
 
-ADAPTERS: dict[str, Adapter] = {a.family: a for a in (GPT2Adapter(), OPTAdapter())}
+ADAPTERS: dict[str, Adapter] = {
+    a.family: a for a in (GPT2Adapter(), OPTAdapter(), LlamaAdapter(), Qwen2Adapter(), MistralAdapter())}
+EXPORT_LENGTH = 8  # tokens in the example input of the export (graphs are shape-specialised)
 
 
 def adapter_for(family: str) -> Adapter:
@@ -70,7 +77,7 @@ def trace(model, name: str | None = None) -> Graph:
     problems = adapter.check(model)
     if problems:
         raise FrontendError(problems, headline)
-    graph = adapter.build(model, name)
+    graph = _recognise(adapter, model, name or family, headline)
     params = dict(model.named_parameters())
     verify(graph, params)
     unread = [n for n in params if n not in graph.weight_shapes]
@@ -79,6 +86,27 @@ def trace(model, name: str | None = None) -> Graph:
             [f"{n}: module {n.rsplit('.', 1)[0]} holds a parameter that no op of the {family} adapter reads; "
              "this module is not supported" for n in unread], headline)
     _check_logits(graph, model, params, headline)
+    return graph
+
+
+def _recognise(adapter: Adapter, model, name: str, headline: str) -> Graph:
+    length = min(EXPORT_LENGTH, adapter.max_positions(model))
+    ids = torch.zeros(1, length, dtype=torch.long)
+    try:
+        program = torch.export.export(model, (ids,), {"use_cache": False})
+    except Exception as err:  # noqa: BLE001 - any export failure is a frontend problem of this model
+        raise FrontendError(f"torch.export failed: {type(err).__name__}: {str(err).splitlines()[0]}", headline)
+    graph = Recognizer(adapter, model, program, name).run()
+    nodes = graph.nodes()
+    residual = next((n for n in nodes if n.kind == "add" and n.attrs["layer"] >= 0), None)  # on the stream
+    attention = next((n for n in nodes if n.kind == "attention"), None)
+    head = next((n for n in nodes if n.kind == "lm_head"), None)
+    ffn = next((n for n in nodes if n.attrs.get("role") in ("mlp_in", "mlp_up")), None)
+    if None in (residual, attention, head, ffn):
+        raise FrontendError("the trace has no residual add, attention, MLP or unembedding", headline)
+    graph.attrs = {"family": adapter.family, "d_model": residual.shape[-1],
+                   "n_layer": 1 + max(n.attrs["layer"] for n in nodes), "n_head": attention.attrs["heads"],
+                   "d_ffn": ffn.shape[-1], "vocab": head.shape[-1], "max_positions": adapter.max_positions(model)}
     return graph
 
 

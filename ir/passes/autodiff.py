@@ -21,8 +21,9 @@ from tintc.errors import PassError
 from ..graph import Graph, Node
 from . import PassResult
 
-FORWARD_KINDS = {"input", "embed", "pos_embed", "add", "layer_norm", "linear", "activation", "attention",
-                 "lm_head", "output"}
+FORWARD_KINDS = {"input", "embed", "pos_embed", "add", "layer_norm", "rms_norm", "linear", "activation", "mul",
+                 "attention", "lm_head", "output"}
+NO_CONSTRUCTION = {"rms_norm", "mul"}  # forward ops the TinT cannot simulate yet (issue 12)
 
 
 def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradient",
@@ -30,6 +31,10 @@ def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradien
              scale: float = 1000.0) -> PassResult:
     if any(n.kind not in FORWARD_KINDS for n in graph.nodes()):
         return PassResult(graph, False)  # already a training graph: a second run changes nothing
+    missing = [f"node %{n.name} ({n.attrs.get('module', '')}): {_unsupported(graph, n)} has no TinT construction "
+               "yet; allowed: the ops of GPT-2 and pre-LN OPT" for n in graph.nodes() if _unsupported(graph, n)]
+    if missing:
+        raise PassError(missing)
     rules = {"attention": attention, "layer_norm": layer_norm, "activation": activation, "scale": float(scale)}
     out = Graph(graph.name, {**graph.attrs, "steps": steps, "lr": lr})
     out.weight_shapes = dict(graph.weight_shapes)
@@ -39,6 +44,19 @@ def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradien
         builder.backward(step)
     builder.forward(steps, evaluate=True)
     return PassResult(out, True)
+
+
+def _unsupported(graph: Graph, node: Node) -> str | None:
+    if node.kind in NO_CONSTRUCTION:
+        return f"a {node.kind} op"
+    if node.kind == "linear" and node.attrs.get("layer", -1) < 0:
+        return "a linear map outside the layers"
+    if node.kind == "lm_head" and graph.node(node.inputs[0]).attrs.get("role") != "ln_final":
+        return "an unembedding not fed by a final norm (post-LN)"
+    extras = [k for k in ("kv_heads", "window") if k in node.attrs]
+    if node.kind == "attention" and (node.attrs["positions"] != "none" or extras):
+        return f"attention with positions={node.attrs['positions']!r}" + "".join(f", {k}" for k in extras)
+    return None
 
 
 class _Builder:

@@ -20,6 +20,9 @@ KINDS = {
     "attn_o": (("o",), ("weight", "bias")),
     "mlp_in": (("mlp_in",), ("weight", "bias")),
     "mlp_out": (("mlp_out",), ("weight", "bias")),
+    "mlp_gate": (("mlp_gate",), ("weight", "bias")),  # a gated MLP: act(gate) ⊙ up, then down
+    "mlp_up": (("mlp_up",), ("weight", "bias")),
+    "mlp_down": (("mlp_down",), ("weight", "bias")),
     "norm_gain": (("ln_attn", "ln_mlp"), ("gain",)),
     "norm_bias": (("ln_attn", "ln_mlp"), ("bias",)),
 }
@@ -29,6 +32,11 @@ def select_train(graph: Graph, layers: list[int], kinds: list[str]) -> PassResul
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise PassError(f"unknown parameter kinds {unknown}; allowed: {', '.join(KINDS)}")
+    present = kinds_of(graph)
+    absent = [k for k in kinds if k not in present]
+    if absent:  # e.g. norm_bias of an RMSNorm model, mlp_in of a gated MLP
+        raise PassError(f"parameter kinds {absent} do not exist in this {graph.attrs.get('family', '')} model; "
+                        f"allowed: {', '.join(present)}")
     out = graph.copy()
     changed = False
     for node in out.nodes():
@@ -45,6 +53,16 @@ def select_train(graph: Graph, layers: list[int], kinds: list[str]) -> PassResul
             del node.attrs["train"]
             changed = True
     return PassResult(out, changed)
+
+
+def kinds_of(graph: Graph) -> list[str]:
+    """The kinds that name at least one weight of a layer of this graph."""
+    found = []
+    for kind, (roles, slots) in KINDS.items():
+        if any(n.attrs.get("layer", -1) >= 0 and n.attrs.get("role") in roles and set(slots) & set(n.weights)
+               for n in graph.nodes()):
+            found.append(kind)
+    return found
 
 
 def trained_refs(graph: Graph) -> list[WeightRef]:

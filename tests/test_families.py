@@ -1,0 +1,110 @@
+"""The LLaMA family (LLaMA, Qwen2, Mistral) through the tracing frontend and the oracles:
+what the trace finds (GQA, rotary, biases per projection, tied or untied head, sliding
+window), the settings refused, and ĝ against exact GD (logits against HF are in
+test_interpret.py, local checkpoints and dump → parse in test_frontend.py and test_text.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ir.frontend import trace
+from ir.passes.select_train import kinds_of, select_train
+from tintc import pipeline
+from tintc.errors import ConfigError, FrontendError, PassError
+from tintc.reference import EXACT, TrainSettings, approx_gd, exact_gd, with_approximations
+from tests.models import tiny_config, tiny_model
+from tests.test_interpret import max_logit_error
+from tests.test_reference import _params, _setup
+
+GATED_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "norm_gain")
+
+
+def test_llama_trace_has_grouped_query_rotary_attention_and_a_gated_mlp():
+    graph = trace(tiny_model("llama"))
+    attn = graph.node("h0.attn").attrs
+    assert (attn["heads"], attn["kv_heads"], attn["head_dim"]) == (4, 2, 8)
+    assert (attn["positions"], attn["rotary_dim"], attn["rope_theta"]) == ("rope", 8, 10000.0)
+    assert graph.node("h0.k").shape == ("T", 16)
+    assert [n.kind for n in graph.nodes() if n.attrs.get("layer") == 0] == [
+        "rms_norm", "linear", "linear", "linear", "attention", "linear", "add",
+        "rms_norm", "linear", "activation", "linear", "mul", "linear", "add"]
+    assert graph.node("h0.gated").inputs == ("h0.act", "h0.mlp_up")
+    assert graph.node("logits").weights["weight"].name == "model.embed_tokens.weight"  # tied
+
+
+def test_qwen2_has_q_k_v_biases_only_and_an_untied_head():
+    graph = trace(tiny_model("qwen2"))
+    biased = {n.attrs["role"] for n in graph.nodes() if n.kind == "linear" and "bias" in n.weights}
+    assert biased == {"q", "k", "v"}
+    assert graph.node("logits").weights["weight"].name == "lm_head.weight"
+
+
+def test_a_rope_theta_other_than_the_default_is_read_from_the_config():
+    model = tiny_model("llama", rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    graph = trace(model)
+    assert graph.node("h1.attn").attrs["rope_theta"] == 500.0
+    assert max_logit_error(model, graph, 16) <= 1e-5
+
+
+def test_rope_scaling_is_refused_with_the_allowed_types():
+    model = tiny_model("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(FrontendError) as info:
+        trace(model)
+    assert info.value.problems == ["model.rotary_emb: rope_parameters.rope_type='linear' (rope scaling) is not "
+                                   "supported; allowed: default"]
+
+
+def test_mistral_sliding_window_is_an_attention_attribute_and_matches_hf():
+    model = tiny_model("mistral", sliding_window=4)
+    graph = trace(model)
+    assert {n.attrs.get("window") for n in graph.nodes() if n.kind == "attention"} == {4}
+    assert max_logit_error(model, graph, 16) <= 1e-5  # 16 > 4: the window changes the logits
+
+
+def test_mistral_window_shorter_than_the_tint_is_refused():
+    cfg = tiny_config("mistral", max_length=16)
+    with pytest.raises(ConfigError) as info:
+        pipeline.trace(cfg, tiny_model("mistral", sliding_window=8))
+    assert info.value.problems == ["model.config.sliding_window: got 8, shorter than the TinT's max length 16; "
+                                   "allowed: a window of at least tint.max_length (or none)"]
+    assert pipeline.trace(cfg, tiny_model("mistral", sliding_window=16)).attrs["family"] == "mistral"
+
+
+def test_kinds_a_family_lacks_are_refused_with_the_allowed_list():
+    graph = trace(tiny_model("llama"))
+    assert tuple(kinds_of(graph)) == GATED_KINDS
+    with pytest.raises(PassError) as info:
+        select_train(graph, [0, 1], ["attn_v", "mlp_in", "norm_bias"])
+    assert info.value.problems == [
+        "parameter kinds ['mlp_in', 'norm_bias'] do not exist in this llama model; allowed: " + ", ".join(GATED_KINDS)]
+
+
+def test_compile_refuses_ops_without_a_construction():
+    cfg = tiny_config("llama", kinds=["attn_v"])
+    with pytest.raises(PassError) as info:
+        pipeline.compile_tint(cfg, tiny_model("llama"))
+    assert "node %h0.ln_attn (model.layers.0.input_layernorm): a rms_norm op has no TinT construction yet" \
+        in info.value.problems[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_approximate_gd_with_exact_rules_equals_exact_gd(family):
+    model, graph, ids, train, labels = _setup(family)
+    settings = TrainSettings(lr=0.05, steps=2, kinds=GATED_KINDS, approximations=EXACT)
+    exact = exact_gd(model, graph, ids, train, settings)
+    approx = approx_gd(graph, _params(model), ids, train, settings)
+    assert (exact.logits - exact.logits_before).abs().max() > 1e-2  # training moved the logits
+    assert (approx.logits - exact.logits).abs().max() < 1e-10
+    for name in exact.trained:
+        assert (approx.params[name] - exact.params[name]).abs().max() < 1e-12
+
+
+def test_stop_gradient_with_grouped_query_attention_sums_over_the_sharing_heads():
+    model, graph, ids, train, _ = _setup("llama", length=8, batch=1)
+    settings = TrainSettings(lr=0.05, layers=(1,), kinds=("attn_v",), approximations=EXACT)
+    stop = with_approximations(settings, attention="stop_gradient")
+    exact, approx = (approx_gd(graph, _params(model), ids, train, s) for s in (settings, stop))
+    name = "model.layers.1.self_attn.v_proj.weight"  # the top layer: v's gradient needs no score gradient
+    assert torch.allclose(approx.params[name], exact.params[name], rtol=0, atol=1e-12)
+    assert (approx.params[name] - _params(model)[name]).abs().max() > 1e-4
