@@ -17,7 +17,7 @@ def _n(x) -> str:
 
 
 def _human(x: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.3g} {unit}"
     return f"{x:g}"
@@ -179,7 +179,7 @@ def _ranges(xs: list[int]) -> str:
 def _numeric_columns(columns, rows) -> list[bool]:
     """Which columns hold numbers (right-aligned): every non-empty cell is a number, a share or a ratio."""
     def numeric(cell: str) -> bool:
-        return bool(re.fullmatch(r"[0-9][0-9,.]*( [KMB])?%?", cell.strip()))
+        return bool(re.fullmatch(r"[0-9][0-9,.]*( [KMBT])?%?", cell.strip()))
     return [i > 0 and all(numeric(row[i]) for row in rows if row[i].strip() and row[0] != STORED_OUTSIDE_CALLS)
             for i in range(len(columns))]
 
