@@ -16,7 +16,6 @@ settings), so identical keys share one module; nothing here reads an aux weight.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Callable
 
@@ -28,11 +27,10 @@ from tintc.errors import BackendError
 
 from . import runtime as P
 from .low_rank import factorise
+from .lower_backward import BackwardLowering
 from .prefixes import Layout
 from .program import TOKENS, Call, Field, Program, Read, Write
 
-EXACT_DERIVATIVES = {"gelu_tanh": "_gelu_tanh_derivative", "relu": "_relu_derivative"}  # exact σ'⊙∂y
-PROBE_SCALE = {torch.float64: 2.0 ** -17, torch.float32: 2.0 ** -10}  # _divided_by_sigma's s, per dtype
 
 OP_OF_KIND = {"add": "residual", "layer_norm": "norm", "linear": "linear", "activation": "activation",
               "attention": "attention", "attention_score": "attention", "loss_grad": "loss"}
@@ -42,7 +40,7 @@ def lower(graph: Graph, layout: Layout, max_length: int, dtype=torch.float32) ->
     return _Lowering(graph, layout, max_length, dtype).run()
 
 
-class _Lowering:
+class _Lowering(BackwardLowering):
     def __init__(self, graph: Graph, layout: Layout, max_length: int, dtype):
         self.graph, self.layout, self.tmax, self.dtype = graph, layout, max_length, dtype
         self.share = graph.attrs.get("share_blocks", True)
@@ -249,12 +247,16 @@ class _Lowering:
         self.fields[node.name] = out
 
     def lower_activation(self, node):
-        x, fn = self.x(node), node.attrs["fn"]
+        self.fields[node.name] = self._activated(self.x(node), node.attrs["fn"])
+
+    def _activated(self, x: Field, fn: str, scale: float = 1.0) -> Field:
+        """fn(scale·x), chunk by chunk: an MLP."""
         g = self.group(x.width)
-        layer = self.layer(("activation", fn, g), lambda: P.MLP(self.eye(g), self.eye(g), fn))
+        key = ("activation", fn, g) + (() if scale == 1.0 else (repr(scale),))
+        layer = self.layer(key, lambda: P.MLP(scale * self.eye(g), self.eye(g), fn))
         out, chunks = self.new(x.width, g)
         self.call(layer, [[(c,) for c in x.chunks(g)]], chunks)
-        self.fields[node.name] = out
+        return out
 
     def lower_attention(self, node):
         a = node.attrs
@@ -307,198 +309,6 @@ class _Lowering:
         expected = self.alloc(d)
         self.call(layer, [[(x,)], Read("unembed"), Read("unembed")], [expected])
         self.fields[node.name] = self._product(weight, self._difference(expected, next_embed))
-
-    # -- backward ops --------------------------------------------------------------------
-    def lower_linear_backward(self, node):
-        """∂x = Σ_r ∂y[r]·W[r]: head (s, ch) scores ∂y[sK+j] against j's one-hot and sums
-        chunk ch of the rows into ∂x[ch]."""
-        block, version = self.block_of(node)
-        b = self.layout.blocks[block]
-        S, K, C, c = b.rows, b.tokens, b.chunks, b.chunk
-        dy = self.x(node)
-        layer = self.layer(("linear_backward", c, K), lambda: P.Attention(
-            self.eye(K), self.eye(K), self.eye(c), self.eye(c), softmax=False, mask="full"))
-        heads = [(s, ch) for s in range(S) for ch in range(C)]
-        out = self.alloc(b.d_in)
-        self.call(layer, [
-            [(dy.part(s * K, K),) for s, ch in heads],
-            self.block_read(block, version, [b.onehot] * len(heads)),
-            self.block_read(block, version, [b.unit(s, ch)[:-1] for s, ch in heads])],
-            [out.part(ch * c, c) for s, ch in heads])
-        self.fields[node.name] = out
-
-    def lower_layer_norm_backward(self, node):
-        """finite_difference: N·[f(x + (γ⊙∂y)·(1/N)) − f(x)], step by step as the rule computes it.
-        exact: ∂x = w/σ, w = u − mean(u) − x̂·mean(x̂⊙u), u = γ⊙∂y (see _divided_by_sigma)."""
-        a = node.attrs
-        if a["rule"] not in ("finite_difference", "exact"):
-            raise BackendError(f"node %{node.name}: layer-norm backward rule {a['rule']!r} has no TinT "
-                               "construction; allowed: finite_difference, exact")
-        block, version = self.block_of(node)
-        x, dy = self.x(node, 0), self.x(node, 1)
-        gamma, _ = self._norm_params(block, version)
-        u = self._product(gamma, dy)
-        if a["rule"] == "exact":
-            xhat = self._normalised(x, a["eps"])
-            d = x.width
-            mean = lambda: torch.full((1, d), 1.0 / d, dtype=self.dtype)  # noqa: E731
-            means, _ = self.new(2, 1)  # [mean(u), mean(x̂⊙u)]
-            layer = self.layer(("mean", d), lambda: P.Linear(mean()))
-            self.call(layer, [[(u,), (self._product(xhat, u),)]], [means.part(0, 1), means.part(1, 1)])
-            along = self._product(means.part(1, 1), xhat)  # mean(x̂⊙u)·x̂
-            e, ones = self.eye(d), torch.ones(d, 1, dtype=self.dtype)
-            w = self._linear_of("centred_gradient", torch.cat([e, -e, -ones], 1), [u, along, means.part(0, 1)])
-            self.fields[node.name] = self._divided_by_sigma(x, w, a["eps"])
-            return
-        shifted = self._sum(x, self._scaled(u, 1.0 / a["scale"]))
-        change = self._difference(self._normalised(shifted, a["eps"]), self._normalised(x, a["eps"]))
-        self.fields[node.name] = self._scaled(change, a["scale"])
-
-    def _linear_of(self, name: str, weight: torch.Tensor, values: list[Field]) -> Field:
-        """One per-position linear map of the concatenated values (a single group)."""
-        layer = self.layer((name, *weight.shape), lambda: P.Linear(weight))
-        out = self.alloc(weight.shape[0])
-        self.call(layer, [[tuple(values)]], [out])
-        return out
-
-    def _divided_by_sigma(self, x: Field, w: Field, eps: float) -> Field:
-        """w/σ, σ = sqrt(var(x) + eps), by a layer norm: with y = x − mean(x) and z = [y, −y, s·w, −s·w]
-        (mean 0), LN_{eps/2}(z)[2D:3D] = s·w·√2 / sqrt(var + eps + s²|w|²/D). The last term changes the
-        result by a relative s²|w|²/(2D·σ²); the normaliser's mean, 0 up to rounding ε·|y|, shifts s·w
-        by a relative ε·|y|/(s·|w|). s (a power of two, PROBE_SCALE) balances the two per dtype.
-        Measured (every rule exact, tiny GPT-2 and OPT against exact GD; the standard view against
-        the fast executor on the micro models, whose dense sums round differently): float64 2⁻¹⁷
-        gives 2–4e-12 and 2.5e-10 (2⁻²⁰: 1e-11 and 1.6e-9; 2⁻¹⁵: 7e-11 and 5e-11); float32 2⁻¹⁰
-        gives the float32 floor, 2.1e-5 where the oracle itself is 2.4e-5 from float64 (2⁻²⁰: 1e-3).
-        The balance depends on |w|/σ and σ: a model whose layer-norm inputs are far from unit scale
-        moves it (see the issue note)."""
-        d = x.width
-        e, z = self.eye(d), torch.zeros(d, d, dtype=self.dtype)
-        s = PROBE_SCALE[self.dtype]
-        centre = e - torch.full((d, d), 1.0 / d, dtype=self.dtype)
-        stacked = self._linear_of("sigma_probe", torch.cat([torch.cat([centre, z], 1), torch.cat([-centre, z], 1),
-                                                            torch.cat([z, s * e], 1), torch.cat([z, -s * e], 1)]),
-                                  [x, w])
-        normed = self._normalised(stacked, eps / 2)
-        return self._scaled(normed.part(2 * d, d), 1.0 / (s * 2.0 ** 0.5))
-
-    def lower_activation_backward(self, node):
-        """finite_difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: an MLP with hidden [x + ∂y/N; x] per chunk.
-        exact: σ'(x)⊙∂y from units whose activation is σ' built of tanh or sigmoid (_exact_derivative)."""
-        a = node.attrs
-        x, dy = self.x(node, 0), self.x(node, 1)
-        if a["rule"] == "exact" and a["fn"] in EXACT_DERIVATIVES:
-            self.fields[node.name] = getattr(self, EXACT_DERIVATIVES[a["fn"]])(x, dy)
-            return
-        if a["rule"] != "finite_difference":
-            raise BackendError(f"node %{node.name}: activation backward rule {a['rule']!r} for {a['fn']} has no "
-                               f"TinT construction; allowed: finite_difference, or exact for "
-                               f"{', '.join(EXACT_DERIVATIVES)}")
-        g = self.group(x.width)
-        e, z = self.eye(g), torch.zeros(g, g, dtype=self.dtype)
-        layer = self.layer(("activation_difference", a["fn"], g), lambda: P.MLP(
-            torch.cat([torch.cat([e, e], 1), torch.cat([e, z], 1)], 0), torch.cat([e, -e], 1), a["fn"]))
-        scaled = self._scaled(dy, 1.0 / a["scale"])
-        change, chunks = self.new(x.width, g)
-        self.call(layer, [list(zip(x.chunks(g), scaled.chunks(g)))], chunks)
-        self.fields[node.name] = self._scaled(change, a["scale"])
-
-    def _activated(self, x: Field, fn: str, scale: float = 1.0) -> Field:
-        """fn(scale·x), chunk by chunk: an MLP."""
-        g = self.group(x.width)
-        layer = self.layer(("activation", fn, g, repr(scale)), lambda: P.MLP(scale * self.eye(g), self.eye(g), fn))
-        out, chunks = self.new(x.width, g)
-        self.call(layer, [[(c,) for c in x.chunks(g)]], chunks)
-        return out
-
-    def _gelu_tanh_derivative(self, x: Field, v: Field) -> Field:
-        """gelu_tanh'(x)⊙v with T = tanh(k(x + a·x³)), k = √(2/π), a = 0.044715:
-        0.5·v + 0.5·T⊙v + 0.5·k·(p − T²⊙p), p = (x + 3a·x³)⊙v. Exact: products, linear maps and a
-        tanh unit (a GTU)."""
-        k, c = (2.0 / math.pi) ** 0.5, 0.044715
-        x3 = self._product(self._product(x, x), x)
-        t = self._activated(self._chunked_linear("tanh_argument", lambda g: torch.cat([k * self.eye(g),
-                                                                                        k * c * self.eye(g)], 1),
-                                                 x, x3), "tanh")
-        p = self._chunked_linear("gelu_tanh_p", lambda g: torch.cat([self.eye(g), 3 * c * self.eye(g)], 1),
-                                 self._product(x, v), self._product(x3, v))
-        t2p = self._product(self._product(t, t), p)
-        return self._chunked_linear("gelu_tanh_derivative", lambda g: torch.cat(
-            [0.5 * self.eye(g), 0.5 * self.eye(g), 0.5 * k * self.eye(g), -0.5 * k * self.eye(g)], 1),
-            v, self._product(t, v), p, t2p)
-
-    def _relu_derivative(self, x: Field, v: Field) -> Field:
-        """step(x)⊙v as sigmoid(M·x)⊙v, M = 2⁴⁰: sigmoid(M·x) is 1 or 0 to the last bit for |x| > 40/M
-        (4e-11), where relu' is 1 or 0; it differs only closer to 0 (relu'(0) = 0, sigmoid(0) = ½)."""
-        return self._product(self._activated(x, "sigmoid", 2.0 ** 40), v)
-
-    def _attention_rows(self, node) -> Field:
-        """Each token's attention row a_t over one-hot positions, per aux head (h·T wide): a softmax
-        head whose values are the one-hot positions. Computed once per (q, k)."""
-        a = node.attrs
-        hd, h, n = a["head_dim"], a["heads"], self.tmax
-        key = ("attention_rows", self.x(node, 0), self.x(node, 1))
-        if key not in self.memo:
-            q, k = (self.x(node, i).chunks(hd) for i in range(2))
-            layer = self.layer(("attention_rows", hd, n, repr(a["scale"])), lambda: P.Attention(
-                a["scale"] * self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=True, mask="causal"))
-            rows, row_chunks = self.new(h * n, n)
-            self.call(layer, [[(c,) for c in q], [(c,) for c in k], [(self.inputs["positions"],)] * h], row_chunks)
-            self.memo[key] = rows
-        return self.memo[key]
-
-    def lower_attention_backward(self, node):
-        """∂v_j = Σ_t a_tj ∂o_t (exact under both rules), per aux head: a linear head with query e_j and
-        key a_t weighs ∂o_t by a_tj."""
-        a = node.attrs
-        hd, h, n = a["head_dim"], a["heads"], self.tmax
-        do = self.x(node, 2).chunks(hd)
-        rows = self._attention_rows(node).chunks(n)
-        back_layer = self.layer(("attention_backward", hd, n), lambda: P.Attention(
-            self.eye(n), self.eye(n), self.eye(hd), self.eye(hd), softmax=False, mask="full"))
-        out, chunks = self.new(self.x(node).width, hd)
-        self.call(back_layer, [[(self.inputs["positions"],)] * h, [(c,) for c in rows], [(c,) for c in do]], chunks)
-        self.fields[node.name] = out
-
-    def _score_gradient(self, node) -> Field:
-        """g_tj = a_tj·(d_tj − Σ_j' a_tj' d_tj'), d_tj = ⟨∂o_t, v_j⟩, per aux head (h·T wide), once per
-        attention: a causal linear head (query ∂o_t, key v_j, value e_j) gives d_t; products, a row sum
-        and a difference give g_t."""
-        a = node.attrs
-        hd, h, n = a["head_dim"], a["heads"], self.tmax
-        q, k, v, do = (self.x(node, i) for i in range(4))
-        key = ("score_gradient", q, k, v, do)
-        if key not in self.memo:
-            rows = self._attention_rows(node)
-            d_layer = self.layer(("attention_score_products", hd, n), lambda: P.Attention(
-                self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=False, mask="causal"))
-            d, d_chunks = self.new(h * n, n)
-            self.call(d_layer, [[(c,) for c in do.chunks(hd)], [(c,) for c in v.chunks(hd)],
-                                [(self.inputs["positions"],)] * h], d_chunks)
-            weighted = self._product(rows, d)  # a_tj·d_tj
-            sum_layer = self.layer(("row_sum", n), lambda: P.Linear(torch.ones(1, n, dtype=self.dtype)))
-            sums, sum_chunks = self.new(h, 1)
-            self.call(sum_layer, [[(c,) for c in weighted.chunks(n)]], sum_chunks)
-            scale_layer = self.layer(("scale_row", n), lambda: P.Gate(torch.ones(n, 1, dtype=self.dtype), self.eye(n)))
-            scaled, scaled_chunks = self.new(h * n, n)  # (Σ_j' a_tj' d_tj')·a_t
-            self.call(scale_layer, [[(c,) for c in sum_chunks], [(c,) for c in rows.chunks(n)]], scaled_chunks)
-            self.memo[key] = self._difference(weighted, scaled)
-        return self.memo[key]
-
-    def lower_attention_score_backward(self, node):
-        """∂q_t = scale·Σ_j g_tj k_j: a linear head with query g_t and key e_j, value k_j; ∂k_j =
-        scale·Σ_t g_tj q_t: query e_j, key g_t, value q_t."""
-        a = node.attrs
-        hd, h, n = a["head_dim"], a["heads"], self.tmax
-        g = self._score_gradient(node).chunks(n)
-        values = self.x(node, 1 if a["wrt"] == "q" else 0).chunks(hd)
-        pos = [(self.inputs["positions"],)] * h
-        layer = self.layer(("attention_score_backward", hd, n, repr(a["scale"])), lambda: P.Attention(
-            self.eye(n), self.eye(n), a["scale"] * self.eye(hd), self.eye(hd), softmax=False, mask="full"))
-        queries, keys = ([(c,) for c in g], pos) if a["wrt"] == "q" else (pos, [(c,) for c in g])
-        out, chunks = self.new(self.x(node).width, hd)
-        self.call(layer, [queries, keys, [(c,) for c in values]], chunks)
-        self.fields[node.name] = out
 
     # -- descent ops: a block's next version -------------------------------------------
     def _next_version(self, block: str, version: int) -> tuple[str, int]:
