@@ -5,6 +5,7 @@ Each function is one step of the pipeline; the CLI calls them in order.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ import torch  # noqa: E402
 
 import ir.frontend  # noqa: E402
 from backends.torch.allocate import allocate  # noqa: E402
-from backends.torch.emit import emit  # noqa: E402
+from backends.torch.emit import package_files  # noqa: E402
 from backends.torch.lower import lower  # noqa: E402
 from backends.torch.prefixes import plan  # noqa: E402
 from backends.torch.tint import TinT  # noqa: E402
@@ -33,8 +34,10 @@ from ir.text import dump  # noqa: E402
 
 from . import metrics  # noqa: E402
 from .config import TintcConfig  # noqa: E402
+from .errors import ConfigError  # noqa: E402
 from .files import write_files  # noqa: E402
-from .report import save_report  # noqa: E402
+from .report import parameter_report  # noqa: E402
+from .report_render import report_files  # noqa: E402
 from .fidelity import example_input, fidelity_rows, render  # noqa: E402
 from .reference import GDResult, TrainSettings, approx_gd, exact_gd  # noqa: E402
 
@@ -88,18 +91,19 @@ def compile_tint(cfg: TintcConfig, model=None) -> Compiled:
     tg = train_graph(cfg, graph)
     layout = plan(tg)
     program = allocate(lower(tg, layout, cfg.max_length(graph.attrs["max_positions"]), cfg.torch_dtype))
-    tint = TinT(program).eval()
+    tint = TinT(program, label_only=cfg.tint.train.loss == "label_only").eval()
     return Compiled(model, graph, tg, tint, time.perf_counter() - start)
 
 
-def save(compiled: Compiled, cfg: TintcConfig) -> list[str]:
-    """Write under `output` the standalone TinT package (tint_model.py, weights.safetensors,
-    tint_config.json: see backends/torch/emit.py), the IR dumps of the traced and the
-    training graph, and the parameter report; return the paths."""
-    out = cfg.resolved_output
-    paths = emit(compiled, cfg, out)
-    paths += write_files(out, {"traced.ir": dump(compiled.graph), "train.ir": dump(compiled.train_graph)})
-    return [str(path) for path in paths] + save_report(compiled, out)
+def save(compiled: Compiled, cfg: TintcConfig, force: bool = False) -> list[str]:
+    """Write under `output`, as one set (tintc/files.py), the standalone TinT package (tint_model.py,
+    weights.safetensors, tint_config.json: see backends/torch/emit.py), the IR dumps of the traced and
+    the training graph, the parameter report, and the compile time (timings.json, the one file that
+    differs between identical compiles); return the paths."""
+    files = {**package_files(compiled, cfg), "traced.ir": dump(compiled.graph), "train.ir": dump(compiled.train_graph),
+             **report_files(parameter_report(compiled)),
+             "timings.json": json.dumps({"compile_seconds": round(compiled.seconds, 3)}, indent=2) + "\n"}
+    return [str(path) for path in write_files(cfg.resolved_output, files, force=force, source=cfg.source_key)]
 
 
 @dataclass
@@ -148,7 +152,13 @@ def _errors(run, ref, params, evaluated) -> dict[str, float]:
 def text_input(cfg: TintcConfig, graph: Graph, path, length: int):
     """Token ids of a text file: the local model directory's tokenizer if it has one, else bytes
     modulo the vocabulary (random-weight test models have no tokenizer)."""
-    text = open(path, encoding="utf-8").read()
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--text {path}: cannot read it as UTF-8 text ({getattr(err, 'strerror', None) or err}); "
+                          "allowed: a readable UTF-8 text file") from None
+    if not text:
+        raise ConfigError(f"--text {path}: got an empty file; allowed: a text of at least 2 bytes")
     ids = None
     if cfg.resolved_model_path is not None:
         from transformers import AutoTokenizer
