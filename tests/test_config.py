@@ -76,7 +76,9 @@ def test_defaults_and_helpers(tmp_path):
 
 
 def test_model_path_resolves_against_the_yaml_directory(tmp_path):
-    (tmp_path / "weights").mkdir()
+    import transformers
+
+    transformers.GPT2Config(n_embd=16, n_layer=1, n_head=4).save_pretrained(tmp_path / "weights")
     text = "model:\n  family: gpt2\n  path: weights\ntint:\n  prefixes: 1\n"
     config = load_config(write(tmp_path, text))
     assert config.resolved_model_path == (tmp_path / "weights").resolve()

@@ -16,7 +16,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import click  # noqa: E402
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -66,19 +65,20 @@ def _options(debug: bool = typer.Option(False, "--debug", help="show the traceba
 def main() -> None:
     """The `tintc` entry point: the commands, with every error ending in the red message and exit 2."""
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Abort:
+        code = app(standalone_mode=False)  # a command's typer.Exit comes back as its code
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Abort:
         err.print("aborted", style="red")
         sys.exit(2)
-    except click.exceptions.ClickException as error:  # usage errors: click's own message
-        error.show()
-        sys.exit(2)
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         sys.exit(done.exit_code)
     except TintcError as error:
         err.print(str(error), style="red", markup=False)
         sys.exit(2)
     except Exception as error:
+        if callable(getattr(error, "show", None)) and hasattr(error, "exit_code"):  # a usage error: click's message
+            error.show()
+            sys.exit(2)
         if DEBUG:
             raise
         err.print(f"tintc error: {type(error).__name__}: {error} (tintc --debug shows where)", style="red",
