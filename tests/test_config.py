@@ -118,7 +118,7 @@ def test_unknown_nested_key(tmp_path):
 
 def test_wrong_type(tmp_path):
     problem = one_problem(tmp_path, GOOD.replace("steps: 1", "steps: two"))
-    assert problem.endswith("model.yaml:9: tint.train.steps: got 'two'; allowed: an integer >= 1")
+    assert problem.endswith("model.yaml:9: tint.train.steps: got 'two'; allowed: an integer from 1 to 64")
 
 
 def test_bad_enum(tmp_path):
