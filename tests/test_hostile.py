@@ -289,7 +289,7 @@ def _with(path: tuple, value) -> str:
 
 CONFIG_CASES = {
     "lr: .inf": ("tint:\n  train:\n    lr: .inf\n", "tint.train.lr"),
-    "lr: 1e30": (_with(("tint", "train", "lr"), 1e30), "tint.train.lr"),
+    "lr: 1.0e+30": ("tint:\n  train:\n    lr: 1.0e+30\n", "tint.train.lr: got 1e+30"),
     "lr: .nan": ("tint:\n  train:\n    lr: .nan\n", "tint.train.lr"),
     "scale: .inf": ("tint:\n  approximations:\n    scale: .inf\n", "tint.approximations.scale"),
     "steps: 1000000": (_with(("tint", "train", "steps"), 1000000), "tint.train.steps"),
