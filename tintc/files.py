@@ -88,7 +88,8 @@ def _fill(staging: Path, directory: Path, files: dict[str, Content], old: dict, 
         name = entry.name
         if name in files or name == MANIFEST:
             continue
-        if name in old and source is not None and old[name].get("source") != source and not _foreign(directory, name, old):
+        stale = name in old and source is not None and old[name].get("source") != source
+        if stale and not _foreign(directory, name, old):
             continue  # tintc's output from another config: stale beside the new set
         target = staging / name
         if entry.is_symlink():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import FINGERPRINT, check_inputs, check_prefixes, check_state_dict, contract, fingerprint_tensor  # noqa: F401 (contract: for the TinT classes)
+from .checks import FINGERPRINT, check_inputs, check_prefixes, check_state_dict, contract, fingerprint_tensor  # noqa: F401
 
 
 # -- the primitives ---------------------------------------------------------------------------
