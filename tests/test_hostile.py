@@ -368,6 +368,16 @@ def test_a_corrupt_model_path_is_a_clear_error(tmp_path, case):
     assert culprit in str(info.value)
 
 
+def test_a_compile_that_would_not_fit_is_refused_before_it_starts(monkeypatch):
+    model = tiny_model("gpt2")
+    fits = tiny_config("gpt2", steps=64)  # block sharing on: the TinT does not grow with steps
+    pipeline.check_memory(fits, model)
+    monkeypatch.setattr(pipeline, "MEMORY_BUDGET", pipeline.estimated_bytes(fits, model) + 2**20)  # a small machine
+    unshared = tiny_config("gpt2", steps=64, passes={"block_sharing": {"enabled": False}})
+    with pytest.raises(ConfigError, match="tint.train.steps, tint.passes.block_sharing: the compile would need"):
+        pipeline.compile_tint(unshared, model)
+
+
 def test_a_config_that_is_not_utf8(tmp_path):
     path = tmp_path / "model.yaml"
     path.write_bytes(b"model:\n  family: gpt2\xff\xfe\n")

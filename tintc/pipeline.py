@@ -84,8 +84,32 @@ class Compiled:
     seconds: float  # compile time: trace, passes and lowering
 
 
+# A compile that would not fit is refused before it starts. Its peak is about 9× the aux
+# model's parameters with block sharing (full-size GPT-2: 4.3 GB; the primitives do not grow with
+# layers or steps), plus 7·steps × without (each step's calls store their own); the graphs take about
+# 0.5 MiB per layer and step. Measured on GPT-2 of width 64-256 (issue 13's closing note).
+MEMORY_BUDGET = 24 * 2**30  # bytes: the machine tintc is sized for
+
+
+def estimated_bytes(cfg: TintcConfig, model) -> int:
+    aux = sum(p.numel() for p in model.parameters()) * cfg.torch_dtype.itemsize
+    steps, layers = cfg.tint.train.steps, getattr(model.config, "num_hidden_layers", 1)
+    factor = 8 if cfg.tint.passes.block_sharing.enabled else 8 + 7 * steps
+    return aux * (1 + factor) + layers * steps * 2**19
+
+
+def check_memory(cfg: TintcConfig, model) -> None:
+    need = estimated_bytes(cfg, model)
+    if need > MEMORY_BUDGET:
+        raise ConfigError(f"tint.train.steps, tint.passes.block_sharing: the compile would need about "
+                          f"{need / 2**30:.1f} GiB (steps {cfg.tint.train.steps}, block sharing "
+                          f"{'on' if cfg.tint.passes.block_sharing.enabled else 'off'}); allowed: at most "
+                          f"{MEMORY_BUDGET / 2**30:.0f} GiB: fewer steps, block sharing on, or a smaller model")
+
+
 def compile_tint(cfg: TintcConfig, model=None) -> Compiled:
     model = model if model is not None else load_aux_model(cfg)
+    check_memory(cfg, model)
     start = time.perf_counter()
     graph = trace(cfg, model)
     tg = train_graph(cfg, graph)
