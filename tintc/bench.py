@@ -125,13 +125,14 @@ def notes(result: dict) -> list[str]:
     return lines
 
 
-def save(result: dict, directory) -> list[Path]:
+def save(result: dict, directory, force: bool = False, source: str | None = None) -> list[Path]:
     """bench.json and bench.png (time and peak memory against T) in `directory`."""
     from .files import write_files
 
     figure = _plot(result)
     return write_files(directory, {"bench.json": json.dumps(result, indent=2) + "\n",
-                                   "bench.png": lambda path: figure.savefig(path, format="png", dpi=100)})
+                                   "bench.png": lambda path: figure.savefig(path, format="png", dpi=100)},
+                       force=force, source=source)
 
 
 def _plot(result: dict):

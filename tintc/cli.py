@@ -1,6 +1,8 @@
 """The `tintc` command line: a thin layer over tintc.pipeline.
 
-Every tintc error is printed in red, without a traceback, and exits with code 2.
+Every error is printed in red, without a traceback, and exits with code 2: tintc's own errors
+list every problem; anything else (a bug, a full disk) is shown as its type and message
+(`tintc --debug ...` shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -48,6 +50,40 @@ def _quiet_transformers() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+DEBUG = False  # set by --debug: let unexpected errors show their traceback
+ForceOption = typer.Option(False, "--force", help="overwrite files in the output directory that tintc did not write")
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show the traceback of an unexpected error")) -> None:
+    global DEBUG
+    DEBUG = debug
+
+
+def main() -> None:
+    """The `tintc` entry point: the commands, with every error ending in the red message and exit 2."""
+    try:
+        code = app(standalone_mode=False)  # a command's typer.Exit comes back as its code
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Abort:
+        err.print("aborted", style="red")
+        sys.exit(2)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except TintcError as error:
+        err.print(str(error), style="red", markup=False)
+        sys.exit(2)
+    except Exception as error:
+        if callable(getattr(error, "show", None)) and hasattr(error, "exit_code"):  # a usage error: click's message
+            error.show()
+            sys.exit(2)
+        if DEBUG:
+            raise
+        err.print(f"tintc error: {type(error).__name__}: {error} (tintc --debug shows where)", style="red",
+                  markup=False)
+        sys.exit(2)
 
 
 def _fail(error: TintcError) -> typer.Exit:
@@ -127,7 +163,7 @@ def convert_gguf(
 
 
 @app.command()
-def report(config: Path = ConfigArg) -> None:
+def report(config: Path = ConfigArg, force: bool = ForceOption) -> None:
     """Compile, print the TinT's parameter report, and write it (report.json, .md, .png) under the output directory."""
     from tintc import pipeline
     from tintc.config import load_config
@@ -143,12 +179,12 @@ def report(config: Path = ConfigArg) -> None:
     counts = parameter_report(compiled)
     for table in rich_tables(counts):
         out.print(table)
-    for path in write_report(counts, cfg.resolved_output):
+    for path in write_report(counts, cfg.resolved_output, force=force, source=cfg.source_key):
         out.print(f"wrote {path}")
 
 
 @app.command()
-def compile(config: Path = ConfigArg) -> None:
+def compile(config: Path = ConfigArg, force: bool = ForceOption) -> None:
     """Build the TinT; write its package, IR dumps and parameter report under the output directory,
     and print the parameter counts."""
     from tintc import pipeline
@@ -160,7 +196,7 @@ def compile(config: Path = ConfigArg) -> None:
     try:
         cfg = load_config(config)
         compiled = pipeline.compile_tint(cfg)
-        paths = pipeline.save(compiled, cfg)
+        paths = pipeline.save(compiled, cfg, force=force)
     except TintcError as error:
         raise _fail(error) from None
     _print_compiled(compiled)
@@ -181,13 +217,15 @@ def _print_compiled(compiled) -> None:
 @app.command()
 def verify(
     config: Path = ConfigArg,
-    length: int = typer.Option(None, "--length", help="sequence length (default: the TinT's max length, at most 64)"),
-    batch: int = typer.Option(1, "--batch", help="independent sequences"),
+    length: int = typer.Option(None, "--length", min=2,
+                               help="sequence length, at most the TinT's max length (default: that, at most 64)"),
+    batch: int = typer.Option(1, "--batch", min=1, max=64, help="independent sequences"),
     text: Path = typer.Option(None, "--text", help="a text file to use as the input instead of random ids"),
 ) -> None:
     """Compile, run the TinT and the oracles on one input (first half train), and print both errors."""
     from tintc import pipeline
     from tintc.config import load_config
+    from tintc.errors import ConfigError
     from tintc.fidelity import example_input
 
     _quiet_transformers()
@@ -195,7 +233,10 @@ def verify(
         cfg = load_config(config)
         compiled = pipeline.compile_tint(cfg)
         graph = compiled.graph
-        n = length or min(64, compiled.tint.program.max_length)
+        max_length = compiled.tint.program.max_length
+        if length is not None and length > max_length:
+            raise ConfigError(f"--length: got {length}; allowed: 2 to {max_length}, the TinT's max length")
+        n = length or min(64, max_length)
         ids, train, labels = example_input(graph.attrs["vocab"], n, batch, seed=cfg.model.seed)
         if text is not None:
             ids = pipeline.text_input(cfg, graph, text, n)
@@ -225,8 +266,9 @@ def bench(
     config: Path = ConfigArg,
     lengths: str = typer.Option("64,128,256,512", "--lengths",
                                 help="comma-separated input lengths T; those above the TinT's max length are skipped"),
-    repeats: int = typer.Option(None, "--repeats", min=1,
+    repeats: int = typer.Option(None, "--repeats", min=1, max=100,
                                 help="timed runs per measurement after one warm-up (default: 5, fewer for big models)"),
+    force: bool = ForceOption,
 ) -> None:
     """Time the compile, and the TinT forward against direct autograd (exact_gd) for several T, with peak
     memory (one process per measurement); write bench.json and bench.png under the output directory."""
@@ -235,9 +277,11 @@ def bench(
 
     try:
         cfg = load_config(config)
+        if len(benchmark.parse_lengths(lengths)) > 16:
+            raise TintcError(f"--lengths: got {len(benchmark.parse_lengths(lengths))} lengths; allowed: at most 16")
         result = benchmark.run(config, benchmark.parse_lengths(lengths), repeats,
                                progress=lambda message: err.print(message, style="dim"))
-        paths = benchmark.save(result, cfg.resolved_output)
+        paths = benchmark.save(result, cfg.resolved_output, force=force, source=cfg.source_key)
     except TintcError as error:
         raise _fail(error) from None
     out.print(benchmark.table(result))
@@ -248,4 +292,4 @@ def bench(
 
 
 if __name__ == "__main__":
-    app()
+    main()

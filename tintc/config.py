@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -34,8 +35,19 @@ Kind = Literal["attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_out", "mlp
 PARAM_KINDS: tuple[str, ...] = get_args(Kind)
 PAPER_KINDS = ("attn_v", "attn_o", "mlp_in", "mlp_out", "norm_bias")
 
-LAYERS_PATTERN = re.compile(r"^(all|top-(\d+))$")
+LAYERS_PATTERN = re.compile(r"\A(all|top-(\d+))\Z")
 LAYERS_ALLOWED = "all | top-N with N >= 1"
+
+# Finite bounds on the numeric settings: what a 24 GiB machine can compile in reasonable time
+# (each SGD step unrolls the whole backward into the TinT), and what stays finite in float32.
+MAX_SEED = 2**32 - 1  # torch.manual_seed's range on every platform
+MAX_STEPS = 64
+MAX_LR = 1.0e3
+MAX_SCALE = 1.0e6
+MAX_SIZE = 8192  # hidden sizes, widths, ranks, K
+MAX_LENGTH = 4096
+MAX_LAYERS = 96
+MAX_VOCAB = 1_000_000
 
 
 def _not_allowed(allowed: str) -> PydanticCustomError:
@@ -55,7 +67,7 @@ class ModelSpec(_Strict):
     family: str = Field(description="a supported family (gpt2 | opt)")
     config: dict[str, Any] | None = Field(None, description="a mapping of HF config keys to values")
     path: str | None = Field(None, description="a local save_pretrained directory")
-    seed: int = Field(0, ge=0, strict=True, description="an integer >= 0")
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description=f"an integer from 0 to {MAX_SEED}")
 
     @field_validator("family")
     @classmethod
@@ -69,8 +81,8 @@ class ModelSpec(_Strict):
 
 class TrainSpec(_Strict):
     layers: str = Field("all", description=LAYERS_ALLOWED)
-    steps: int = Field(1, ge=1, strict=True, description="an integer >= 1")
-    lr: float = Field(1.0e-3, gt=0, description="a number > 0")
+    steps: int = Field(1, ge=1, le=MAX_STEPS, strict=True, description=f"an integer from 1 to {MAX_STEPS}")
+    lr: float = Field(1.0e-3, gt=0, le=MAX_LR, allow_inf_nan=False, description=f"a finite number > 0, at most {MAX_LR:g}")
     loss: Literal["context", "label_only"] = "context"
     kinds: list[Kind] = Field(
         default_factory=lambda: list(PAPER_KINDS),
@@ -103,7 +115,8 @@ class ApproximationSpec(_Strict):
     attention: Literal["stop_gradient", "exact"] = "stop_gradient"
     layer_norm: Literal["finite_difference", "exact"] = "finite_difference"
     activation: Literal["finite_difference", "exact"] = "finite_difference"
-    scale: float = Field(1000.0, gt=0, description="a number > 0")
+    scale: float = Field(1000.0, gt=0, le=MAX_SCALE, allow_inf_nan=False,
+                         description=f"a finite number > 0, at most {MAX_SCALE:g}")
 
 
 def _default_width(hidden: int) -> int:
@@ -116,12 +129,13 @@ class PassSpec(_Strict):
 
 
 class WidthPassSpec(PassSpec):
-    width: int | None = Field(None, ge=1, strict=True, description="an integer >= 1, or null for the default")
+    width: int | None = Field(None, ge=1, le=MAX_SIZE, strict=True,
+                              description=f"an integer from 1 to {MAX_SIZE}, or null for the default")
 
 
 class LowRankSpec(PassSpec):
     enabled: bool = Field(False, strict=True, description="true | false")
-    rank: int = Field(64, ge=1, strict=True, description="an integer >= 1")
+    rank: int = Field(64, ge=1, le=MAX_SIZE, strict=True, description=f"an integer from 1 to {MAX_SIZE}")
 
 
 class PassesSpec(_Strict):
@@ -135,12 +149,12 @@ class PassesSpec(_Strict):
 
 
 class TintSpec(_Strict):
-    prefixes: int = Field(16, ge=1, strict=True, description="an integer >= 1 that divides the hidden size")
+    prefixes: int = Field(16, ge=1, le=MAX_SIZE, strict=True, description="an integer >= 1 that divides the hidden size")
     train: TrainSpec = Field(default_factory=TrainSpec)
     approximations: ApproximationSpec = Field(default_factory=ApproximationSpec)
     dtype: Literal["float32", "float64"] = "float32"
     passes: PassesSpec = Field(default_factory=PassesSpec)
-    max_length: int | None = Field(None, ge=2, strict=True,
+    max_length: int | None = Field(None, ge=2, le=MAX_LENGTH, strict=True,
                                    description="an integer >= 2: the longest input the TinT takes "
                                                "(default: the aux model's, at most 256)")
 
@@ -161,6 +175,14 @@ class TintcConfig(_Strict):
     def name(self) -> str:
         """A short name for titles and graphs: the YAML file's stem, else the model family."""
         return self._source.stem if self._source else self.model.family
+
+    @property
+    def source_key(self) -> str:
+        """A digest of the settings and the model path: which config a file in the output came from."""
+        import hashlib
+
+        text = json.dumps([self.model_dump(mode="json"), str(self.resolved_model_path)], sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     @property
     def resolved_output(self) -> Path:
@@ -218,9 +240,11 @@ def load_config(path: str | Path) -> TintcConfig:
     """Read and check a model.yaml; raise ConfigError listing every problem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the config file ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: byte {err.start} is not UTF-8 ({err.reason}); allowed: a UTF-8 text file") from None
     return parse_config(text, filename=str(path))
 
 
@@ -235,6 +259,7 @@ def parse_config(text: str, filename: str = "<string>", base_dir: str | Path | N
         base_dir = source.parent if source is not None else Path.cwd()
     base = Path(base_dir).resolve()
     try:
+        _no_aliases(text, filename)  # before any walk: aliases can expand exponentially
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -317,6 +342,15 @@ def _dotted(loc: Loc) -> str:
 
 
 # --- YAML node tree: lines and duplicate keys ---------------------------------------
+
+
+def _no_aliases(text: str, filename: str) -> None:
+    """Refuse anchors and aliases, reading the event stream (linear in the text)."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            what = f"alias *{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"anchor &{event.anchor}"
+            raise ConfigError(f"{filename}:{event.start_mark.line + 1}: got YAML {what}; allowed: plain values "
+                              "(anchors and aliases are not supported)")
 
 
 def _line_of(root: yaml.Node | None, loc: Loc) -> int:
@@ -438,13 +472,27 @@ def _hf_config_from_path(config_class, path: Any, base: Path):
     if not directory.is_dir():
         return [(("model", "path"), f"got {path!r} ({directory}); allowed: an existing local directory")], None
     if not (directory / "config.json").is_file():
-        return [], None
-    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        return [(("model", "path"), f"got {path!r}, which has no config.json; allowed: a directory written by "
+                 "save_pretrained")], None
+    try:
+        loaded = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return [(("model", "path"), f"got {path!r}, whose config.json is not JSON ({err}); allowed: a directory "
+                 "written by save_pretrained")], None
+    if not isinstance(loaded, dict):
+        return [(("model", "path"), f"got {path!r}, whose config.json holds a {type(loaded).__name__}; allowed: "
+                 "a JSON object written by save_pretrained")], None
+    model_type = loaded.get("model_type")
     if model_type != config_class.model_type:
         return [
             (("model", "path"), f"got a {model_type!r} model; allowed: a {config_class.model_type!r} model (model.family)")
         ], None
-    return [], config_class.from_pretrained(directory)
+    try:
+        return [], config_class.from_pretrained(directory)
+    except Exception as err:  # transformers rejects a bad field anywhere: name the file and why
+        return [(("model", "path"), f"got {path!r}, whose config.json {config_class.__name__} rejects "
+                 f"({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}); "
+                 "allowed: a config written by save_pretrained")], None
 
 
 def _shape_checks(data: dict, hf, from_kwargs: bool) -> list[tuple[Loc, str]]:
@@ -459,9 +507,15 @@ def _shape_checks(data: dict, hf, from_kwargs: bool) -> list[tuple[Loc, str]]:
 
     problems: list[tuple[Loc, str]] = []
     hidden, heads, layers = hf.hidden_size, hf.num_attention_heads, hf.num_hidden_layers
-    for canonical, value in (("hidden_size", hidden), ("num_attention_heads", heads), ("num_hidden_layers", layers)):
-        if not isinstance(value, int) or value < 1:
-            problems.append((where(canonical), f"got {value!r}; allowed: an integer >= 1"))
+    sizes = (("hidden_size", hidden, 1, MAX_SIZE), ("num_attention_heads", heads, 1, MAX_SIZE),
+             ("num_hidden_layers", layers, 1, MAX_LAYERS), ("vocab_size", getattr(hf, "vocab_size", None), 1, MAX_VOCAB),
+             ("max_position_embeddings", getattr(hf, "max_position_embeddings", None), 2, 1 << 20))
+    for canonical, value, low, high in sizes:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            problems.append((where(canonical), f"got {value!r}; allowed: an integer from {low} to {high}"))
+    for name, value in hf.to_dict().items():
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append((where(name), f"got {value!r}; allowed: a finite number"))
     if problems:
         return problems
     if hidden % heads:

@@ -39,3 +39,7 @@ class PassError(TintcError):
 
 class BackendError(TintcError):
     stage = "backend"
+
+
+class OutputError(TintcError):
+    stage = "output"

@@ -5,6 +5,7 @@ Each function is one step of the pipeline; the CLI calls them in order.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ import torch  # noqa: E402
 
 import ir.frontend  # noqa: E402
 from backends.torch.allocate import allocate  # noqa: E402
-from backends.torch.emit import emit  # noqa: E402
+from backends.torch.emit import package_files  # noqa: E402
 from backends.torch.lower import lower  # noqa: E402
 from backends.torch.prefixes import plan  # noqa: E402
 from backends.torch.tint import TinT  # noqa: E402
@@ -35,7 +36,8 @@ from . import metrics  # noqa: E402
 from .config import TintcConfig  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .files import write_files  # noqa: E402
-from .report import save_report  # noqa: E402
+from .report import parameter_report  # noqa: E402
+from .report_render import report_files  # noqa: E402
 from .fidelity import example_input, fidelity_rows, render  # noqa: E402
 from .reference import GDResult, TrainSettings, approx_gd, exact_gd  # noqa: E402
 
@@ -88,25 +90,50 @@ class Compiled:
     seconds: float  # compile time: trace, passes and lowering
 
 
+# A compile that would not fit is refused before it starts. Its peak is about 9× the aux
+# model's parameters with block sharing (full-size GPT-2: 4.3 GB; the primitives do not grow with
+# layers or steps), plus 7·steps × without (each step's calls store their own); the graphs take about
+# 0.5 MiB per layer and step. Measured on GPT-2 of width 64-256 (issue 13's closing note).
+MEMORY_BUDGET = 24 * 2**30  # bytes: the machine tintc is sized for
+
+
+def estimated_bytes(cfg: TintcConfig, model) -> int:
+    aux = sum(p.numel() for p in model.parameters()) * cfg.torch_dtype.itemsize
+    steps, layers = cfg.tint.train.steps, getattr(model.config, "num_hidden_layers", 1)
+    factor = 8 if cfg.tint.passes.block_sharing.enabled else 8 + 7 * steps
+    return aux * (1 + factor) + layers * steps * 2**19
+
+
+def check_memory(cfg: TintcConfig, model) -> None:
+    need = estimated_bytes(cfg, model)
+    if need > MEMORY_BUDGET:
+        raise ConfigError(f"tint.train.steps, tint.passes.block_sharing: the compile would need about "
+                          f"{need / 2**30:.1f} GiB (steps {cfg.tint.train.steps}, block sharing "
+                          f"{'on' if cfg.tint.passes.block_sharing.enabled else 'off'}); allowed: at most "
+                          f"{MEMORY_BUDGET / 2**30:.0f} GiB: fewer steps, block sharing on, or a smaller model")
+
+
 def compile_tint(cfg: TintcConfig, model=None) -> Compiled:
     model = model if model is not None else load_aux_model(cfg)
+    check_memory(cfg, model)
     start = time.perf_counter()
     graph = trace(cfg, model)
     tg = train_graph(cfg, graph)
     layout = plan(tg)
     program = allocate(lower(tg, layout, cfg.max_length(graph.attrs["max_positions"]), cfg.torch_dtype))
-    tint = TinT(program).eval()
+    tint = TinT(program, label_only=cfg.tint.train.loss == "label_only").eval()
     return Compiled(model, graph, tg, tint, time.perf_counter() - start)
 
 
-def save(compiled: Compiled, cfg: TintcConfig) -> list[str]:
-    """Write under `output` the standalone TinT package (tint_model.py, weights.safetensors,
-    tint_config.json: see backends/torch/emit.py), the IR dumps of the traced and the
-    training graph, and the parameter report; return the paths."""
-    out = cfg.resolved_output
-    paths = emit(compiled, cfg, out)
-    paths += write_files(out, {"traced.ir": dump(compiled.graph), "train.ir": dump(compiled.train_graph)})
-    return [str(path) for path in paths] + save_report(compiled, out)
+def save(compiled: Compiled, cfg: TintcConfig, force: bool = False) -> list[str]:
+    """Write under `output`, as one set (tintc/files.py), the standalone TinT package (tint_model.py,
+    weights.safetensors, tint_config.json: see backends/torch/emit.py), the IR dumps of the traced and
+    the training graph, the parameter report, and the compile time (timings.json, the one file that
+    differs between identical compiles); return the paths."""
+    files = {**package_files(compiled, cfg), "traced.ir": dump(compiled.graph), "train.ir": dump(compiled.train_graph),
+             **report_files(parameter_report(compiled)),
+             "timings.json": json.dumps({"compile_seconds": round(compiled.seconds, 3)}, indent=2) + "\n"}
+    return [str(path) for path in write_files(cfg.resolved_output, files, force=force, source=cfg.source_key)]
 
 
 @dataclass
@@ -155,7 +182,13 @@ def _errors(run, ref, params, evaluated) -> dict[str, float]:
 def text_input(cfg: TintcConfig, graph: Graph, path, length: int):
     """Token ids of a text file: the local model directory's tokenizer if it has one, else bytes
     modulo the vocabulary (random-weight test models have no tokenizer)."""
-    text = open(path, encoding="utf-8").read()
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--text {path}: cannot read it as UTF-8 text ({getattr(err, 'strerror', None) or err}); "
+                          "allowed: a readable UTF-8 text file") from None
+    if not text:
+        raise ConfigError(f"--text {path}: got an empty file; allowed: a text of at least 2 bytes")
     ids = None
     if cfg.resolved_model_path is not None:
         from transformers import AutoTokenizer

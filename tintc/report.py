@@ -210,7 +210,6 @@ def parameter_report(compiled) -> dict:
             "primitives": len(program.layers),
             "primitives_used": len(uses),
             "dtype": dtype,
-            "compile_seconds": round(getattr(compiled, "seconds", 0.0), 3),
         },
         "counts": {
             "unique": unique,

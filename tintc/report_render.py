@@ -298,10 +298,15 @@ def _unit(x: float) -> tuple[float, str]:
 
 # -- writing -----------------------------------------------------------------------------------
 
-def write_report(report: dict, directory) -> list[str]:
-    """Write report.json, report.md and report.png under `directory`; return their paths."""
-    return [str(p) for p in write_files(directory, {
+def report_files(report: dict) -> dict:
+    """report.json, report.md and report.png, for tintc.files.write_files."""
+    return {
         "report.json": json.dumps(report, indent=2) + "\n",
         "report.md": to_markdown(report),
         "report.png": lambda path: plot(report, path),
-    })]
+    }
+
+
+def write_report(report: dict, directory, force: bool = False, source: str | None = None) -> list[str]:
+    """Write report.json, report.md and report.png under `directory`; return their paths."""
+    return [str(p) for p in write_files(directory, report_files(report), force=force, source=source)]

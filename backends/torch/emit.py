@@ -8,8 +8,11 @@
                          wiring (which coordinates it reads and writes), sizes
     weights.safetensors  the primitives' weights (the TinT's state dict; no pickle)
 
-The output is deterministic (no paths, no timestamps). Every file is first written under a
-temporary name; they are renamed only once all of them are written.
+The three files record one package digest (checks.py); the generated load() refuses a
+package whose parts do not match. No text from the config reaches the code except
+through json.dumps (a string literal that cannot end the docstring or the literal). The
+output is deterministic (no paths, no timestamps). `package_files` returns the files;
+the caller writes them as one set (tintc/files.py).
 """
 
 from __future__ import annotations
@@ -19,15 +22,17 @@ import json
 import keyword
 from pathlib import Path
 
+import math
+
 import jinja2
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 import tintc
 from tintc.errors import BackendError
 from tintc.files import write_files
 
-from . import runtime, standard
+from . import checks, runtime, standard
 from .program import TOKENS, Program, program_json
 
 FORMAT = "tintc.tint/2"  # of tint_config.json; the generated code checks it
@@ -37,24 +42,31 @@ TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("backends.torch", "te
                                undefined=jinja2.StrictUndefined, autoescape=False)
 
 
-def emit(compiled_or_tint, cfg, directory) -> list[Path]:
-    """Write the package for a compiled TinT (a pipeline.Compiled or the TinT itself) into `directory`.
+def emit(compiled_or_tint, cfg, directory, force: bool = False) -> list[Path]:
+    """Write the package for a compiled TinT (a pipeline.Compiled or the TinT itself) into `directory`."""
+    return write_files(directory, package_files(compiled_or_tint, cfg), force=force)
+
+
+def package_files(compiled_or_tint, cfg) -> dict[str, str | bytes]:
+    """tint_model.py, tint_config.json and weights.safetensors, each recording the package digest.
     `cfg` (a TintcConfig, or None) only names the settings in the module's docstring."""
     tint = getattr(compiled_or_tint, "tint", compiled_or_tint)
     program: Program = tint.program
     weights = {name: t.contiguous() for name, t in tint.state_dict().items()}
-    return write_files(directory, {
-        "tint_model.py": source(program, cfg),
-        "weights.safetensors": lambda path: save_file(weights, str(path)),
-        "tint_config.json": json.dumps(config(program), indent=2) + "\n",
-    })
+    code, data = source(program, cfg), config(tint)
+    package = {"tint_model.py": checks.source_digest(code), "tint_config.json": checks.config_digest(data),
+               "weights.safetensors": checks.weights_digest(save(weights))[0]}
+    record = json.dumps(package, sort_keys=True)
+    code = code.replace("\nPACKAGE = None\n", f"\nPACKAGE = {record}\n", 1)
+    return {"tint_model.py": code, "weights.safetensors": save(weights, metadata={"tintc_package": record}),
+            "tint_config.json": json.dumps({**data, "package": package}, indent=2) + "\n"}
 
 
 # -- tint_model.py ------------------------------------------------------------------------
 def source(program: Program, cfg=None) -> str:
-    code = _body(runtime)
+    code = "\n\n\n".join(_body(module) for module in (checks, runtime))
     view = _body(standard).replace(standard.RUNTIME_IMPORT, "# (the runtime's names are defined above)")
-    layers = [{"name": name, "constructor": _constructor(name, module)} for name, module in program.layers.items()]
+    layers = [{"key": _str(name), "constructor": _constructor(name, module)} for name, module in program.layers.items()]
     return TEMPLATES.get_template("tint_model.py.jinja").render(
         version=tintc.__version__, summary=_summary(cfg), format=FORMAT, runtime=code, standard=view, layers=layers,
         calls=[_call(i, c) for i, c in enumerate(program.calls)],
@@ -63,9 +75,11 @@ def source(program: Program, cfg=None) -> str:
 
 
 def _body(module) -> str:
-    """A module's source without its docstring."""
+    """A module's source without its docstring and without runtime's import of checks (the package
+    defines both in one file)."""
     code = inspect.getsource(module)
-    return code[code.index('"""', 3) + 3 :].strip()
+    lines = code[code.index('"""', 3) + 3 :].strip().split("\n")
+    return "\n".join(line for line in lines if not line.startswith("from .checks import"))
 
 
 def _constructor(name: str, module: nn.Module) -> str:
@@ -110,6 +124,8 @@ def _str(text: str) -> str:
 
 
 def _literal(value) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f'float("{value}")'  # inf, -inf, nan have no literal
     return _str(value) if isinstance(value, str) else repr(value)
 
 
@@ -119,7 +135,7 @@ def _summary(cfg) -> str:
         return "Compiled without a config."
     t, a = cfg.tint.train, cfg.tint.approximations
     return "\n".join([
-        f"Compiled from config {cfg.name} ({cfg.model.family}, {cfg.tint.dtype}, K = {cfg.tint.prefixes}):",
+        f"Compiled from config {_str(cfg.name)} ({cfg.model.family}, {cfg.tint.dtype}, K = {cfg.tint.prefixes}):",
         f"    training   {t.steps} SGD step(s), lr {t.lr:g}, layers {t.layers}, loss {t.loss}",
         f"    kinds      {', '.join(t.kinds)}",
         f"    backward   attention {a.attention}, layer norm {a.layer_norm}, activation {a.activation}, "
@@ -128,5 +144,5 @@ def _summary(cfg) -> str:
 
 
 # -- tint_config.json ------------------------------------------------------------------------
-def config(program: Program) -> dict:
-    return {"format": FORMAT, **program_json(program)}
+def config(tint) -> dict:
+    return {"format": FORMAT, "label_only": tint.label_only, **program_json(tint.program)}

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import FINGERPRINT, check_inputs, check_prefixes, check_state_dict, contract, fingerprint_tensor  # noqa: F401
+
 
 # -- the primitives ---------------------------------------------------------------------------
 # Ordinary transformer components with weights built from shapes and settings alone. Each
@@ -221,14 +223,14 @@ def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tenso
 
 # -- the start and the end of a forward pass ------------------------------------------------------
 def begin(fields: dict, width: int, max_length: int, position_offset: int, blocks, input_ids, train_mask,
-          label_mask, prefixes: dict):
-    """Check the input, let every input hold one checkpoint for all sequences or one per sequence,
-    and return the token stream after the input layer, the unembedding and the prefix streams
-    at version 0 ("block@0")."""
+          label_mask, prefixes: dict, contract: dict):
+    """Check the input against the TinT's contract (checks.py), let every input hold one checkpoint
+    for all sequences or one per sequence, and return the token stream after the input layer, the
+    unembedding and the prefix streams at version 0 ("block@0")."""
+    check_inputs(contract, input_ids, train_mask, label_mask, prefixes)
     batch, length = input_ids.shape
-    if length > max_length:
-        raise ValueError(f"input length {length} exceeds the TinT's max_length {max_length}")
-    batched = {name: t if t.dim() == 3 else t.expand(batch, -1, -1) for name, t in prefixes.items()}
+    batched = {name: t if t.dim() == 3 else t.expand(batch, -1, -1)
+               for name, t in prefixes.items() if name != FINGERPRINT}
     unembed = batched.get("unembed", batched["vocab"])
     h = input_layer(fields, width, position_offset, input_ids, train_mask, label_mask, batched["positions"],
                     batched["vocab"], unembed)  # [B, T, width]
@@ -240,7 +242,7 @@ def finish(h, logits_field, unembed, prefixes: dict, final_blocks: dict):
     the embedding tables as given, each block at its last version."""
     start, size = logits_field
     logits = h[..., start : start + size] @ unembed.transpose(-1, -2)  # [B, T, V]
-    new_prefixes = {name: prefixes[name] for name in ("vocab", "positions", "unembed") if name in prefixes}
+    new_prefixes = {name: prefixes[name] for name in ("vocab", "positions", "unembed", FINGERPRINT) if name in prefixes}
     return logits, {**new_prefixes, **final_blocks}
 
 
@@ -280,8 +282,11 @@ def resolve(ref: dict, params: dict) -> torch.Tensor:
 
 
 def encode(layout: dict, params: dict) -> dict:
-    """θ (Hugging Face names) -> {block: [K, width]} plus "vocab", "positions" (and "unembed")."""
-    out = {"vocab": resolve(layout["vocab"], params).detach().clone(),
+    """θ (Hugging Face names) -> {block: [K, width]} plus "vocab", "positions" (and "unembed"), and the
+    layout fingerprint under "tint_layout" (checks.py)."""
+    check_state_dict(layout, params)
+    out = {FINGERPRINT: fingerprint_tensor(layout, params[layout["vocab"]["name"]].device),
+           "vocab": resolve(layout["vocab"], params).detach().clone(),
            "positions": resolve(layout["positions"], params).detach().clone()}
     if not layout["tied"]:
         out["unembed"] = resolve(layout["unembed"], params).detach().clone()
@@ -309,7 +314,7 @@ def encode(layout: dict, params: dict) -> dict:
 
 def decode(layout: dict, prefixes: dict) -> dict:
     """Prefix tokens -> θ in Hugging Face names; batched blocks ([B, K, width]) give [B, *shape]."""
-    batch = prefixes[next(iter(layout["blocks"]))].shape[:-2]
+    batch = check_prefixes(layout, prefixes)  # () or (B,)
     vocab = prefixes["vocab"]
     params = {name: torch.empty(*batch, *shape, dtype=vocab.dtype, device=vocab.device)
               for name, shape in layout["shapes"].items()}

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, finish
+from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, contract, finish
 
-RUNTIME_IMPORT = "from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, finish"
+RUNTIME_IMPORT = "from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, contract, finish"
 
 NULL, VOCAB, TOKENS = "null", "vocab", "tokens"
 ACT = {"identity": lambda x: x, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
@@ -392,6 +392,7 @@ class StandardTinT(nn.Module):
     def __init__(self, config: dict, stream: StreamPlan, dtype, factored: bool = False):
         super().__init__()
         self.config, self.plan = config, stream
+        self.contract = contract(config["layout"], config["max_length"], config.get("label_only", False))
         specs = sorted({b.mask for b in stream.blocks if b.kind == "attention"})
         self.mask_specs = specs
         self.stack = Stack([BLOCKS[b.kind](b, stream.d_sim, stream.one, dtype, factored) for b in stream.blocks],
@@ -427,7 +428,7 @@ class StandardTinT(nn.Module):
         rows and the prefix blocks at theirs."""
         c, layout = self.config, self.config["layout"]
         tokens, unembed, blocks = begin(c["inputs"], c["width"], c["max_length"], layout["position_offset"],
-                                          layout["blocks"], input_ids, train_mask, label_mask, prefixes)
+                                        layout["blocks"], input_ids, train_mask, label_mask, prefixes, self.contract)
         batch, length = input_ids.shape
         parts = [torch.zeros(batch, 1, self.plan.d_sim, dtype=tokens.dtype, device=tokens.device)]
         for rows in [unembed] + [blocks[f"{name}@0"] for name in layout["blocks"]]:

@@ -18,12 +18,13 @@ from .prefixes import layout_json
 
 
 class TinT(nn.Module):
-    def __init__(self, program: Program):
+    def __init__(self, program: Program, label_only: bool = False):
         super().__init__()
-        self.program = program
+        self.program, self.label_only = program, label_only
         self.layers = nn.ModuleDict(program.layers)
         self.layout = layout_json(program.layout)
         self.fields = {name: [f.start, f.width] for name, f in program.inputs.items()}
+        self.contract = runtime.contract(self.layout, program.max_length, label_only)  # what forward accepts
         # the wiring: which coordinates each call gathers and writes (fixed by the lowering)
         self._wiring = [runtime.wiring(call_json(c)) for c in program.calls]
 
@@ -32,8 +33,8 @@ class TinT(nn.Module):
         stack of transformer blocks over one residual stream (factored: see standard_view)."""
         from .standard import standard_view
 
-        return standard_view(program_json(self.program), self.layers, dtype or next(self.parameters()).dtype,
-                             factored)
+        config = {**program_json(self.program), "label_only": self.label_only}
+        return standard_view(config, self.layers, dtype or next(self.parameters()).dtype, factored)
 
     def encode(self, state_dict):
         return runtime.encode(self.layout, state_dict)
@@ -44,7 +45,8 @@ class TinT(nn.Module):
     def forward(self, input_ids, train_mask, prefixes, label_mask=None):
         p = self.program
         h, unembed, blocks = runtime.begin(self.fields, p.width, p.max_length, p.layout.position_offset,
-                                           p.layout.blocks, input_ids, train_mask, label_mask, prefixes)
+                                           p.layout.blocks, input_ids, train_mask, label_mask, prefixes,
+                                           self.contract)
         streams = {TOKENS: h, "unembed": unembed, **blocks}
         for call, (reads, write) in zip(p.calls, self._wiring):
             base = call.write.base

@@ -54,7 +54,12 @@ def load_model(family: str, path: str | os.PathLike, dtype=torch.float32):
     adapter = adapter_for(family)
     if not os.path.isdir(path):
         raise FrontendError(f"model.path {str(path)!r} is not a local directory (the hub is never used)")
-    model = adapter.model_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+    try:
+        model = adapter.model_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except Exception as err:  # a corrupt directory fails anywhere in transformers: say which and why
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FrontendError(f"model.path {str(path)!r}: cannot load a {family} model ({reason}); allowed: a "
+                            "directory written by save_pretrained (config.json and complete weights)") from None
     return model.eval()
 
 
