@@ -182,10 +182,10 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     single = CliRunner().invoke(app, common + ["--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "tintc.cli"]
     two = subprocess.run(torchrun + common + ["--out", str(tmp_path / "two")], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "eval.json").read_text())
     both = json.loads((tmp_path / "two" / "eval.json").read_text())
