@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,18 @@ def test_cli_bad_input_names_the_option_and_exits_2(tmp_path, option, value, mes
     assert message in " ".join(run.output.split())
 
 
+def _run_group(command, env, timeout=120) -> subprocess.CompletedProcess:
+    """Run torchrun in its own process group, so that a hang kills the ranks too, not only torchrun."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     path = _yaml(tmp_path)
     common = ["eval", str(path), "--text", str(tmp_path / "prose.txt"), "--chunks", "3", "--lrs", "0.01,0.05"]
@@ -184,8 +197,7 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "tintc.cli"]
-    two = subprocess.run(torchrun + common + ["--out", str(tmp_path / "two")], env=env, capture_output=True,
-                         text=True, timeout=120)
+    two = _run_group(torchrun + common + ["--out", str(tmp_path / "two")], env)
     assert two.returncode == 0, two.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "eval.json").read_text())
     both = json.loads((tmp_path / "two" / "eval.json").read_text())
