@@ -154,6 +154,17 @@ def test_dataset_without_the_package_is_a_clear_error(monkeypatch, tmp_path):
         text_source.dataset_text(tmp_path)
 
 
+def test_dataset_text_is_the_text_column_joined(tmp_path):
+    datasets = pytest.importorskip("datasets")  # the optional extra
+    rows = ["first row.", "second row.", "third row."]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": rows, "n": [1, 2, 3]})}).save_to_disk(
+        str(tmp_path / "splits"))
+    datasets.Dataset.from_dict({"body": rows}).save_to_disk(str(tmp_path / "other"))
+    assert text_source.dataset_text(tmp_path / "splits").text == "first row.\n\nsecond row.\n\nthird row."
+    with pytest.raises(text_source.ConfigError, match="--dataset: got columns \\['body'\\]"):
+        text_source.dataset_text(tmp_path / "other")
+
+
 def _yaml(tmp_path) -> Path:
     cfg = {"model": {"family": "gpt2", "config": TINY["gpt2"]},
            "tint": {"prefixes": 8, "max_length": 32, "train": {"lr": 0.05}}, "output": str(tmp_path / "build")}
