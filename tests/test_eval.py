@@ -140,6 +140,22 @@ def test_tint_row_equals_g_hat_per_chunk(tmp_path, dtype, bound):
     assert (tmp_path / "eval" / "lr-0.05" / "tint_model.py").is_file()  # the TinT came from its package
 
 
+def test_tokens_come_from_the_model_directory_tokenizer_else_bytes(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "the", "quick", "brown", "fox", ";", "."]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(str(tmp_path / "tok"))
+    text = text_source.Text("the quick brown fox; the lazy dog.", "a test")
+    tokens = text_source.tokenize(text, tmp_path / "tok", vocab=64)
+    assert tokens.ids.tolist() == [1, 2, 3, 4, 5, 1, 0, 0, 6] and tokens.tokenizer.endswith(f"of {tmp_path / 'tok'}")
+    (tmp_path / "none").mkdir()
+    raw = text_source.tokenize(text, tmp_path / "none", vocab=64)
+    assert raw.ids.tolist() == [b % 64 for b in text.text.encode("utf-8")] and "no tokenizer" in raw.tokenizer
+
+
 def test_default_text_is_the_pydoc_topics_in_sorted_order():
     from pydoc_data.topics import topics
 
