@@ -150,7 +150,8 @@ def test_tokens_come_from_the_model_directory_tokenizer_else_bytes(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(str(tmp_path / "tok"))
     text = text_source.Text("the quick brown fox; the lazy dog.", "a test")
     tokens = text_source.tokenize(text, tmp_path / "tok", vocab=64)
-    assert tokens.ids.tolist() == [1, 2, 3, 4, 5, 1, 0, 0, 6] and tokens.tokenizer.endswith(f"of {tmp_path / 'tok'}")
+    assert tokens.ids.tolist() == [1, 2, 3, 4, 5, 1, 0, 0, 6]
+    assert tokens.tokenizer.endswith(f"of {tmp_path / 'tok'}")
     (tmp_path / "none").mkdir()
     raw = text_source.tokenize(text, tmp_path / "none", vocab=64)
     assert raw.ids.tolist() == [b % 64 for b in text.text.encode("utf-8")] and "no tokenizer" in raw.tokenizer
