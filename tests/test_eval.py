@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from tintc import pipeline, text_source
 from tintc.cli import app
 from tintc.reference import TrainSettings, approx_gd
-from tintc.eval import BASE, EXACT, G_HAT, TINT, EvalSettings, evaluate
+from tintc.eval import BASE, EXACT, G_HAT, G_HAT64, TINT, EvalSettings, evaluate
+from tintc.eval_render import worst_vs_g_hat
 from tests.models import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +156,17 @@ def test_tokens_come_from_the_model_directory_tokenizer_else_bytes(tmp_path):
     (tmp_path / "none").mkdir()
     raw = text_source.tokenize(text, tmp_path / "none", vocab=64)
     assert raw.ids.tolist() == [b % 64 for b in text.text.encode("utf-8")] and "no tokenizer" in raw.tokenizer
+
+
+def test_float64_reference_row_is_g_hat_in_float64(tmp_path):
+    cfg = tiny_config("gpt2")
+    settings = EvalSettings(length=32, chunks=2, seed=1, float64_reference=True)
+    result = evaluate(cfg, _text(tmp_path), settings, tmp_path / "eval32")
+    _, result64 = _evaluate(tmp_path, chunks=2, dtype="float64")
+    assert result.starts == result64.starts
+    for ours, oracle in zip(result.runs[0.05][G_HAT64], result64.runs[0.05][G_HAT]):
+        assert _rel(ours.ce, oracle.ce) < 1e-12
+    assert worst_vs_g_hat(result, 0.05, G_HAT64) > 0  # float32 rounding is there to measure
 
 
 def test_default_text_is_the_pydoc_topics_in_sorted_order():

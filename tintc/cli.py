@@ -237,6 +237,8 @@ def eval_(
     dataset: Path = typer.Option(None, "--dataset", help="a Hugging Face dataset saved with save_to_disk "
                                                          "(its 'text' column; needs the datasets package)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (under torchrun, cuda: each rank's own)"),
+    float64_reference: bool = typer.Option(False, "--float64-reference",
+                                           help="add ĝ in float64: the fp32 floor for the TinT's difference from ĝ"),
     output: Path = typer.Option(None, "--out", help="where eval.json, .md, .png and the TinT packages go "
                                                     "(default: <output>/eval)"),
 ) -> None:
@@ -261,6 +263,7 @@ def eval_(
         group = Group.from_environment(device)
         settings = protocol.EvalSettings(length=length, train_fraction=train_fraction,
                                          chunks=chunks or None, seed=seed, lrs=learning_rates,
+                                         float64_reference=float64_reference,
                                          device=group.device(device))
         out_dir = output if output is not None else cfg.resolved_output / "eval"
         with _progress(group.rank == 0) as advance:

@@ -35,6 +35,7 @@ from .reference import TrainSettings, approx_gd, exact_gd
 from .text_source import Text, chunk_starts, tokenize
 
 BASE, EXACT, G_HAT, TINT = "base", "dynamic eval (exact)", "ĝ", "TinT"
+G_HAT64 = "ĝ (float64)"  # optional, for float32 configs: how far rounding alone moves ĝ (the fp32 floor)
 TRAINED_ROWS = (EXACT, G_HAT, TINT)  # the rows that depend on the learning rate
 
 
@@ -46,6 +47,7 @@ class EvalSettings:
     seed: int = 0
     lrs: tuple[float, ...] | None = None  # None: the config's
     device: str = "cpu"
+    float64_reference: bool = False  # add the G_HAT64 row (float32 configs)
 
     def split(self) -> int:
         """Tokens in the train segment; at least 2 (one prediction to train on) and one test token."""
@@ -113,7 +115,7 @@ def with_lr(cfg: TintcConfig, lr: float) -> TintcConfig:
 class Rows:
     """The model, its traced graph and θ on the device; per lr, the oracles' settings and the TinT."""
 
-    def __init__(self, cfg: TintcConfig, device: str):
+    def __init__(self, cfg: TintcConfig, device: str, float64_reference: bool = False):
         if cfg.tint.train.loss != "context":
             raise ConfigError(f"tint.train.loss: got {cfg.tint.train.loss!r}; allowed: 'context' for the "
                               "language-modelling protocol")
@@ -123,6 +125,17 @@ class Rows:
         self.params = {n: p.detach() for n, p in self.model.named_parameters()}
         self.settings: dict[float, TrainSettings] = {}
         self.tints: dict[float, tuple] = {}  # lr -> (TinT module, prefixes of θ)
+        self.float64 = None  # (graph, θ) in float64 for the G_HAT64 row
+        if float64_reference:
+            if cfg.tint.dtype != "float32":
+                raise ConfigError(f"--float64-reference: got tint.dtype {cfg.tint.dtype}; allowed: float32 configs")
+            model64 = pipeline.load_aux_model(cfg.model_copy(update={"tint": cfg.tint.model_copy(
+                update={"dtype": "float64"})})).to(self.device)
+            self.float64 = (pipeline.trace(cfg, model64), {n: p.detach() for n, p in model64.named_parameters()})
+
+    @property
+    def trained_rows(self) -> tuple[str, ...]:
+        return TRAINED_ROWS + ((G_HAT64,) if self.float64 else ())
 
     def compile(self, lr: float, directory: Path) -> float:
         """Compile the TinT for `lr` and write its package into `directory`; return the seconds."""
@@ -149,6 +162,8 @@ class Rows:
                 return tint(ids, train, prefixes)[0]
         if row == EXACT:
             return exact_gd(self.model, self.graph, ids, train, self.settings[lr], before=False).logits
+        if row == G_HAT64:
+            return approx_gd(*self.float64, ids, train, self.settings[lr], before=False).logits
         return approx_gd(self.graph, self.params, ids, train, self.settings[lr], before=False).logits
 
     def run(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor) -> ChunkValues:
@@ -173,7 +188,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     from . import distributed
 
     group = group or distributed.Group.single()
-    rows = Rows(cfg, settings.device)
+    rows = Rows(cfg, settings.device, settings.float64_reference)
     max_length = cfg.max_length(rows.graph.attrs["max_positions"])
     settings = replace(settings, length=settings.length or min(max_length, 256))
     if settings.length > max_length:
@@ -185,7 +200,8 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     starts = chunk_starts(len(tokens.ids), settings.length, settings.chunks, settings.seed)
     mine = list(range(group.rank, len(starts), group.world))
     progress = progress or (lambda advance, total, what: None)
-    total = len(mine) * (1 + len(TRAINED_ROWS) * len(lrs))
+    trained_rows = rows.trained_rows
+    total = len(mine) * (1 + len(trained_rows) * len(lrs))
 
     compile_seconds = {}
     for lr in lrs:
@@ -198,13 +214,13 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
 
     train = train_mask(settings.length, n_train, rows.device)
     base: dict[int, ChunkValues] = {}
-    runs: dict[float, dict[str, dict[int, ChunkValues]]] = {lr: {row: {} for row in TRAINED_ROWS} for lr in lrs}
+    runs: dict[float, dict[str, dict[int, ChunkValues]]] = {lr: {row: {} for row in trained_rows} for lr in lrs}
     for i in mine:
         ids = tokens.ids[starts[i] : starts[i] + settings.length][None].to(rows.device)
         base[i] = rows.run(BASE, None, ids, train)
         progress(1, total, f"chunk {i + 1}/{len(starts)}: {BASE}")
         for lr in lrs:
-            for row in TRAINED_ROWS:
+            for row in trained_rows:
                 runs[lr][row][i] = rows.run(row, lr, ids, train)
                 progress(1, total, f"chunk {i + 1}/{len(starts)}: {row}, lr {lr:g}")
 
@@ -214,7 +230,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     for other_base, other_runs in gathered:  # every chunk was run by exactly one rank
         base.update(other_base)
         for lr in lrs:
-            for row in TRAINED_ROWS:
+            for row in trained_rows:
                 runs[lr][row].update(other_runs[lr][row])
     in_order = range(len(starts))
     return EvalResult(
@@ -224,7 +240,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
               "device": settings.device, "processes": group.world, **_settings_info(cfg)},
         starts=starts, predictions=settings.length - n_train,
         base=[base[i] for i in in_order],
-        runs={lr: {row: [runs[lr][row][i] for i in in_order] for row in TRAINED_ROWS} for lr in lrs},
+        runs={lr: {row: [runs[lr][row][i] for i in in_order] for row in trained_rows} for lr in lrs},
         compile_seconds=compile_seconds,
     )
 
