@@ -227,7 +227,8 @@ def bench(
 @app.command("eval")
 def eval_(
     config: Path = ConfigArg,
-    length: int = typer.Option(None, "--length", help="T, tokens per chunk (default: the TinT's max length, at most 256)"),
+    length: int = typer.Option(None, "--length",
+                               help="T, tokens per chunk (default: the TinT's max length, at most 256)"),
     train_fraction: float = typer.Option(0.5, "--train-fraction", help="the share of each chunk that is trained on"),
     chunks: int = typer.Option(16, "--chunks", help="chunks drawn from the text (0: all of them)"),
     seed: int = typer.Option(0, "--seed", help="which chunks are drawn"),
