@@ -20,7 +20,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from tintc.errors import TintcError  # noqa: E402
+from tintc.errors import ConfigError, TintcError  # noqa: E402
 
 app = typer.Typer(
     help="Compile a Hugging Face transformer into a TinT (Trainable Transformer in Transformer).",
@@ -289,6 +289,103 @@ def bench(
         out.print(line)
     for path in paths:
         out.print(f"wrote {path}")
+
+
+@app.command("eval")
+def eval_(
+    config: Path = ConfigArg,
+    length: int = typer.Option(None, "--length",
+                               help="T, tokens per chunk (default: the TinT's max length, at most 256)"),
+    train_fraction: float = typer.Option(0.5, "--train-fraction", help="the share of each chunk that is trained on"),
+    chunks: int = typer.Option(16, "--chunks", help="chunks drawn from the text (0: all of them)"),
+    seed: int = typer.Option(0, "--seed", help="which chunks are drawn"),
+    lrs: str = typer.Option(None, "--lrs", help="comma-separated learning rates (default: the config's); "
+                                                 "each is its own TinT compile"),
+    text: Path = typer.Option(None, "--text", help="a UTF-8 text file (default: Python's pydoc topics)"),
+    dataset: Path = typer.Option(None, "--dataset", help="a Hugging Face dataset saved with save_to_disk "
+                                                         "(its 'text' column; needs the datasets package)"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (under torchrun, cuda: each rank's own)"),
+    float64_reference: bool = typer.Option(False, "--float64-reference",
+                                           help="add ĝ in float64: the fp32 floor for the TinT's difference from ĝ"),
+    output: Path = typer.Option(None, "--out", help="where eval.json, .md, .png and the TinT packages go "
+                                                    "(default: <output>/eval)"),
+) -> None:
+    """Dynamic evaluation on real text: perplexity of the test part of each chunk for the base model,
+    exact SGD, the ĝ oracle and the TinT (loaded from its package). Runs data-parallel under torchrun."""
+    from tintc import eval as protocol
+    from tintc import eval_render, text_source
+    from tintc.config import load_config
+    from tintc.distributed import Group
+
+    _quiet_transformers()
+    group = None
+    try:
+        cfg = load_config(config)
+        learning_rates = _parse_lrs(lrs)
+        if text is not None and dataset is not None:
+            raise ConfigError("--text, --dataset: got both; allowed: at most one text source")
+        if chunks < 0:
+            raise ConfigError(f"--chunks: got {chunks}; allowed: 0 (every chunk) or a positive number")
+        source = (text_source.file_text(text) if text is not None else
+                  text_source.dataset_text(dataset) if dataset is not None else text_source.default_text())
+        group = Group.from_environment(device)
+        settings = protocol.EvalSettings(length=length, train_fraction=train_fraction,
+                                         chunks=chunks or None, seed=seed, lrs=learning_rates,
+                                         float64_reference=float64_reference,
+                                         device=group.device(device))
+        out_dir = output if output is not None else cfg.resolved_output / "eval"
+        with _progress(group.rank == 0) as advance:
+            result = protocol.evaluate(cfg, source, settings, out_dir, group, advance)
+    except TintcError as error:
+        raise _fail(error) from None
+    finally:
+        if group is not None:
+            group.close()
+    if result is None:  # not rank 0: rank 0 writes
+        return
+    out.print(eval_render.rich_table(result))
+    for note in eval_render.notes(result):
+        out.print(note)
+    for path in eval_render.write(result, out_dir):
+        out.print(f"wrote {path}")
+
+
+def _parse_lrs(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(not v > 0 for v in values) or len(set(values)) != len(values):
+        raise ConfigError(f"--lrs: got {text!r}; allowed: comma-separated distinct numbers > 0, e.g. 1e-4,3e-4,1e-3")
+    return values
+
+
+class _progress:
+    """A rich progress bar with ETA on stderr (rank 0 only); yields advance(steps, total, what)."""
+
+    def __init__(self, show: bool):
+        self.show = show
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if not self.show:
+            return lambda advance, total, what: None
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
+        self.bar.start()
+        task = self.bar.add_task("eval", total=None)
+
+        def advance(steps: int, total: int, what: str) -> None:
+            self.bar.update(task, advance=steps, total=total, description=what)
+
+        return advance
+
+    def __exit__(self, *exc) -> None:
+        if self.show:
+            self.bar.stop()
 
 
 if __name__ == "__main__":

@@ -231,11 +231,12 @@ def exact_gd(model, graph: Graph, input_ids, train_mask, settings: TrainSettings
 
 
 def approx_gd(graph: Graph, params: dict[str, torch.Tensor], input_ids, train_mask, settings: TrainSettings,
-              label_mask=None) -> GDResult:
-    """ĝ: the IR interpreter with the approximate backward rules of `settings.approximations`."""
+              label_mask=None, before: bool = True) -> GDResult:
+    """ĝ: the IR interpreter with the approximate backward rules of `settings.approximations`
+    (before=False skips the forward with θ_0, as in exact_gd)."""
     interpreter = ApproxInterpreter(graph, settings.approximations)
     masks = update_masks(graph, params, settings)
-    return _descend(interpreter.run, dict(params), input_ids, train_mask, label_mask, settings, masks)
+    return _descend(interpreter.run, dict(params), input_ids, train_mask, label_mask, settings, masks, before)
 
 
 def with_approximations(settings: TrainSettings, **changes) -> TrainSettings:

@@ -1,0 +1,253 @@
+"""`tintc eval`: the paper's language-modelling experiment on real text (dynamic evaluation).
+
+The text's token ids are cut into non-overlapping chunks of T tokens. In each chunk the first
+`train_fraction` of the tokens is the train segment; the perplexity is exp(mean CE) over the
+next-token predictions of the rest (the test segment), each from the full causal context,
+pooled over all chunks. Every chunk starts from the original weights θ. Rows, on the same chunks:
+
+    base                  the aux model as given (the Hugging Face model itself)
+    dynamic eval (exact)  autograd SGD on the train segment (tintc.reference.exact_gd)
+    ĝ                     the same with the configured approximate backward rules (approx_gd)
+    TinT                  the emitted package, loaded from its directory as a user would
+
+The TinT reads η from its config, so every learning rate of a sweep is its own compile. Chunks
+are independent: under torchrun each rank takes every world-th chunk and rank 0 gathers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from backends.torch.emit import emit
+
+from . import metrics, pipeline
+from .config import TintcConfig
+from .errors import ConfigError
+from .reference import TrainSettings, approx_gd, exact_gd
+from .text_source import Text, chunk_starts, tokenize
+
+BASE, EXACT, G_HAT, TINT = "base", "dynamic eval (exact)", "ĝ", "TinT"
+G_HAT64 = "ĝ (float64)"  # optional, for float32 configs: how far rounding alone moves ĝ (the fp32 floor)
+TRAINED_ROWS = (EXACT, G_HAT, TINT)  # the rows that depend on the learning rate
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    length: int | None = None  # T, tokens per chunk (None: the TinT's max length, at most 256)
+    train_fraction: float = 0.5
+    chunks: int | None = None  # None: every chunk of the text
+    seed: int = 0
+    lrs: tuple[float, ...] | None = None  # None: the config's
+    device: str = "cpu"
+    float64_reference: bool = False  # add the G_HAT64 row (float32 configs)
+
+    def split(self) -> int:
+        """Tokens in the train segment; at least 2 (one prediction to train on) and one test token."""
+        n_train = int(self.length * self.train_fraction)
+        if not 0 < self.train_fraction < 1 or n_train < 2 or n_train >= self.length:
+            raise ConfigError(f"--train-fraction: got {self.train_fraction} of T={self.length}; allowed: a number "
+                              "in (0, 1) that leaves at least 2 train tokens and 1 test token")
+        return n_train
+
+
+@dataclass
+class ChunkValues:
+    """One chunk under one row: summed test CE (nats, float64), and the row's seconds."""
+
+    ce: float
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    info: dict  # what was run: config, text, tokenizer, sizes, settings
+    starts: list[int]  # chunk start offsets in the token ids, text order
+    predictions: int  # test predictions per chunk
+    base: list[ChunkValues]
+    runs: dict[float, dict[str, list[ChunkValues]]]  # lr -> row -> per chunk
+    compile_seconds: dict[float, float] = field(default_factory=dict)
+
+    def perplexity(self, values: list[ChunkValues]) -> float:
+        """exp of the mean CE over every test prediction of every chunk."""
+        return math.exp(sum(v.ce for v in values) / (self.predictions * len(values)))
+
+    def chunk_perplexities(self, values: list[ChunkValues]) -> list[float]:
+        return [math.exp(v.ce / self.predictions) for v in values]
+
+
+# -- the loss on one chunk -------------------------------------------------------------------
+def train_mask(length: int, n_train: int, device="cpu") -> torch.Tensor:
+    mask = torch.zeros(1, length, dtype=torch.bool, device=device)
+    mask[:, :n_train] = True
+    return mask
+
+
+def test_ce(logits: torch.Tensor, ids: torch.Tensor, train: torch.Tensor) -> float:
+    """Summed next-token CE (float64) over the positions whose next token is a test token."""
+    evaluated = metrics.eval_mask(train)[:, :-1]
+    ce = F.cross_entropy(logits[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
+    return ce[evaluated].sum().item()
+
+
+# -- the rows --------------------------------------------------------------------------------
+def _import_package(directory: Path):
+    """The emitted tint_model.py of `directory`, imported under a name of its own."""
+    name = f"tint_model_{abs(hash(str(directory.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, directory / "tint_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def with_lr(cfg: TintcConfig, lr: float) -> TintcConfig:
+    train = cfg.tint.train.model_copy(update={"lr": lr})
+    return cfg.model_copy(update={"tint": cfg.tint.model_copy(update={"train": train})})
+
+
+class Rows:
+    """The model, its traced graph and θ on the device; per lr, the oracles' settings and the TinT."""
+
+    def __init__(self, cfg: TintcConfig, device: str, float64_reference: bool = False):
+        if cfg.tint.train.loss != "context":
+            raise ConfigError(f"tint.train.loss: got {cfg.tint.train.loss!r}; allowed: 'context' for the "
+                              "language-modelling protocol")
+        self.cfg, self.device = cfg, torch.device(device)
+        self.model = pipeline.load_aux_model(cfg).to(self.device)
+        self.graph = pipeline.trace(cfg, self.model)
+        self.params = {n: p.detach() for n, p in self.model.named_parameters()}
+        self.settings: dict[float, TrainSettings] = {}
+        self.tints: dict[float, tuple] = {}  # lr -> (TinT module, prefixes of θ)
+        self.float64 = None  # (graph, θ) in float64 for the G_HAT64 row
+        if float64_reference:
+            if cfg.tint.dtype != "float32":
+                raise ConfigError(f"--float64-reference: got tint.dtype {cfg.tint.dtype}; allowed: float32 configs")
+            model64 = pipeline.load_aux_model(cfg.model_copy(update={"tint": cfg.tint.model_copy(
+                update={"dtype": "float64"})})).to(self.device)
+            self.float64 = (pipeline.trace(cfg, model64), {n: p.detach() for n, p in model64.named_parameters()})
+
+    @property
+    def trained_rows(self) -> tuple[str, ...]:
+        return TRAINED_ROWS + ((G_HAT64,) if self.float64 else ())
+
+    def compile(self, lr: float, directory: Path) -> float:
+        """Compile the TinT for `lr` and write its package into `directory`; return the seconds."""
+        cfg = with_lr(self.cfg, lr)
+        start = time.perf_counter()
+        # the TinT depends on the architecture only; trace a CPU copy when θ lives on an accelerator
+        model = self.model if self.device.type == "cpu" else pipeline.load_aux_model(cfg)
+        compiled = pipeline.compile_tint(cfg, model)
+        emit(compiled, cfg, directory)
+        return time.perf_counter() - start
+
+    def load(self, lr: float, directory: Path) -> None:
+        """The oracles' settings for `lr`, and the TinT as a user loads it: from its package."""
+        self.settings[lr] = TrainSettings.from_config(with_lr(self.cfg, lr), self.graph.attrs["n_layer"])
+        tint = _import_package(directory).load(directory, device=self.device)
+        self.tints[lr] = (tint, tint.encode(self.params))
+
+    def logits(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if row == BASE:
+                return self.model(ids, use_cache=False).logits
+            if row == TINT:
+                tint, prefixes = self.tints[lr]
+                return tint(ids, train, prefixes)[0]
+        if row == EXACT:
+            return exact_gd(self.model, self.graph, ids, train, self.settings[lr], before=False).logits
+        if row == G_HAT64:
+            return approx_gd(*self.float64, ids, train, self.settings[lr], before=False).logits
+        return approx_gd(self.graph, self.params, ids, train, self.settings[lr], before=False).logits
+
+    def run(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor) -> ChunkValues:
+        self._sync()
+        start = time.perf_counter()
+        logits = self.logits(row, lr, ids, train)
+        self._sync()
+        seconds = time.perf_counter() - start
+        return ChunkValues(test_ce(logits, ids, train), seconds)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+# -- the protocol ----------------------------------------------------------------------------
+def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, group=None,
+             progress=None) -> EvalResult | None:
+    """Run every row on the chunks (this process's share under `group`, a tintc.distributed.Group);
+    return the result on rank 0 (None elsewhere). `progress(advance, total, what)` is called as work is
+    done. The TinT packages are written under out/lr-<lr>/."""
+    from . import distributed
+
+    group = group or distributed.Group.single()
+    rows = Rows(cfg, settings.device, settings.float64_reference)
+    max_length = cfg.max_length(rows.graph.attrs["max_positions"])
+    settings = replace(settings, length=settings.length or min(max_length, 256))
+    if settings.length > max_length:
+        raise ConfigError(f"--length: got {settings.length}; allowed: at most the TinT's max length {max_length} "
+                          "(tint.max_length)")
+    n_train = settings.split()
+    tokens = tokenize(text, cfg.resolved_model_path, rows.graph.attrs["vocab"])
+    lrs = tuple(settings.lrs or (cfg.tint.train.lr,))
+    starts = chunk_starts(len(tokens.ids), settings.length, settings.chunks, settings.seed)
+    mine = list(range(group.rank, len(starts), group.world))
+    progress = progress or (lambda advance, total, what: None)
+    trained_rows = rows.trained_rows
+    total = len(mine) * (1 + len(trained_rows) * len(lrs))
+
+    compile_seconds = {}
+    for lr in lrs:
+        directory = out / f"lr-{lr:g}"
+        progress(0, total, f"compiling the TinT for lr {lr:g}")
+        if group.rank == 0:  # one writer; the others wait and load the same files
+            compile_seconds[lr] = rows.compile(lr, directory)
+        group.barrier()
+        rows.load(lr, directory)
+
+    train = train_mask(settings.length, n_train, rows.device)
+    base: dict[int, ChunkValues] = {}
+    runs: dict[float, dict[str, dict[int, ChunkValues]]] = {lr: {row: {} for row in trained_rows} for lr in lrs}
+    for i in mine:
+        ids = tokens.ids[starts[i] : starts[i] + settings.length][None].to(rows.device)
+        base[i] = rows.run(BASE, None, ids, train)
+        progress(1, total, f"chunk {i + 1}/{len(starts)}: {BASE}")
+        for lr in lrs:
+            for row in trained_rows:
+                runs[lr][row][i] = rows.run(row, lr, ids, train)
+                progress(1, total, f"chunk {i + 1}/{len(starts)}: {row}, lr {lr:g}")
+
+    gathered = group.gather((base, runs))
+    if gathered is None:
+        return None
+    for other_base, other_runs in gathered:  # every chunk was run by exactly one rank
+        base.update(other_base)
+        for lr in lrs:
+            for row in trained_rows:
+                runs[lr][row].update(other_runs[lr][row])
+    in_order = range(len(starts))
+    return EvalResult(
+        info={"text": text.source, "python": platform.python_version(), "torch": torch.__version__,
+              "tokens": len(tokens.ids), "tokenizer": tokens.tokenizer, "length": settings.length,
+              "train_tokens": n_train, "train_fraction": settings.train_fraction, "seed": settings.seed,
+              "device": settings.device, "processes": group.world, **_settings_info(cfg)},
+        starts=starts, predictions=settings.length - n_train,
+        base=[base[i] for i in in_order],
+        runs={lr: {row: [runs[lr][row][i] for i in in_order] for row in trained_rows} for lr in lrs},
+        compile_seconds=compile_seconds,
+    )
+
+
+def _settings_info(cfg: TintcConfig) -> dict:
+    t, a = cfg.tint.train, cfg.tint.approximations
+    return {"config": cfg.name, "family": cfg.model.family, "dtype": cfg.tint.dtype, "steps": t.steps,
+            "layers": t.layers, "kinds": list(t.kinds),
+            "approximations": {"attention": a.attention, "layer_norm": a.layer_norm, "activation": a.activation,
+                               "scale": a.scale}}

@@ -1,0 +1,123 @@
+"""The outputs of `tintc eval`: a rich table, eval.json (every per-chunk value), eval.md and
+eval.png (perplexity against the learning rate, one line per row, base as a horizontal line)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from .eval import BASE, G_HAT, G_HAT64, TINT, ChunkValues, EvalResult
+from .files import write_files
+
+COLUMNS = ("lr", "row", "perplexity", "change from base", "s / chunk", "worst chunk |ppl/ppl(ĝ) − 1|")
+COMPARED = (TINT, G_HAT64)  # the rows measured against ĝ chunk by chunk
+
+
+def summary_rows(result: EvalResult) -> list[list[str]]:
+    """One line per (lr, row), base first: the cells of COLUMNS."""
+    base = result.perplexity(result.base)
+    lines = [["—", BASE, f"{base:.4f}", "—", f"{_mean_seconds(result.base):.3f}", "—"]]
+    for lr, rows in result.runs.items():
+        for row in rows:
+            ppl = result.perplexity(rows[row])
+            worst = f"{worst_vs_g_hat(result, lr, row):.2e}" if row in COMPARED else "—"
+            lines.append([f"{lr:g}", row, f"{ppl:.4f}", f"{ppl - base:+.4f} ({100 * (ppl / base - 1):+.2f}%)",
+                          f"{_mean_seconds(rows[row]):.3f}", worst])
+    return lines
+
+
+def worst_vs_g_hat(result: EvalResult, lr: float, row: str = TINT) -> float:
+    """The largest per-chunk relative perplexity difference between `row` and ĝ at `lr`: for the
+    TinT the construction error, for ĝ in float64 the rounding of ĝ itself (the fp32 floor)."""
+    ours = result.chunk_perplexities(result.runs[lr][row])
+    g_hat = result.chunk_perplexities(result.runs[lr][G_HAT])
+    return max(abs(t / g - 1) for t, g in zip(ours, g_hat))
+
+
+def _mean_seconds(values: list[ChunkValues]) -> float:
+    return sum(v.seconds for v in values) / len(values)
+
+
+def title(result: EvalResult) -> str:
+    i = result.info
+    return (f"{i['config']}: {len(result.starts)} chunks of T={i['length']} ({i['train_tokens']} train, "
+            f"{result.predictions} test predictions each), {i['steps']} SGD step(s), {i['dtype']}, "
+            f"{i['processes']} process(es) on {i['device']}")
+
+
+def notes(result: EvalResult) -> list[str]:
+    i = result.info
+    return [f"text: {i['text']}", f"tokens: {i['tokens']:,} ({i['tokenizer']})",
+            f"trained: layers {i['layers']}, kinds {' '.join(i['kinds'])}; backward rules "
+            + ", ".join(f"{k} {v}" for k, v in i["approximations"].items()),
+            "the TinT reads η from its config: one compile per learning rate ("
+            + ", ".join(f"lr {lr:g}: {s:.1f} s" for lr, s in result.compile_seconds.items()) + ")"] + (
+        [f"{G_HAT64}: the ĝ oracle in float64; its difference from ĝ is float32 rounding alone, the floor "
+         "for the TinT's"] if any(G_HAT64 in rows for rows in result.runs.values()) else [])
+
+
+def rich_table(result: EvalResult) -> Table:
+    table = Table(title=title(result))
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "row" else "right")
+    for line in summary_rows(result):
+        table.add_row(*line)
+    return table
+
+
+def markdown(result: EvalResult) -> str:
+    lines = [f"# tintc eval: {title(result)}", ""]
+    lines += [f"- {note}" for note in notes(result)] + [""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in summary_rows(result)]
+    lines += ["", "Perplexity: exp of the mean next-token CE over the test predictions of every chunk. "
+                  "The last column is the largest per-chunk |ppl(row) / ppl(ĝ) − 1|: for the TinT, the construction "
+                  "error.",
+              "", "![perplexity against learning rate](eval.png)", ""]
+    return "\n".join(lines)
+
+
+def to_json(result: EvalResult) -> dict:
+    def values(vs: list[ChunkValues]) -> dict:
+        return {"perplexity": result.perplexity(vs), "chunk_perplexity": result.chunk_perplexities(vs),
+                "chunk_ce_sum": [v.ce for v in vs], "chunk_seconds": [v.seconds for v in vs]}
+
+    return {
+        "info": result.info, "chunk_starts": result.starts, "test_predictions_per_chunk": result.predictions,
+        "compile_seconds": {f"{lr:g}": s for lr, s in result.compile_seconds.items()},
+        "base": values(result.base),
+        "runs": [{"lr": lr, "rows": {row: values(rows[row]) for row in rows},
+                  "worst_chunk_vs_g_hat": {row: worst_vs_g_hat(result, lr, row) for row in COMPARED if row in rows}}
+                 for lr, rows in result.runs.items()],
+    }
+
+
+def plot(result: EvalResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    lrs = sorted(result.runs)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.axhline(result.perplexity(result.base), color="gray", linestyle="--", label=BASE)
+    for row, style in zip(result.runs[lrs[0]], ("o-", "s--", "x:", "d-.")):
+        ax.plot(lrs, [result.perplexity(result.runs[lr][row]) for lr in lrs], style, label=row)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate η")
+    ax.set_ylabel("test perplexity")
+    ax.set_title(f"{result.info['config']}: T={result.info['length']}, {len(result.starts)} chunks", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120, metadata={"Software": None})  # no version stamp: same bytes
+    plt.close(fig)
+
+
+def write(result: EvalResult, directory: Path) -> list[Path]:
+    return write_files(directory, {
+        "eval.json": json.dumps(to_json(result), indent=2, ensure_ascii=False) + "\n",
+        "eval.md": markdown(result),
+        "eval.png": lambda path: plot(result, path),
+    })

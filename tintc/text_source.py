@@ -1,0 +1,102 @@
+"""Text for `tintc eval`: where it comes from, how it becomes token ids, how it is cut into chunks.
+
+Sources: a UTF-8 file, a Hugging Face dataset saved with `save_to_disk` (needs the optional
+`datasets` package), or by default the documentation strings of CPython's `pydoc_data.topics`
+(real English text that every Python install has; it differs between Python versions, so the
+version is recorded).
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+    source: str  # what the text is, for the outputs
+
+
+@dataclass(frozen=True)
+class Tokens:
+    ids: torch.Tensor  # [N] int64
+    tokenizer: str  # the tokenizer's name, or how ids were made without one
+
+
+def default_text() -> Text:
+    """CPython's pydoc topics, joined in sorted key order with blank lines."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    return Text(text, f"pydoc_data.topics of Python {platform.python_version()} ({len(topics)} topics, "
+                      f"sorted keys, joined with blank lines)")
+
+
+def file_text(path: Path) -> Text:
+    try:
+        return Text(Path(path).read_text(encoding="utf-8"), f"file {path}")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--text: got {path}; allowed: a readable UTF-8 text file ({error})") from None
+
+
+def dataset_text(directory: Path, column: str = "text") -> Text:
+    """The `column` of a dataset saved with `save_to_disk` (its "train" split if it has splits),
+    rows joined with blank lines."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("--dataset: needs the optional `datasets` package; allowed: install it with "
+                          "pip install 'tintc[datasets]', or use --text FILE") from None
+    try:
+        data = datasets.load_from_disk(str(directory))
+    except (OSError, ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"--dataset: got {directory}; allowed: a directory written by save_to_disk "
+                          f"({error})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise ConfigError(f"--dataset: got splits {sorted(data)}; allowed: a Dataset or a DatasetDict "
+                              "with a 'train' split")
+        data = data["train"]
+    if column not in data.column_names:
+        raise ConfigError(f"--dataset: got columns {data.column_names}; allowed: a dataset with a "
+                          f"{column!r} column")
+    return Text("\n\n".join(data[column]), f"dataset {directory} ({len(data)} rows of {column!r})")
+
+
+def tokenize(text: Text, tokenizer_dir: Path | None, vocab: int) -> Tokens:
+    """The model's tokenizer where its directory has one (no special tokens added), else the
+    UTF-8 bytes modulo the vocabulary: random test models have no tokenizer."""
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        except (OSError, ValueError):
+            tokenizer = None
+        if tokenizer is not None:
+            ids = tokenizer(text.text, add_special_tokens=False)["input_ids"]
+            return Tokens(torch.tensor(ids, dtype=torch.long), f"{type(tokenizer).__name__} of {tokenizer_dir}")
+    ids = torch.frombuffer(bytearray(text.text.encode("utf-8")), dtype=torch.uint8).long() % vocab
+    return Tokens(ids, f"no tokenizer: UTF-8 bytes modulo the vocabulary ({vocab})")
+
+
+def chunk_starts(n_tokens: int, length: int, chunks: int | None, seed: int) -> list[int]:
+    """Start offsets of the chunks evaluated: the text holds n_tokens // length non-overlapping
+    chunks (the tail shorter than a chunk is not used); `chunks` of them are drawn without
+    replacement with `seed` (None: all), then put in text order."""
+    available = n_tokens // length
+    if available == 0:
+        raise ConfigError(f"--length: got {length}; allowed: at most the text's {n_tokens} tokens")
+    if chunks is None:
+        return [i * length for i in range(available)]
+    if not 1 <= chunks <= available:
+        raise ConfigError(f"--chunks: got {chunks}; allowed: 1 to {available} (the text's {n_tokens} tokens "
+                          f"hold {available} chunks of {length})")
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
+    return sorted(int(i) * length for i in order[:chunks])
