@@ -3,7 +3,6 @@ in-memory TinT bit for bit, runs under torch.compile, and is the same bytes for 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from backends.torch import runtime
 from backends.torch.checks import FINGERPRINT
-from backends.torch.emit import emit
+from backends.torch.emit import emit, import_package
 from tintc.files import MANIFEST, write_files
 from tintc import pipeline
 from tintc.fidelity import example_input
@@ -37,15 +36,6 @@ def _compile(family="gpt2", dtype="float64", model_overrides=None, **tint):
     cfg = tiny_config(family, dtype=dtype, **tint)
     model = tiny_model(family, dtype=cfg.torch_dtype, **(model_overrides or {}))
     return cfg, model, pipeline.compile_tint(cfg, model)
-
-
-def _import(directory: Path):
-    """The generated module, imported from its file under a name of its own."""
-    name = f"tint_model_{abs(hash(str(directory)))}"
-    spec = importlib.util.spec_from_file_location(name, directory / "tint_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _params(model):
@@ -152,7 +142,7 @@ def test_the_package_runs_alone_and_matches_the_oracle(gpt2, tmp_path):
 def test_the_emitted_module_equals_the_in_memory_tint_bit_for_bit(tmp_path, family, dtype, model_overrides, tint):
     cfg, model, compiled = _compile(family, dtype, model_overrides, **tint)
     emit(compiled, cfg, tmp_path)
-    emitted, in_memory = _import(tmp_path).load(tmp_path), compiled.tint
+    emitted, in_memory = import_package(tmp_path).load(tmp_path), compiled.tint
     # two checkpoints, one per sequence, and labels: the batched paths of both modules
     other = _params(tiny_model(family, dtype=cfg.torch_dtype, seed=1, **model_overrides))
     prefixes = {k: torch.stack([a, b]) for (k, a), b in zip(in_memory.encode(_params(model)).items(),
@@ -183,7 +173,7 @@ def test_torch_compile_runs_the_emitted_module(tmp_path):
     # one layer keeps dynamo's tracing short
     cfg, model, compiled = _compile(model_overrides={"n_layer": 1})
     emit(compiled, cfg, tmp_path)
-    tint = _import(tmp_path).load(tmp_path)
+    tint = import_package(tmp_path).load(tmp_path)
     ids, train, _ = example_input(model.config.vocab_size, 16, 1, seed=1)
     prefixes = tint.encode(_params(model))
     with torch.no_grad():

@@ -5,7 +5,6 @@ directory, the command line), then hypothesis tests that only documented errors 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.torch.checks import FINGERPRINT
-from backends.torch.emit import _literal, emit
+from backends.torch.emit import _literal, emit, import_package
 from tintc import pipeline
 from tintc.config import load_config, parse_config
 from tintc.errors import ConfigError, FrontendError, OutputError, TintcError
@@ -27,13 +26,6 @@ from tintc.files import MANIFEST, write_files
 from tests.models import TINY, tiny_config, tiny_model
 
 V = TINY["gpt2"]["vocab_size"]
-
-
-def _import(directory: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, directory / "tint_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _params(model):
@@ -45,7 +37,7 @@ def _package(root: Path, name: str, family="gpt2", **tint):
     model = tiny_model(family, dtype=cfg.torch_dtype)
     out = root / name
     emit(pipeline.compile_tint(cfg, model), cfg, out)
-    return _import(out, f"tint_model_{name}").load(out), model, out
+    return import_package(out, f"tint_model_{name}").load(out), model, out
 
 
 @pytest.fixture(scope="module")
@@ -244,10 +236,10 @@ PACKAGE_CASES = {
 def test_load_refuses_a_package_whose_parts_do_not_match(tints, tmp_path, case):
     edit, culprit = PACKAGE_CASES[case]
     directory = _copy_package(tints["out"], tmp_path / "package")
-    _import(directory, "tint_model_intact").load(directory)  # the copy itself loads
+    import_package(directory, "tint_model_intact").load(directory)  # the copy itself loads
     edit(directory, tints)
     with pytest.raises(ValueError) as info:
-        _import(directory, "tint_model_edited").load(directory)
+        import_package(directory, "tint_model_edited").load(directory)
     assert str(info.value).startswith(culprit)
 
 
@@ -261,7 +253,7 @@ def test_a_crafted_config_name_stays_text(tmp_path, monkeypatch):
     cfg._source = tmp_path / f"{name}.yaml"
     out = tmp_path / "out"
     emit(pipeline.compile_tint(cfg, tiny_model("gpt2")), cfg, out)
-    module = _import(out, "tint_model_crafted")
+    module = import_package(out, "tint_model_crafted")
     assert not marker.exists()  # importing ran nothing
     assert json.dumps(name) in (out / "tint_model.py").read_text()  # the name as an escaped literal
     assert name in module.__doc__  # which reads back as the name itself

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 
 from backends.torch import runtime
-from backends.torch.emit import emit
+from backends.torch.emit import emit, import_package
 from backends.torch.low_rank import factorise
 from tintc import pipeline
 from tintc.fidelity import example_input
@@ -59,10 +58,7 @@ def test_factorised_projections_survive_emission_bit_for_bit(tmp_path):
     delattr(tint.layers[name], "weight")
     tint.layers[name].weight = runtime.LowRank(torch.eye(weight.shape[0], dtype=weight.dtype), weight.detach())
     emit(tint, cfg, tmp_path)
-    spec = importlib.util.spec_from_file_location("tint_model_low_rank", tmp_path / "tint_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    emitted = module.load(tmp_path)
+    emitted = import_package(tmp_path).load(tmp_path)
     ids, train, _ = example_input(model.config.vocab_size, 12, 2, seed=2)
     prefixes = tint.encode({n: p.detach() for n, p in model.named_parameters()})
     with torch.no_grad():

@@ -154,15 +154,11 @@ def test_the_standard_view_has_no_overwrite_every_block_adds(exported_view):
 
 
 def test_the_emitted_package_builds_the_same_standard_view(tmp_path):
-    import importlib.util
-
-    from backends.torch.emit import emit
+    from backends.torch.emit import emit, import_package
 
     cfg, model, compiled = _compile("opt", steps=1)
     emit(compiled, cfg, tmp_path)
-    spec = importlib.util.spec_from_file_location("tint_model_standard", tmp_path / "tint_model.py")
-    package = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(package)
+    package = import_package(tmp_path)
     ids, train, _ = example_input(model.config.vocab_size, 8, 1, seed=2)
     prefixes = compiled.tint.encode({n: p.detach() for n, p in model.named_parameters()})
     with torch.no_grad():

@@ -20,7 +20,6 @@ Times are the median of `repeats` runs after one warm-up run; without `repeats`,
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -228,10 +227,10 @@ def measure_tint(work: Path, length: int, repeats: int | None) -> dict:
     import torch
     from safetensors.torch import load_file
 
+    from backends.torch.emit import import_package
+
     run = json.loads((work / "run.json").read_text())
-    spec = importlib.util.spec_from_file_location("tint_model", Path(run["package"]) / "tint_model.py")
-    package = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(package)
+    package = import_package(run["package"])
     tint = package.load(run["package"])
     prefixes = load_file(str(work / "prefixes.safetensors"))
     ids, train, labels = _input(run, length)

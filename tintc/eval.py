@@ -16,7 +16,6 @@ are independent: under torchrun each rank takes every world-th chunk and rank 0 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import platform
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from backends.torch.emit import emit
+from backends.torch.emit import emit, import_package
 
 from . import metrics, pipeline
 from .config import TintcConfig
@@ -98,15 +97,6 @@ def test_ce(logits: torch.Tensor, ids: torch.Tensor, train: torch.Tensor) -> flo
 
 
 # -- the rows --------------------------------------------------------------------------------
-def _import_package(directory: Path):
-    """The emitted tint_model.py of `directory`, imported under a name of its own."""
-    name = f"tint_model_{abs(hash(str(directory.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, directory / "tint_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def with_lr(cfg: TintcConfig, lr: float) -> TintcConfig:
     train = cfg.tint.train.model_copy(update={"lr": lr})
     return cfg.model_copy(update={"tint": cfg.tint.model_copy(update={"train": train})})
@@ -150,7 +140,7 @@ class Rows:
     def load(self, lr: float, directory: Path) -> None:
         """The oracles' settings for `lr`, and the TinT as a user loads it: from its package."""
         self.settings[lr] = TrainSettings.from_config(with_lr(self.cfg, lr), self.graph.attrs["n_layer"])
-        tint = _import_package(directory).load(directory, device=self.device)
+        tint = import_package(directory).load(directory, device=self.device)
         self.tints[lr] = (tint, tint.encode(self.params))
 
     def logits(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor) -> torch.Tensor:

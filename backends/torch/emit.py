@@ -17,6 +17,7 @@ the caller writes them as one set (tintc/files.py).
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import keyword
@@ -146,3 +147,14 @@ def _summary(cfg) -> str:
 # -- tint_config.json ------------------------------------------------------------------------
 def config(tint) -> dict:
     return {"format": FORMAT, "label_only": tint.label_only, **program_json(tint.program)}
+
+
+def import_package(directory, name: str | None = None):
+    """The emitted tint_model.py of `directory`, imported as a module under a name of its own (so
+    that several packages can be loaded side by side; nothing is added to sys.modules)."""
+    directory = Path(directory)
+    name = name or f"tint_model_{abs(hash(str(directory.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, directory / "tint_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
