@@ -145,8 +145,9 @@ class BackwardLowering:
         a = node.attrs
         hd, h, n = a["head_dim"], a["heads"], self.tmax
         key = ("attention_rows", self.x(node, 0), self.x(node, 1))
-        if key not in self.memo:
-            q, k = (self.x(node, i).chunks(hd) for i in range(2))
+        if key not in self.memo:  # rope: the rotated q and k; query head i reads k head _kv_head(i)
+            q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
+            k = [k[self._kv_head(a, i)] for i in range(h)]
             layer = self.layer(("attention_rows", hd, n, repr(a["scale"])), lambda: P.Attention(
                 a["scale"] * self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=True, mask="causal"))
             rows, row_chunks = self.new(h * n, n)
@@ -156,15 +157,18 @@ class BackwardLowering:
 
     def lower_attention_backward(self, node):
         """∂v_j = Σ_t a_tj ∂o_t (exact under both rules), per aux head: a linear head with query e_j and
-        key a_t weighs ∂o_t by a_tj."""
+        key a_t weighs ∂o_t by a_tj. Grouped-query: each query head's ∂v, then a sum per k/v head."""
         a = node.attrs
         hd, h, n = a["head_dim"], a["heads"], self.tmax
         do = self.x(node, 2).chunks(hd)
         rows = self._attention_rows(node).chunks(n)
         back_layer = self.layer(("attention_backward", hd, n), lambda: P.Attention(
             self.eye(n), self.eye(n), self.eye(hd), self.eye(hd), softmax=False, mask="full"))
-        out, chunks = self.new(self.x(node).width, hd)
+        out, chunks = self.new(h * hd, hd)
         self.call(back_layer, [[(self.inputs["positions"],)] * h, [(c,) for c in rows], [(c,) for c in do]], chunks)
+        groups = h // a.get("kv_heads", h)
+        if groups > 1:  # k/v head j: the sum of query heads j·groups … (j+1)·groups − 1
+            out = self._group_sum(out, hd, groups)
         self.fields[node.name] = out
 
     def _score_gradient(self, node) -> Field:
