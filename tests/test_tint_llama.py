@@ -19,10 +19,10 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def _compiled(table=None, seed=0, **tint):
+def _compiled(table=None, seed=0, family="llama", **tint):
     kw = {} if table is None else {"table": table}
-    cfg = tiny_config("llama", dtype="float64", **{"kinds": KINDS, **tint}, **kw)
-    model = tiny_model("llama", dtype=torch.float64, seed=seed, **kw)
+    cfg = tiny_config(family, dtype="float64", **{"kinds": KINDS, **tint}, **kw)
+    model = tiny_model(family, dtype=torch.float64, seed=seed, **kw)
     return cfg, model, pipeline.compile_tint(cfg, model)
 
 
@@ -42,8 +42,8 @@ def _check(compiled, oracle, prefixes, logits, params):
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("layers", ["all", "top-1"])
 @pytest.mark.parametrize("loss", ["context", "label_only"])
-def test_llama_tint_equals_the_oracle_in_float64(steps, layers, loss):
-    cfg, model, compiled = _compiled(steps=steps, layers=layers, loss=loss)
+def test_llama_tint_equals_the_oracle_in_float64(steps, layers, loss, family="llama"):
+    cfg, model, compiled = _compiled(family=family, steps=steps, layers=layers, loss=loss)
     ids, train, labels = example_input(model.config.vocab_size, 16, 2, seed=1)
     labels = labels if loss == "label_only" else None
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -51,6 +51,12 @@ def test_llama_tint_equals_the_oracle_in_float64(steps, layers, loss):
     with torch.no_grad():
         logits, prefixes = compiled.tint(ids, train, compiled.tint.encode(params), labels)
     _check(compiled, oracle, prefixes, logits, params)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])  # q/k/v biases and an untied head; no window
+@pytest.mark.parametrize("steps,layers,loss", [(1, "all", "context"), (2, "top-1", "label_only")])
+def test_qwen2_and_mistral_tints_equal_the_oracle_in_float64(family, steps, layers, loss):
+    test_llama_tint_equals_the_oracle_in_float64(steps, layers, loss, family)
 
 
 def test_four_query_heads_on_one_kv_head():
