@@ -113,3 +113,18 @@ def test_the_example_compiles_with_widths_that_divide_the_gated_mlp():
     compiled = pipeline.compile_tint(cfg)
     widths = {n.attrs.get("head_width") for n in compiled.train_graph.nodes() if n.kind == "linear"}
     assert widths == {32}
+
+
+@pytest.mark.parametrize("steps,layers,loss", [(1, "all", "context"), (2, "top-1", "label_only")])
+def test_exact_rmsnorm_and_silu_rules_equal_the_oracle(steps, layers, loss):
+    """layer_norm: exact (RMSNorm's ∂x divided by rms(x) through an uncentred layer-norm probe) and
+    activation: exact (silu' from a sigmoid unit and products)."""
+    exact = {"layer_norm": "exact", "activation": "exact"}
+    cfg, model, compiled = _compiled(steps=steps, layers=layers, loss=loss, approximations=exact)
+    ids, train, labels = example_input(model.config.vocab_size, 16, 2, seed=1)
+    labels = labels if loss == "label_only" else None
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    oracle = approx_gd(compiled.graph, params, ids, train, TrainSettings.from_config(cfg, 2), labels)
+    with torch.no_grad():
+        logits, prefixes = compiled.tint(ids, train, compiled.tint.encode(params), labels)
+    _check(compiled, oracle, prefixes, logits, params)
