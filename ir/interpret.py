@@ -167,9 +167,27 @@ class Interpreter:
         a = node.attrs
         return rules.activation_backward(args[0], args[1], a["fn"], a["rule"], a["scale"])
 
+    def op_rms_norm_backward(self, node, args, w):
+        a = node.attrs
+        return rules.rms_norm_backward(args[0], w["gain"], args[1], a["eps"], a["rule"], a["scale"])
+
+    def op_rms_norm_descent(self, node, args, w):
+        x, dy = args
+        xhat = rules.rms_normalise(x, node.attrs["eps"])
+        self._write(node, "gain", w["gain"] - node.attrs["lr"] * (dy * xhat).sum((0, 1)))
+
     def op_attention_backward(self, node, args, w):
-        q, k, do = (_heads(x, node.attrs["heads"]) for x in args)
-        return _merge(rules.attention_backward_values(q, k, do, node.attrs["scale"], node.attrs["causal"]))
+        a = node.attrs
+        heads, kv_heads = a["heads"], a.get("kv_heads", a["heads"])
+        q, do = _heads(args[0], heads), _heads(args[2], heads)
+        k = _heads(args[1], kv_heads)
+        if a.get("positions") == "rope":
+            cos, sin = rules.rope_cos_sin(q.shape[-2], a["rotary_dim"], a["rope_theta"], q.dtype)
+            q, k = rules.apply_rope(q, cos, sin), rules.apply_rope(k, cos, sin)
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        dv = rules.attention_backward_values(q, k, do, a["scale"], a["causal"])  # per query head
+        b, _, t, hd = dv.shape
+        return _merge(dv.view(b, kv_heads, heads // kv_heads, t, hd).sum(2))  # a k/v head: its query heads' sum
 
     def op_attention_score_backward(self, node, args, w):
         q, k, v, do = (_heads(x, node.attrs["heads"]) for x in args)

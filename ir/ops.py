@@ -171,10 +171,13 @@ def _layer_norm_descent(shapes, attrs, w):
 
 
 def _attention_backward(shapes, attrs, w):
-    width = attrs["heads"] * attrs["head_dim"]
-    if any(s != (T, width) for s in shapes):
-        return f"q, k, ∂o must all be [T, {width}], got {[list(s) for s in shapes]}"
-    return _rule(attrs, ATTENTION_RULES) or (T, width)
+    q, k, do = shapes
+    hd = attrs["head_dim"]
+    width, kv_width = attrs["heads"] * hd, attrs.get("kv_heads", attrs["heads"]) * hd
+    if not (q == do == (T, width) and k == (T, kv_width)):
+        return f"q, ∂o must be [T, {width}] and k [T, {kv_width}], got {[list(s) for s in shapes]}"
+    problem = _attention([q, k, k], {**attrs, "causal": True}, w)  # kv_heads and the rope attributes
+    return problem if isinstance(problem, str) else _rule(attrs, ATTENTION_RULES) or (T, kv_width)
 
 
 def _attention_score_backward(shapes, attrs, w):
@@ -224,8 +227,14 @@ _specs = [
            "inputs (x, ∂y): gain −= lr·Σ_t ∂y_t⊙f(x_t), bias −= lr·Σ_t ∂y_t", ("gain", "bias")),
     OpSpec("activation_backward", 2, {"fn": str, "rule": str, "scale": float}, (), _pointwise_backward,
            "inputs (x, ∂y): ∂x; finite_difference: N·[σ(x + ∂y/N) − σ(x)]"),
+    OpSpec("rms_norm_backward", 2, {"eps": float, "rule": str, "scale": float}, ("gain",), _pointwise_backward,
+           "inputs (x, ∂y): ∂x of RMSNorm; finite_difference: N·[f(x + gain⊙∂y/N) − f(x)], f = x/rms(x)"),
+    OpSpec("rms_norm_descent", 2, {"eps": float, "lr": float}, ("gain",), _layer_norm_descent,
+           "inputs (x, ∂y): gain −= lr·Σ_t ∂y_t⊙f(x_t), f the RMS normalisation"),
     OpSpec("attention_backward", 3, {"heads": int, "head_dim": int, "causal": bool, "scale": float, "rule": str},
-           (), _attention_backward, "inputs (q, k, ∂o): ∂v_j = Σ_t a_tj ∂o_t (the same under both rules)"),
+           (), _attention_backward, "inputs (q, k, ∂o): ∂v_j = Σ_t a_tj ∂o_t (the same under both rules), a from "
+           "the rotated q, k (positions='rope'); with kv_heads < heads a k/v head sums over its query heads",
+           optional_attrs={"kv_heads": int, "positions": str, "rope_theta": float, "rotary_dim": int}),
     OpSpec("attention_score_backward", 4, {"heads": int, "head_dim": int, "causal": bool, "scale": float,
                                            "wrt": str}, (), _attention_score_backward,
            "inputs (q, k, v, ∂o), rule exact: the gradient through the scores, ∂q_t = scale·Σ_j g_tj k_j "

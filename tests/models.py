@@ -49,6 +49,9 @@ MICRO: dict[str, dict] = {
                  bos_token_id=0, eos_token_id=0, pad_token_id=0),
     "opt": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, vocab_size=32,
                 max_position_embeddings=16, word_embed_proj_dim=16, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "llama": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=32, max_position_embeddings=16, tie_word_embeddings=True,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0),
 }
 
 

@@ -46,4 +46,4 @@ def test_compile_refuses_post_ln():
     with pytest.raises(PassError) as info:
         pipeline.compile_tint(tiny_config("opt"), tiny_model("opt", do_layer_norm_before=False))
     assert info.value.problems == ["node %logits (lm_head): an unembedding not fed by a final norm (post-LN) has no "
-                                   "TinT construction yet; allowed: the ops of GPT-2 and pre-LN OPT"]
+                                   "TinT construction yet; allowed: the ops of GPT-2, pre-LN OPT and LLaMA"]

@@ -199,7 +199,7 @@ def test_backward_rules_without_a_construction_are_refused():
     table = {"gpt2": {**TINY["gpt2"], "activation_function": "gelu"}}  # erf GELU: no exact construction
     cfg = tiny_config("gpt2", table=table, approximations={"activation": "exact"})
     with pytest.raises(BackendError, match=r"activation backward rule 'exact' for gelu has no TinT construction; "
-                                           r"allowed: finite_difference, or exact for gelu_tanh, relu"):
+                                           r"allowed: finite_difference, or exact for gelu_tanh, relu, silu"):
         pipeline.compile_tint(cfg, tiny_model("gpt2", table=table))
 
 

@@ -6,6 +6,7 @@ Each function is one step of the pipeline; the CLI calls them in order.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -56,6 +57,10 @@ def trace(cfg: TintcConfig, model) -> Graph:
     if windows and windows[0] < length:  # the TinT's attention sees every earlier token
         raise ConfigError(f"model.config.sliding_window: got {windows[0]}, shorter than the TinT's max length "
                           f"{length}; allowed: a window of at least tint.max_length (or none)")
+    for node in graph.nodes():  # the TinT computes in its dtype: HF's float32 cast inside a float64
+        upcast = node.attrs.get("upcast")  # RMSNorm is HF's rounding, not part of ĝ; a widening cast stays
+        if upcast and getattr(torch, upcast).itemsize <= cfg.torch_dtype.itemsize:
+            del node.attrs["upcast"]
     return graph
 
 
@@ -63,7 +68,9 @@ def train_graph(cfg: TintcConfig, graph: Graph) -> Graph:
     """The training graph: which weights train, N steps of backward and descent, the evaluation;
     then the construction choices of the optimisation passes."""
     t, a, p = cfg.tint.train, cfg.tint.approximations, cfg.tint.passes
-    d = graph.attrs["d_model"]
+    # default widths divide every linear input: a gated MLP's inner width need not be a multiple of D
+    d = math.gcd(graph.attrs["d_model"], *(graph.node(n.inputs[0]).shape[-1] for n in graph.nodes()
+                                           if n.kind == "linear"))
     return run_passes(graph, [
         (select_train, {"layers": cfg.trained_layers(graph.attrs["n_layer"]), "kinds": list(t.kinds)}),
         (autodiff, {"steps": t.steps, "lr": t.lr, "attention": a.attention, "layer_norm": a.layer_norm,

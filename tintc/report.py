@@ -167,8 +167,9 @@ def parameter_report(compiled) -> dict:
 
     # the aux model, its embedding tables, and the prefix tokens
     aux_parameters = sum(p.numel() for _, p in model.named_parameters())  # tied tensors listed once
-    tables = {"vocab": _ref_numel(layout.vocab, layout.shapes),
-              "positions": _ref_numel(layout.positions, layout.shapes)}
+    tables = {"vocab": _ref_numel(layout.vocab, layout.shapes)}
+    if layout.positions is not None:  # rotary models have no position table
+        tables["positions"] = _ref_numel(layout.positions, layout.shapes)
     if not layout.tied:
         tables["unembed"] = _ref_numel(layout.unembed, layout.shapes)
     tables["total"] = sum(tables.values())

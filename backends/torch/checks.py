@@ -48,8 +48,9 @@ def _ref_shape(ref: dict, shapes: dict) -> tuple:
 def contract(layout: dict, max_length: int, label_only: bool) -> dict:
     """What forward accepts, computed once per TinT: each prefix tensor's shape, the layout
     fingerprint, the vocabulary size, the longest input, and whether label_mask is required."""
-    tables = {"vocab": _ref_shape(layout["vocab"], layout["shapes"]),
-              "positions": _ref_shape(layout["positions"], layout["shapes"])}
+    tables = {"vocab": _ref_shape(layout["vocab"], layout["shapes"])}
+    if layout["positions"] is not None:  # rotary models have no position table
+        tables["positions"] = _ref_shape(layout["positions"], layout["shapes"])
     if not layout["tied"]:
         tables["unembed"] = _ref_shape(layout["unembed"], layout["shapes"])
     blocks = {name: (block["tokens"], block["width"]) for name, block in layout["blocks"].items()}

@@ -28,11 +28,12 @@ from tintc.errors import BackendError
 from . import runtime as P
 from .low_rank import factorise
 from .lower_backward import BackwardLowering
+from .lower_llama import LlamaLowering
 from .prefixes import Layout
 from .program import TOKENS, Call, Field, Program, Read, Write
 
 
-OP_OF_KIND = {"add": "residual", "layer_norm": "norm", "linear": "linear", "activation": "activation",
+OP_OF_KIND = {"add": "residual", "layer_norm": "norm", "rms_norm": "norm", "mul": "product", "linear": "linear", "activation": "activation",
               "attention": "attention", "attention_score": "attention", "loss_grad": "loss"}
 
 
@@ -40,7 +41,7 @@ def lower(graph: Graph, layout: Layout, max_length: int, dtype=torch.float32) ->
     return _Lowering(graph, layout, max_length, dtype).run()
 
 
-class _Lowering(BackwardLowering):
+class _Lowering(BackwardLowering, LlamaLowering):
     def __init__(self, graph: Graph, layout: Layout, max_length: int, dtype):
         self.graph, self.layout, self.tmax, self.dtype = graph, layout, max_length, dtype
         self.share = graph.attrs.get("share_blocks", True)
@@ -56,8 +57,9 @@ class _Lowering(BackwardLowering):
         self.block_version: dict[str, int] = {b: 0 for b in layout.blocks}
         d = graph.attrs["d_model"]
         self.inputs = {"one": self.alloc(1), "zero": self.alloc(1), "positions": self.alloc(max_length),
-                       "train": self.alloc(1), "label": self.alloc(1), "token_embed": self.alloc(d),
-                       "pos_embed": self.alloc(d)}
+                       "train": self.alloc(1), "label": self.alloc(1), "token_embed": self.alloc(d)}
+        if layout.positions is not None:
+            self.inputs["pos_embed"] = self.alloc(d)
         if not layout.tied:
             self.inputs["target_embed"] = self.alloc(d)  # unembed[z]: the loss's target rows
         self.node: Node | None = None
@@ -259,13 +261,17 @@ class _Lowering(BackwardLowering):
         return out
 
     def lower_attention(self, node):
+        """Softmax attention per query head; with rope it reads the rotated q and k, and query head h
+        reads k/v head h // (heads/kv_heads) (grouped-query)."""
         a = node.attrs
         hd = a["head_dim"]
-        q, k, v = (self.x(node, i).chunks(hd) for i in range(3))
+        q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
+        v = self.x(node, 2).chunks(hd)
+        kv = [self._kv_head(a, h) for h in range(len(q))]
         layer = self.layer(("attention", hd, repr(a["scale"])), lambda: P.Attention(
             a["scale"] * self.eye(hd), self.eye(hd), self.eye(hd), self.eye(hd), softmax=True, mask="causal"))
         out, chunks = self.new(self.x(node).width, hd)
-        self.call(layer, [[(c,) for c in q], [(c,) for c in k], [(c,) for c in v]], chunks)
+        self.call(layer, [[(c,) for c in q], [(k[j],) for j in kv], [(v[j],) for j in kv]], chunks)
         self.fields[node.name] = out
 
     def lower_lm_head(self, node):
@@ -339,8 +345,11 @@ class _Lowering(BackwardLowering):
             Write(f"{block}@{new}", tuple(Field(u.start, len(u)) for u in units), base))
 
     def lower_layer_norm_descent(self, node):
-        """γ −= η Σ_t ∂y_t⊙x̂_t, β −= η Σ_t ∂y_t: the norm's prefix token attends to every token
-        with score 1 and adds −η times their values, one head per chunk."""
+        self._norm_descent(node, self._normalised)
+
+    def _norm_descent(self, node, normalised):
+        """γ −= η Σ_t ∂y_t⊙x̂_t, β −= η Σ_t ∂y_t (x̂ = normalised(x, ε)): the norm's prefix token attends
+        to every token with score 1 and adds −η times their values, one head per chunk."""
         a = node.attrs
         block, version = self.block_of(node)
         x, dy = self.x(node, 0), self.x(node, 1)
@@ -349,7 +358,7 @@ class _Lowering(BackwardLowering):
         values, targets = [], []
         for slot, at in (("gain", 0), ("bias", d)):
             if slot in node.weights:
-                value = self._product(dy, self._normalised(x, a["eps"])) if slot == "gain" else dy
+                value = self._product(dy, normalised(x, a["eps"])) if slot == "gain" else dy
                 values += value.chunks(g)
                 targets += [Field(at + i, g) for i in range(0, d, g)]
         one = torch.ones(1, 1, dtype=self.dtype)

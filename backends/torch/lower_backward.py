@@ -19,7 +19,8 @@ from tintc.errors import BackendError
 from . import runtime as P
 from .program import Field
 
-EXACT_DERIVATIVES = {"gelu_tanh": "_gelu_tanh_derivative", "relu": "_relu_derivative"}  # exact σ'⊙∂y
+EXACT_DERIVATIVES = {"gelu_tanh": "_gelu_tanh_derivative", "relu": "_relu_derivative",
+                     "silu": "_silu_derivative"}  # exact σ'⊙∂y
 PROBE_SCALE = {torch.float64: 2.0 ** -17, torch.float32: 2.0 ** -10}  # _divided_by_sigma's s, per dtype
 
 
@@ -76,7 +77,7 @@ class BackwardLowering:
         self.call(layer, [[tuple(values)]], [out])
         return out
 
-    def _divided_by_sigma(self, x: Field, w: Field, eps: float) -> Field:
+    def _divided_by_sigma(self, x: Field, w: Field, eps: float, centred: bool = True) -> Field:
         """w/σ, σ = sqrt(var(x) + eps), by a layer norm: with y = x − mean(x) and z = [y, −y, s·w, −s·w]
         (mean 0), LN_{eps/2}(z)[2D:3D] = s·w·√2 / sqrt(var + eps + s²|w|²/D). The last term changes the
         result by a relative s²|w|²/(2D·σ²); the normaliser's mean, 0 up to rounding ε·|y|, shifts s·w
@@ -90,7 +91,8 @@ class BackwardLowering:
         d = x.width
         e, z = self.eye(d), torch.zeros(d, d, dtype=self.dtype)
         s = PROBE_SCALE[self.dtype]
-        centre = e - torch.full((d, d), 1.0 / d, dtype=self.dtype)
+        # centred=False: σ = sqrt(mean(x²) + eps), RMSNorm's (y = x)
+        centre = e - torch.full((d, d), 1.0 / d, dtype=self.dtype) if centred else e
         stacked = self._linear_of("sigma_probe", torch.cat([torch.cat([centre, z], 1), torch.cat([-centre, z], 1),
                                                             torch.cat([z, s * e], 1), torch.cat([z, -s * e], 1)]),
                                   [x, w])
@@ -134,6 +136,13 @@ class BackwardLowering:
             [0.5 * self.eye(g), 0.5 * self.eye(g), 0.5 * k * self.eye(g), -0.5 * k * self.eye(g)], 1),
             v, self._product(t, v), p, t2p)
 
+    def _silu_derivative(self, x: Field, v: Field) -> Field:
+        """silu'(x)⊙v = s⊙v + x⊙(s⊙v) − x⊙(s⊙(s⊙v)), s = sigmoid(x): a sigmoid unit and products."""
+        s = self._activated(x, "sigmoid")
+        sv = self._product(s, v)
+        return self._chunked_linear("silu_derivative", lambda g: torch.cat([self.eye(g), self.eye(g), -self.eye(g)], 1),
+                                    sv, self._product(x, sv), self._product(x, self._product(s, sv)))
+
     def _relu_derivative(self, x: Field, v: Field) -> Field:
         """step(x)⊙v as sigmoid(M·x)⊙v, M = 2⁴⁰: sigmoid(M·x) is 1 or 0 to the last bit for |x| > 40/M
         (4e-11), where relu' is 1 or 0; it differs only closer to 0 (relu'(0) = 0, sigmoid(0) = ½)."""
@@ -145,8 +154,9 @@ class BackwardLowering:
         a = node.attrs
         hd, h, n = a["head_dim"], a["heads"], self.tmax
         key = ("attention_rows", self.x(node, 0), self.x(node, 1))
-        if key not in self.memo:
-            q, k = (self.x(node, i).chunks(hd) for i in range(2))
+        if key not in self.memo:  # rope: the rotated q and k; query head i reads k head _kv_head(i)
+            q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
+            k = [k[self._kv_head(a, i)] for i in range(h)]
             layer = self.layer(("attention_rows", hd, n, repr(a["scale"])), lambda: P.Attention(
                 a["scale"] * self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=True, mask="causal"))
             rows, row_chunks = self.new(h * n, n)
@@ -156,15 +166,18 @@ class BackwardLowering:
 
     def lower_attention_backward(self, node):
         """∂v_j = Σ_t a_tj ∂o_t (exact under both rules), per aux head: a linear head with query e_j and
-        key a_t weighs ∂o_t by a_tj."""
+        key a_t weighs ∂o_t by a_tj. Grouped-query: each query head's ∂v, then a sum per k/v head."""
         a = node.attrs
         hd, h, n = a["head_dim"], a["heads"], self.tmax
         do = self.x(node, 2).chunks(hd)
         rows = self._attention_rows(node).chunks(n)
         back_layer = self.layer(("attention_backward", hd, n), lambda: P.Attention(
             self.eye(n), self.eye(n), self.eye(hd), self.eye(hd), softmax=False, mask="full"))
-        out, chunks = self.new(self.x(node).width, hd)
+        out, chunks = self.new(h * hd, hd)
         self.call(back_layer, [[(self.inputs["positions"],)] * h, [(c,) for c in rows], [(c,) for c in do]], chunks)
+        groups = h // a.get("kv_heads", h)
+        if groups > 1:  # k/v head j: the sum of query heads j·groups … (j+1)·groups − 1
+            out = self._group_sum(out, hd, groups)
         self.fields[node.name] = out
 
     def _score_gradient(self, node) -> Field:

@@ -7,8 +7,9 @@ Every aux op with weights gets one block of prefix tokens, named after the op:
   j ends the token and routes values by position:
       [W[j, 0:c], b[j], W[j, c:2c], 0, …, W[K+j, 0:c], b[K+j], …, onehot_K(j)]
   width S·C·(c+1) + K. Unit (s, ch) is what head (s, ch) of a linear forward reads.
-- a layer norm with gain γ and bias β: one token [γ, β, 1], width 2D + 1.
-The token embedding table ("vocab"), the position table ("positions") and, when not
+- a layer norm with gain γ and bias β: one token [γ, β, 1], width 2D + 1 (an RMSNorm too,
+  with β = 0: block kind "layer_norm" holds both norms).
+The token embedding table ("vocab"), the position table ("positions", where the model has one) and, when not
 tied to the vocab, the LM head ("unembed") are inputs too: the TinT reuses them for
 its own input and output.
 `plan` shapes the blocks; the runtime's `encode(θ)` builds them from `layout_json` and
@@ -64,7 +65,7 @@ class Layout:
     blocks: dict[str, Block]
     by_ref: dict[tuple, tuple[str, str]]  # weight key -> (block, slot)
     vocab: WeightRef
-    positions: WeightRef
+    positions: WeightRef | None  # None: no learned position table (rotary positions)
     position_offset: int
     unembed: WeightRef  # the LM head's matrix: the vocab table itself when embeddings are tied
     shapes: dict[str, tuple[int, ...]]  # every aux parameter's shape (HF names)
@@ -88,7 +89,7 @@ def plan(graph: Graph) -> Layout:
             unembed = node.weights["weight"]
         elif node.kind == "pos_embed":
             positions, offset = node.weights["table"], node.attrs["offset"]
-        elif node.kind in ("linear", "layer_norm") and name not in blocks:
+        elif node.kind in ("linear", "layer_norm", "rms_norm") and name not in blocks:
             refs = {slot: ref.at(0) for slot, ref in node.weights.items()}
             if node.kind == "linear":
                 d_out, d_in = refs["weight"].shape(graph.weight_shapes[refs["weight"].name])
@@ -108,7 +109,9 @@ def plan(graph: Graph) -> Layout:
 
 def layout_json(layout: Layout) -> dict:
     """The layout as plain data: what the runtime's encoder and decoder (and tint_config.json) read."""
-    def ref(r: WeightRef) -> dict:
+    def ref(r: WeightRef | None) -> dict | None:
+        if r is None:
+            return None
         return {"name": r.name, "transpose": r.transpose, "rows": list(r.rows) if r.rows is not None else None}
 
     blocks = {name: {"kind": b.kind, "refs": {slot: ref(r) for slot, r in b.refs.items()}, "d_in": b.d_in,

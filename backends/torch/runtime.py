@@ -28,7 +28,8 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+               "silu": F.silu}
 MASKS = ("causal", "full")
 
 
@@ -232,7 +233,7 @@ def begin(fields: dict, width: int, max_length: int, position_offset: int, block
     batched = {name: t if t.dim() == 3 else t.expand(batch, -1, -1)
                for name, t in prefixes.items() if name != FINGERPRINT}
     unembed = batched.get("unembed", batched["vocab"])
-    h = input_layer(fields, width, position_offset, input_ids, train_mask, label_mask, batched["positions"],
+    h = input_layer(fields, width, position_offset, input_ids, train_mask, label_mask, batched.get("positions"),
                     batched["vocab"], unembed)  # [B, T, width]
     return h, unembed, {f"{block}@0": batched[block] for block in blocks}
 
@@ -259,7 +260,8 @@ def input_layer(fields: dict, width: int, position_offset: int, input_ids, train
 
     rows = torch.arange(batch, device=input_ids.device)[:, None]
     h[..., at("token_embed")] = vocab[rows, input_ids]
-    h[..., at("pos_embed")] = positions[:, position_offset : position_offset + length]
+    if positions is not None:  # rotary models have none: q and k are rotated inside attention
+        h[..., at("pos_embed")] = positions[:, position_offset : position_offset + length]
     if "target_embed" in fields:
         h[..., at("target_embed")] = unembed[rows, input_ids]
     h[..., fields["one"][0]] = 1.0
@@ -286,8 +288,9 @@ def encode(layout: dict, params: dict) -> dict:
     layout fingerprint under "tint_layout" (checks.py)."""
     check_state_dict(layout, params)
     out = {FINGERPRINT: fingerprint_tensor(layout, params[layout["vocab"]["name"]].device),
-           "vocab": resolve(layout["vocab"], params).detach().clone(),
-           "positions": resolve(layout["positions"], params).detach().clone()}
+           "vocab": resolve(layout["vocab"], params).detach().clone()}
+    if layout["positions"] is not None:  # rotary models have no position table
+        out["positions"] = resolve(layout["positions"], params).detach().clone()
     if not layout["tied"]:
         out["unembed"] = resolve(layout["unembed"], params).detach().clone()
     for name, block in layout["blocks"].items():
@@ -306,7 +309,8 @@ def encode(layout: dict, params: dict) -> dict:
         else:
             d = block["d_out"]
             tokens[0, :d] = resolve(refs["gain"], params)
-            tokens[0, d : 2 * d] = resolve(refs["bias"], params)
+            if "bias" in refs:  # RMSNorm has none: its β stays 0
+                tokens[0, d : 2 * d] = resolve(refs["bias"], params)
             tokens[0, 2 * d] = 1.0
         out[name] = tokens
     return out
@@ -329,7 +333,8 @@ def decode(layout: dict, prefixes: dict) -> dict:
         written.add(ref["name"])
 
     put(layout["vocab"], prefixes["vocab"])
-    put(layout["positions"], prefixes["positions"])
+    if layout["positions"] is not None:
+        put(layout["positions"], prefixes["positions"])
     if not layout["tied"]:
         put(layout["unembed"], prefixes["unembed"])
     for name, block in layout["blocks"].items():
@@ -344,7 +349,8 @@ def decode(layout: dict, prefixes: dict) -> dict:
                 put(refs["bias"], rows[..., 0, -1].reshape(*batch, block["d_out"]))
         else:
             put(refs["gain"], tokens[..., 0, : block["d_out"]])
-            put(refs["bias"], tokens[..., 0, block["d_out"] : 2 * block["d_out"]])
+            if "bias" in refs:
+                put(refs["bias"], tokens[..., 0, block["d_out"] : 2 * block["d_out"]])
     missing = sorted(set(params) - written)
     if missing:
         raise ValueError(f"parameters in no prefix block: {', '.join(missing)}")

@@ -39,7 +39,7 @@ RUNTIME_IMPORT = "from .runtime import MLP, Attention, LowRank, Norm, Linear, be
 
 NULL, VOCAB, TOKENS = "null", "vocab", "tokens"
 ACT = {"identity": lambda x: x, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
-       "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+       "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu}
 
 
 def _dense(w):

@@ -23,7 +23,6 @@ from . import PassResult
 
 FORWARD_KINDS = {"input", "embed", "pos_embed", "add", "layer_norm", "rms_norm", "linear", "activation", "mul",
                  "attention", "lm_head", "output"}
-NO_CONSTRUCTION = {"rms_norm", "mul"}  # forward ops the TinT cannot simulate yet (issue 12)
 
 
 def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradient",
@@ -32,9 +31,15 @@ def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradien
     if any(n.kind not in FORWARD_KINDS for n in graph.nodes()):
         return PassResult(graph, False)  # already a training graph: a second run changes nothing
     missing = [f"node %{n.name} ({n.attrs.get('module', '')}): {_unsupported(graph, n)} has no TinT construction "
-               "yet; allowed: the ops of GPT-2 and pre-LN OPT" for n in graph.nodes() if _unsupported(graph, n)]
+               "yet; allowed: the ops of GPT-2, pre-LN OPT and LLaMA" for n in graph.nodes() if _unsupported(graph, n)]
     if missing:
         raise PassError(missing)
+    if attention == "exact":  # the score gradient is built for plain multi-head attention only
+        plain = [f"node %{n.name} ({n.attrs.get('module', '')}): attention: exact has no TinT construction for "
+                 "rotary or grouped-query attention; allowed: attention: stop_gradient" for n in graph.nodes()
+                 if n.kind == "attention" and (n.attrs["positions"] != "none" or "kv_heads" in n.attrs)]
+        if plain:
+            raise PassError(plain)
     rules = {"attention": attention, "layer_norm": layer_norm, "activation": activation, "scale": float(scale)}
     out = Graph(graph.name, {**graph.attrs, "steps": steps, "lr": lr})
     out.weight_shapes = dict(graph.weight_shapes)
@@ -47,15 +52,12 @@ def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradien
 
 
 def _unsupported(graph: Graph, node: Node) -> str | None:
-    if node.kind in NO_CONSTRUCTION:
-        return f"a {node.kind} op"
     if node.kind == "linear" and node.attrs.get("layer", -1) < 0:
         return "a linear map outside the layers"
     if node.kind == "lm_head" and graph.node(node.inputs[0]).attrs.get("role") != "ln_final":
         return "an unembedding not fed by a final norm (post-LN)"
-    extras = [k for k in ("kv_heads", "window") if k in node.attrs]
-    if node.kind == "attention" and (node.attrs["positions"] != "none" or extras):
-        return f"attention with positions={node.attrs['positions']!r}" + "".join(f", {k}" for k in extras)
+    if node.kind == "attention" and "window" in node.attrs:
+        return "attention with a window"
     return None
 
 
@@ -130,8 +132,8 @@ class _Builder:
         x = self.value[node.inputs[0]]
         if node.kind == "linear":
             self._add(f"{node.name}.descent@{step}", "linear_descent", [x, dy], (), node, weights, lr=self.lr)
-        elif node.kind == "layer_norm":
-            self._add(f"{node.name}.descent@{step}", "layer_norm_descent", [x, dy], (), node, weights,
+        elif node.kind in ("layer_norm", "rms_norm"):
+            self._add(f"{node.name}.descent@{step}", f"{node.kind}_descent", [x, dy], (), node, weights,
                       eps=node.attrs["eps"], lr=self.lr)
         else:
             raise PassError(f"node %{node.name}: {node.kind} ops have no trainable weights")
@@ -148,21 +150,26 @@ class _Builder:
                 return []
             return [(x, self._add(name, "linear_backward", [dy], self.src.node(x).shape, node,
                                   {"weight": self._current(node.weights["weight"])}))]
-        if node.kind == "layer_norm":
+        if node.kind in ("layer_norm", "rms_norm"):
             if x not in self.carries_grad:
                 return []
-            return [(x, self._add(name, "layer_norm_backward", [self.value[x], dy], node.shape, node,
+            return [(x, self._add(name, f"{node.kind}_backward", [self.value[x], dy], node.shape, node,
                                   {"gain": self._current(node.weights["gain"])}, eps=node.attrs["eps"],
                                   rule=self.rules["layer_norm"], scale=self.rules["scale"]))]
         if node.kind == "activation":
             return [(x, self._add(name, "activation_backward", [self.value[x], dy], node.shape, node,
                                   fn=node.attrs["fn"], rule=self.rules["activation"], scale=self.rules["scale"]))]
+        if node.kind == "mul":  # the product rule: ∂a = ∂y⊙b, ∂b = ∂y⊙a
+            a, b = node.inputs
+            return [(x, self._add(f"{node.name}.grad_mul{i}@{step}", "mul", [dy, self.value[other]], node.shape, node))
+                    for i, (x, other) in enumerate(((a, b), (b, a))) if x in self.carries_grad]
         if node.kind == "attention":
             q, k, v = node.inputs
             a = node.attrs
-            out = [(v, self._add(name, "attention_backward", [self.value[q], self.value[k], dy], node.shape, node,
-                                 heads=a["heads"], head_dim=a["head_dim"], causal=a["causal"], scale=a["scale"],
-                                 rule=self.rules["attention"]))]
+            rope = {key: a[key] for key in ("kv_heads", "positions", "rope_theta", "rotary_dim") if key in a}
+            out = [(v, self._add(name, "attention_backward", [self.value[q], self.value[k], dy],
+                                 self.src.node(v).shape, node, heads=a["heads"], head_dim=a["head_dim"],
+                                 causal=a["causal"], scale=a["scale"], rule=self.rules["attention"], **rope))]
             if self.rules["attention"] == "exact":  # through the scores too: q and k learn
                 qkv = [self.value[i] for i in (q, k, v)]
                 out += [(x, self._add(f"{node.name}.bwd_{wrt}@{step}", "attention_score_backward", qkv + [dy],

@@ -1,0 +1,117 @@
+"""Lowering of the LLaMA ops (a part of backends/torch/lower.py's _Lowering): RMSNorm forward,
+finite-difference backward and gain descent, the elementwise product of a gated MLP, and the
+rotary positions and grouped-query head map that attention's forward and backward read.
+
+RMSNorm is the Norm primitive on [x, −x]: its mean is 0 and its variance mean(x²), so layer
+norm with the same ε gives [x, −x]/sqrt(mean(x²) + ε). Rotary cos/sin are constants of a
+linear map from the one-hot positions, built from θ and rotary_dim (settings, not aux weights).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ir import rules
+from tintc.errors import BackendError
+
+from . import runtime as P
+from .program import Field
+
+
+class LlamaLowering:
+    # -- RMSNorm ---------------------------------------------------------------------------
+    def _rms_normalised(self, x: Field, eps: float) -> Field:
+        """x / sqrt(mean(x²) + eps): the layer norm of [x, −x], first half; once per (x, eps)."""
+        key = ("rms_normalised", x, eps)
+        if key not in self.memo:
+            d = x.width
+            mirrored = self._linear_of("mirror", torch.cat([self.eye(d), -self.eye(d)]), [x])
+            normed = self.alloc(2 * d)
+            self.call(self.layer(("norm", repr(eps)), lambda: P.Norm(eps)), [[(mirrored,)]], [normed])
+            self.memo[key] = normed.part(0, d)
+        return self.memo[key]
+
+    def lower_rms_norm(self, node):
+        block, version = self.block_of(node)
+        gamma, _ = self._norm_params(block, version)  # the block's β is 0 and unused
+        self.fields[node.name] = self._product(gamma, self._rms_normalised(self.x(node), node.attrs["eps"]))
+
+    def lower_rms_norm_backward(self, node):
+        """finite_difference: N·[f(x + (γ⊙∂y)·(1/N)) − f(x)], f the RMS normalisation, as the rule computes it.
+        exact: ∂x = (u − f·mean(f⊙u))/rms(x), u = γ⊙∂y, the division by _divided_by_sigma uncentred."""
+        a = node.attrs
+        if a["rule"] not in ("finite_difference", "exact"):
+            raise BackendError(f"node %{node.name}: RMSNorm backward rule {a['rule']!r} has no TinT construction; "
+                               "allowed: finite_difference, exact")
+        block, version = self.block_of(node)
+        x, dy = self.x(node, 0), self.x(node, 1)
+        gamma, _ = self._norm_params(block, version)
+        if a["rule"] == "exact":
+            u, f = self._product(gamma, dy), self._rms_normalised(x, a["eps"])
+            d = x.width
+            mean = self._linear_of("mean", torch.full((1, d), 1.0 / d, dtype=self.dtype), [self._product(f, u)])
+            w = self._difference(u, self._product(mean, f))
+            self.fields[node.name] = self._divided_by_sigma(x, w, a["eps"], centred=False)
+            return
+        shifted = self._sum(x, self._scaled(self._product(gamma, dy), 1.0 / a["scale"]))
+        change = self._difference(self._rms_normalised(shifted, a["eps"]), self._rms_normalised(x, a["eps"]))
+        self.fields[node.name] = self._scaled(change, a["scale"])
+
+    def lower_rms_norm_descent(self, node):
+        self._norm_descent(node, self._rms_normalised)
+
+    # -- the gated MLP's product -------------------------------------------------------------
+    def lower_mul(self, node):
+        self.fields[node.name] = self._product(self.x(node, 0), self.x(node, 1))
+
+    # -- attention: rotary positions and the grouped-query head map --------------------------
+    @staticmethod
+    def _kv_head(a: dict, head: int) -> int:
+        """The k/v head that query head `head` reads (grouped-query: heads/kv_heads share one)."""
+        return head // (a["heads"] // a.get("kv_heads", a["heads"]))
+
+    def _rope_tables(self, a: dict) -> tuple[Field, Field]:
+        """cos and sin of every position over one head (head_dim wide; beyond rotary_dim cos 1, sin 0):
+        a linear map of the one-hot position whose weight is the table, as the oracle builds it."""
+        hd, r = a["head_dim"], a["rotary_dim"]
+        key = ("rope", hd, r, a["rope_theta"])
+        if key not in self.memo:
+            cos, sin = rules.rope_cos_sin(self.tmax, r, a["rope_theta"], self.dtype)  # [T_max, r]
+            n = self.tmax
+            full_cos = torch.cat([cos, torch.ones(n, hd - r, dtype=self.dtype)], 1)
+            full_sin = torch.cat([sin, torch.zeros(n, hd - r, dtype=self.dtype)], 1)
+            table = torch.cat([full_cos, full_sin], 1).T  # [2·hd, T_max]
+            name = f"rope_table_{r}_{a['rope_theta']!r}"
+            both = self._linear_of(name, table, [self.inputs["positions"]])
+            self.memo[key] = (both.part(0, hd), both.part(hd, hd))
+        return self.memo[key]
+
+    def _rotated(self, a: dict, x: Field) -> Field:
+        """x⊙cos + rotate_half(x)⊙sin per head (positions='rope'), else x; once per value."""
+        if a.get("positions", "none") != "rope":
+            return x
+        hd, r = a["head_dim"], a["rotary_dim"]
+        key = ("rotated", x, hd, r, a["rope_theta"])
+        if key not in self.memo:
+            cos, sin = self._rope_tables(a)
+            half = torch.zeros(hd, hd, dtype=self.dtype)  # rotate_half on the first r coordinates
+            idx = torch.arange(r // 2)
+            half[idx, idx + r // 2] = -1.0
+            half[idx + r // 2, idx] = 1.0
+            heads = x.chunks(hd)
+            along = self.layer(("rope_cos", hd), lambda: P.Gate(self.eye(hd), self.eye(hd)))
+            by_cos, by_cos_chunks = self.new(x.width, hd)
+            self.call(along, [[(c,) for c in heads], [(cos,)] * len(heads)], by_cos_chunks)
+            turn = self.layer(("rope_sin", hd, r), lambda: P.Gate(half, self.eye(hd), self.eye(hd)))
+            out, chunks = self.new(x.width, hd)
+            self.call(turn, [[(c,) for c in heads], [(sin,)] * len(heads), [(c,) for c in by_cos_chunks]], chunks)
+            self.memo[key] = out
+        return self.memo[key]
+
+    def _group_sum(self, per_head: Field, hd: int, groups: int) -> Field:
+        """Per k/v head j, the sum of query heads j·groups … (j+1)·groups − 1 (each hd wide)."""
+        heads = per_head.chunks(hd)
+        layer = self.layer(("group_sum", hd, groups), lambda: P.Linear(torch.cat([self.eye(hd)] * groups, 1)))
+        out, chunks = self.new(per_head.width // groups, hd)
+        self.call(layer, [[tuple(heads[j * groups:(j + 1) * groups]) for j in range(len(chunks))]], chunks)
+        return out
