@@ -206,3 +206,11 @@ def test_cli_writes_the_table_and_outputs(tmp_path):
     assert [run["lr"] for run in written["runs"]] == [0.05, 0.5]
     assert written["runs"][0]["worst_vs_g_hat"][TINT] < 1e-4  # float32
     assert (tmp_path / "out" / "eval.png").is_file() and (tmp_path / "out" / "eval.md").is_file()
+
+
+def test_the_example_config_loads():
+    from tintc.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "examples" / "gpt2-tiny-classify.yaml")
+    assert cfg.tint.train.loss == "label_only" and cfg.eval.classify.shots == 4
+    assert cfg.eval.classify.labels == {"pos": "+", "neg": "-"}
