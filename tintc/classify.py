@@ -33,7 +33,7 @@ import torch
 
 from .config import ClassifySpec, TintcConfig
 from .errors import ConfigError
-from .eval import BASE, Rows, _settings_info
+from .eval import BASE, Rows, settings_info
 from .text_source import Encoder
 
 ZERO_SHOT = "base (0-shot)"
@@ -223,7 +223,7 @@ def evaluate(cfg: TintcConfig, settings: ClassifySettings, out: Path, group=None
               "separator": spec.separator, "labels": [{"value": v, "word": w, "token": t} for (v, w), t in
                                                       zip(spec.labels.items(), prompter.label_ids)],
               "shots": spec.shots, "seed": spec.seed, "lengths": [int(x[0].shape[1]) for x in inputs],
-              "device": settings.device, "processes": group.world, **_settings_info(cfg)},
+              "device": settings.device, "processes": group.world, **settings_info(cfg)},
         tests=[examples[i].line for i in tests],
         gold=[prompter.values.index(examples[i].label) for i in tests],
         demonstrations=[[examples[j].line for j in demos] for demos in demonstrations],

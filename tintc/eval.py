@@ -249,7 +249,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
         info={"text": text.source, "python": platform.python_version(), "torch": torch.__version__,
               "tokens": len(tokens.ids), "tokenizer": tokens.tokenizer, "length": settings.length,
               "train_tokens": n_train, "train_fraction": settings.train_fraction, "seed": settings.seed,
-              "device": settings.device, "processes": group.world, **_settings_info(cfg)},
+              "device": settings.device, "processes": group.world, **settings_info(cfg)},
         starts=starts, predictions=settings.length - n_train,
         base=[base[i] for i in in_order],
         runs={lr: {row: [runs[lr][row][i] for i in in_order] for row in trained_rows} for lr in lrs},
@@ -257,7 +257,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     )
 
 
-def _settings_info(cfg: TintcConfig) -> dict:
+def settings_info(cfg: TintcConfig) -> dict:
     t, a = cfg.tint.train, cfg.tint.approximations
     return {"config": cfg.name, "family": cfg.model.family, "dtype": cfg.tint.dtype, "steps": t.steps,
             "layers": t.layers, "kinds": list(t.kinds),
