@@ -173,10 +173,10 @@ def evaluate(cfg: TintcConfig, settings: ClassifySettings, out: Path, group=None
         raise ConfigError("eval.classify: missing; allowed: a section with template, labels (and separator, "
                           "shots, seed, examples) for --task classify")
     group = group or distributed.Group.single()
+    examples = read_examples(settings.data, spec)  # before the model loads: bad data fails at once
+    tests, demonstrations = draw(len(examples), spec)
     rows = Rows(cfg, settings.device, settings.float64_reference, loss="label_only")
     prompter = Prompter(cfg, spec, rows.graph.attrs["vocab"])
-    examples = read_examples(settings.data, spec)
-    tests, demonstrations = draw(len(examples), spec)
     inputs = [prompter.build([examples[j] for j in demos], examples[i]) for i, demos in zip(tests, demonstrations)]
     _check_lengths(inputs, [examples[i] for i in tests], cfg.max_length(rows.graph.attrs["max_positions"]))
 
