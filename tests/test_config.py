@@ -107,7 +107,7 @@ def test_parse_config_from_a_string():
 
 def test_unknown_top_level_key(tmp_path):
     problem = one_problem(tmp_path, GOOD + "outptu: x\n")
-    assert problem == f"{tmp_path / 'model.yaml'}:13: outptu: unknown key; allowed: model | tint | output"
+    assert problem == f"{tmp_path / 'model.yaml'}:13: outptu: unknown key; allowed: model | tint | eval | output"
 
 
 def test_unknown_nested_key(tmp_path):
@@ -227,7 +227,7 @@ def test_yaml_duplicate_key(tmp_path):
 
 
 def test_not_a_mapping(tmp_path):
-    assert one_problem(tmp_path, "").endswith("model.yaml:1: got an empty file; allowed: a mapping with keys model, tint, output")
+    assert one_problem(tmp_path, "").endswith("model.yaml:1: got an empty file; allowed: a mapping with keys model, tint, eval, output")
     assert "got list" in one_problem(tmp_path, "- 1\n")
 
 

@@ -77,9 +77,11 @@ def test_base_row_is_the_hugging_face_model_on_each_chunk(tmp_path):
     assert _rel(result.perplexity(result.base), math.exp(pooled)) < 1e-14
 
 
-def _sgd(model, ids, n_train: int, lr: float, steps: int) -> torch.nn.Module:
-    """The paper's kinds trained by torch.optim.SGD on the summed train-segment CE of a fresh copy.
+def _sgd(model, ids, n_train: int, lr: float, steps: int, positions=None) -> torch.nn.Module:
+    """The paper's kinds trained by torch.optim.SGD on the summed train-segment CE of a fresh copy
+    (or, given `positions`, on the CE of the predictions made at those positions only).
     GPT-2 fuses q|k|v in c_attn: only its V third may move, so the other gradients are zeroed."""
+    positions = torch.arange(n_train - 1) if positions is None else torch.as_tensor(positions)
     model = copy.deepcopy(model)
     d = model.config.n_embd
     trained = []
@@ -97,7 +99,7 @@ def _sgd(model, ids, n_train: int, lr: float, steps: int) -> torch.nn.Module:
     for _ in range(steps):
         optimizer.zero_grad()
         logits = model(ids).logits[0]
-        F.cross_entropy(logits[: n_train - 1], ids[0, 1:n_train], reduction="sum").backward()
+        F.cross_entropy(logits[positions], ids[0, positions + 1], reduction="sum").backward()
         optimizer.step()
     return model
 

@@ -291,14 +291,23 @@ def bench(
         out.print(f"wrote {path}")
 
 
+class Task(str, Enum):
+    lm = "lm"  # perplexity of each chunk's test part after training on its first part
+    classify = "classify"  # few-shot accuracy: k demonstrations are the train segment
+
+
 @app.command("eval")
 def eval_(
     config: Path = ConfigArg,
+    task: Task = typer.Option(Task.lm, "--task", help="lm: language modelling on text; classify: few-shot "
+                                                      "classification of --data (eval.classify in the config)"),
+    data: Path = typer.Option(None, "--data", help='classify: a JSON-lines file of {"text": ..., "label": ...}'),
     length: int = typer.Option(None, "--length",
-                               help="T, tokens per chunk (default: the TinT's max length, at most 256)"),
-    train_fraction: float = typer.Option(0.5, "--train-fraction", help="the share of each chunk that is trained on"),
-    chunks: int = typer.Option(16, "--chunks", help="chunks drawn from the text (0: all of them)"),
-    seed: int = typer.Option(0, "--seed", help="which chunks are drawn"),
+                               help="lm: T, tokens per chunk (default: the TinT's max length, at most 256)"),
+    train_fraction: float = typer.Option(None, "--train-fraction",
+                                         help="lm: the share of each chunk that is trained on (default 0.5)"),
+    chunks: int = typer.Option(None, "--chunks", help="lm: chunks drawn from the text (default 16; 0: all of them)"),
+    seed: int = typer.Option(None, "--seed", help="lm: which chunks are drawn (default 0)"),
     lrs: str = typer.Option(None, "--lrs", help="comma-separated learning rates (default: the config's); "
                                                  "each is its own TinT compile"),
     text: Path = typer.Option(None, "--text", help="a UTF-8 text file (default: Python's pydoc topics)"),
@@ -310,10 +319,11 @@ def eval_(
     output: Path = typer.Option(None, "--out", help="where eval.json, .md, .png and the TinT packages go "
                                                     "(default: <output>/eval)"),
 ) -> None:
-    """Dynamic evaluation on real text: perplexity of the test part of each chunk for the base model,
-    exact SGD, the ĝ oracle and the TinT (loaded from its package). Runs data-parallel under torchrun."""
+    """Dynamic evaluation: on real text (--task lm), perplexity of the test part of each chunk; on a
+    labelled data set (--task classify), few-shot accuracy. Rows: the base model, exact SGD, the ĝ
+    oracle and the TinT (loaded from its package). Runs data-parallel under torchrun."""
+    from tintc import classify, classify_render, eval_render, text_source
     from tintc import eval as protocol
-    from tintc import eval_render, text_source
     from tintc.config import load_config
     from tintc.distributed import Group
 
@@ -322,20 +332,40 @@ def eval_(
     try:
         cfg = load_config(config)
         learning_rates = _parse_lrs(lrs)
-        if text is not None and dataset is not None:
-            raise ConfigError("--text, --dataset: got both; allowed: at most one text source")
-        if chunks < 0:
-            raise ConfigError(f"--chunks: got {chunks}; allowed: 0 (every chunk) or a positive number")
-        source = (text_source.file_text(text) if text is not None else
-                  text_source.dataset_text(dataset) if dataset is not None else text_source.default_text())
+        if task is Task.classify:
+            lm_only = {"--text": text, "--dataset": dataset, "--length": length, "--train-fraction": train_fraction,
+                       "--chunks": chunks, "--seed": seed}
+            given = [name for name, value in lm_only.items() if value is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)}: got with --task classify; allowed: --data and the config's "
+                                  "eval.classify section (shots, seed, examples)")
+            if data is None:
+                raise ConfigError('--data: missing; allowed: a JSON-lines file of {"text": ..., "label": ...} '
+                                  "for --task classify")
+        else:
+            if data is not None:
+                raise ConfigError("--data: got with --task lm; allowed: --text FILE or --dataset DIR")
+            if text is not None and dataset is not None:
+                raise ConfigError("--text, --dataset: got both; allowed: at most one text source")
+            chunks = 16 if chunks is None else chunks
+            if chunks < 0:
+                raise ConfigError(f"--chunks: got {chunks}; allowed: 0 (every chunk) or a positive number")
+            source = (text_source.file_text(text) if text is not None else
+                      text_source.dataset_text(dataset) if dataset is not None else text_source.default_text())
         group = Group.from_environment(device)
-        settings = protocol.EvalSettings(length=length, train_fraction=train_fraction,
-                                         chunks=chunks or None, seed=seed, lrs=learning_rates,
-                                         float64_reference=float64_reference,
-                                         device=group.device(device))
         out_dir = output if output is not None else cfg.resolved_output / "eval"
+        if task is Task.classify:
+            settings = classify.ClassifySettings(data=data, lrs=learning_rates, float64_reference=float64_reference,
+                                                 device=group.device(device))
+            run, render = (lambda advance: classify.evaluate(cfg, settings, out_dir, group, advance)), classify_render
+        else:
+            settings = protocol.EvalSettings(length=length, chunks=chunks or None, seed=seed or 0,
+                                             train_fraction=0.5 if train_fraction is None else train_fraction,
+                                             lrs=learning_rates, float64_reference=float64_reference,
+                                             device=group.device(device))
+            run, render = (lambda advance: protocol.evaluate(cfg, source, settings, out_dir, group, advance)), eval_render
         with _progress(group.rank == 0) as advance:
-            result = protocol.evaluate(cfg, source, settings, out_dir, group, advance)
+            result = run(advance)
     except TintcError as error:
         raise _fail(error) from None
     finally:
@@ -343,10 +373,10 @@ def eval_(
             group.close()
     if result is None:  # not rank 0: rank 0 writes
         return
-    out.print(eval_render.rich_table(result))
-    for note in eval_render.notes(result):
+    out.print(render.rich_table(result))
+    for note in render.notes(result):
         out.print(note)
-    for path in eval_render.write(result, out_dir):
+    for path in render.write(result, out_dir):
         out.print(f"wrote {path}")
 
 

@@ -159,9 +159,48 @@ class TintSpec(_Strict):
                                                "(default: the aux model's, at most 256)")
 
 
+MAX_SHOTS = 64
+
+
+class ClassifySpec(_Strict):
+    """`tintc eval --task classify`: how an example becomes a prompt, and the label words."""
+
+    template: str = Field(description="a string holding {text} once, e.g. 'Review: {text}\\nSentiment:'")
+    labels: dict[str | int, str] = Field(
+        min_length=2, description="a mapping of at least 2 label values (as in the data) to distinct, non-empty "
+                                  "label words")
+    separator: str = Field("\n\n", description="a string: what follows each demonstration's label word")
+    shots: int = Field(4, ge=1, le=MAX_SHOTS, strict=True, description=f"an integer from 1 to {MAX_SHOTS}: k, "
+                                                                       "the demonstrations (zero-shot is always run)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description=f"an integer from 0 to {MAX_SEED}")
+    examples: int | None = Field(None, ge=1, strict=True,
+                                 description="an integer >= 1: test examples drawn with seed, or null for all")
+
+    @field_validator("template")
+    @classmethod
+    def _one_slot(cls, template: str) -> str:
+        if template.count("{text}") != 1:
+            raise _not_allowed("a string holding {text} exactly once")
+        return template
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_words(cls, labels: dict) -> dict:
+        words = list(labels.values())
+        if any(isinstance(k, bool) for k in labels) or "" in words or len(set(words)) != len(words):
+            raise _not_allowed("a mapping of at least 2 label values (strings or integers) to distinct, "
+                               "non-empty label words")
+        return labels
+
+
+class EvalSpec(_Strict):
+    classify: ClassifySpec | None = None
+
+
 class TintcConfig(_Strict):
     model: ModelSpec
     tint: TintSpec = Field(default_factory=TintSpec)
+    eval: EvalSpec | None = None
     output: str | None = Field(None, description="a directory path (default: build/<config name>)")
 
     _source: Path | None = PrivateAttr(None)  # the YAML file, None when parsed from a string
@@ -269,7 +308,7 @@ def parse_config(text: str, filename: str = "<string>", base_dir: str | Path | N
         raise ConfigError(f"{filename}:{line}: YAML syntax error: {what}") from None
     if not isinstance(data, dict):
         got = "an empty file" if data is None else type(data).__name__
-        raise ConfigError(f"{filename}:1: got {got}; allowed: a mapping with keys model, tint, output")
+        raise ConfigError(f"{filename}:1: got {got}; allowed: a mapping with keys model, tint, eval, output")
 
     problems: list[tuple[Loc, str]] = _duplicate_keys(root)
     config = None
@@ -308,9 +347,19 @@ def _model_at(loc: Loc) -> type[BaseModel]:
     """The schema class that holds the keys at `loc` (a path of nested model fields)."""
     cls: type[BaseModel] = TintcConfig
     for part in loc:
-        annotation = cls.model_fields[part].annotation
-        cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else cls
+        if part not in cls.model_fields:
+            break
+        annotation = _schema_class(cls.model_fields[part].annotation)
+        cls = annotation if annotation is not None else cls
     return cls
+
+
+def _schema_class(annotation) -> type[BaseModel] | None:
+    """The schema class of a field's annotation, `X | None` included; None for plain values."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _field_allowed(loc: Loc) -> str | None:
@@ -323,8 +372,8 @@ def _field_allowed(loc: Loc) -> str | None:
         return None
     if field.description:
         return field.description
-    if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-        return "a mapping with keys " + " | ".join(field.annotation.model_fields)
+    if _schema_class(field.annotation) is not None:
+        return "a mapping with keys " + " | ".join(_schema_class(field.annotation).model_fields)
     args = getattr(field.annotation, "__args__", ())
     return " | ".join(str(a) for a in args) or None
 

@@ -105,10 +105,10 @@ def with_lr(cfg: TintcConfig, lr: float) -> TintcConfig:
 class Rows:
     """The model, its traced graph and θ on the device; per lr, the oracles' settings and the TinT."""
 
-    def __init__(self, cfg: TintcConfig, device: str, float64_reference: bool = False):
-        if cfg.tint.train.loss != "context":
-            raise ConfigError(f"tint.train.loss: got {cfg.tint.train.loss!r}; allowed: 'context' for the "
-                              "language-modelling protocol")
+    def __init__(self, cfg: TintcConfig, device: str, float64_reference: bool = False, loss: str = "context"):
+        if cfg.tint.train.loss != loss:
+            task = "the language-modelling protocol" if loss == "context" else "--task classify"
+            raise ConfigError(f"tint.train.loss: got {cfg.tint.train.loss!r}; allowed: {loss!r} for {task}")
         self.cfg, self.device = cfg, torch.device(device)
         self.model = pipeline.load_aux_model(cfg).to(self.device)
         self.graph = pipeline.trace(cfg, self.model)
@@ -143,26 +143,45 @@ class Rows:
         tint = import_package(directory).load(directory, device=self.device)
         self.tints[lr] = (tint, tint.encode(self.params))
 
-    def logits(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    def logits(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The row's logits on `ids` after training on `train` (with the label_only loss, on the
+        predictions of the `labels` tokens)."""
         with torch.no_grad():
             if row == BASE:
                 return self.model(ids, use_cache=False).logits
             if row == TINT:
                 tint, prefixes = self.tints[lr]
-                return tint(ids, train, prefixes)[0]
+                return tint(ids, train, prefixes, labels)[0]
         if row == EXACT:
-            return exact_gd(self.model, self.graph, ids, train, self.settings[lr], before=False).logits
+            return exact_gd(self.model, self.graph, ids, train, self.settings[lr], labels, before=False).logits
         if row == G_HAT64:
-            return approx_gd(*self.float64, ids, train, self.settings[lr], before=False).logits
-        return approx_gd(self.graph, self.params, ids, train, self.settings[lr], before=False).logits
+            return approx_gd(*self.float64, ids, train, self.settings[lr], labels, before=False).logits
+        return approx_gd(self.graph, self.params, ids, train, self.settings[lr], labels, before=False).logits
 
-    def run(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor) -> ChunkValues:
+    def timed(self, row: str, lr: float | None, ids, train, labels=None) -> tuple[torch.Tensor, float]:
+        """The row's logits and its seconds (the device synchronised around it)."""
         self._sync()
         start = time.perf_counter()
-        logits = self.logits(row, lr, ids, train)
+        logits = self.logits(row, lr, ids, train, labels)
         self._sync()
-        seconds = time.perf_counter() - start
+        return logits, time.perf_counter() - start
+
+    def run(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor) -> ChunkValues:
+        logits, seconds = self.timed(row, lr, ids, train)
         return ChunkValues(test_ce(logits, ids, train), seconds)
+
+    def compile_all(self, lrs, out: Path, group, progress, total: int) -> dict[float, float]:
+        """Per lr, rank 0 compiles the TinT into out/lr-<lr>/ and every rank loads it; the seconds."""
+        compile_seconds = {}
+        for lr in lrs:
+            directory = out / f"lr-{lr:g}"
+            progress(0, total, f"compiling the TinT for lr {lr:g}")
+            if group.rank == 0:  # one writer; the others wait and load the same files
+                compile_seconds[lr] = self.compile(lr, directory)
+            group.barrier()
+            self.load(lr, directory)
+        return compile_seconds
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -193,14 +212,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     trained_rows = rows.trained_rows
     total = len(mine) * (1 + len(trained_rows) * len(lrs))
 
-    compile_seconds = {}
-    for lr in lrs:
-        directory = out / f"lr-{lr:g}"
-        progress(0, total, f"compiling the TinT for lr {lr:g}")
-        if group.rank == 0:  # one writer; the others wait and load the same files
-            compile_seconds[lr] = rows.compile(lr, directory)
-        group.barrier()
-        rows.load(lr, directory)
+    compile_seconds = rows.compile_all(lrs, out, group, progress, total)
 
     train = train_mask(settings.length, n_train, rows.device)
     base: dict[int, ChunkValues] = {}
@@ -227,7 +239,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
         info={"text": text.source, "python": platform.python_version(), "torch": torch.__version__,
               "tokens": len(tokens.ids), "tokenizer": tokens.tokenizer, "length": settings.length,
               "train_tokens": n_train, "train_fraction": settings.train_fraction, "seed": settings.seed,
-              "device": settings.device, "processes": group.world, **_settings_info(cfg)},
+              "device": settings.device, "processes": group.world, **settings_info(cfg)},
         starts=starts, predictions=settings.length - n_train,
         base=[base[i] for i in in_order],
         runs={lr: {row: [runs[lr][row][i] for i in in_order] for row in trained_rows} for lr in lrs},
@@ -235,7 +247,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     )
 
 
-def _settings_info(cfg: TintcConfig) -> dict:
+def settings_info(cfg: TintcConfig) -> dict:
     t, a = cfg.tint.train, cfg.tint.approximations
     return {"config": cfg.name, "family": cfg.model.family, "dtype": cfg.tint.dtype, "steps": t.steps,
             "layers": t.layers, "kinds": list(t.kinds),

@@ -69,21 +69,36 @@ def dataset_text(directory: Path, column: str = "text") -> Text:
     return Text("\n\n".join(data[column]), f"dataset {directory} ({len(data)} rows of {column!r})")
 
 
-def tokenize(text: Text, tokenizer_dir: Path | None, vocab: int) -> Tokens:
-    """The model's tokenizer where its directory has one (no special tokens added), else the
-    UTF-8 bytes modulo the vocabulary: random test models have no tokenizer."""
-    if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
+class Encoder:
+    """Text to token ids: the model's tokenizer where its directory has one (no special tokens
+    added), else the UTF-8 bytes modulo the vocabulary (random test models have no tokenizer)."""
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        except (OSError, ValueError):
-            tokenizer = None
-        if tokenizer is not None:
-            ids = tokenizer(text.text, add_special_tokens=False)["input_ids"]
-            return Tokens(torch.tensor(ids, dtype=torch.long), f"{type(tokenizer).__name__} of {tokenizer_dir}")
+    def __init__(self, tokenizer_dir: Path | None, vocab: int):
+        self.tokenizer = None
+        if tokenizer_dir is not None:
+            from transformers import AutoTokenizer
+
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+            except (OSError, ValueError):
+                pass
+        self.vocab = vocab
+        self.name = (f"{type(self.tokenizer).__name__} of {tokenizer_dir}" if self.tokenizer is not None else
+                     f"no tokenizer: UTF-8 bytes modulo the vocabulary ({vocab})")
+
+    def __call__(self, text: str) -> list[int]:
+        if self.tokenizer is not None:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return [b % self.vocab for b in text.encode("utf-8")]
+
+
+def tokenize(text: Text, tokenizer_dir: Path | None, vocab: int) -> Tokens:
+    """The text's token ids with the model's tokenizer, else its bytes modulo the vocabulary."""
+    encoder = Encoder(tokenizer_dir, vocab)
+    if encoder.tokenizer is not None:
+        return Tokens(torch.tensor(encoder(text.text), dtype=torch.long), encoder.name)
     ids = torch.frombuffer(bytearray(text.text.encode("utf-8")), dtype=torch.uint8).long() % vocab
-    return Tokens(ids, f"no tokenizer: UTF-8 bytes modulo the vocabulary ({vocab})")
+    return Tokens(ids, encoder.name)
 
 
 def chunk_starts(n_tokens: int, length: int, chunks: int | None, seed: int) -> list[int]:
