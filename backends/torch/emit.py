@@ -96,6 +96,8 @@ def _constructor(name: str, module: nn.Module) -> str:
 def _weight_literal(w) -> str:
     if w is None:
         return "None"
+    if isinstance(w, runtime.Diagonal):
+        return f"Diagonal(torch.empty{tuple(w.diagonal.shape)})"
     if isinstance(w, runtime.LowRank):
         return f"LowRank(torch.empty{tuple(w.left.shape)}, torch.empty{tuple(w.right.shape)})"
     return f"torch.empty{tuple(w.shape)}"

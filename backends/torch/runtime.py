@@ -46,20 +46,34 @@ class LowRank(nn.Module):
         self.left, self.right = _param(left), _param(right)  # [out, r], [r, in]
 
 
+class Diagonal(nn.Module):
+    """A square projection that is zero off its diagonal (identities, scalings, masks of units),
+    stored as that diagonal and applied as an elementwise product: the same numbers as the
+    matrix product (which only adds exact zeros), for n times less work at width n."""
+
+    def __init__(self, diagonal: torch.Tensor):
+        super().__init__()
+        self.diagonal = _param(diagonal)  # [n]
+
+
 def _weight(w):
-    """A primitive's projection: a matrix, its low-rank factors, or None."""
-    return w if w is None or isinstance(w, LowRank) else _param(w)
+    """A primitive's projection: a matrix, its diagonal, its low-rank factors, or None."""
+    return w if w is None or isinstance(w, (LowRank, Diagonal)) else _param(w)
 
 
 def project(x, w):
-    """x @ Wᵀ for a stored matrix or its factors."""
+    """x @ Wᵀ for a stored matrix, its diagonal or its factors."""
+    if isinstance(w, Diagonal):
+        return x * w.diagonal
     if isinstance(w, LowRank):
         return (x @ w.right.T) @ w.left.T
     return x @ w.T
 
 
 def _transposed_project(x, w):
-    """x @ W for a stored matrix or its factors."""
+    """x @ W for a stored matrix, its diagonal or its factors."""
+    if isinstance(w, Diagonal):
+        return x * w.diagonal
     if isinstance(w, LowRank):
         return (x @ w.left) @ w.right
     return x @ w
@@ -161,10 +175,42 @@ WEIGHTS = {Linear: ("weight",), MLP: ("w_in", "w_out"), Gate: ("a", "b", "c"), N
 
 
 # -- one call: gather, apply, write -----------------------------------------------------------
+# Indexing the last axis of the wide token stream with an index tensor reads it at scattered
+# places (about 1 GB/s); the fields a call touches are few runs of side-by-side coordinates, and
+# slices of those runs copy at memory speed. So wirings are runs where there are few of them.
+MAX_RUNS = 64  # beyond this many runs, one index operation beats a loop of slices
+
+
+def runs_of(coords: list[int]) -> tuple:
+    """((start, length), …): the maximal side-by-side stretches of `coords`, in their order."""
+    runs = []
+    for i in coords:
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return tuple((start, length) for start, length in runs)
+
+
+class Gather:
+    """A read whose groups are not one side-by-side run: the distinct groups' coordinates (as runs,
+    or an index tensor where runs would be many), then `pick`, which distinct group each group
+    reads (None: each its own, in order; groups that repeat are gathered once)."""
+
+    def __init__(self, groups: list[list[int]]):
+        distinct = list(dict.fromkeys(tuple(g) for g in groups))
+        flat = [i for g in distinct for i in g]
+        self.distinct, self.width = len(distinct), len(groups[0])
+        runs = runs_of(flat)
+        self.source = runs if len(runs) <= MAX_RUNS else torch.tensor(flat)  # runs: a tuple
+        self.pick = None if len(distinct) == len(groups) else torch.tensor([distinct.index(tuple(g)) for g in groups])
+
+
 def wiring(call: dict) -> tuple[list, object]:
     """A call's wiring (JSON form) as indices: per read, None for the whole stream, a
     (start, G, width, shared) run when the groups' fields lie side by side or are all the same
-    field, else a [G, width] index tensor; the write as a side-by-side run or a flat index."""
+    field, else a Gather; the write as a side-by-side run, else [(start, length, offset)] runs
+    of the stream and where they sit in the output, or a flat index where runs would be many."""
     def index(groups):
         flat = [i for fields in groups for start, width in fields for i in range(start, start + width)]
         width = len(flat) // len(groups)
@@ -173,14 +219,21 @@ def wiring(call: dict) -> tuple[list, object]:
         one = flat[:width]
         if one == list(range(one[0], one[0] + width)) and flat == one * len(groups):  # every group reads one field
             return (flat[0], len(groups), width, True)
-        return torch.tensor(flat).view(len(groups), width)
+        return Gather([flat[g * width:(g + 1) * width] for g in range(len(groups))])
 
     reads = [None if not groups else index(groups) for groups in call["reads"]]
     fields = call["write"]
     write = index([[field] for field in fields])
     if isinstance(write, tuple) and not write[3]:
         return reads, write
-    return reads, torch.tensor([i for start, width in fields for i in range(start, start + width)])
+    flat = [i for start, width in fields for i in range(start, start + width)]
+    runs = runs_of(flat)
+    if len(runs) > MAX_RUNS:
+        return reads, torch.tensor(flat)
+    offsets = [0]
+    for _, length in runs[:-1]:
+        offsets.append(offsets[-1] + length)
+    return reads, [(start, length, offset) for (start, length), offset in zip(runs, offsets)]
 
 
 def _gather(stream, index):
@@ -193,7 +246,14 @@ def _gather(stream, index):
         if shared:  # the same field for every group: one group that broadcasts against the others
             return stream[..., start : start + width].unsqueeze(-2)
         return stream[..., start : start + groups * width].unflatten(-1, (groups, width))
-    return stream[..., index.to(stream.device)]
+    if isinstance(index.source, tuple):
+        x = torch.cat([stream[..., start : start + length] for start, length in index.source], -1)
+    else:
+        x = stream[..., index.source.to(stream.device)]
+    x = x.unflatten(-1, (index.distinct, index.width))
+    if index.pick is None or index.distinct == 1:  # one distinct group broadcasts, as a shared field
+        return x
+    return x[..., index.pick.to(stream.device), :]
 
 
 def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tensor, gated: bool) -> torch.Tensor:
@@ -206,15 +266,25 @@ def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tenso
     a new prefix-block version is the same positions after the residual add; the gate is the
     block's erase units (−h on a field whose value is dead)."""
     delta = layer(*(_gather(s, index) for s, index in zip(streams, reads)))  # [B, T, G or 1, width]
-    groups = (write[1] * write[2] if isinstance(write, tuple) else write.numel()) // delta.shape[-1]
+    if isinstance(write, tuple):
+        groups = write[1] * write[2] // delta.shape[-1]
+    else:
+        groups = (sum(length for _, length, _ in write) if isinstance(write, list) else write.numel()) // delta.shape[-1]
     delta = delta.expand(*delta.shape[:-2], groups, delta.shape[-1]).flatten(-2)  # [B, T, G·width]
-    if isinstance(write, tuple) and not write[3]:  # fields side by side, each written once
+    if isinstance(write, tuple):  # fields side by side, each written once
         start, groups, width, _ = write
         field = into[..., start : start + groups * width]
         if gated:
             field.copy_(delta)
         else:
             field.add_(delta)
+        return into
+    if isinstance(write, list):  # runs; a coordinate written by several groups gets their sum
+        if gated:  # every run is cleared before any is added to
+            for start, length, _ in write:
+                into[..., start : start + length] = 0.0
+        for start, length, offset in write:
+            into[..., start : start + length] += delta[..., offset : offset + length]
         return into
     write = write.to(into.device)
     if gated:

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, contract, finish
+from .runtime import MLP, Attention, Diagonal, LowRank, Norm, Linear, begin, contract, finish, runs_of
 
-RUNTIME_IMPORT = "from .runtime import MLP, Attention, LowRank, Norm, Linear, begin, contract, finish"
+RUNTIME_IMPORT = "from .runtime import MLP, Attention, Diagonal, LowRank, Norm, Linear, begin, contract, finish, runs_of"
 
 NULL, VOCAB, TOKENS = "null", "vocab", "tokens"
 ACT = {"identity": lambda x: x, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
@@ -43,6 +43,9 @@ ACT = {"identity": lambda x: x, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x,
 
 
 def _dense(w):
+    """A primitive's projection as the matrix it stands for."""
+    if isinstance(w, Diagonal):
+        return torch.diag(w.diagonal)
     return w.left @ w.right if isinstance(w, LowRank) else w
 
 
@@ -84,7 +87,7 @@ class BlockPlan:
 
     def erase(self, coords: list[int]) -> None:
         """Add −h_c for each coordinate: linear units on the constant branch σ(1)."""
-        runs = _runs(coords)
+        runs = runs_of(coords)
         scale = 1.0 / float(ACT[self.act](torch.tensor(1.0, dtype=torch.float64)))
         self.units.append(Units(len(coords), None, ("negate", runs), (None, scale, [runs])))
 
@@ -130,16 +133,6 @@ class BlockPlan:
 
 def _factored_size(n: int, k: int, d_sim: int) -> int:
     return min(n * d_sim, k * (n + d_sim))
-
-
-def _runs(coords: list[int]) -> tuple:
-    out = []
-    for c in coords:
-        if out and out[-1][0] + out[-1][1] == c:
-            out[-1][1] += 1
-        else:
-            out.append([c, 1])
-    return tuple((a, b) for a, b in out)
 
 
 @dataclass
