@@ -1,5 +1,6 @@
-"""The fast executor's two cheaper forms of the same arithmetic (backends/torch/diagonal.py and the
-run wirings of backends/torch/runtime.py) give the numbers of the plain forms they replace."""
+"""The fast executor's cheaper forms of the same arithmetic (structured weights, backends/torch/
+structured.py, and the run wirings of backends/torch/runtime.py) give the numbers of the plain
+forms they replace."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from backends.torch import runtime
-from backends.torch.diagonal import diagonalise
+from backends.torch.structured import compact
 from tintc import pipeline
 from tintc.fidelity import example_input
 from tests.models import tiny_config, tiny_model
@@ -25,20 +26,22 @@ def _compiled(family):
     return cfg, model, ids, train, prefixes
 
 
-def test_diagonalise_keeps_the_matrix_it_replaces():
-    gate = runtime.Gate(3.0 * torch.eye(5, dtype=torch.float64), torch.diag(torch.arange(5.0, dtype=torch.float64)),
-                        torch.ones(5, 5, dtype=torch.float64))
-    x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
-    before = gate(x, x, x)
-    assert diagonalise(gate) == 2
-    assert isinstance(gate.a, runtime.Diagonal) and isinstance(gate.b, runtime.Diagonal)
-    assert isinstance(gate.c, nn.Parameter)  # not diagonal: stays a matrix
-    assert torch.equal(gate(x, x, x), before)  # the product only dropped exact zeros
-    assert diagonalise(runtime.Linear(torch.eye(4, 6))) == 0  # not square
+def test_compact_keeps_the_matrix_it_replaces():
+    eye = torch.eye(5, dtype=torch.float64)
+    mirror = torch.cat([eye, -2.0 * eye])[torch.tensor([0, 7, 2, 9, 4, 5, 6, 1, 8, 3])]  # signed copies, shuffled
+    gate = runtime.Gate(3.0 * torch.eye(10, dtype=torch.float64), mirror, torch.ones(10, 5, dtype=torch.float64))
+    xa, x = torch.randn(2, 4, 3, 10, dtype=torch.float64), torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    before = gate(xa, x, x)
+    assert compact(gate) == 2
+    assert isinstance(gate.a, runtime.Diagonal) and isinstance(gate.b, runtime.Selection)
+    assert isinstance(gate.c, nn.Parameter)  # five nonzeros a row: stays a matrix
+    assert torch.equal(gate(xa, x, x), before)  # the products only dropped exact zeros
+    assert torch.equal(gate.b.dense(), mirror)
+    assert compact(runtime.Linear(torch.ones(4, 6))) == 0
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_diagonal_weights_give_the_tint_of_dense_matrices_bit_for_bit(family):
+def test_structured_weights_give_the_tint_of_dense_matrices_bit_for_bit(family):
     cfg, model, ids, train, prefixes = _compiled(family)
     tint = pipeline.compile_tint(cfg, model).tint
     with torch.no_grad():
@@ -47,11 +50,12 @@ def test_diagonal_weights_give_the_tint_of_dense_matrices_bit_for_bit(family):
     for module in tint.layers.values():
         for attr in runtime.WEIGHTS[type(module)]:
             w = getattr(module, attr)
-            if isinstance(w, runtime.Diagonal):
+            if isinstance(w, (runtime.Diagonal, runtime.Selection)):
+                dense = torch.diag(w.diagonal) if isinstance(w, runtime.Diagonal) else w.dense()
                 delattr(module, attr)
-                setattr(module, attr, nn.Parameter(torch.diag(w.diagonal.detach()), requires_grad=False))
+                setattr(module, attr, nn.Parameter(dense.detach(), requires_grad=False))
                 restored += 1
-    assert restored >= 20  # identities, scalings and masks are most of a TinT's projections
+    assert restored >= 20  # identities, scalings, masks and signed copies are most of a TinT's projections
     with torch.no_grad():
         dense, _ = tint(ids, train, prefixes)
     assert torch.equal(fast, dense)

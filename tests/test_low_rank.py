@@ -39,7 +39,7 @@ def test_the_low_rank_pass_keeps_the_tint_exact_and_reports_every_projection():
     ids, train, _ = example_input(model.config.vocab_size, 12, 1, seed=2)
     compiled, oracle, logits, _, _ = run_tint_and_oracle(cfg, model, ids, train)
     log = compiled.tint.program.low_rank
-    projections = sum(sum(getattr(m, w) is not None and not isinstance(getattr(m, w), runtime.Diagonal)
+    projections = sum(sum(getattr(m, w) is not None and not isinstance(getattr(m, w), (runtime.Diagonal, runtime.Selection))
                           for w in runtime.WEIGHTS[type(m)]) for m in compiled.tint.layers.values())  # dense ones
     assert len(log) == projections > 0
     for entry in log:  # factorised exactly where the rank allows and it saves storage

@@ -184,8 +184,8 @@ def test_the_fast_executor_runs_primitives_and_field_moves_only():
     tint = compiled.tint
     for name, module in tint.layers.items():
         assert isinstance(module, runtime.PRIMITIVES), name
-    assert {type(m).__name__ for m in tint.modules()} <= {"TinT", "ModuleDict", "Diagonal"} | {
-        p.__name__ for p in runtime.PRIMITIVES}  # Diagonal: a projection stored as its diagonal
+    assert {type(m).__name__ for m in tint.modules()} <= {"TinT", "ModuleDict", "Diagonal", "Selection"} | {
+        p.__name__ for p in runtime.PRIMITIVES}  # Diagonal, Selection: structured projections
     prefixes = tint.encode(params)
     with torch.no_grad(), _Ops() as ops:
         tint(ids, train, prefixes)

@@ -97,7 +97,10 @@ def _weight_literal(w) -> str:
     if w is None:
         return "None"
     if isinstance(w, runtime.Diagonal):
-        return f"Diagonal(torch.empty{tuple(w.diagonal.shape)})"
+        return f"Diagonal(torch.empty{tuple(w.diagonal.shape)}, identity={w.identity})"
+    if isinstance(w, runtime.Selection):
+        n = len(w.coef)
+        return f"Selection(torch.empty({n}, dtype=torch.long), torch.empty({n}), {w.columns})"
     if isinstance(w, runtime.LowRank):
         return f"LowRank(torch.empty{tuple(w.left.shape)}, torch.empty{tuple(w.right.shape)})"
     return f"torch.empty{tuple(w.shape)}"

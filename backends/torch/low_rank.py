@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .runtime import WEIGHTS, Diagonal, LowRank
+from .runtime import STRUCTURED, WEIGHTS, LowRank
 
 
 def factorise(name: str, module: nn.Module, rank: int) -> list[dict]:
@@ -19,7 +19,7 @@ def factorise(name: str, module: nn.Module, rank: int) -> list[dict]:
     log = []
     for attr in WEIGHTS[type(module)]:
         w = getattr(module, attr)
-        if w is None or isinstance(w, (LowRank, Diagonal)):
+        if w is None or isinstance(w, STRUCTURED):
             continue
         out, inp = w.shape
         u, s, vh = torch.linalg.svd(w.detach().double(), full_matrices=False)

@@ -26,8 +26,8 @@ from ir.graph import Graph, Node
 from tintc.errors import BackendError
 
 from . import runtime as P
-from .diagonal import diagonalise
 from .low_rank import factorise
+from .structured import compact
 from .lower_backward import BackwardLowering
 from .lower_llama import LlamaLowering
 from .prefixes import Layout
@@ -83,7 +83,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
         name = re.sub(r"[^0-9a-zA-Z_]", "_", "_".join(str(k) for k in key))
         if name not in self.layers:
             self.layers[name] = build()
-            diagonalise(self.layers[name])
+            compact(self.layers[name])
             if self.rank is not None:
                 self.low_rank_log += factorise(name, self.layers[name], self.rank)
         return name

@@ -49,31 +49,56 @@ class LowRank(nn.Module):
 class Diagonal(nn.Module):
     """A square projection that is zero off its diagonal (identities, scalings, masks of units),
     stored as that diagonal and applied as an elementwise product: the same numbers as the
-    matrix product (which only adds exact zeros), for n times less work at width n."""
+    matrix product (which only adds exact zeros), for n times less work at width n. An identity
+    (`identity`, fixed at construction like every TinT weight) is not applied at all."""
 
-    def __init__(self, diagonal: torch.Tensor):
+    def __init__(self, diagonal: torch.Tensor, identity: bool = False):
         super().__init__()
-        self.diagonal = _param(diagonal)  # [n]
+        self.diagonal, self.identity = _param(diagonal), identity  # [n]
+
+    def extra_repr(self) -> str:
+        return f"identity={self.identity}"
+
+
+class Selection(nn.Module):
+    """A projection with one nonzero per row, W[i, index[i]] = coef[i] (a signed copy, as
+    [I; −I]), stored as both and applied as a gather and a product: the same numbers."""
+
+    def __init__(self, index: torch.Tensor, coef: torch.Tensor, columns: int):
+        super().__init__()
+        self.register_buffer("index", index.detach().to(torch.long).clone())  # [n]
+        self.coef, self.columns = _param(coef), columns  # [n]; W is [n, columns]
+
+    def dense(self) -> torch.Tensor:
+        w = torch.zeros(len(self.coef), self.columns, dtype=self.coef.dtype, device=self.coef.device)
+        return w.scatter(1, self.index[:, None], self.coef[:, None])
+
+
+STRUCTURED = (LowRank, Diagonal, Selection)
 
 
 def _weight(w):
-    """A primitive's projection: a matrix, its diagonal, its low-rank factors, or None."""
-    return w if w is None or isinstance(w, (LowRank, Diagonal)) else _param(w)
+    """A primitive's projection: a matrix, a structured form of one (STRUCTURED), or None."""
+    return w if w is None or isinstance(w, STRUCTURED) else _param(w)
 
 
 def project(x, w):
-    """x @ Wᵀ for a stored matrix, its diagonal or its factors."""
+    """x @ Wᵀ for a stored matrix or a structured form of one."""
     if isinstance(w, Diagonal):
-        return x * w.diagonal
+        return x if w.identity else x * w.diagonal
+    if isinstance(w, Selection):
+        return x[..., w.index] * w.coef
     if isinstance(w, LowRank):
         return (x @ w.right.T) @ w.left.T
     return x @ w.T
 
 
 def _transposed_project(x, w):
-    """x @ W for a stored matrix, its diagonal or its factors."""
+    """x @ W for a stored matrix or a structured form of one."""
     if isinstance(w, Diagonal):
-        return x * w.diagonal
+        return x if w.identity else x * w.diagonal
+    if isinstance(w, Selection):
+        return x @ w.dense()
     if isinstance(w, LowRank):
         return (x @ w.left) @ w.right
     return x @ w
@@ -87,7 +112,8 @@ class Linear(nn.Module):
         self.weight = _weight(weight)  # [out, in]
 
     def forward(self, x):
-        return project(x, self.weight)
+        y = project(x, self.weight)
+        return y.clone() if y is x else y  # an identity passes its input, a view of the stream being written
 
 
 class MLP(nn.Module):
@@ -194,8 +220,9 @@ def runs_of(coords: list[int]) -> tuple:
 
 class Gather:
     """A read whose groups are not one side-by-side run: the distinct groups' coordinates (as runs,
-    or an index tensor where runs would be many), then `pick`, which distinct group each group
-    reads (None: each its own, in order; groups that repeat are gathered once)."""
+    or an index tensor where runs would be many), then which distinct groups the groups read, as
+    runs of side-by-side distinct groups (None: each its own, in order). Groups that repeat are
+    gathered once; the picking copies slices, since indexing a group axis is as slow as the stream's."""
 
     def __init__(self, groups: list[list[int]]):
         distinct = list(dict.fromkeys(tuple(g) for g in groups))
@@ -203,7 +230,7 @@ class Gather:
         self.distinct, self.width = len(distinct), len(groups[0])
         runs = runs_of(flat)
         self.source = runs if len(runs) <= MAX_RUNS else torch.tensor(flat)  # runs: a tuple
-        self.pick = None if len(distinct) == len(groups) else torch.tensor([distinct.index(tuple(g)) for g in groups])
+        self.pick = None if len(distinct) == len(groups) else runs_of([distinct.index(tuple(g)) for g in groups])
 
 
 def wiring(call: dict) -> tuple[list, object]:
@@ -253,7 +280,7 @@ def _gather(stream, index):
     x = x.unflatten(-1, (index.distinct, index.width))
     if index.pick is None or index.distinct == 1:  # one distinct group broadcasts, as a shared field
         return x
-    return x[..., index.pick.to(stream.device), :]
+    return torch.cat([x[..., start : start + length, :] for start, length in index.pick], -2)
 
 
 def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tensor, gated: bool) -> torch.Tensor:

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import MLP, Attention, Diagonal, LowRank, Norm, Linear, begin, contract, finish, runs_of
+from .runtime import MLP, Attention, Diagonal, LowRank, Norm, Linear, Selection, begin, contract, finish, runs_of
 
-RUNTIME_IMPORT = "from .runtime import MLP, Attention, Diagonal, LowRank, Norm, Linear, begin, contract, finish, runs_of"
+RUNTIME_IMPORT = "from .runtime import MLP, Attention, Diagonal, LowRank, Norm, Linear, Selection, begin, contract, finish, runs_of"
 
 NULL, VOCAB, TOKENS = "null", "vocab", "tokens"
 ACT = {"identity": lambda x: x, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
@@ -46,6 +46,8 @@ def _dense(w):
     """A primitive's projection as the matrix it stands for."""
     if isinstance(w, Diagonal):
         return torch.diag(w.diagonal)
+    if isinstance(w, Selection):
+        return w.dense()
     return w.left @ w.right if isinstance(w, LowRank) else w
 
 
