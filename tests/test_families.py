@@ -85,7 +85,7 @@ def test_compile_refuses_ops_without_a_construction():
     with pytest.raises(PassError) as info:
         pipeline.compile_tint(cfg, tiny_model("mistral", sliding_window=16))
     assert info.value.problems[0] == ("node %h0.attn (model.layers.0.self_attn): attention with a window has no "
-                                      "TinT construction yet; allowed: the ops of GPT-2, pre-LN OPT and LLaMA")
+                                      "TinT construction yet; allowed: the ops of GPT-2, OPT, LLaMA and GPT-NeoX")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

@@ -18,6 +18,7 @@ class GPTNeoXAdapter(Adapter):
     layers = "gpt_neox.layers"
     roles = {"input_layernorm": "ln_attn", "attention.query_key_value": ("q", "k", "v"), "attention.dense": "o",
              "post_attention_layernorm": "ln_mlp", "mlp.dense_h_to_4h": "mlp_in", "mlp.dense_4h_to_h": "mlp_out"}
+    config_keys = ("rotary_pct", "rotary_emb_base")  # Pythia's config.json names; GPTNeoXConfig reads them
 
     def check(self, model) -> list[str]:
         c = model.config
