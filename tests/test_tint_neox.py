@@ -97,3 +97,24 @@ def test_the_pythia_example_compiles():
     assert compiled.graph.attrs["family"] == "gpt_neox"
     assert {n.attrs["rotary_dim"] for n in compiled.graph.nodes() if n.kind == "attention"} == {4}
     assert "h1.branches" in compiled.graph and not compiled.tint.program.layout.tied
+
+
+def test_two_checkpoints_in_one_batch():
+    """Batched prefixes: the periodic q|k|v rows are encoded and decoded per sequence."""
+    cfg, model_a, compiled = _compiled(layers="top-1")
+    model_b = tiny_model("gpt_neox", dtype=torch.float64, seed=1)
+    tint = compiled.tint
+    params = [{n: p.detach() for n, p in m.named_parameters()} for m in (model_a, model_b)]
+    encoded = [tint.encode(p) for p in params]
+    batched = {k: torch.stack([encoded[0][k], encoded[1][k]]) for k in encoded[0]}
+    ids, train, _ = example_input(model_a.config.vocab_size, 16, 2, seed=1)
+    with torch.no_grad():
+        logits, prefixes = tint(ids, train, batched)
+    decoded = tint.decode(prefixes)
+    for i, theta in enumerate(params):
+        one = slice(i, i + 1)
+        oracle = approx_gd(compiled.graph, theta, ids[one], train[one], TrainSettings.from_config(cfg, 2))
+        assert _rel(logits[one], oracle.logits) <= 1e-9
+        assert "gpt_neox.layers.1.attention.query_key_value.weight" in oracle.trained
+        for name in oracle.trained:
+            assert _rel(decoded[name][i] - theta[name], oracle.params[name][0] - theta[name]) <= 1e-9, name
