@@ -20,40 +20,51 @@ class WeightRef:
     """A matrix or vector read from an aux parameter: param (transposed?) [rows start:stop].
 
     GPT-2 stores Conv1D weights as [in, out] and fuses q|k|v on the output axis, so its
-    query weight is `transformer.h.0.attn.c_attn.weight`, transposed, rows 0:D.
+    query weight is `transformer.h.0.attn.c_attn.weight`, transposed, rows 0:D. With a
+    `period`, the rows are start:stop of every block of `period` rows: GPT-NeoX interleaves
+    q|k|v per head, so its query weight is rows 0:head_dim of every 3·head_dim.
     """
 
     name: str
     transpose: bool = False
     rows: tuple[int, int] | None = None
     version: int = 0  # θ_0 is the aux weight; θ_{n+1} is written by a descent op of step n
+    period: int | None = None  # rows repeat every `period` rows (None: one contiguous range)
 
     @property
     def key(self) -> tuple:
         """The weight independent of its version."""
-        return (self.name, self.transpose, self.rows)
+        return (self.name, self.transpose, self.rows, self.period)
 
     def at(self, version: int) -> "WeightRef":
-        return WeightRef(self.name, self.transpose, self.rows, version)
+        return WeightRef(self.name, self.transpose, self.rows, version, self.period)
+
+    def row_index(self, n: int) -> slice | torch.Tensor:
+        """The selected rows of a tensor with n rows: a slice, or an index for periodic rows."""
+        start, stop = self.rows if self.rows is not None else (0, n)
+        if self.period is None:
+            return slice(start, stop)
+        return (torch.arange(0, n, self.period)[:, None] + torch.arange(start, stop)).flatten()
 
     def resolve(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         t = params[self.name]
         if self.transpose:
             t = t.T
         if self.rows is not None:
-            t = t[self.rows[0] : self.rows[1]]
+            t = t[self.row_index(t.shape[0])]
         return t
 
     def shape(self, declared: tuple[int, ...]) -> tuple[int, ...]:
         s = tuple(reversed(declared)) if self.transpose else tuple(declared)
         if self.rows is not None:
-            s = (self.rows[1] - self.rows[0], *s[1:])
+            blocks = s[0] // self.period if self.period else 1
+            s = ((self.rows[1] - self.rows[0]) * blocks, *s[1:])
         return s
 
     def __str__(self) -> str:
         text = "@" + self.name + (".T" if self.transpose else "")
         if self.rows is not None:
-            text += f"[{self.rows[0]}:{self.rows[1]}]"
+            text += f"[{self.rows[0]}:{self.rows[1]}" + (f"%{self.period}" if self.period else "") + "]"
         if self.version:
             text += f"#{self.version}"
         return text

@@ -75,12 +75,10 @@ class Interpreter:
             if version > latest.get(key, (0, None))[0]:
                 latest[key] = (version, value)
         out = dict(params)
-        for (name, transpose, rows), (_, value) in latest.items():
+        for (name, transpose, rows, period), (_, value) in latest.items():
             full = out[name].detach().clone() if out[name] is params[name] else out[name]
             view = full.T if transpose else full
-            if rows is not None:
-                view = view[rows[0] : rows[1]]
-            view.copy_(value)
+            view[WeightRef(name, transpose, rows, period=period).row_index(view.shape[0])] = value
             out[name] = full
         return out
 

@@ -58,6 +58,10 @@ def _check_node(graph: Graph, node, shapes: dict) -> list[str]:
             if not 0 <= start < stop <= full:
                 problems.append(f"{where}: rows {start}:{stop} of {ref.name} out of range 0:{full}")
                 continue
+            if ref.period is not None and not (stop <= ref.period and full % ref.period == 0):
+                problems.append(f"{where}: rows {start}:{stop}%{ref.period} of {ref.name}: the period must divide "
+                                f"its {full} rows and hold stop")
+                continue
         weight_shapes[slot] = ref.shape(declared)
     for slot in node.weights:
         if slot not in spec.weights:

@@ -40,6 +40,12 @@ TINY: dict[str, dict] = {
         vocab_size=64, max_position_embeddings=32, sliding_window=None,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     ),
+    # Pythia's layout: parallel residual, a quarter of each head rotated, an untied head
+    "gpt_neox": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+        max_position_embeddings=32, rotary_pct=0.25, use_parallel_residual=True,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ),
 }
 
 # Smaller still, for the standard view (backends/torch/standard.py), whose dense projections
@@ -52,6 +58,9 @@ MICRO: dict[str, dict] = {
     "llama": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, vocab_size=32, max_position_embeddings=16, tie_word_embeddings=True,
                   bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "gpt_neox": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=32,
+                     max_position_embeddings=16, rotary_pct=0.5, use_parallel_residual=True,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0),
 }
 
 

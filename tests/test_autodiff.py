@@ -83,7 +83,7 @@ def test_with_every_rule_exact_the_training_graph_is_exact_gd(family, steps):
         assert (result.params[name] - exact.params[name]).abs().max() < 1e-10, name
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox"])  # gpt_neox: q|k|v rows of every head
 @pytest.mark.parametrize("layers,steps,loss,kinds", [
     ((0, 1), 1, "context", PAPER_KINDS),
     ((1,), 2, "label_only", PAPER_KINDS + ("norm_gain",)),

@@ -85,7 +85,7 @@ def test_compile_refuses_ops_without_a_construction():
     with pytest.raises(PassError) as info:
         pipeline.compile_tint(cfg, tiny_model("mistral", sliding_window=16))
     assert info.value.problems[0] == ("node %h0.attn (model.layers.0.self_attn): attention with a window has no "
-                                      "TinT construction yet; allowed: the ops of GPT-2, pre-LN OPT and LLaMA")
+                                      "TinT construction yet; allowed: the ops of GPT-2, OPT, LLaMA and GPT-NeoX")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
@@ -108,3 +108,67 @@ def test_stop_gradient_with_grouped_query_attention_sums_over_the_sharing_heads(
     name = "model.layers.1.self_attn.v_proj.weight"  # the top layer: v's gradient needs no score gradient
     assert torch.allclose(approx.params[name], exact.params[name], rtol=0, atol=1e-12)
     assert (approx.params[name] - _params(model)[name]).abs().max() > 1e-4
+
+
+# -- GPT-NeoX (Pythia) ------------------------------------------------------------------------
+NEOX_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_out", "norm_gain", "norm_bias")
+
+
+def test_gpt_neox_parallel_residual_sums_attention_and_mlp_then_adds_the_stream():
+    graph = trace(tiny_model("gpt_neox"))
+    assert graph.node("h0.ln_mlp").inputs == ("tok_embed",)  # the MLP reads the block input, as attention does
+    assert graph.node("h0.branches").inputs == ("h0.o", "h0.mlp_out")
+    assert graph.node("h0.resid").inputs == ("tok_embed", "h0.branches")
+    assert graph.node("h1.ln_attn").inputs == graph.node("h1.ln_mlp").inputs == ("h0.resid",)
+    assert graph.node("logits").weights["weight"].name == "lm_head.weight"  # untied
+    sequential = trace(tiny_model("gpt_neox", use_parallel_residual=False))
+    assert sequential.node("h0.ln_mlp").inputs == ("h0.resid_attn",) and "h0.branches" not in sequential
+
+
+def test_gpt_neox_q_k_v_are_per_head_row_slices_of_the_fused_projection():
+    """query_key_value's rows are [q|k|v] per head: q of head h is rows 24h..24h+7 (head_dim 8)."""
+    model = tiny_model("gpt_neox")
+    graph = trace(model)
+    fused = model.gpt_neox.layers[0].attention.query_key_value.weight.detach()
+    params = dict(model.named_parameters())
+    for i, role in enumerate("qkv"):
+        ref = graph.node(f"h0.{role}").weights["weight"]
+        assert (ref.rows, ref.period) == ((8 * i, 8 * i + 8), 24)
+        expected = torch.cat([fused[24 * h + 8 * i: 24 * h + 8 * i + 8] for h in range(4)])
+        assert torch.equal(ref.resolve(params), expected)
+
+
+@pytest.mark.parametrize("rotary_pct, rotary_dim", [(0.25, 2), (0.5, 4), (1.0, 8)])
+def test_gpt_neox_partial_rotary_is_read_from_the_trace(rotary_pct, rotary_dim):
+    model = tiny_model("gpt_neox", rotary_pct=rotary_pct, dtype=torch.float64)
+    graph = trace(model)
+    assert {n.attrs["rotary_dim"] for n in graph.nodes() if n.kind == "attention"} == {rotary_dim}
+    assert max_logit_error(model, graph, 16) <= 1e-10
+
+
+def test_gpt_neox_kinds_and_refusals():
+    graph = trace(tiny_model("gpt_neox"))
+    assert tuple(kinds_of(graph)) == NEOX_KINDS
+    with pytest.raises(PassError) as info:
+        select_train(graph, [0, 1], ["attn_v", "mlp_up"])
+    assert info.value.problems == [
+        "parameter kinds ['mlp_up'] do not exist in this gpt_neox model; allowed: " + ", ".join(NEOX_KINDS)]
+    with pytest.raises(FrontendError) as info:
+        trace(tiny_model("gpt_neox", hidden_act="gelu_fast"))
+    assert info.value.problems == ["gpt_neox.layers.*.mlp.act: hidden_act='gelu_fast' is not supported; allowed: "
+                                   "gelu_new, gelu_pytorch_tanh, gelu, relu"]
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_gpt_neox_approximate_gd_with_exact_rules_equals_exact_gd(parallel):
+    model = tiny_model("gpt_neox", dtype=torch.float64, use_parallel_residual=parallel)
+    graph = trace(model)
+    ids, train, _ = _setup("gpt_neox")[2:]
+    settings = TrainSettings(lr=0.05, steps=2, kinds=NEOX_KINDS, approximations=EXACT)
+    exact = exact_gd(model, graph, ids, train, settings)
+    approx = approx_gd(graph, _params(model), ids, train, settings)
+    assert (exact.logits - exact.logits_before).abs().max() > 1e-2  # training moved the logits
+    assert (approx.logits - exact.logits).abs().max() < 1e-10
+    assert "gpt_neox.layers.0.attention.query_key_value.weight" in exact.trained
+    for name in exact.trained:
+        assert (approx.params[name] - exact.params[name]).abs().max() < 1e-12

@@ -100,12 +100,13 @@ def test_unsupported_model_class_lists_the_supported_ones():
                                          bos_token_id=0, eos_token_id=0, pad_token_id=0))
     err = trace_error(bloom)
     assert str(err) == ("frontend error: model class BloomForCausalLM is not supported; supported: "
-                        "GPT2LMHeadModel, OPTForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM")
+                        "GPT2LMHeadModel, OPTForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, "
+                        "GPTNeoXForCausalLM")
 
 
 def test_unknown_family_is_refused():
-    with pytest.raises(FrontendError, match="model family 'bloom' is not supported; supported: gpt2, llama, "
-                                            "mistral, opt, qwen2"):
+    with pytest.raises(FrontendError, match="model family 'bloom' is not supported; supported: gpt2, gpt_neox, "
+                                            "llama, mistral, opt, qwen2"):
         load_model("bloom", "/nonexistent")
 
 

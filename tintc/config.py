@@ -64,7 +64,7 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    family: str = Field(description="a supported family (gpt2 | opt)")
+    family: str = Field(description="a supported family (gpt2 | opt | llama | qwen2 | mistral | gpt_neox)")
     config: dict[str, Any] | None = Field(None, description="a mapping of HF config keys to values")
     path: str | None = Field(None, description="a local save_pretrained directory")
     seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description=f"an integer from 0 to {MAX_SEED}")
@@ -473,7 +473,7 @@ def _model_checks(data: dict, base: Path) -> list[tuple[Loc, str]]:
 
     config_class = ADAPTERS[family].config_class
     if has_config:
-        problems, hf_config = _hf_config_from_kwargs(config_class, model["config"])
+        problems, hf_config = _hf_config_from_kwargs(config_class, model["config"], ADAPTERS[family].config_keys)
     else:
         problems, hf_config = _hf_config_from_path(config_class, model["path"], base)
     if hf_config is not None and not problems:  # with a misspelt key, the shapes would use defaults
@@ -481,17 +481,17 @@ def _model_checks(data: dict, base: Path) -> list[tuple[Loc, str]]:
     return problems
 
 
-def _hf_config_keys(config_class) -> set[str]:
-    keys = set(config_class().to_dict())
+def _hf_config_keys(config_class, extra: tuple[str, ...] = ()) -> set[str]:
+    keys = set(config_class().to_dict()) | set(extra)
     keys |= set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
     keys |= set(getattr(config_class, "attribute_map", {}))
     return keys
 
 
-def _hf_config_from_kwargs(config_class, kwargs: Any):
+def _hf_config_from_kwargs(config_class, kwargs: Any, extra: tuple[str, ...] = ()):
     if not isinstance(kwargs, dict):
         return [], None  # the schema reports the type
-    allowed = _hf_config_keys(config_class)
+    allowed = _hf_config_keys(config_class, extra)
     problems: list[tuple[Loc, str]] = []
     for key in kwargs:
         if key not in allowed:

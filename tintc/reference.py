@@ -174,9 +174,7 @@ def update_masks(graph: Graph, params: dict[str, torch.Tensor], settings: TrainS
     for ref in trained_refs(selected):
         mask = masks.setdefault(ref.name, torch.zeros_like(params[ref.name]))
         view = mask.T if ref.transpose else mask
-        if ref.rows is not None:
-            view = view[ref.rows[0] : ref.rows[1]]
-        view.fill_(1.0)
+        view[ref.row_index(view.shape[0])] = 1.0
     return masks
 
 

@@ -41,7 +41,8 @@ def _ref_shape(ref: dict, shapes: dict) -> tuple:
     if ref["transpose"]:
         shape = shape[::-1]
     if ref["rows"] is not None:
-        shape = (ref["rows"][1] - ref["rows"][0], *shape[1:])
+        blocks = shape[0] // ref["period"] if ref.get("period") else 1
+        shape = ((ref["rows"][1] - ref["rows"][0]) * blocks, *shape[1:])
     return shape
 
 

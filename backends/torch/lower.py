@@ -56,13 +56,14 @@ class _Lowering(BackwardLowering, LlamaLowering):
         self.fields: dict[str, Field] = {}  # training-graph value -> its field
         self.memo: dict[tuple, Field] = {}  # derived values computed once (x̂, copied γ/β, shifts)
         self.block_version: dict[str, int] = {b: 0 for b in layout.blocks}
-        d = graph.attrs["d_model"]
+        # the tables' widths: OPT-350m's embeddings (and head) are narrower than its stream
+        width = lambda ref: ref.shape(graph.weight_shapes[ref.name])[1]  # noqa: E731
         self.inputs = {"one": self.alloc(1), "zero": self.alloc(1), "positions": self.alloc(max_length),
-                       "train": self.alloc(1), "label": self.alloc(1), "token_embed": self.alloc(d)}
+                       "train": self.alloc(1), "label": self.alloc(1), "token_embed": self.alloc(width(layout.vocab))}
         if layout.positions is not None:
-            self.inputs["pos_embed"] = self.alloc(d)
+            self.inputs["pos_embed"] = self.alloc(width(layout.positions))
         if not layout.tied:
-            self.inputs["target_embed"] = self.alloc(d)  # unembed[z]: the loss's target rows
+            self.inputs["target_embed"] = self.alloc(width(layout.unembed))  # unembed[z]: the loss's target rows
         self.node: Node | None = None
         self.logits: Field | None = None
 

@@ -370,13 +370,22 @@ def input_layer(fields: dict, width: int, position_offset: int, input_ids, train
 
 
 # -- aux weights <-> prefix tokens ----------------------------------------------------------------
+def row_index(ref: dict, n: int):
+    """The rows a weight reference selects out of n: rows start:stop, or start:stop of every
+    `period` rows (GPT-NeoX's q|k|v, interleaved per head)."""
+    start, stop = ref["rows"]
+    if ref.get("period") is None:
+        return slice(start, stop)
+    return (torch.arange(0, n, ref["period"])[:, None] + torch.arange(start, stop)).flatten()
+
+
 def resolve(ref: dict, params: dict) -> torch.Tensor:
     """The matrix or vector a weight reference names: param (transposed?) [rows start:stop]."""
     t = params[ref["name"]]
     if ref["transpose"]:
         t = t.T
     if ref["rows"] is not None:
-        t = t[ref["rows"][0] : ref["rows"][1]]
+        t = t[row_index(ref, t.shape[0])]
     return t
 
 
@@ -423,10 +432,12 @@ def decode(layout: dict, prefixes: dict) -> dict:
 
     def put(ref, value):
         view = params[ref["name"]].transpose(-1, -2) if ref["transpose"] else params[ref["name"]]
-        if ref["rows"] is not None:
-            start, stop = ref["rows"]
-            view = view[..., start:stop, :] if view.dim() - len(batch) == 2 else view[..., start:stop]
-        view.copy_(value)
+        if ref["rows"] is None:
+            view.copy_(value)
+        elif view.dim() - len(batch) == 2:
+            view[..., row_index(ref, view.shape[-2]), :] = value
+        else:
+            view[..., row_index(ref, view.shape[-1])] = value
         written.add(ref["name"])
 
     put(layout["vocab"], prefixes["vocab"])

@@ -20,6 +20,7 @@ from ..interpret import Interpreter
 from ..verify import verify
 from .adapter import Adapter
 from .gpt2 import GPT2Adapter
+from .gpt_neox import GPTNeoXAdapter
 from .llama import LlamaAdapter
 from .mistral import MistralAdapter
 from .opt import OPTAdapter
@@ -27,7 +28,8 @@ from .qwen2 import Qwen2Adapter
 from .recognize import Recognizer
 
 ADAPTERS: dict[str, Adapter] = {
-    a.family: a for a in (GPT2Adapter(), OPTAdapter(), LlamaAdapter(), Qwen2Adapter(), MistralAdapter())}
+    a.family: a for a in (GPT2Adapter(), OPTAdapter(), LlamaAdapter(), Qwen2Adapter(), MistralAdapter(),
+                          GPTNeoXAdapter())}
 EXPORT_LENGTH = 8  # tokens in the example input of the export (graphs are shape-specialised)
 
 

@@ -22,6 +22,7 @@ class Adapter:
     outer_roles: dict[str, str] = {}  # module path outside the layers -> op role (e.g. OPT's project_in)
     head: str = "lm_head"  # module path of the unembedding
     position_offset: int = 0  # learned positions: the table row of position 0
+    config_keys: tuple[str, ...] = ()  # kwargs the HF config class reads but does not list (legacy names)
 
     def check(self, model) -> list[str]:
         """Problems with settings this adapter does not support, each naming its module path."""

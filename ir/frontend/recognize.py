@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+import networkx as nx
 import torch
 from torch import fx
 
@@ -39,6 +40,7 @@ class Recognizer:
         self.graph = Graph(name, {})
         self.values: dict[fx.Node, object] = {}
         self.adds_in_layer: dict[int, int] = {}
+        self.parallel: set[int] = set()  # layers whose attention and MLP outputs are summed (GPT-NeoX)
         self.n_layer = 0
 
     # -- building IR nodes ---------------------------------------------------------------
@@ -176,22 +178,35 @@ class Recognizer:
         return self.emit(role, "linear", [x], out, module, role, weights)
 
     def op_split(self, node, fused, size, dim=0):
+        return self._parts(node, fused, size, dim)
+
+    def op_chunk(self, node, fused, chunks, dim=0):
+        return self._parts(node, fused, node.args[0].meta["val"].shape[-1] // chunks, dim)
+
+    def _parts(self, node, fused, size: int, dim: int) -> list:
+        """The parts of a fused projection cut on its last axis. When views have cut that axis into
+        groups (GPT-NeoX: heads × [q|k|v]), a part takes its rows from every group: a period."""
         value = self.values[fused]
         if not isinstance(value, Fused) or dim not in (-1, node.args[0].meta["val"].dim() - 1):
             self.fail(node, "only a fused projection may be split, on its last axis")
         total = value.weight.shape(self.params[value.weight.name].shape)[0]
-        return [replace(value, rows=(s, min(s + size, total))) for s in range(0, total, size)]
+        period = int(node.args[0].meta["val"].shape[-1])
+        if total % period:
+            self.fail(node, f"the split axis ({period}) does not divide the projection's {total} outputs")
+        return [replace(value, rows=(s, min(s + size, period)), period=period if period < total else None)
+                for s in range(0, period, size)]
 
     def op_getitem(self, node, parts, index):
         part = self.values[parts][index] if isinstance(self.values[parts], list) else None
         if isinstance(part, Fused):
             rows = part.rows
-            weight = WeightRef(part.weight.name, part.weight.transpose, rows)
+            weight = WeightRef(part.weight.name, part.weight.transpose, rows, period=part.period)
             weights = {"weight": weight}
             if part.bias is not None:
-                weights["bias"] = WeightRef(part.bias.name, rows=rows)
+                weights["bias"] = WeightRef(part.bias.name, rows=rows, period=part.period)
             role = self.role(node, part.module, index)
-            return self.emit(role, "linear", [part.x], rows[1] - rows[0], part.module, role, weights)
+            out = weight.shape(self.params[weight.name].shape)[0]
+            return self.emit(role, "linear", [part.x], out, part.module, role, weights)
         return Const()  # an element of a constant tuple (rotary cos, sin)
 
     def op_layer_norm(self, node, x, shape, weight=None, bias=None, eps=1e-5, *rest):
@@ -253,11 +268,16 @@ class Recognizer:
             x, y = sorted([self.val(node, a), self.val(node, b)], key=lambda v: self.order[v.name])
             if layer < 0:  # canonical order: the older value (the residual stream) first
                 return self.emit("embed", "add", [x, y], self.width(va), "")
+            if not nx.has_path(self.graph.nx, x.name, y.name) and layer not in self.parallel:
+                # neither feeds the other: parallel residual (GPT-NeoX), attention's and the MLP's outputs
+                self.parallel.add(layer)
+                return self.emit("branches", "add", [x, y], self.width(va), module)
             count = self.adds_in_layer.get(layer, 0)
             self.adds_in_layer[layer] = count + 1
-            names = ("resid_attn", "resid_mlp")
+            names = ("resid",) if layer in self.parallel else ("resid_attn", "resid_mlp")
             if count >= len(names):
-                self.fail(node, "a third residual add in one layer; allowed: attention's, then the MLP's")
+                self.fail(node, "one residual add too many in this layer; allowed: attention's, then the MLP's, "
+                                "or (parallel residual) the sum of both, then its residual add")
             return self.emit(names[count], "add", [x, y], self.width(va), module)
         if all(isinstance(v, (Const, Ids, int, float)) for v in (va, vb)):
             return Const()
@@ -272,6 +292,8 @@ class Recognizer:
             return self.emit("gated", "mul", [x, y], self.width(x), module_of(node))
         if isinstance(va, Val) and isinstance(vb, Const):
             return Rope("cos", va)
+        if isinstance(va, Rope) and va.stage == "half" and va.start == 0 and isinstance(vb, Const):
+            return replace(va, stage="cos")  # partial rotary: the cos term of the first coordinates
         if isinstance(va, Rope) and va.stage == "rotated" and isinstance(vb, Const):
             return replace(va, stage="sin")
         if all(isinstance(v, (Const, Ids, int, float)) for v in (va, vb)):
@@ -281,11 +303,15 @@ class Recognizer:
     # the rotary embedding: x·cos + cat(−x[h:], x[:h])·sin, recognised piece by piece
     def op_slice(self, node, x, dim=0, start=None, stop=None, step=1):
         value = self.values[x]
-        if isinstance(value, Val):
-            end = min(stop, node.args[0].meta["val"].shape[-1])
-            return Rope("half", value, start or 0, end)
         if isinstance(value, (Const, Ids)):
             return Const()
+        if dim not in (-1, node.args[0].meta["val"].dim() - 1) or step != 1:
+            self.fail(node, "a slice of a q/k head must take consecutive coordinates of its last axis")
+        end = min(stop, node.args[0].meta["val"].shape[-1])
+        if isinstance(value, Val):
+            return Rope("half", value, start or 0, end)
+        if isinstance(value, Rope) and value.stage == "half" and not value.negated:  # a slice of a slice
+            return Rope("half", value.x, value.start + (start or 0), value.start + end)
         self.fail(node, "a slice of something other than a q/k head (rotary embedding)")
 
     def op_neg(self, node, x):
@@ -298,15 +324,25 @@ class Recognizer:
         values = [self.values[p] for p in parts]
         if all(isinstance(v, Const) for v in values):
             return Const()
+        if (len(values) == 2 and isinstance(values[0], Val) and isinstance(values[1], Rope)
+                and values[1].stage == "half" and values[1].start == values[1].stop
+                and values[1].x.name == values[0].name):
+            return values[0]  # GPT-NeoX with rotary_pct=1: the unrotated rest of the head is empty
         if (len(values) == 2 and all(isinstance(v, Rope) and v.stage == "half" for v in values)
                 and values[0].negated and not values[1].negated and values[0].x == values[1].x
                 and values[1].start == 0 and values[0].start == values[1].stop):
             return Rope("rotated", values[0].x, 0, values[0].stop)
-        self.fail(node, "a concatenation that is not the rotary embedding's rotate_half")
+        if (len(values) == 2 and all(isinstance(v, Rope) for v in values) and values[0].stage == "rotary_part"
+                and values[1].stage == "half" and not values[1].negated and values[0].x == values[1].x
+                and values[1].start == values[0].stop and values[1].stop == node.meta["val"].shape[-1]):
+            return replace(values[0].x, rotary=values[0].stop)  # partial rotary: the rest of the head joins
+        self.fail(node, "a concatenation that is not the rotary embedding's rotate_half or its partial form")
 
-    def _rope(self, node, a: Rope, b: Rope) -> Val:
-        if not (a.stage == "cos" and b.stage == "sin" and a.x == b.x):
+    def _rope(self, node, a: Rope, b: Rope) -> Val | Rope:
+        if not (a.stage == "cos" and b.stage == "sin" and a.x == b.x and a.stop in (0, b.stop)):
             self.fail(node, "the sum x·cos + rotate_half(x)·sin of one tensor x was expected (rotary embedding)")
+        if a.stop:  # the cos term read a slice: only the first b.stop coordinates are rotated so far
+            return Rope("rotary_part", a.x, 0, b.stop)
         return replace(a.x, rotary=b.stop)
 
     def op_scaled_dot_product_attention(self, node, q, k, v, mask=None, dropout_p=0.0, is_causal=False,

@@ -46,20 +46,23 @@ class Val:
 
 @dataclass(frozen=True)
 class Fused:
-    """A linear whose output is split (GPT-2's q|k|v): emitted per slice, at the split."""
+    """A linear whose output is split (GPT-2's q|k|v) or chunked per head (GPT-NeoX's): emitted
+    per part, at the split; a part is rows start:stop, of every `period` rows when set."""
 
     module: str
     x: Val
     weight: WeightRef
     bias: WeightRef | None
     rows: tuple[int, int] | None = None
+    period: int | None = None
 
 
 @dataclass(frozen=True)
 class Rope:
-    """A partial match of the rotary embedding of `x`: its cos term, a half, or rotate_half."""
+    """A partial match of the rotary embedding of `x`: its cos term, a slice of a head, rotate_half,
+    its sin term, or (partial rotary, GPT-NeoX) the rotated first coordinates before the rest joins."""
 
-    stage: str  # cos | half | rotated | sin
+    stage: str  # cos | half | rotated | sin | rotary_part
     x: Val
     start: int = 0
     stop: int = 0
@@ -97,11 +100,11 @@ def reaches_attention(node: fx.Node) -> bool:
 
 
 def feeds_split(node: fx.Node) -> bool:
-    """Does this linear's output reach a split through views only?"""
+    """Does this linear's output reach a split or chunk through views only?"""
     frontier = list(node.users)
     while frontier:
         user = frontier.pop()
-        if op_name(user) == "split":
+        if op_name(user) in ("split", "chunk"):
             return True
         if op_name(user) in LAYOUT:
             frontier += list(user.users)
