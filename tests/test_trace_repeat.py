@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 from transformers.models.gpt2 import modeling_gpt2
+from transformers.models.llama import modeling_llama
 
 import ir.frontend
 from ir.frontend import repeat, trace, trace_repeated
@@ -130,11 +131,11 @@ def test_a_layer_index_in_forward_is_caught_by_the_logit_check(monkeypatch):
     assert info.value.problems[0].startswith("transformer.h.3.attn: aten.mul (")
 
 
-def test_an_error_in_the_exported_layers_is_reported_by_the_whole_trace():
+def test_an_error_in_the_exported_layers_is_reported_by_the_whole_trace(monkeypatch):
+    original = modeling_llama.LlamaMLP.forward
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: original(self, x) * 2.0)  # every layer
     model = deep_model("llama")
-    mlp = model.model.layers[0].mlp
-    original = mlp.forward
-    mlp.forward = lambda x: original(x) * 2.0
+    repeat.unlike_layers(model, "model.layers")  # alike: the fast path runs, and fails
     with pytest.raises(FrontendError) as info:
         ir.frontend.trace(model)
     assert info.value.problems[0].startswith("model.layers.0.mlp: aten.mul (")
