@@ -44,29 +44,57 @@ def test_repeated_layers_give_the_whole_trace_byte_for_byte(family, overrides):
     assert fast.attrs["n_layer"] == 4
 
 
-def test_trace_exports_two_layers_of_a_deep_model(monkeypatch):
+def test_trace_exports_layer_0_and_a_relay_of_a_deep_model(monkeypatch):
     exported = []
     export = torch.export.export
 
-    def counting(module, *args, **kwargs):
-        exported.append(len(module.get_submodule("model.layers")))
+    def recording(module, *args, **kwargs):
+        exported.append([type(layer).__name__ for layer in module.get_submodule("model.layers")])
         return export(module, *args, **kwargs)
 
-    monkeypatch.setattr(torch.export, "export", counting)
+    monkeypatch.setattr(torch.export, "export", recording)
     model = deep_model("llama", n_layer=5)
     graph = trace(model)
-    assert exported == [2]
+    assert exported == [["LlamaDecoderLayer", "Relay"]]
     assert graph.attrs["n_layer"] == 5 and len(model.model.layers) == 5  # the model is untouched
 
 
 def test_the_view_shares_the_models_modules_and_parameters():
     model = deep_model("gpt2")
-    view = repeat.truncated(model, "transformer.h", 2)
-    assert len(view.transformer.h) == 2 and len(model.transformer.h) == 4
-    assert view.transformer.h[1] is model.transformer.h[1] and view.transformer.wte is model.transformer.wte
+    view = repeat.relayed(model, "transformer.h")
+    assert len(model.transformer.h) == 4 and isinstance(view.transformer.h[1], repeat.Relay)
+    assert view.transformer.h[0] is model.transformer.h[0] and view.transformer.wte is model.transformer.wte
     assert view.lm_head.weight is model.transformer.wte.weight  # tied, still one tensor
     params = dict(model.named_parameters())
     assert all(p is params[n] for n, p in view.named_parameters())
+
+
+def _exported_view(model, path):
+    from ir.frontend.recognize import Recognizer
+
+    view = repeat.relayed(model, path)
+    program = torch.export.export(view, (torch.zeros(1, 8, dtype=torch.long),), {"use_cache": False})
+    recognizer = Recognizer(ir.frontend.ADAPTERS["gpt2"], view, program, "gpt2")
+    return program, recognizer, recognizer.run()
+
+
+def test_what_runs_between_layers_is_checked():
+    program, recognizer, small = _exported_view(deep_model("gpt2"), "transformer.h")
+    assert repeat.relay_input(program, recognizer.values, "transformer.h") == "h0.resid_mlp"
+    relay = next(n for n in program.graph.nodes if n.meta.get("nn_module_stack", {}) and
+                 list(n.meta["nn_module_stack"].values())[-1][0] == "transformer.h.1")
+    with program.graph.inserting_before(relay):  # an op of the model between layer 0 and layer 1
+        scaled = program.graph.call_function(torch.ops.aten.mul.Tensor, (relay.args[0], 2.0))
+    relay.args = (scaled, *relay.args[1:])
+    with pytest.raises(repeat.NotRepeatable, match=r"computes aten.mul \(mul\w*\) between two layers"):
+        repeat.relay_input(program, recognizer.values, "transformer.h")
+
+
+def test_layers_must_pass_their_output_on():
+    _, _, small = _exported_view(deep_model("gpt2"), "transformer.h")
+    assert len(repeat.repeat_layers(small, 4, "transformer.h", "h0.resid_mlp")) == len(small) + 3 * 12  # 12 ops a layer
+    with pytest.raises(repeat.NotRepeatable, match=r"%ln_final after the layers reads layer 0's"):
+        repeat.repeat_layers(small, 4, "transformer.h", "h0.resid_attn")  # not what follows the layers reads
 
 
 def test_layers_with_per_layer_settings_take_the_whole_trace():
@@ -75,14 +103,6 @@ def test_layers_with_per_layer_settings_take_the_whole_trace():
         trace_repeated(model)
     scales = [n.attrs["scale"] for n in trace(model).nodes() if n.kind == "attention"]
     assert scales == pytest.approx([8**-0.5 / (i + 1) for i in range(4)], rel=1e-15)
-
-
-def test_a_graph_whose_second_layer_differs_is_not_repeated():
-    small = trace(tiny_model("llama"))  # two layers: the fast path's input
-    assert dump(repeat.repeat_layers(small, 2, "model.layers")) == dump(small)
-    small.node("h1.mlp_down").attrs["role"] = "o"
-    with pytest.raises(repeat.NotRepeatable, match=r"%h1.mlp_down is not %h0.mlp_down"):
-        repeat.repeat_layers(small, 4, "model.layers")
 
 
 def test_a_layer_with_another_module_takes_the_whole_trace():

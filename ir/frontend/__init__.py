@@ -88,23 +88,26 @@ def trace(model, name: str | None = None, whole: bool = False) -> Graph:
         except (repeat.NotRepeatable, FrontendError):
             pass
     adapter, headline = _supported(model)
-    graph = _recognise(adapter, model, model, name or adapter.family, headline)
+    graph = Recognizer(adapter, model, _export(adapter, model, model, headline), name or adapter.family).run()
     return _checked(graph, adapter, model, headline)
 
 
 def trace_repeated(model, name: str | None = None) -> Graph:
-    """`trace` through an export of the model's first two layers, the second repeated for
-    the rest (repeat.py). Raises NotRepeatable for a model of at most two layers or with
-    layers that are not alike."""
+    """`trace` through an export of the model's layer 0 and a relay in place of layer 1,
+    layer 0 repeated for the rest (repeat.py). Raises NotRepeatable for a model of fewer
+    than three layers or with layers that are not alike."""
     adapter, headline = _supported(model)
     n_layer = len(repeat.layer_list(model, adapter.layers))
-    if n_layer <= repeat.PATTERN_LAYERS:
-        raise repeat.NotRepeatable(f"{n_layer} layers: nothing to repeat")
+    if n_layer < repeat.MIN_LAYERS:
+        raise repeat.NotRepeatable(f"{n_layer} layers: the whole trace costs about the same")
     repeat.unlike_layers(model, adapter.layers)
-    view = repeat.truncated(model, adapter.layers, repeat.PATTERN_LAYERS)
+    view = repeat.relayed(model, adapter.layers)
     with repeat.lean_export():
-        small = _recognise(adapter, view, model, name or adapter.family, headline)
-    return _checked(repeat.repeat_layers(small, n_layer, adapter.layers), adapter, model, headline)
+        program = _export(adapter, view, model, headline)
+    recognizer = Recognizer(adapter, view, program, name or adapter.family)
+    small = recognizer.run()
+    exit_ = repeat.relay_input(program, recognizer.values, adapter.layers)
+    return _checked(repeat.repeat_layers(small, n_layer, adapter.layers, exit_), adapter, model, headline)
 
 
 def _supported(model) -> tuple[Adapter, str]:
@@ -130,16 +133,14 @@ def _checked(graph: Graph, adapter: Adapter, model, headline: str) -> Graph:
     return graph
 
 
-def _recognise(adapter: Adapter, module, model, name: str, headline: str) -> Graph:
-    """Export `module` (the model, or a view of it) and recognise its ops; settings come
-    from `model`."""
+def _export(adapter: Adapter, module, model, headline: str) -> torch.export.ExportedProgram:
+    """Export `module` (the model, or a view of it; sizes come from `model`)."""
     length = min(EXPORT_LENGTH, adapter.max_positions(model))
     ids = torch.zeros(1, length, dtype=torch.long)
     try:
-        program = torch.export.export(module, (ids,), {"use_cache": False})
+        return torch.export.export(module, (ids,), {"use_cache": False})
     except Exception as err:  # noqa: BLE001 - any export failure is a frontend problem of this model
         raise FrontendError(f"torch.export failed: {type(err).__name__}: {str(err).splitlines()[0]}", headline)
-    return Recognizer(adapter, module, program, name).run()
 
 
 def _describe(graph: Graph, adapter: Adapter, model, headline: str) -> None:

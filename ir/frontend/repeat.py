@@ -1,18 +1,22 @@
-"""The fast path of `trace`: export two decoder layers, repeat the second for the rest.
+"""The fast path of `trace`: export one decoder layer and a relay, repeat the layer.
 
 torch.export costs a few ms per ATen op, so exporting a 12- or 30-layer model takes
 seconds, nearly all of it spent on layers that are alike. Here the frontend exports a
-*view* of the model holding only its first two decoder layers (the same module objects
-and parameters, nothing copied), recognises its ops as usual, and checks that layer 1 is
-layer 0 with the index changed; layer 1 also shows what lies between layers (it reads
-layer 0's output where layer 0 reads the embeddings). Layer 1 is then repeated for every
-further layer under that layer's module and parameter names.
+*view* of the model (the same module objects and parameters, nothing copied) whose layer
+list holds layer 0 and, in place of layer 1, a relay that hands back the stream it is
+given through one `clone`. The trace of the view shows the per-layer pattern (layer 0's
+ops) and what lies between layers: nothing may run between layer 0's last op and the
+relay, and the relay must get an output of layer 0, which is then what every layer passes
+to the next. Layer 0 is repeated for every further layer under that layer's module and
+parameter names.
 
 That is sound only if the layers really are alike, so `unlike_layers` compares the
 modules of every layer first (types, settings, parameter and buffer shapes, buffers,
 hooks, per-instance patches), and a config with several `layer_types` is not repeated.
-Whatever is not alike raises NotRepeatable, and `trace` exports the whole model instead.
-The check of the IR against the HF logits stays the final proof on either path.
+Whatever is not alike or not as expected raises NotRepeatable, and `trace` exports the
+whole model instead. Forward code that branches on the layer index is invisible to both
+checks: the check of the IR against the HF logits, the final proof on either path, is
+what catches it.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ from dataclasses import replace
 
 import torch
 import torch.fx.config
-from torch import nn
+from torch import fx, nn
 from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from ..graph import Graph, Node
+from .values import BOOKKEEPING, LAYOUT, Val, module_of, op_name
 
-PATTERN_LAYERS = 2  # layers exported on the fast path: layer 0, and layer 1 as the pattern
+MIN_LAYERS = 3  # with two layers the fast path would save one layer's export: not worth a second path
 PER_LAYER_INDEX = {"layer_idx"}  # module attributes that differ between alike layers (the cache slot)
 
 
@@ -105,9 +110,17 @@ def lean_export():
         torch.fx.config.do_not_emit_stack_traces = before
 
 
-def truncated(model, path: str, keep: int) -> nn.Module:
-    """A view of `model` whose layer list at `path` holds its first `keep` layers: new
-    containers along the path, every other module (and so every parameter) shared."""
+class Relay(nn.Module):
+    """Stands in for layer 1 in the exported view: hands back the stream it is given. Its
+    one op, a clone (a view for the recogniser), marks where the model calls layer 1."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states.clone()
+
+
+def relayed(model, path: str) -> nn.Module:
+    """A view of `model` whose layer list at `path` is [layer 0, a Relay]: new containers
+    along the path, every other module (and so every parameter) shared."""
     view = _shallow(model)
     parent = view
     *outer, last = path.split(".")
@@ -115,8 +128,25 @@ def truncated(model, path: str, keep: int) -> nn.Module:
         child = _shallow(parent._modules[part])
         parent._modules[part] = child
         parent = child
-    parent._modules[last] = nn.ModuleList(list(parent._modules[last])[:keep])
+    parent._modules[last] = nn.ModuleList([parent._modules[last][0], Relay()])
     return view
+
+
+def relay_input(program: torch.export.ExportedProgram, values: dict, path: str) -> str:
+    """The IR node the model passes from layer 0 to layer 1 (`values`: the recogniser's
+    value of each fx node). Only views may run between layer 0's last op and the relay."""
+    nodes = list(program.graph.nodes)
+    relay = [i for i, n in enumerate(nodes) if module_of(n) == f"{path}.1"]
+    layer0 = [i for i, n in enumerate(nodes) if module_of(n) == f"{path}.0" or module_of(n).startswith(f"{path}.0.")]
+    if len(relay) != 1 or not layer0 or max(layer0) > relay[0]:
+        raise NotRepeatable(f"the relay at {path}.1 was not called once after layer 0")
+    between = [n for n in nodes[max(layer0) + 1 : relay[0]] if op_name(n) not in LAYOUT | BOOKKEEPING]
+    if between:
+        raise NotRepeatable(f"the model computes aten.{op_name(between[0])} ({between[0].name}) between two layers")
+    given = values.get(nodes[relay[0]].args[0]) if isinstance(nodes[relay[0]].args[0], fx.Node) else None
+    if not (isinstance(given, Val) and given.name.startswith("h0.") and given.scale == 1.0 and not given.rotary):
+        raise NotRepeatable(f"layer 1 is not given an output of layer 0 (got {given})")
+    return given.name
 
 
 def _shallow(module: nn.Module) -> nn.Module:
@@ -125,41 +155,42 @@ def _shallow(module: nn.Module) -> nn.Module:
     return clone
 
 
-def repeat_layers(small: Graph, n_layer: int, path: str) -> Graph:
-    """The graph of an `n_layer`-layer model from the graph `small` of its first two layers
-    (layers at module path `path`), node for node what the full trace gives."""
-    prefix, first, pattern, suffix = _parts(small)
-    _check_alike(first, pattern, {n.name for n in prefix}, path)
+def repeat_layers(small: Graph, n_layer: int, path: str, exit_: str) -> Graph:
+    """The graph of an `n_layer`-layer model from the graph `small` of its view (layers at
+    module path `path`; layer 0 hands `exit_` to the next layer), node for node what the
+    whole trace gives."""
+    prefix, layer, suffix = _parts(small)
+    before = {n.name for n in prefix}
+    entry = {i for n in layer for i in n.inputs if i in before}
+    if len(entry) != 1:
+        raise NotRepeatable(f"layer 0 reads {sorted(entry)} from before the layers; allowed: one value, the stream")
+    entry = entry.pop()
     graph = Graph(small.name, dict(small.attrs))
-    for node in prefix + first:
+    for node in prefix + layer:
         _add(graph, node, small)
-    for layer in range(1, n_layer):
-        for node in pattern:
-            _add(graph, _moved(node, 1, layer, path), small, node)
-    for node in suffix:  # what follows the layers reads the last one
-        if any(i.startswith("h0.") for i in node.inputs):
-            raise NotRepeatable(f"%{node.name} after the layers reads layer 0")
-        inputs = tuple(f"h{n_layer - 1}." + i.removeprefix("h1.") if i.startswith("h1.") else i for i in node.inputs)
-        _add(graph, Node(node.name, node.kind, inputs, node.shape, node.attrs, node.weights), small)
+    for index in range(1, n_layer):
+        inputs = {n.name: f"h{index}." + n.name.removeprefix("h0.") for n in layer} | {entry: f"h{index - 1}.{exit_[3:]}"}
+        for node in layer:
+            _add(graph, _moved(node, index, path, inputs), small, node)
+    last = {exit_: f"h{n_layer - 1}.{exit_[3:]}"}
+    for node in suffix:  # what follows the layers reads the last one's output
+        if any(i.startswith("h0.") and i != exit_ for i in node.inputs):
+            raise NotRepeatable(f"%{node.name} after the layers reads layer 0's %{node.inputs}, not its output %{exit_}")
+        _add(graph, Node(node.name, node.kind, tuple(last.get(i, i) for i in node.inputs), node.shape, node.attrs,
+                         node.weights), small)
     return graph
 
 
-def _moved(node: Node, src: int, dst: int, path: str) -> Node:
-    """`node` of layer `src` as the same op of layer `dst`: its name, module, parameters and
-    the inputs it reads from its own and the previous layer shift by dst - src."""
-    def name(n: str) -> str:
-        for layer in (src, src - 1):
-            if n.startswith(f"h{layer}."):
-                return f"h{layer + dst - src}." + n.removeprefix(f"h{layer}.")
-        return n
-
+def _moved(node: Node, index: int, path: str, inputs: dict[str, str]) -> Node:
+    """`node` of layer 0 as the same op of layer `index`: its name, module and parameters
+    move to that layer, its inputs are renamed by `inputs`."""
     def module(text: str) -> str:
-        old = f"{path}.{src}"
-        return f"{path}.{dst}{text[len(old):]}" if text == old or text.startswith(old + ".") else text
+        old = f"{path}.0"
+        return f"{path}.{index}{text[len(old):]}" if text == old or text.startswith(old + ".") else text
 
-    attrs = {**node.attrs, "module": module(node.attrs["module"]), "layer": dst}
+    attrs = {**node.attrs, "module": module(node.attrs["module"]), "layer": index}
     weights = {slot: replace(ref, name=module(ref.name)) for slot, ref in node.weights.items()}
-    return Node(name(node.name), node.kind, tuple(name(i) for i in node.inputs), node.shape, attrs, weights)
+    return Node(inputs[node.name], node.kind, tuple(inputs.get(i, i) for i in node.inputs), node.shape, attrs, weights)
 
 
 def _add(graph: Graph, node: Node, small: Graph, template: Node | None = None) -> None:
@@ -169,47 +200,18 @@ def _add(graph: Graph, node: Node, small: Graph, template: Node | None = None) -
         if ref.name not in graph.weight_shapes:
             graph.declare_weight(ref.name, small.weight_shapes[(template or node).weights[slot].name])
     graph.add(node.name, node.kind, node.inputs, node.shape, node.attrs, node.weights)
-def _parts(small: Graph) -> tuple[list[Node], list[Node], list[Node], list[Node]]:
-    """(before the layers, layer 0, layer 1, after the layers), each contiguous."""
-    parts: tuple[list[Node], ...] = ([], [], [], [])
+def _parts(small: Graph) -> tuple[list[Node], list[Node], list[Node]]:
+    """(before the layers, layer 0, after the layers), each contiguous."""
+    parts: tuple[list[Node], ...] = ([], [], [])
     stage = 0
     for node in small.nodes():
         layer = node.attrs["layer"]
-        want = {-1: 0 if stage == 0 else 3, 0: 1, 1: 2}.get(layer)
+        want = {-1: 0 if stage == 0 else 2, 0: 1}.get(layer)
         if want is None or want < stage:
             raise NotRepeatable(f"%{node.name} (layer {layer}) is out of order: expected the ops before the "
-                                "layers, layer 0, layer 1, then the ops after them")
+                                "layers, layer 0, then the ops after them")
         stage = want
         parts[want].append(node)
-    if not parts[1] or not parts[2]:
-        raise NotRepeatable("the exported view has no two layers")
+    if not parts[1]:
+        raise NotRepeatable("the exported view has no layer 0")
     return parts
-
-
-def _check_alike(first: list[Node], pattern: list[Node], before: set[str], path: str) -> None:
-    """Layer 1 must be layer 0 moved by one index: the same ops, attributes and weight
-    slots, reading layer 0's output where layer 0 reads one value from before the layers."""
-    if len(first) != len(pattern):
-        raise NotRepeatable(f"layer 0 has {len(first)} ops, layer 1 {len(pattern)}")
-    entry = exit_ = None
-    for a, b in zip(first, pattern):
-        if len(a.inputs) != len(b.inputs):
-            raise NotRepeatable(f"%{b.name} has other inputs than %{a.name}")
-        for ia, ib in zip(a.inputs, b.inputs):
-            if ib.startswith("h0."):  # b reads layer 0: where a reads from before the layers
-                if ia not in before or (entry or ia) != ia or (exit_ or ib) != ib:
-                    raise NotRepeatable(f"%{b.name} reads %{ib} where %{a.name} reads %{ia}: layers do not "
-                                        "pass one value from one to the next")
-                entry, exit_ = ia, ib
-            elif ib in before:
-                if ia != ib:
-                    raise NotRepeatable(f"%{b.name} reads %{ib} where %{a.name} reads %{ia}")
-            elif ia != "h0." + ib.removeprefix("h1."):
-                raise NotRepeatable(f"%{b.name} reads %{ib} where %{a.name} reads %{ia}")
-        moved = _moved(a, 0, 1, path)
-        if (moved.name, moved.kind, moved.shape, moved.attrs, moved.weights) != (b.name, b.kind, b.shape, b.attrs,
-                                                                                   b.weights):
-            raise NotRepeatable(f"%{b.name} is not %{a.name} of the next layer (attributes, weights or shape "
-                                "differ)")
-    if entry is None:
-        raise NotRepeatable("layer 1 does not read layer 0")
