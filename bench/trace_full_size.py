@@ -109,17 +109,20 @@ def main() -> None:
         side.close()
     print(f"{args.threads} torch threads per worker, {args.repeat} rounds, load average "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    header = f"{'model':<13} {'side':<6} {'best s':>7} {'median s':>9} {'best / old':>11}  graph"
+    # paired: the ratio to old within each round (the same load), then its median
+    header = f"{'model':<13} {'side':<6} {'best s':>7} {'median s':>9} {'best / old':>11} {'paired / old':>13}  graph"
     print(header)
     print("-" * len(header))
     for label in labels:
-        old = next((min(s.times[label]) for s in sides if s.name == "old" and label in s.labels), None)
+        old = next((s.times[label] for s in sides if s.name == "old" and label in s.labels), None)
         for side in sides:
             if label not in side.labels:
                 continue
-            best, median = min(side.times[label]), statistics.median(side.times[label])
-            ratio = f"{best / old:.2f}" if old else "-"
-            print(f"{label:<13} {side.name:<6} {best:>7.3f} {median:>9.3f} {ratio:>11}  {side.sizes[label]}")
+            times = side.times[label]
+            best, median = min(times), statistics.median(times)
+            ratio = f"{best / min(old):.2f}" if old else "-"
+            paired = f"{statistics.median(t / o for t, o in zip(times, old)):.2f}" if old else "-"
+            print(f"{label:<13} {side.name:<6} {best:>7.3f} {median:>9.3f} {ratio:>11} {paired:>13}  {side.sizes[label]}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 `trace` exports the model (`use_cache=False`, the default attention), recognises IR
 ops in the exported ATen graph (recognize.py), verifies the graph and checks it
-numerically: the IR interpreter must reproduce the HF logits. An adapter per family
+numerically: the IR interpreter must reproduce the HF logits. A model of three or more
+alike layers is exported as layer 0 and a relay, layer 0 repeated (repeat.py). An adapter per family
 (one small file each, registered in ADAPTERS) adds what the graph cannot give: module
 roles, config settings, and the settings it refuses.
 """
