@@ -122,7 +122,8 @@ def main() -> None:
             best, median = min(times), statistics.median(times)
             ratio = f"{best / min(old):.2f}" if old else "-"
             paired = f"{statistics.median(t / o for t, o in zip(times, old)):.2f}" if old else "-"
-            print(f"{label:<13} {side.name:<6} {best:>7.3f} {median:>9.3f} {ratio:>11} {paired:>13}  {side.sizes[label]}")
+            print(f"{label:<13} {side.name:<6} {best:>7.3f} {median:>9.3f} {ratio:>11} {paired:>13}  "
+                  f"{side.sizes[label]}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 `trace` exports the model (`use_cache=False`, the default attention), recognises IR
 ops in the exported ATen graph (recognize.py), verifies the graph and checks it
 numerically: the IR interpreter must reproduce the HF logits. A model of three or more
-alike layers is exported as layer 0 and a relay, layer 0 repeated (repeat.py). An adapter per family
-(one small file each, registered in ADAPTERS) adds what the graph cannot give: module
-roles, config settings, and the settings it refuses.
+alike layers is exported as layer 0 and a relay, layer 0 repeated (repeat.py). An
+adapter per family (one small file each, registered in ADAPTERS) adds what the graph
+cannot give: module roles, config settings, and the settings it refuses.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ def _supported(model) -> tuple[Adapter, str]:
 
 
 def _checked(graph: Graph, adapter: Adapter, model, headline: str) -> Graph:
+    """`graph` with its attributes set, once verified, reading every parameter, and
+    reproducing the HF logits."""
     _describe(graph, adapter, model, headline)
     params = dict(model.named_parameters())
     verify(graph, params)
@@ -156,6 +158,8 @@ def _describe(graph: Graph, adapter: Adapter, model, headline: str) -> None:
     graph.attrs = {"family": adapter.family, "d_model": residual.shape[-1],
                    "n_layer": 1 + max(n.attrs["layer"] for n in nodes), "n_head": attention.attrs["heads"],
                    "d_ffn": ffn.shape[-1], "vocab": head.shape[-1], "max_positions": adapter.max_positions(model)}
+
+
 def _check_logits(graph: Graph, model, params, headline: str, length: int = 8) -> None:
     """The interpreter must give the HF logits on a short fixed input."""
     gen = torch.Generator().manual_seed(0)

@@ -169,16 +169,21 @@ def repeat_layers(small: Graph, n_layer: int, path: str, exit_: str) -> Graph:
     for node in prefix + layer:
         _add(graph, node, small)
     for index in range(1, n_layer):
-        inputs = {n.name: f"h{index}." + n.name.removeprefix("h0.") for n in layer} | {entry: f"h{index - 1}.{exit_[3:]}"}
+        inputs = {n.name: _at(index, n.name) for n in layer} | {entry: _at(index - 1, exit_)}
         for node in layer:
             _add(graph, _moved(node, index, path, inputs), small, node)
-    last = {exit_: f"h{n_layer - 1}.{exit_[3:]}"}
     for node in suffix:  # what follows the layers reads the last one's output
-        if any(i.startswith("h0.") and i != exit_ for i in node.inputs):
-            raise NotRepeatable(f"%{node.name} after the layers reads layer 0's %{node.inputs}, not its output %{exit_}")
-        _add(graph, Node(node.name, node.kind, tuple(last.get(i, i) for i in node.inputs), node.shape, node.attrs,
-                         node.weights), small)
+        inner = [i for i in node.inputs if i.startswith("h0.") and i != exit_]
+        if inner:
+            raise NotRepeatable(f"%{node.name} after the layers reads layer 0's {inner}, not its output %{exit_}")
+        inputs = tuple(_at(n_layer - 1, i) if i == exit_ else i for i in node.inputs)
+        _add(graph, Node(node.name, node.kind, inputs, node.shape, node.attrs, node.weights), small)
     return graph
+
+
+def _at(index: int, name: str) -> str:
+    """The name of layer 0's node `name` in layer `index`."""
+    return f"h{index}." + name.removeprefix("h0.")
 
 
 def _moved(node: Node, index: int, path: str, inputs: dict[str, str]) -> Node:
