@@ -2,9 +2,10 @@
 
 `trace` exports the model (`use_cache=False`, the default attention), recognises IR
 ops in the exported ATen graph (recognize.py), verifies the graph and checks it
-numerically: the IR interpreter must reproduce the HF logits. An adapter per family
-(one small file each, registered in ADAPTERS) adds what the graph cannot give: module
-roles, config settings, and the settings it refuses.
+numerically: the IR interpreter must reproduce the HF logits. A model of three or more
+alike layers is exported as layer 0 and a relay, layer 0 repeated (repeat.py). An
+adapter per family (one small file each, registered in ADAPTERS) adds what the graph
+cannot give: module roles, config settings, and the settings it refuses.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .llama import LlamaAdapter
 from .mistral import MistralAdapter
 from .opt import OPTAdapter
 from .qwen2 import Qwen2Adapter
+from . import repeat
 from .recognize import Recognizer
 
 ADAPTERS: dict[str, Adapter] = {
@@ -75,35 +77,79 @@ def family_of(model) -> str:
     )
 
 
-def trace(model, name: str | None = None) -> Graph:
+def trace(model, name: str | None = None, whole: bool = False) -> Graph:
     """The IR graph of `model`, checked three ways: settings the adapter supports, every
-    parameter read by some op, and the interpreted graph reproducing the HF logits."""
-    family = family_of(model)
-    adapter = ADAPTERS[family]
+    parameter read by some op, and the interpreted graph reproducing the HF logits.
+
+    A model of more than two layers whose layers are alike is traced by `trace_repeated`:
+    the same graph in a fraction of the export time. Where that does not apply or fails
+    (any error, the logit check included), or with `whole`, every layer is exported, and
+    that trace decides."""
+    if not whole:
+        try:
+            return trace_repeated(model, name)
+        except (repeat.NotRepeatable, FrontendError):
+            pass
+    adapter, headline = _supported(model)
+    graph = Recognizer(adapter, model, _export(adapter, model, model, headline), name or adapter.family).run()
+    return _checked(graph, adapter, model, headline)
+
+
+def trace_repeated(model, name: str | None = None) -> Graph:
+    """`trace` through an export of the model's layer 0 and a relay in place of layer 1,
+    layer 0 repeated for the rest (repeat.py). Raises NotRepeatable for a model of fewer
+    than three layers or with layers that are not alike."""
+    adapter, headline = _supported(model)
+    n_layer = len(repeat.layer_list(model, adapter.layers))
+    if n_layer < repeat.MIN_LAYERS:
+        raise repeat.NotRepeatable(f"{n_layer} layers: the whole trace costs about the same")
+    repeat.unlike_layers(model, adapter.layers)
+    view = repeat.relayed(model, adapter.layers)
+    with repeat.lean_export():
+        program = _export(adapter, view, model, headline)
+    recognizer = Recognizer(adapter, view, program, name or adapter.family)
+    small = recognizer.run()
+    exit_ = repeat.relay_input(program, recognizer.values, adapter.layers)
+    return _checked(repeat.repeat_layers(small, n_layer, adapter.layers, exit_), adapter, model, headline)
+
+
+def _supported(model) -> tuple[Adapter, str]:
+    """The model's adapter, once it has found no setting it refuses."""
+    adapter = ADAPTERS[family_of(model)]
     headline = f"cannot trace {type(model).__name__}"
     problems = adapter.check(model)
     if problems:
         raise FrontendError(problems, headline)
-    graph = _recognise(adapter, model, name or family, headline)
+    return adapter, headline
+
+
+def _checked(graph: Graph, adapter: Adapter, model, headline: str) -> Graph:
+    """`graph` with its attributes set, once verified, reading every parameter, and
+    reproducing the HF logits."""
+    _describe(graph, adapter, model, headline)
     params = dict(model.named_parameters())
     verify(graph, params)
     unread = [n for n in params if n not in graph.weight_shapes]
     if unread:
         raise FrontendError(
-            [f"{n}: module {n.rsplit('.', 1)[0]} holds a parameter that no op of the {family} adapter reads; "
-             "this module is not supported" for n in unread], headline)
+            [f"{n}: module {n.rsplit('.', 1)[0]} holds a parameter that no op of the {adapter.family} adapter "
+             "reads; this module is not supported" for n in unread], headline)
     _check_logits(graph, model, params, headline)
     return graph
 
 
-def _recognise(adapter: Adapter, model, name: str, headline: str) -> Graph:
+def _export(adapter: Adapter, module, model, headline: str) -> torch.export.ExportedProgram:
+    """Export `module` (the model, or a view of it; sizes come from `model`)."""
     length = min(EXPORT_LENGTH, adapter.max_positions(model))
     ids = torch.zeros(1, length, dtype=torch.long)
     try:
-        program = torch.export.export(model, (ids,), {"use_cache": False})
+        return torch.export.export(module, (ids,), {"use_cache": False})
     except Exception as err:  # noqa: BLE001 - any export failure is a frontend problem of this model
         raise FrontendError(f"torch.export failed: {type(err).__name__}: {str(err).splitlines()[0]}", headline)
-    graph = Recognizer(adapter, model, program, name).run()
+
+
+def _describe(graph: Graph, adapter: Adapter, model, headline: str) -> None:
+    """Set the graph's attributes (the aux model's sizes) from its ops."""
     nodes = graph.nodes()
     residual = next((n for n in nodes if n.kind == "add" and n.attrs["layer"] >= 0), None)  # on the stream
     attention = next((n for n in nodes if n.kind == "attention"), None)
@@ -114,7 +160,6 @@ def _recognise(adapter: Adapter, model, name: str, headline: str) -> Graph:
     graph.attrs = {"family": adapter.family, "d_model": residual.shape[-1],
                    "n_layer": 1 + max(n.attrs["layer"] for n in nodes), "n_head": attention.attrs["heads"],
                    "d_ffn": ffn.shape[-1], "vocab": head.shape[-1], "max_positions": adapter.max_positions(model)}
-    return graph
 
 
 def _check_logits(graph: Graph, model, params, headline: str, length: int = 8) -> None:
