@@ -35,6 +35,8 @@ def deep_model(family: str, n_layer: int = 4, **overrides):
     ("qwen2", {}),
     ("mistral", {}),
     ("mistral", dict(sliding_window=4)),
+    ("gpt_neox", {}),  # parallel residual
+    ("gpt_neox", dict(use_parallel_residual=False)),
 ], ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v[k]}" for k in v) or "default")
 def test_repeated_layers_give_the_whole_trace_byte_for_byte(family, overrides):
     model = deep_model(family, **overrides)
