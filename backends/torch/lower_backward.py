@@ -202,7 +202,8 @@ class BackwardLowering:
             d_layer = self.layer(("attention_score_products", hd, n), lambda: P.Attention(
                 self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=False, mask="causal"))
             d, d_chunks = self.new(h * n, n)
-            self.call(d_layer, [[(c,) for c in do.chunks(hd)], [(c,) for c in v.chunks(hd)],
+            v_heads = v.chunks(hd)  # query head i reads k/v head _kv_head(i)
+            self.call(d_layer, [[(c,) for c in do.chunks(hd)], [(v_heads[self._kv_head(a, i)],) for i in range(h)],
                                 [(self.inputs["positions"],)] * h], d_chunks)
             weighted = self._product(rows, d)  # a_tj·d_tj
             sum_layer = self.layer(("row_sum", n), lambda: P.Linear(torch.ones(1, n, dtype=self.dtype)))
@@ -216,15 +217,21 @@ class BackwardLowering:
 
     def lower_attention_score_backward(self, node):
         """∂q_t = scale·Σ_j g_tj k_j: a linear head with query g_t and key e_j, value k_j; ∂k_j =
-        scale·Σ_t g_tj q_t: query e_j, key g_t, value q_t."""
+        scale·Σ_t g_tj q_t: query e_j, key g_t, value q_t. Per query head, with the rotated q and k
+        (rope) and query head i reading k/v head _kv_head(i); grouped-query: ∂k of a k/v head is the
+        sum over its query heads; rope: the result is rotated back (_rotated(inverse=True): Rᵀ)."""
         a = node.attrs
         hd, h, n = a["head_dim"], a["heads"], self.tmax
         g = self._score_gradient(node).chunks(n)
-        values = self.x(node, 1 if a["wrt"] == "q" else 0).chunks(hd)
+        q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
+        values = [k[self._kv_head(a, i)] for i in range(h)] if a["wrt"] == "q" else q
         pos = [(self.inputs["positions"],)] * h
         layer = self.layer(("attention_score_backward", hd, n, repr(a["scale"])), lambda: P.Attention(
             self.eye(n), self.eye(n), a["scale"] * self.eye(hd), self.eye(hd), softmax=False, mask="full"))
         queries, keys = ([(c,) for c in g], pos) if a["wrt"] == "q" else (pos, [(c,) for c in g])
-        out, chunks = self.new(self.x(node).width, hd)
+        out, chunks = self.new(h * hd, hd)
         self.call(layer, [queries, keys, [(c,) for c in values]], chunks)
-        self.fields[node.name] = out
+        groups = h // a.get("kv_heads", h)
+        if a["wrt"] == "k" and groups > 1:
+            out = self._group_sum(out, hd, groups)
+        self.fields[node.name] = self._rotated(a, out, inverse=True)
