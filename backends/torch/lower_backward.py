@@ -205,14 +205,14 @@ class BackwardLowering:
             v_heads = v.chunks(hd)  # query head i reads k/v head _kv_head(i)
             self.call(d_layer, [[(c,) for c in do.chunks(hd)], [(v_heads[self._kv_head(a, i)],) for i in range(h)],
                                 [(self.inputs["positions"],)] * h], d_chunks)
-            weighted = self._product(rows, d)  # a_tj·d_tj
+            weighted = self._product(rows, d, group=n)  # a_tj·d_tj; elementwise per head row (T wide)
             sum_layer = self.layer(("row_sum", n), lambda: P.Linear(torch.ones(1, n, dtype=self.dtype)))
             sums, sum_chunks = self.new(h, 1)
             self.call(sum_layer, [[(c,) for c in weighted.chunks(n)]], sum_chunks)
             scale_layer = self.layer(("scale_row", n), lambda: P.Gate(torch.ones(n, 1, dtype=self.dtype), self.eye(n)))
             scaled, scaled_chunks = self.new(h * n, n)  # (Σ_j' a_tj' d_tj')·a_t
             self.call(scale_layer, [[(c,) for c in sum_chunks], [(c,) for c in rows.chunks(n)]], scaled_chunks)
-            self.memo[key] = self._difference(weighted, scaled)
+            self.memo[key] = self._difference(weighted, scaled, group=n)
         return self.memo[key]
 
     def lower_attention_score_backward(self, node):
