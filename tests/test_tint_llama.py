@@ -1,5 +1,6 @@
 """The TinT of a tiny LLaMA (RMSNorm, rotary positions, grouped-query attention, SiLU-gated MLP,
-tied embeddings) against the ĝ oracle, and the invariants that make it a TinT (DESIGN §2)."""
+tied embeddings), Qwen2 and Mistral against the ĝ oracle, with every rule exact against exact GD,
+and the invariants that make it a TinT (DESIGN §2)."""
 
 from __future__ import annotations
 
