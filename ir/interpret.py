@@ -188,9 +188,23 @@ class Interpreter:
         return _merge(dv.view(b, kv_heads, heads // kv_heads, t, hd).sum(2))  # a k/v head: its query heads' sum
 
     def op_attention_score_backward(self, node, args, w):
-        q, k, v, do = (_heads(x, node.attrs["heads"]) for x in args)
-        dq, dk = rules.attention_backward_scores(q, k, v, do, node.attrs["scale"], node.attrs["causal"])
-        return _merge(dq if node.attrs["wrt"] == "q" else dk)
+        a = node.attrs
+        heads, kv_heads = a["heads"], a.get("kv_heads", a["heads"])
+        q, do = _heads(args[0], heads), _heads(args[3], heads)
+        k, v = _heads(args[1], kv_heads), _heads(args[2], kv_heads)
+        rope = a.get("positions") == "rope"
+        if rope:
+            cos, sin = rules.rope_cos_sin(q.shape[-2], a["rotary_dim"], a["rope_theta"], q.dtype)
+            q, k = rules.apply_rope(q, cos, sin), rules.apply_rope(k, cos, sin)
+        groups = heads // kv_heads
+        k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
+        dq, dk = rules.attention_backward_scores(q, k, v, do, a["scale"], a["causal"])  # wrt the rotated q, k
+        if a["wrt"] == "q":
+            grad = dq
+        else:  # a k/v head: the sum over its query heads
+            b, _, t, hd = dk.shape
+            grad = dk.view(b, kv_heads, groups, t, hd).sum(2)
+        return _merge(rules.unapply_rope(grad, cos, sin) if rope else grad)
 
     # -- the primitives whose backward the oracle replaces ---------------------------------
     def layer_norm(self, x, gain, bias, eps):

@@ -181,10 +181,15 @@ def _attention_backward(shapes, attrs, w):
 
 
 def _attention_score_backward(shapes, attrs, w):
-    width = attrs["heads"] * attrs["head_dim"]
-    if any(s != (T, width) for s in shapes):
-        return f"q, k, v, ∂o must all be [T, {width}], got {[list(s) for s in shapes]}"
-    return (T, width) if attrs["wrt"] in ("q", "k") else f"wrt={attrs['wrt']!r}; allowed: q, k"
+    q, k, v, do = shapes
+    hd = attrs["head_dim"]
+    width, kv_width = attrs["heads"] * hd, attrs.get("kv_heads", attrs["heads"]) * hd
+    if not (q == do == (T, width) and k == v == (T, kv_width)):
+        return f"q, ∂o must be [T, {width}] and k, v [T, {kv_width}], got {[list(s) for s in shapes]}"
+    problem = _attention([q, k, v], {**attrs, "positions": attrs.get("positions", "none")}, w)
+    if isinstance(problem, str):  # kv_heads and the rope attributes
+        return problem
+    return {"q": q, "k": k}.get(attrs["wrt"], f"wrt={attrs['wrt']!r}; allowed: q, k")
 
 
 _specs = [
@@ -238,7 +243,10 @@ _specs = [
     OpSpec("attention_score_backward", 4, {"heads": int, "head_dim": int, "causal": bool, "scale": float,
                                            "wrt": str}, (), _attention_score_backward,
            "inputs (q, k, v, ∂o), rule exact: the gradient through the scores, ∂q_t = scale·Σ_j g_tj k_j "
-           "(wrt q) or ∂k_j = scale·Σ_t g_tj q_t (wrt k), g_tj = a_tj·(⟨∂o_t, v_j⟩ − Σ_j' a_tj'⟨∂o_t, v_j'⟩)"),
+           "(wrt q) or ∂k_j = scale·Σ_t g_tj q_t (wrt k), g_tj = a_tj·(⟨∂o_t, v_j⟩ − Σ_j' a_tj'⟨∂o_t, v_j'⟩); "
+           "positions='rope': q, k rotated in g and in the sums, the result rotated back (Rᵀ: by −angle); "
+           "with kv_heads < heads ∂k of a k/v head sums over its query heads",
+           optional_attrs={"kv_heads": int, "positions": str, "rope_theta": float, "rotary_dim": int}),
 ]
 
 OPS: dict[str, OpSpec] = {s.kind: s for s in _specs}

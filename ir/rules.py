@@ -64,6 +64,12 @@ def apply_rope(x, cos, sin):
     return torch.cat([rotated, rest], dim=-1) if rest.shape[-1] else rotated
 
 
+def unapply_rope(x, cos, sin):
+    """The transposed rotation (by −angle) of the first cos.shape[-1] coordinates: x·cos − rotate_half(x)·sin.
+    It maps the gradient wrt a rotated q or k to the gradient wrt the unrotated one."""
+    return apply_rope(x, cos, -sin)
+
+
 def layer_norm_backward(x, gain, dy, eps: float, rule: str, scale: float):
     """∂x of y = f(x)·γ + β. finite_difference: N·[f(x + γ⊙∂y/N) − f(x)]."""
     g = gain * dy

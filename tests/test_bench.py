@@ -33,6 +33,12 @@ def test_bench_measures_the_tint_and_the_direct_evaluation(tmp_path, monkeypatch
     assert row["time_ratio"] == row["tint"]["seconds"] / row["direct"]["seconds"]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "tint_model.py").exists()  # the TinT runs were of the emitted package
+    cost = bench["exactness"]  # each rule set compiled and timed at T=256, capped at the max length 32
+    assert cost["length"] == 32 and cost["repeats"] == 1
+    assert [row["name"] for row in cost["rows"]] == ["paper rules", "attention exact", "layer_norm exact",
+                                                      "activation exact", "all exact"]
+    assert all(row["forward_seconds"] > 0 and row["calls"] > 0 for row in cost["rows"])
+    assert "Cost of exactness" in result.output
 
 
 def test_bench_refuses_bad_lengths(tmp_path):

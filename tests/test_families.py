@@ -9,10 +9,15 @@ import pytest
 import torch
 
 from ir.frontend import trace
+from ir.interpret import Interpreter
+from ir.passes import run_passes
+from ir.passes.autodiff import autodiff
 from ir.passes.select_train import kinds_of, select_train
+from ir.text import dump, parse
 from tintc import pipeline
 from tintc.errors import ConfigError, FrontendError, PassError
 from tintc.reference import EXACT, TrainSettings, approx_gd, exact_gd, with_approximations
+from tintc.fidelity import example_input
 from tests.models import tiny_config, tiny_model
 from tests.test_interpret import max_logit_error
 from tests.test_reference import _params, _setup
@@ -108,6 +113,51 @@ def test_stop_gradient_with_grouped_query_attention_sums_over_the_sharing_heads(
     name = "model.layers.1.self_attn.v_proj.weight"  # the top layer: v's gradient needs no score gradient
     assert torch.allclose(approx.params[name], exact.params[name], rtol=0, atol=1e-12)
     assert (approx.params[name] - _params(model)[name]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_with_every_rule_exact_the_training_graph_is_exact_gd(family, steps):
+    """attention_score_backward under rotary positions and grouped-query attention: the score gradient of
+    the rotated q and k, ∂q and ∂k rotated back (Rᵀ), ∂k summed over the query heads of its k/v head.
+    The graph as compiled (pipeline.trace: a float64 TinT's RMSNorm normalises in float64)."""
+    model = tiny_model(family, dtype=torch.float64)
+    graph = pipeline.trace(tiny_config(family, dtype="float64"), model)
+    tg = run_passes(graph, [(select_train, {"layers": [0, 1], "kinds": list(GATED_KINDS)}),
+                            (autodiff, {"steps": steps, "lr": 0.05, "attention": "exact", "layer_norm": "exact",
+                                        "activation": "exact"})])
+    assert parse(dump(tg)) == tg  # the rope and kv_heads attributes of the score backward survive the text
+    scores = [n for n in tg.nodes() if n.kind == "attention_score_backward"]
+    assert len(scores) == 2 * 2 * steps  # q and k, 2 layers
+    assert {n.shape for n in scores if n.attrs["wrt"] == "k"} == {("T", 2 * 8)}  # 2 k/v heads of 8
+    ids, train, _ = example_input(graph.attrs["vocab"], 16, 2, seed=1)
+    params = _params(model)
+    settings = TrainSettings(lr=0.05, steps=steps, kinds=GATED_KINDS, approximations=EXACT)
+    exact = exact_gd(model, graph, ids, train, settings)
+    result = Interpreter(tg).execute(params, ids, train)
+    assert (result.logits - exact.logits).abs().max() < 1e-10
+    for name in exact.trained:
+        assert (result.params[name] - exact.params[name]).abs().max() < 1e-10, name
+        if ".q_proj." in name or ".k_proj." in name:
+            assert (exact.params[name] - params[name]).abs().max() > 1e-5, name  # the queries and keys moved
+
+
+def test_exact_gd_normalises_as_the_graph_says():
+    """HF's RMSNorm rounds to float32 inside a float64 model. The compiled graph drops that cast, and
+    exact GD on it runs the HF model with its RMSNorm in float64 (the interpreter's ĝ with every rule
+    exact is then the same to rounding); on the traced graph, which keeps the cast, HF's as it is."""
+    model = tiny_model("llama", dtype=torch.float64)
+    traced, compiled = trace(model), pipeline.trace(tiny_config("llama", dtype="float64"), model)
+    assert {n.attrs.get("upcast") for n in traced.nodes() if n.kind == "rms_norm"} == {"float32"}
+    assert {n.attrs.get("upcast") for n in compiled.nodes() if n.kind == "rms_norm"} == {None}
+    ids, train, _ = example_input(traced.attrs["vocab"], 16, 2, seed=1)
+    settings = TrainSettings(lr=0.05, kinds=GATED_KINDS, approximations=EXACT)
+    hf_cast, wide = (exact_gd(model, g, ids, train, settings) for g in (traced, compiled))
+    approx = approx_gd(compiled, _params(model), ids, train, settings)
+    assert (wide.logits - approx.logits).abs().max() < 1e-12
+    assert (hf_cast.logits - wide.logits).abs().max() > 1e-9  # the float32 rounding is real
+    assert (hf_cast.logits - approx_gd(traced, _params(model), ids, train, settings).logits).abs().max() < 1e-12
+    assert not any("forward" in vars(m) for m in model.modules())  # the HF modules are as they were
 
 
 # -- GPT-NeoX (Pythia) ------------------------------------------------------------------------

@@ -12,6 +12,9 @@ the timed runs. The parts:
   of the TinT on T tokens (a batch of one, the first half train), under no_grad.
 - direct: the aux model; `tintc.reference.exact_gd(..., before=False)` on the same input: per
   step a forward, a backward and the SGD update, then the evaluation forward.
+- exactness (unless turned off): the cost of each exact backward rule against the paper's rules
+  (tintc/exactness.py): the config compiled under each rule set, its parameters, calls and the
+  in-memory TinT's forward time at T = EXACTNESS_LENGTH (or the TinT's max length if shorter).
 
 Times are the median of `repeats` runs after one warm-up run; without `repeats`, 5 runs, fewer
 (down to 1) when the warm-up shows that 5 would take more than 30 s.
@@ -32,6 +35,7 @@ from pathlib import Path
 from .errors import TintcError
 
 LENGTHS = (64, 128, 256, 512)
+EXACTNESS_LENGTH = 256
 AUTO_REPEATS, AUTO_BUDGET_S = 5, 30.0
 
 
@@ -47,8 +51,10 @@ def parse_lengths(text: str) -> list[int]:
 
 
 # -- the driver (parent process) ---------------------------------------------------------------
-def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambda message: None) -> dict:
-    """Compile in one process, then for each T run the TinT and the direct evaluation in one each."""
+def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambda message: None,
+        exactness: bool = True) -> dict:
+    """Compile in one process, then for each T run the TinT and the direct evaluation in one each; then,
+    with `exactness`, the cost of each exact rule in one more."""
     import tempfile
 
     import torch
@@ -75,8 +81,14 @@ def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambd
                 row["time_ratio"] = row["tint"]["seconds"] / row["direct"]["seconds"]
                 row["memory_ratio"] = row["tint"]["peak_mib"] / row["direct"]["peak_mib"]
             runs.append(row)
+        cost = None
+        if exactness:
+            progress(f"cost of exactness at T={EXACTNESS_LENGTH}")
+            cost = _child(["exactness", str(config_path), work, "--length", str(EXACTNESS_LENGTH)]
+                          + (["--repeats", str(repeats)] if repeats else []))
     return {"config": cfg.name, "family": cfg.model.family, "dtype": cfg.tint.dtype, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "compile": compiled, "runs": runs, "skipped": skipped,
+            "exactness": cost,
             "method": "one process per measurement; peak = ru_maxrss of that process; time = median after a "
                       "warm-up; direct = tintc.reference.exact_gd (see tintc/bench.py)"}
 
@@ -121,7 +133,27 @@ def notes(result: dict) -> list[str]:
     for row in result["runs"]:
         lines += [f"T={row['length']} {part}: {row[part]['error']}" for part in ("tint", "direct")
                   if "error" in row[part]]
+    if result.get("exactness") and "error" in result["exactness"]:
+        lines.append(f"cost of exactness: {result['exactness']['error']}")
     return lines
+
+
+def exactness_table(result: dict):
+    """The cost-of-exactness table (tintc/report_render.py's) for the terminal, or None."""
+    from rich.table import Table
+
+    from .report_render import exactness_table as rendered
+
+    cost = result.get("exactness")
+    if not cost or "error" in cost:
+        return None
+    title, columns, rows = rendered(cost)
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("rules", "kinds") else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def save(result: dict, directory, force: bool = False, source: str | None = None) -> list[Path]:
@@ -260,9 +292,16 @@ def measure_direct(config: str, work: Path, length: int, repeats: int | None) ->
     return {**timed, "peak_mib": _peak_mib(), "base_mib": base, "threads": torch.get_num_threads()}
 
 
+def measure_exactness(config: str, length: int, repeats: int | None) -> dict:
+    from .config import load_config
+    from .exactness import cost_of_exactness
+
+    return cost_of_exactness(load_config(config), length=length, repeats=repeats or 3)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tintc.bench", description="one measurement of `tintc bench`")
-    parser.add_argument("part", choices=["compile", "tint", "direct"])
+    parser.add_argument("part", choices=["compile", "tint", "direct", "exactness"])
     parser.add_argument("config")
     parser.add_argument("work", type=Path, help="the bench's scratch directory")
     parser.add_argument("--length", type=int)
@@ -271,6 +310,8 @@ def main(argv=None) -> None:
     try:
         if args.part == "compile":
             result = measure_compile(args.config, args.work)
+        elif args.part == "exactness":
+            result = measure_exactness(args.config, args.length, args.repeats)
         elif args.part == "tint":
             result = measure_tint(args.work, args.length, args.repeats)
         else:

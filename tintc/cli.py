@@ -163,10 +163,14 @@ def convert_gguf(
 
 
 @app.command()
-def report(config: Path = ConfigArg, force: bool = ForceOption) -> None:
+def report(config: Path = ConfigArg, force: bool = ForceOption,
+           exactness: bool = typer.Option(False, "--exactness",
+                                          help="add the cost of each exact backward rule: the config compiled "
+                                               "under each rule set (5 more compiles; no timing: see bench)")) -> None:
     """Compile, print the TinT's parameter report, and write it (report.json, .md, .png) under the output directory."""
     from tintc import pipeline
     from tintc.config import load_config
+    from tintc.exactness import cost_of_exactness
     from tintc.report import parameter_report
     from tintc.report_render import rich_tables, write_report
 
@@ -174,9 +178,13 @@ def report(config: Path = ConfigArg, force: bool = ForceOption) -> None:
     try:
         cfg = load_config(config)
         compiled = pipeline.compile_tint(cfg)
+        cost = cost_of_exactness(cfg, compiled.model, progress=lambda m: err.print(m, style="dim")) \
+            if exactness else None
     except TintcError as error:
         raise _fail(error) from None
     counts = parameter_report(compiled)
+    if cost is not None:
+        counts["exactness"] = cost
     for table in rich_tables(counts):
         out.print(table)
     for path in write_report(counts, cfg.resolved_output, force=force, source=cfg.source_key):
@@ -268,10 +276,14 @@ def bench(
                                 help="comma-separated input lengths T; those above the TinT's max length are skipped"),
     repeats: int = typer.Option(None, "--repeats", min=1, max=100,
                                 help="timed runs per measurement after one warm-up (default: 5, fewer for big models)"),
+    exactness: bool = typer.Option(True, "--exactness/--no-exactness",
+                                   help="also the cost of each exact backward rule: the config compiled under "
+                                        "each rule set, parameters, calls and forward time at T=256 (5 compiles)"),
     force: bool = ForceOption,
 ) -> None:
     """Time the compile, and the TinT forward against direct autograd (exact_gd) for several T, with peak
-    memory (one process per measurement); write bench.json and bench.png under the output directory."""
+    memory (one process per measurement), and the cost of each exact rule; write bench.json and bench.png
+    under the output directory."""
     from tintc import bench as benchmark
     from tintc.config import load_config
 
@@ -280,11 +292,13 @@ def bench(
         if len(benchmark.parse_lengths(lengths)) > 16:
             raise TintcError(f"--lengths: got {len(benchmark.parse_lengths(lengths))} lengths; allowed: at most 16")
         result = benchmark.run(config, benchmark.parse_lengths(lengths), repeats,
-                               progress=lambda message: err.print(message, style="dim"))
+                               progress=lambda message: err.print(message, style="dim"), exactness=exactness)
         paths = benchmark.save(result, cfg.resolved_output, force=force, source=cfg.source_key)
     except TintcError as error:
         raise _fail(error) from None
     out.print(benchmark.table(result))
+    if benchmark.exactness_table(result) is not None:
+        out.print(benchmark.exactness_table(result))
     for line in benchmark.notes(result):
         out.print(line)
     for path in paths:

@@ -17,6 +17,7 @@ copy of θ, as each sequence given to a TinT does.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -218,14 +219,36 @@ def exact_gd(model, graph: Graph, input_ids, train_mask, settings: TrainSettings
              before: bool = True) -> GDResult:
     """g by autograd through the HF model (functional: the model is not modified): per step a
     forward, a backward and the update, then the evaluation forward (and, with before=True, the
-    forward with θ_0 for the logits before training)."""
+    forward with θ_0 for the logits before training). RMSNorm modules run as the graph says
+    (see _norms_as_in_graph)."""
     params = dict(model.named_parameters())
 
     def forward(p, ids):
-        return functional_call(model, p, (ids,), {"use_cache": False}).logits
+        with _norms_as_in_graph(model, graph):
+            return functional_call(model, p, (ids,), {"use_cache": False}).logits
 
     masks = update_masks(graph, params, settings)
     return _descend(forward, params, input_ids, train_mask, label_mask, settings, masks, before)
+
+
+@contextmanager
+def _norms_as_in_graph(model, graph: Graph):
+    """HF's RMSNorm casts its input to float32 whatever the model's dtype; where the graph has dropped
+    that cast (tintc.pipeline.trace: a float64 TinT normalises in float64), the module computes HF's
+    formula in its input dtype instead, so that exact GD is the gradient of the function the TinT
+    computes and not of HF's float32 rounding. Modules whose graph node keeps `upcast` run unchanged."""
+    patched = []
+    for node in graph.nodes():
+        if node.kind == "rms_norm" and "upcast" not in node.attrs:
+            module = model.get_submodule(node.attrs["module"])
+            eps = node.attrs["eps"]
+            module.forward = lambda x, m=module, eps=eps: m.weight * rules.rms_normalise(x, eps)
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # back to the class's forward
 
 
 def approx_gd(graph: Graph, params: dict[str, torch.Tensor], input_ids, train_mask, settings: TrainSettings,

@@ -81,6 +81,8 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out.append(("Parameter counts (dense = numel as stored)", ["", "dense", "nonzero", "nonzero %", "≈"], rows))
 
     out.append(_standard_view_table(report))
+    if report.get("exactness"):
+        out.append(exactness_table(report["exactness"]))
 
     b = report["breakdown"]["unrolled"]
     ops = [o for o in OP_KINDS if o in b["by_op"]] + [o for o in b["by_op"] if o not in OP_KINDS]
@@ -163,6 +165,35 @@ def _standard_view_table(report: dict) -> tuple[str, list[str], list[list[str]]]
                  _human(theirs["dense"]["factored"])])
     return ("Standard view, dense (every block's projections as dense matrices over D_sim)",
             ["", "value", "note"], rows)
+
+
+def exactness_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
+    """The cost of exactness (tintc/exactness.py): each set of rules, its counts and their ratio to the
+    paper's rules (the first row)."""
+    base = result["rows"][0]
+    timed = result.get("length") is not None
+
+    def cell(row, key, fmt=_n):
+        if key not in base or "error" in base:
+            return fmt(row[key])
+        return f"{fmt(row[key])} ({row[key] / base[key]:.2f}×)"
+
+    seconds = lambda x: f"{x:.3g}"  # noqa: E731
+    columns = ["rules", "kinds", "unique stored", "unrolled", "standard view dense", "calls", "blocks"]
+    columns += [f"forward s, T={result['length']}"] if timed else []
+    rows = []
+    for row in result["rows"]:
+        dropped = [k for k in result["config_kinds"] if k not in row["kinds"]]
+        kinds = "config's" if not dropped else "without " + ", ".join(dropped)
+        if "error" in row:
+            rows.append([row["name"], kinds, f"no TinT: {row['error']}"] + [""] * (len(columns) - 3))
+            continue
+        rows.append([row["name"], kinds] + [cell(row, k) for k in ("unique", "unrolled", "standard_view_dense",
+                                                                       "calls", "blocks")]
+                    + ([cell(row, "forward_seconds", seconds)] if timed else []))
+    note = f" (forward: batch 1, median of {result['repeats']} after a warm-up)" if timed else ""
+    return ("Cost of exactness: the same config under each backward rule set; × = against the paper's rules"
+            + note, columns, rows)
 
 
 def _ranges(xs: list[int]) -> str:

@@ -160,9 +160,11 @@ class _Lowering(BackwardLowering, LlamaLowering):
         self.fields[node.name] = self.inputs["pos_embed"]
 
     # -- elementwise constructions, in chunks of the group width -----------------------
-    def _chunked_linear(self, name: str, weight: Callable[[int], torch.Tensor], *values: Field) -> Field:
-        """out = W·[a; b; …] chunk by chunk: W is built for one chunk (width g per value)."""
-        g = self.group(values[0].width)
+    def _chunked_linear(self, name: str, weight: Callable[[int], torch.Tensor], *values: Field,
+                        group: int | None = None) -> Field:
+        """out = W·[a; b; …] chunk by chunk: W is built for one chunk (width g per value; `group` overrides
+        the op's group width)."""
+        g = group or self.group(values[0].width)
         layer = self.layer((name, g), lambda: P.Linear(weight(g)))
         out, chunks = self.new(values[0].width, g)
         self.call(layer, [list(zip(*(v.chunks(g) for v in values)))], chunks)
@@ -171,15 +173,16 @@ class _Lowering(BackwardLowering, LlamaLowering):
     def _sum(self, a: Field, b: Field) -> Field:
         return self._chunked_linear("sum", lambda g: torch.cat([self.eye(g)] * 2, 1), a, b)
 
-    def _difference(self, a: Field, b: Field) -> Field:
-        return self._chunked_linear("difference", lambda g: torch.cat([self.eye(g), -self.eye(g)], 1), a, b)
+    def _difference(self, a: Field, b: Field, group: int | None = None) -> Field:
+        return self._chunked_linear("difference", lambda g: torch.cat([self.eye(g), -self.eye(g)], 1), a, b,
+                                    group=group)
 
     def _scaled(self, a: Field, factor: float) -> Field:
         return self._chunked_linear(f"scale_{factor!r}", lambda g: factor * self.eye(g), a)
 
-    def _product(self, a: Field, b: Field) -> Field:
-        """a ⊙ b chunk by chunk; a of width 1 is broadcast over b."""
-        g = self.group(b.width)
+    def _product(self, a: Field, b: Field, group: int | None = None) -> Field:
+        """a ⊙ b chunk by chunk (`group` overrides the op's group width); a of width 1 is broadcast over b."""
+        g = group or self.group(b.width)
         left = (lambda: torch.ones(g, 1, dtype=self.dtype)) if a.width == 1 else (lambda: self.eye(g))
         layer = self.layer(("product", a.width == 1, g), lambda: P.Gate(left(), self.eye(g)))
         a_chunks = [a] * (b.width // g) if a.width == 1 else a.chunks(g)

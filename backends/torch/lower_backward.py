@@ -21,7 +21,7 @@ from .program import Field
 
 EXACT_DERIVATIVES = {"gelu_tanh": "_gelu_tanh_derivative", "relu": "_relu_derivative",
                      "silu": "_silu_derivative"}  # exact σ'⊙∂y
-PROBE_SCALE = {torch.float64: 2.0 ** -17, torch.float32: 2.0 ** -10}  # _divided_by_sigma's s, per dtype
+PROBE_SCALE = {torch.float64: 2.0 ** -12, torch.float32: 2.0 ** -6}  # _divided_by_sigma's s, per dtype
 
 
 class BackwardLowering:
@@ -78,26 +78,35 @@ class BackwardLowering:
         return out
 
     def _divided_by_sigma(self, x: Field, w: Field, eps: float, centred: bool = True) -> Field:
-        """w/σ, σ = sqrt(var(x) + eps), by a layer norm: with y = x − mean(x) and z = [y, −y, s·w, −s·w]
-        (mean 0), LN_{eps/2}(z)[2D:3D] = s·w·√2 / sqrt(var + eps + s²|w|²/D). The last term changes the
-        result by a relative s²|w|²/(2D·σ²); the normaliser's mean, 0 up to rounding ε·|y|, shifts s·w
-        by a relative ε·|y|/(s·|w|). s (a power of two, PROBE_SCALE) balances the two per dtype.
-        Measured (every rule exact, tiny GPT-2 and OPT against exact GD; the standard view against
-        the fast executor on the micro models, whose dense sums round differently): float64 2⁻¹⁷
-        gives 2–4e-12 and 2.5e-10 (2⁻²⁰: 1e-11 and 1.6e-9; 2⁻¹⁵: 7e-11 and 5e-11); float32 2⁻¹⁰
-        gives the float32 floor, 2.1e-5 where the oracle itself is 2.4e-5 from float64 (2⁻²⁰: 1e-3).
-        The balance depends on |w|/σ and σ: a model whose layer-norm inputs are far from unit scale
-        moves it (see the issue note)."""
+        """w/σ, σ = sqrt(var(x) + eps), by layer norms: with y = x − mean(x) and z_t = [y, −y, t·w, −t·w]
+        (mean 0), LN_{eps/2}(z_t)[2D:3D] = t·w·√2 / sqrt(var + eps + t²|w|²/D) = t·√2·r(t), where
+        r(t) = (w/σ)·(1 + t²c)^(-1/2), c = |w|²/(Dσ²). One probe alone errs by a relative t²c/2; two
+        probes, t = s and 2s, combined as (4·r(s) − r(2s))/3 (Richardson) cancel that term and leave
+        O(s⁴c²). The normaliser's mean, 0 up to rounding ε·|y|, shifts t·w by a relative ε·|y|/(t·|w|):
+        s (a power of two, PROBE_SCALE) balances the two per dtype, near ε^(1/5) for c ~ 1, one step
+        smaller for models with larger |w|/σ. Measured (every rule exact, 2 steps, the tiny models of
+        every family against exact GD; the standard view against the fast executor on the micro GPT-2,
+        OPT, LLaMA): float64 2⁻¹² gives logits 2e-14–5e-13, updates ≤ 1.1e-12, views ≤ 9e-13 (one probe at
+        the old 2⁻¹⁷: 5e-13–8e-12, 3e-11, 1.2e-10); float32 2⁻⁶ gives a logit change 1.7e-7–7.7e-7 from
+        exact GD in float64 where exact GD in float32 is 1.6e-7–2.4e-7 (one probe at 2⁻¹⁰: 1e-6–1.1e-5)."""
         d = x.width
         e, z = self.eye(d), torch.zeros(d, d, dtype=self.dtype)
         s = PROBE_SCALE[self.dtype]
         # centred=False: σ = sqrt(mean(x²) + eps), RMSNorm's (y = x)
         centre = e - torch.full((d, d), 1.0 / d, dtype=self.dtype) if centred else e
-        stacked = self._linear_of("sigma_probe", torch.cat([torch.cat([centre, z], 1), torch.cat([-centre, z], 1),
-                                                            torch.cat([z, s * e], 1), torch.cat([z, -s * e], 1)]),
-                                  [x, w])
-        normed = self._normalised(stacked, eps / 2)
-        return self._scaled(normed.part(2 * d, d), 1.0 / (s * 2.0 ** 0.5))
+
+        def probe(t: float) -> torch.Tensor:
+            return torch.cat([torch.cat([centre, z], 1), torch.cat([-centre, z], 1),
+                              torch.cat([z, t * e], 1), torch.cat([z, -t * e], 1)])
+
+        stacked = self._linear_of(f"sigma_probes_{'centred' if centred else 'uncentred'}",
+                                  torch.cat([probe(s), probe(2 * s)]), [x, w])
+        norm = self.layer(("norm", repr(eps / 2)), lambda: P.Norm(eps / 2))
+        _, normed = self.new(8 * d, 4 * d)  # the two probes: one layer norm, two groups
+        self.call(norm, [[(part,) for part in stacked.chunks(4 * d)]], normed)
+        r = 2.0 ** 0.5
+        return self._linear_of("sigma_richardson", torch.cat([4 / (3 * s * r) * e, -1 / (3 * 2 * s * r) * e], 1),
+                               [normed[0].part(2 * d, d), normed[1].part(2 * d, d)])
 
     def lower_activation_backward(self, node):
         """finite_difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: an MLP with hidden [x + ∂y/N; x] per chunk.
@@ -193,29 +202,36 @@ class BackwardLowering:
             d_layer = self.layer(("attention_score_products", hd, n), lambda: P.Attention(
                 self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=False, mask="causal"))
             d, d_chunks = self.new(h * n, n)
-            self.call(d_layer, [[(c,) for c in do.chunks(hd)], [(c,) for c in v.chunks(hd)],
+            v_heads = v.chunks(hd)  # query head i reads k/v head _kv_head(i)
+            self.call(d_layer, [[(c,) for c in do.chunks(hd)], [(v_heads[self._kv_head(a, i)],) for i in range(h)],
                                 [(self.inputs["positions"],)] * h], d_chunks)
-            weighted = self._product(rows, d)  # a_tj·d_tj
+            weighted = self._product(rows, d, group=n)  # a_tj·d_tj; elementwise per head row (T wide)
             sum_layer = self.layer(("row_sum", n), lambda: P.Linear(torch.ones(1, n, dtype=self.dtype)))
             sums, sum_chunks = self.new(h, 1)
             self.call(sum_layer, [[(c,) for c in weighted.chunks(n)]], sum_chunks)
             scale_layer = self.layer(("scale_row", n), lambda: P.Gate(torch.ones(n, 1, dtype=self.dtype), self.eye(n)))
             scaled, scaled_chunks = self.new(h * n, n)  # (Σ_j' a_tj' d_tj')·a_t
             self.call(scale_layer, [[(c,) for c in sum_chunks], [(c,) for c in rows.chunks(n)]], scaled_chunks)
-            self.memo[key] = self._difference(weighted, scaled)
+            self.memo[key] = self._difference(weighted, scaled, group=n)
         return self.memo[key]
 
     def lower_attention_score_backward(self, node):
         """∂q_t = scale·Σ_j g_tj k_j: a linear head with query g_t and key e_j, value k_j; ∂k_j =
-        scale·Σ_t g_tj q_t: query e_j, key g_t, value q_t."""
+        scale·Σ_t g_tj q_t: query e_j, key g_t, value q_t. Per query head, with the rotated q and k
+        (rope) and query head i reading k/v head _kv_head(i); grouped-query: ∂k of a k/v head is the
+        sum over its query heads; rope: the result is rotated back (_rotated(inverse=True): Rᵀ)."""
         a = node.attrs
         hd, h, n = a["head_dim"], a["heads"], self.tmax
         g = self._score_gradient(node).chunks(n)
-        values = self.x(node, 1 if a["wrt"] == "q" else 0).chunks(hd)
+        q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
+        values = [k[self._kv_head(a, i)] for i in range(h)] if a["wrt"] == "q" else q
         pos = [(self.inputs["positions"],)] * h
         layer = self.layer(("attention_score_backward", hd, n, repr(a["scale"])), lambda: P.Attention(
             self.eye(n), self.eye(n), a["scale"] * self.eye(hd), self.eye(hd), softmax=False, mask="full"))
         queries, keys = ([(c,) for c in g], pos) if a["wrt"] == "q" else (pos, [(c,) for c in g])
-        out, chunks = self.new(self.x(node).width, hd)
+        out, chunks = self.new(h * hd, hd)
         self.call(layer, [queries, keys, [(c,) for c in values]], chunks)
-        self.fields[node.name] = out
+        groups = h // a.get("kv_heads", h)
+        if a["wrt"] == "k" and groups > 1:
+            out = self._group_sum(out, hd, groups)
+        self.fields[node.name] = self._rotated(a, out, inverse=True)

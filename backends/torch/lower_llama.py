@@ -86,23 +86,27 @@ class LlamaLowering:
             self.memo[key] = (both.part(0, hd), both.part(hd, hd))
         return self.memo[key]
 
-    def _rotated(self, a: dict, x: Field) -> Field:
-        """x⊙cos + rotate_half(x)⊙sin per head (positions='rope'), else x; once per value."""
+    def _rotated(self, a: dict, x: Field, inverse: bool = False) -> Field:
+        """x⊙cos + rotate_half(x)⊙sin per head (positions='rope'), else x; once per value. inverse:
+        x⊙cos − rotate_half(x)⊙sin, the transposed rotation (by −angle) that takes a gradient wrt
+        the rotated q or k back to the unrotated one."""
         if a.get("positions", "none") != "rope":
             return x
         hd, r = a["head_dim"], a["rotary_dim"]
-        key = ("rotated", x, hd, r, a["rope_theta"])
+        key = ("rotated", x, hd, r, a["rope_theta"], inverse)
         if key not in self.memo:
             cos, sin = self._rope_tables(a)
-            half = torch.zeros(hd, hd, dtype=self.dtype)  # rotate_half on the first r coordinates
+            sign = -1.0 if inverse else 1.0
+            half = torch.zeros(hd, hd, dtype=self.dtype)  # ±rotate_half on the first r coordinates
             idx = torch.arange(r // 2)
-            half[idx, idx + r // 2] = -1.0
-            half[idx + r // 2, idx] = 1.0
+            half[idx, idx + r // 2] = -sign
+            half[idx + r // 2, idx] = sign
             heads = x.chunks(hd)
             along = self.layer(("rope_cos", hd), lambda: P.Gate(self.eye(hd), self.eye(hd)))
             by_cos, by_cos_chunks = self.new(x.width, hd)
             self.call(along, [[(c,) for c in heads], [(cos,)] * len(heads)], by_cos_chunks)
-            turn = self.layer(("rope_sin", hd, r), lambda: P.Gate(half, self.eye(hd), self.eye(hd)))
+            name = "rope_sin_inverse" if inverse else "rope_sin"
+            turn = self.layer((name, hd, r), lambda: P.Gate(half, self.eye(hd), self.eye(hd)))
             out, chunks = self.new(x.width, hd)
             self.call(turn, [[(c,) for c in heads], [(sin,)] * len(heads), [(c,) for c in by_cos_chunks]], chunks)
             self.memo[key] = out

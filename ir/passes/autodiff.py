@@ -34,12 +34,6 @@ def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradien
                "yet; allowed: the ops of GPT-2, OPT, LLaMA and GPT-NeoX" for n in graph.nodes() if _unsupported(graph, n)]
     if missing:
         raise PassError(missing)
-    if attention == "exact":  # the score gradient is built for plain multi-head attention only
-        plain = [f"node %{n.name} ({n.attrs.get('module', '')}): attention: exact has no TinT construction for "
-                 "rotary or grouped-query attention; allowed: attention: stop_gradient" for n in graph.nodes()
-                 if n.kind == "attention" and (n.attrs["positions"] != "none" or "kv_heads" in n.attrs)]
-        if plain:
-            raise PassError(plain)
     rules = {"attention": attention, "layer_norm": layer_norm, "activation": activation, "scale": float(scale)}
     out = Graph(graph.name, {**graph.attrs, "steps": steps, "lr": lr})
     out.weight_shapes = dict(graph.weight_shapes)
@@ -169,8 +163,8 @@ class _Builder:
             if self.rules["attention"] == "exact":  # through the scores too: q and k learn
                 qkv = [self.value[i] for i in (q, k, v)]
                 out += [(x, self._add(f"{node.name}.bwd_{wrt}@{step}", "attention_score_backward", qkv + [dy],
-                                      node.shape, node, heads=a["heads"], head_dim=a["head_dim"], causal=a["causal"],
-                                      scale=a["scale"], wrt=wrt))
+                                      self.src.node(x).shape, node, heads=a["heads"], head_dim=a["head_dim"],
+                                      causal=a["causal"], scale=a["scale"], wrt=wrt, **rope))
                         for x, wrt in ((q, "q"), (k, "k")) if x in self.carries_grad]
             return out
         return []  # embeddings: nothing below them trains
