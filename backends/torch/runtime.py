@@ -56,6 +56,10 @@ class Diagonal(nn.Module):
         super().__init__()
         self.diagonal, self.identity = _param(diagonal), identity  # [n]
 
+    @property
+    def shape(self) -> torch.Size:  # the matrix's
+        return torch.Size((len(self.diagonal), len(self.diagonal)))
+
     def extra_repr(self) -> str:
         return f"identity={self.identity}"
 
@@ -68,6 +72,10 @@ class Selection(nn.Module):
         super().__init__()
         self.register_buffer("index", index.detach().to(torch.long).clone())  # [n]
         self.coef, self.columns = _param(coef), columns  # [n]; W is [n, columns]
+
+    @property
+    def shape(self) -> torch.Size:  # the matrix's
+        return torch.Size((len(self.coef), self.columns))
 
     def dense(self) -> torch.Tensor:
         w = torch.zeros(len(self.coef), self.columns, dtype=self.coef.dtype, device=self.coef.device)
