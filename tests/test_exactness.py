@@ -40,8 +40,10 @@ def test_each_row_is_a_direct_compile_and_each_exact_rule_costs_more():
         assert row["calls"] == direct["tint"]["calls"], name
     paper, everything = rows["paper rules"], rows["all exact"]
     for name in NAMES[1:4]:  # each exact rule adds calls, blocks and parameters; all of them the most
-        for key in ("unrolled", "standard_view_dense", "calls", "blocks"):
+        for key in ("standard_view_dense", "calls", "blocks"):
             assert paper[key] < rows[name][key] <= everything[key], (name, key)
+    # (stored numbers are not ordered: they depend on how many projections are stored as diagonals or
+    # selections, backends/torch/structured.py; an exact rule may store fewer than its approximation)
     assert everything["unique"] > paper["unique"]
     title, columns, table = exactness_table(result)
     assert title.startswith("Cost of exactness") and "forward" not in " ".join(columns)
