@@ -11,7 +11,7 @@ batch 1, the first half train, median of `repeats` runs after a warm-up).
 Kinds: the config's in every row, except that attn_q and attn_k are dropped where attention is
 stop_gradient (they get no gradient there; the config refuses them): so an exact-attention row
 also carries the cost of training W_Q and W_K when the config trains them. A rule without a
-construction for this model (the exact derivative of erf GELU) gives a row with its error.
+construction for this model gives a row with its error.
 """
 
 from __future__ import annotations
