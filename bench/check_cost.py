@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from backends.torch.checks import check_inputs
-from backends.torch.emit import emit
+from tintc.pipeline import emit
 from tintc import pipeline
 from tintc.config import parse_config
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 
-from tintc.errors import IRError
+from ir.errors import IRError
 
 from .graph import Graph, WeightRef
 from .ops import OPS

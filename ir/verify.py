@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from tintc.errors import IRError
+from ir.errors import IRError
 
 from .graph import Graph
 from .ops import COMMON_ATTRS, OPS

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tintc.config import TintcConfig, load_config, parse_config
-from tintc.errors import ConfigError
+from ir.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ from ir.passes.select_train import select_train
 from ir.passes.sub_mlp import sub_mlp
 from ir.text import dump, parse
 from tintc import pipeline
-from tintc.errors import PassError
+from ir.errors import PassError
 from tintc.fidelity import example_input
 from tintc.reference import PAPER_KINDS
 from tests.models import run_tint_and_oracle, tiny_config, tiny_model

@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from backends.torch import runtime
 from backends.torch.checks import FINGERPRINT
-from backends.torch.emit import emit, import_package
+from backends.torch.emit import import_package
 from tintc.files import MANIFEST, write_files
 from tintc import pipeline
+from tintc.pipeline import emit
 from tintc.fidelity import example_input
 from tintc.reference import TrainSettings, approx_gd
 from tests.models import tiny_config, tiny_model

@@ -15,7 +15,7 @@ from ir.passes.autodiff import autodiff
 from ir.passes.select_train import kinds_of, select_train
 from ir.text import dump, parse
 from tintc import pipeline
-from tintc.errors import ConfigError, FrontendError, PassError
+from ir.errors import ConfigError, FrontendError, PassError
 from tintc.reference import EXACT, TrainSettings, approx_gd, exact_gd, with_approximations
 from tintc.fidelity import example_input
 from tests.models import tiny_config, tiny_model

@@ -10,7 +10,7 @@ from transformers import BloomConfig, BloomForCausalLM
 
 from ir.frontend import ADAPTERS, load_model, trace
 from ir.text import dump, parse
-from tintc.errors import FrontendError
+from ir.errors import FrontendError
 from tests.models import TINY, tiny_model
 from tests.test_interpret import max_logit_error
 

@@ -3,7 +3,7 @@ which files there are when it cannot (the conversion itself needs the 93 MB whee
 
 import pytest
 
-from tintc.errors import ConfigError
+from ir.errors import ConfigError
 from tintc.gguf import package_file
 
 

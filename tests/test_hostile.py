@@ -17,10 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.torch.checks import FINGERPRINT
-from backends.torch.emit import _literal, emit, import_package
+from backends.torch.emit import _literal, import_package
 from tintc import pipeline
+from tintc.pipeline import emit
 from tintc.config import load_config, parse_config
-from tintc.errors import ConfigError, FrontendError, OutputError, TintcError
+from ir.errors import ConfigError, FrontendError, OutputError, TintcError
 from tintc.fidelity import example_input
 from tintc.files import MANIFEST, write_files
 from tests.models import TINY, tiny_config, tiny_model

@@ -7,9 +7,10 @@ import math
 import torch
 
 from backends.torch import runtime
-from backends.torch.emit import emit, import_package
+from backends.torch.emit import import_package
 from backends.torch.low_rank import factorise
 from tintc import pipeline
+from tintc.pipeline import emit
 from tintc.fidelity import example_input
 from tintc.report import parameter_report
 from tintc.report_render import to_markdown

@@ -9,7 +9,7 @@ from ir.passes import PassResult, run_passes
 from ir.passes.select_train import select_train, trained_refs
 from ir.text import dump, parse
 from ir.verify import verify
-from tintc.errors import PassError
+from ir.errors import PassError
 from tests.models import tiny_model
 from tests.test_interpret import max_logit_error
 

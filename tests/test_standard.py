@@ -154,7 +154,8 @@ def test_the_standard_view_has_no_overwrite_every_block_adds(exported_view):
 
 
 def test_the_emitted_package_builds_the_same_standard_view(tmp_path):
-    from backends.torch.emit import emit, import_package
+    from backends.torch.emit import import_package
+    from tintc.pipeline import emit
 
     cfg, model, compiled = _compile("opt", steps=1)
     emit(compiled, cfg, tmp_path)

@@ -10,7 +10,7 @@ from ir.dot import to_dot
 from ir.frontend import trace
 from ir.text import dump, parse
 from ir.verify import verify
-from tintc.errors import IRError
+from ir.errors import IRError
 
 from tests.models import TINY, tiny_model
 

@@ -14,7 +14,7 @@ from transformers.models.llama import modeling_llama
 import ir.frontend
 from ir.frontend import repeat, trace, trace_repeated
 from ir.text import dump
-from tintc.errors import FrontendError
+from ir.errors import FrontendError
 from tests.models import tiny_model
 
 LAYERS = {"gpt2": "n_layer"}  # the config key of the layer count; the others: num_hidden_layers

@@ -7,7 +7,7 @@ import torch
 from ir.frontend import trace
 from ir.graph import WeightRef
 from ir.verify import verify
-from tintc.errors import IRError
+from ir.errors import IRError
 from tests.models import tiny_model
 
 

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import TintcError
+from ir.errors import TintcError
 
 LENGTHS = (64, 128, 256, 512)
 EXACTNESS_LENGTH = 256

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .config import ClassifySpec, TintcConfig
-from .errors import ConfigError
+from ir.errors import ConfigError
 from .eval import BASE, Rows, settings_info
 from .text_source import Encoder
 

@@ -20,7 +20,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from tintc.errors import ConfigError, TintcError  # noqa: E402
+from ir.errors import ConfigError, TintcError  # noqa: E402
 
 app = typer.Typer(
     help="Compile a Hugging Face transformer into a TinT (Trainable Transformer in Transformer).",
@@ -233,7 +233,7 @@ def verify(
     """Compile, run the TinT and the oracles on one input (first half train), and print both errors."""
     from tintc import pipeline
     from tintc.config import load_config
-    from tintc.errors import ConfigError
+    from ir.errors import ConfigError
     from tintc.fidelity import example_input
 
     _quiet_transformers()

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from tintc.errors import ConfigError
+from ir.errors import ConfigError
 
 # A problem before formatting: where it is (keys and list indices from the top) and what.
 Loc = tuple[str | int, ...]

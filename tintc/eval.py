@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from backends.torch.emit import emit, import_package
+from backends.torch.emit import import_package
 
 from . import metrics, pipeline
 from .config import TintcConfig
-from .errors import ConfigError
+from ir.errors import ConfigError
 from .reference import TrainSettings, approx_gd, exact_gd
 from .text_source import Text, chunk_starts, tokenize
 
@@ -134,7 +134,7 @@ class Rows:
         # the TinT depends on the architecture only; trace a CPU copy when θ lives on an accelerator
         model = self.model if self.device.type == "cpu" else pipeline.load_aux_model(cfg)
         compiled = pipeline.compile_tint(cfg, model)
-        emit(compiled, cfg, directory)
+        pipeline.emit(compiled, cfg, directory)
         return time.perf_counter() - start
 
     def load(self, lr: float, directory: Path) -> None:

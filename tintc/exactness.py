@@ -22,7 +22,7 @@ import time
 import torch
 
 from .config import TintcConfig
-from .errors import TintcError
+from ir.errors import TintcError
 
 RULES = ("attention", "layer_norm", "activation")
 APPROXIMATE = {"attention": "stop_gradient", "layer_norm": "finite_difference", "activation": "finite_difference"}

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .errors import OutputError
+from ir.errors import OutputError
 
 MANIFEST = ".tintc-outputs.json"
 LOCK_WAIT = 60.0  # seconds a writer waits for another one on the same directory

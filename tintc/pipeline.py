@@ -33,9 +33,9 @@ from ir.passes.select_train import select_train  # noqa: E402
 from ir.passes.sub_mlp import sub_mlp  # noqa: E402
 from ir.text import dump  # noqa: E402
 
-from . import metrics  # noqa: E402
+from . import __version__, metrics  # noqa: E402
 from .config import TintcConfig  # noqa: E402
-from .errors import ConfigError  # noqa: E402
+from ir.errors import ConfigError  # noqa: E402
 from .files import write_files  # noqa: E402
 from .report import parameter_report  # noqa: E402
 from .report_render import report_files  # noqa: E402
@@ -132,12 +132,18 @@ def compile_tint(cfg: TintcConfig, model=None) -> Compiled:
     return Compiled(model, graph, tg, tint, time.perf_counter() - start)
 
 
+def emit(compiled_or_tint, cfg: TintcConfig | None, directory, force: bool = False) -> list:
+    """Write the standalone package alone (a pipeline.Compiled or the TinT itself) into `directory`,
+    as one set (tintc/files.py); return the paths."""
+    return write_files(directory, package_files(compiled_or_tint, cfg, __version__), force=force)
+
+
 def save(compiled: Compiled, cfg: TintcConfig, force: bool = False) -> list[str]:
     """Write under `output`, as one set (tintc/files.py), the standalone TinT package (tint_model.py,
     weights.safetensors, tint_config.json: see backends/torch/emit.py), the IR dumps of the traced and
     the training graph, the parameter report, and the compile time (timings.json, the one file that
     differs between identical compiles); return the paths."""
-    files = {**package_files(compiled, cfg), "traced.ir": dump(compiled.graph), "train.ir": dump(compiled.train_graph),
+    files = {**package_files(compiled, cfg, __version__), "traced.ir": dump(compiled.graph), "train.ir": dump(compiled.train_graph),
              **report_files(parameter_report(compiled)),
              "timings.json": json.dumps({"compile_seconds": round(compiled.seconds, 3)}, indent=2) + "\n"}
     return [str(path) for path in write_files(cfg.resolved_output, files, force=force, source=cfg.source_key)]

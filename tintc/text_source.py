@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from ir.errors import ConfigError
 
 
 @dataclass(frozen=True)

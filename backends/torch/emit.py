@@ -29,9 +29,7 @@ import jinja2
 from safetensors.torch import save
 from torch import nn
 
-import tintc
-from tintc.errors import BackendError
-from tintc.files import write_files
+from ir.errors import BackendError
 
 from . import checks, runtime, standard
 from .program import TOKENS, Program, program_json
@@ -43,18 +41,14 @@ TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("backends.torch", "te
                                undefined=jinja2.StrictUndefined, autoescape=False)
 
 
-def emit(compiled_or_tint, cfg, directory, force: bool = False) -> list[Path]:
-    """Write the package for a compiled TinT (a pipeline.Compiled or the TinT itself) into `directory`."""
-    return write_files(directory, package_files(compiled_or_tint, cfg), force=force)
-
-
-def package_files(compiled_or_tint, cfg) -> dict[str, str | bytes]:
+def package_files(compiled_or_tint, cfg, version: str) -> dict[str, str | bytes]:
     """tint_model.py, tint_config.json and weights.safetensors, each recording the package digest.
-    `cfg` (a TintcConfig, or None) only names the settings in the module's docstring."""
+    `cfg` (a TintcConfig, or None) only names the settings in the module's docstring; `version` is
+    the compiler's, recorded in the code."""
     tint = getattr(compiled_or_tint, "tint", compiled_or_tint)
     program: Program = tint.program
     weights = {name: t.contiguous() for name, t in tint.state_dict().items()}
-    code, data = source(program, cfg), config(tint)
+    code, data = source(program, version, cfg), config(tint)
     package = {"tint_model.py": checks.source_digest(code), "tint_config.json": checks.config_digest(data),
                "weights.safetensors": checks.weights_digest(save(weights))[0]}
     record = json.dumps(package, sort_keys=True)
@@ -64,12 +58,12 @@ def package_files(compiled_or_tint, cfg) -> dict[str, str | bytes]:
 
 
 # -- tint_model.py ------------------------------------------------------------------------
-def source(program: Program, cfg=None) -> str:
+def source(program: Program, version: str, cfg=None) -> str:
     code = "\n\n\n".join(_body(module) for module in (checks, runtime))
     view = _body(standard).replace(standard.RUNTIME_IMPORT, "# (the runtime's names are defined above)")
     layers = [{"key": _str(name), "constructor": _constructor(name, module)} for name, module in program.layers.items()]
     return TEMPLATES.get_template("tint_model.py.jinja").render(
-        version=tintc.__version__, summary=_summary(cfg), format=FORMAT, runtime=code, standard=view, layers=layers,
+        version=version, summary=_summary(cfg), format=FORMAT, runtime=code, standard=view, layers=layers,
         calls=[_call(i, c) for i, c in enumerate(program.calls)],
         final_blocks=[(_str(block), _stream(stream)) for block, stream in program.final_blocks.items()],
     ) + "\n"

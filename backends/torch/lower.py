@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ir.graph import Graph, Node
-from tintc.errors import BackendError
+from ir.errors import BackendError
 
 from . import runtime as P
 from .low_rank import factorise

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from tintc.errors import BackendError
+from ir.errors import BackendError
 
 from . import runtime as P
 from .program import Field

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ir import rules
-from tintc.errors import BackendError
+from ir.errors import BackendError
 
 from . import runtime as P
 from .program import Field

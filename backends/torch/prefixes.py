@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ir.graph import Graph, WeightRef
-from tintc.errors import BackendError
+from ir.errors import BackendError
 
 
 @dataclass(frozen=True)

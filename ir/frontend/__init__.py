@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from tintc.errors import FrontendError
+from ir.errors import FrontendError
 
 from ..graph import Graph
 from ..interpret import Interpreter

@@ -22,7 +22,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from tintc.errors import FrontendError
+from ir.errors import FrontendError
 
 from ..graph import Graph, WeightRef
 from .values import (BOOKKEEPING, COMPOSITES, LAYOUT, Const, Fused, Ids, Rope, Val, feeds_split, module_of, op_name,

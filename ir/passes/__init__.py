@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from tintc.errors import PassError, TintcError
+from ir.errors import PassError, TintcError
 
 from ..graph import Graph
 from ..verify import verify

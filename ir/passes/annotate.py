@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from tintc.errors import PassError
+from ir.errors import PassError
 
 from ..graph import Graph, Node
 from . import PassResult

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from tintc.errors import PassError
+from ir.errors import PassError
 
 from ..graph import Graph, Node
 from . import PassResult

@@ -7,7 +7,7 @@ inside the chosen aux layers are marked (embeddings and the final norm never tra
 
 from __future__ import annotations
 
-from tintc.errors import PassError
+from ir.errors import PassError
 
 from ..graph import Graph, WeightRef
 from . import PassResult

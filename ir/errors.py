@@ -1,4 +1,5 @@
-"""One error type per layer of the tool; each lists every problem it found at once."""
+"""One error type per layer of the tool; each lists every problem it found at once. They live here,
+in the lowest layer, so that ir/ and backends/ raise them without importing tintc/."""
 
 from __future__ import annotations
 
