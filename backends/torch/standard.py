@@ -102,19 +102,22 @@ class BlockPlan:
             return sum(u.n for u in self.units)
         return sum(_width(runs) for runs, _ in self.heads)
 
-    def columns(self, one: int) -> dict[str, list[int]]:
-        """Per projection, the stream coordinates it reads (Q, K, V, W_a, W_b, W_in) or writes (O, W_o)."""
-        def union(runs_lists) -> list[int]:
-            return sorted({c for runs in runs_lists for start, size in runs for c in range(start, start + size)})
-
+    def column_runs(self, one: int) -> dict[str, list]:
+        """Per projection, the runs of stream coordinates it reads (Q, K, V, W_a, W_b, W_in) or writes
+        (O, W_o), one tuple of runs per head, unit group or norm group."""
         if self.kind == "attention":
-            return {"q": union(h.q[1] for h in self.heads), "k": union(h.k[1] for h in self.heads),
-                    "v": union(h.v[1] for h in self.heads), "o": union(r for h in self.heads for r in h.o[1])}
+            return {"q": [h.q[1] for h in self.heads], "k": [h.k[1] for h in self.heads],
+                    "v": [h.v[1] for h in self.heads], "o": [r for h in self.heads for r in h.o[1]]}
         if self.kind == "mlp":
-            return {"a": union(u.a[1] if u.a else ((one, 1),) for u in self.units),
-                    "b": union(u.b[1] if u.b else ((one, 1),) for u in self.units),
-                    "o": union(r for u in self.units for r in u.o[2])}
-        return {"in": union(runs for runs, _ in self.heads), "o": union(r for _, w in self.heads for r in w)}
+            return {"a": [u.a[1] if u.a else ((one, 1),) for u in self.units],
+                    "b": [u.b[1] if u.b else ((one, 1),) for u in self.units],
+                    "o": [r for u in self.units for r in u.o[2]]}
+        return {"in": [runs for runs, _ in self.heads], "o": [r for _, w in self.heads for r in w]}
+
+    def columns(self, one: int) -> dict[str, list[int]]:
+        """Per projection, the stream coordinates it reads or writes (column_runs), sorted."""
+        return {name: sorted({c for runs in runs_lists for start, size in runs for c in range(start, start + size)})
+                for name, runs_lists in self.column_runs(one).items()}
 
     def rows(self) -> dict[str, int]:
         """Per projection, its size on the block's side: query, key, value dims of all heads, units,
@@ -127,14 +130,24 @@ class BlockPlan:
     def dense_parameters(self, d_sim: int, one: int, factored: bool = False) -> int:
         """Parameters of the block's projections as dense matrices over the stream; `factored`: each
         projection that touches k coordinates stored as [n, k]·[k, D_sim] where that is smaller."""
-        columns, total = self.columns(one), 0
-        for name, n in self.rows().items():
-            total += _factored_size(n, len(columns[name]), d_sim) if factored else n * d_sim
-        return total
+        if not factored:
+            return sum(n * d_sim for n in self.rows().values())
+        runs = self.column_runs(one)
+        return sum(_factored_size(n, _covered(runs[name]), d_sim) for name, n in self.rows().items())
 
 
 def _factored_size(n: int, k: int, d_sim: int) -> int:
     return min(n * d_sim, k * (n + d_sim))
+
+
+def _covered(runs_lists) -> int:
+    """How many coordinates the union of these runs covers (without listing them)."""
+    total, end = 0, 0
+    for start, size in sorted(r for runs in runs_lists for r in runs):
+        if start + size > end:
+            total += start + size - max(start, end)
+            end = start + size
+    return total
 
 
 @dataclass
@@ -168,23 +181,35 @@ def plan(config: dict, layers) -> StreamPlan:
         offset = 0 if stream == TOKENS else width
         return tuple((offset + start, size) for start, size in fields)
 
-    out = []
+    out, dense = [], _shared_dense()
     for call in config["calls"]:
         streams, target = call["streams"], call["target"]
         reads = [[runs(s, g) for g in r] or [runs(s, [])] * len(call["write"]) for s, r in zip(streams, call["reads"])]
         unique: dict[tuple, list] = {}  # groups that read the same coordinates compute once
         for group, written in zip(zip(*reads), call["write"]):
             unique.setdefault(group, []).append(runs(target, [written], read=False))
-        out.append(_block(layers[call["layer"]], call, kind(streams[-1]), kind(target), unique))
+        out.append(_block(layers[call["layer"]], call, kind(streams[-1]), kind(target), unique, dense))
         if "@" in target:
             version[kind(target)] += 1
     return _place_erasures(StreamPlan(width, rows, out, config["inputs"]["one"][0]), config)
 
 
-def _block(layer, call, key_kind: str, query_kind: str, unique: dict) -> BlockPlan:
+def _shared_dense():
+    """_dense, once per projection: calls of one primitive share its dense matrices (each call anew
+    took 4 GB and 11 s on SmolLM2-135M, whose 2,434 calls share 30 primitives)."""
+    cache = {}
+
+    def dense(w):
+        if id(w) not in cache:
+            cache[id(w)] = (w, _dense(w))  # w held, so that its id is not reused
+        return cache[id(w)][1]
+    return dense
+
+
+def _block(layer, call, key_kind: str, query_kind: str, unique: dict, dense) -> BlockPlan:
     node, phase = call["node"], call["phase"]
     if isinstance(layer, Attention):
-        wq, wk, wv, wo = (_dense(w) for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_o))
+        wq, wk, wv, wo = (dense(w) for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_o))
         heads = [Head((wq, q), (wk, k), (wv, v), (wo, written)) for (q, k, v), written in unique.items()]
         return BlockPlan("attention", node, phase, heads=heads, softmax=layer.softmax,
                          mask=(query_kind, key_kind, layer.mask == "causal"))
@@ -193,16 +218,16 @@ def _block(layer, call, key_kind: str, query_kind: str, unique: dict) -> BlockPl
     block = BlockPlan("mlp", node, phase, act=layer.fn if isinstance(layer, MLP) else "identity")
     for group, written in unique.items():
         if isinstance(layer, Linear):
-            w = _dense(layer.weight)
+            w = dense(layer.weight)
             block.units.append(Units(w.shape[0], None, (w, group[0]), (None, 1.0, written)))
         elif isinstance(layer, MLP):
-            w_in = _dense(layer.w_in)
-            block.units.append(Units(w_in.shape[0], (w_in, group[0]), None, (_dense(layer.w_out), 1.0, written)))
+            w_in = dense(layer.w_in)
+            block.units.append(Units(w_in.shape[0], (w_in, group[0]), None, (dense(layer.w_out), 1.0, written)))
         else:  # Gate: (a·x_a) ⊙ (b·x_b) + c·x_c
-            a = _dense(layer.a)
-            block.units.append(Units(a.shape[0], (a, group[0]), (_dense(layer.b), group[1]), (None, 1.0, written)))
+            a = dense(layer.a)
+            block.units.append(Units(a.shape[0], (a, group[0]), (dense(layer.b), group[1]), (None, 1.0, written)))
             if layer.c is not None:
-                c = _dense(layer.c)
+                c = dense(layer.c)
                 block.units.append(Units(c.shape[0], None, (c, group[2]), (None, 1.0, written)))
     return block
 
