@@ -45,3 +45,18 @@ def test_bench_refuses_bad_lengths(tmp_path):
     result = CliRunner().invoke(app, ["bench", str(_config(tmp_path)), "--lengths", "16,x"])
     assert result.exit_code == 2
     assert "--lengths: got '16,x'; allowed: comma-separated integers >= 2" in result.output
+
+
+def test_bench_keeps_a_foreign_report_unless_forced(tmp_path, monkeypatch):
+    """bench writes the package and report under `output` as compile does: a file tintc did not write is
+    refused by name, and `--force` reaches the compile step too."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.md").write_text("my notes\n")
+    args = ["bench", str(_config(tmp_path)), "--lengths", "16", "--repeats", "1", "--no-exactness"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "report.md" in refused.output and "--force" in refused.output
+    assert (tmp_path / "out" / "report.md").read_text() == "my notes\n"
+    forced = CliRunner().invoke(app, args + ["--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (tmp_path / "out" / "report.md").read_text() != "my notes\n"

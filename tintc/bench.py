@@ -52,9 +52,10 @@ def parse_lengths(text: str) -> list[int]:
 
 # -- the driver (parent process) ---------------------------------------------------------------
 def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambda message: None,
-        exactness: bool = True) -> dict:
-    """Compile in one process, then for each T run the TinT and the direct evaluation in one each; then,
-    with `exactness`, the cost of each exact rule in one more."""
+        exactness: bool = True, force: bool = False) -> dict:
+    """Compile in one process (writing the package and report under `output`; `force` as for compile),
+    then for each T run the TinT and the direct evaluation in one each; then, with `exactness`, the cost
+    of each exact rule in one more."""
     import tempfile
 
     import torch
@@ -64,7 +65,7 @@ def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambd
     cfg = load_config(config_path)  # config errors stop here, before any process starts
     with tempfile.TemporaryDirectory(prefix="tintc-bench-") as work:
         progress(f"compiling {cfg.name}")
-        compiled = _child(["compile", str(config_path), work])
+        compiled = _child(["compile", str(config_path), work] + (["--force"] if force else []))
         if "error" in compiled:
             raise TintcError(compiled["error"], headline="bench: compile failed")
         runs, skipped = [], []
@@ -220,7 +221,7 @@ def _timed(fn, repeats: int | None) -> dict:
     return {"seconds": statistics.median(times), "runs": runs, "warmup_seconds": warm}
 
 
-def measure_compile(config: str, work: Path) -> dict:
+def measure_compile(config: str, work: Path, force: bool = False) -> dict:
     import torch
     from safetensors.torch import save_file
 
@@ -231,7 +232,7 @@ def measure_compile(config: str, work: Path) -> dict:
     model = pipeline.load_aux_model(cfg)
     compiled = pipeline.compile_tint(cfg, model)
     start = time.perf_counter()
-    pipeline.save(compiled, cfg)
+    pipeline.save(compiled, cfg, force=force)
     emit_seconds = time.perf_counter() - start
     program = compiled.tint.program
     result = {"compile_seconds": compiled.seconds, "emit_seconds": emit_seconds, "peak_mib": _peak_mib(),
@@ -306,10 +307,11 @@ def main(argv=None) -> None:
     parser.add_argument("work", type=Path, help="the bench's scratch directory")
     parser.add_argument("--length", type=int)
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--force", action="store_true", help="compile: overwrite files tintc did not write")
     args = parser.parse_args(argv)
     try:
         if args.part == "compile":
-            result = measure_compile(args.config, args.work)
+            result = measure_compile(args.config, args.work, args.force)
         elif args.part == "exactness":
             result = measure_exactness(args.config, args.length, args.repeats)
         elif args.part == "tint":

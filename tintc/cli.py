@@ -292,7 +292,8 @@ def bench(
         if len(benchmark.parse_lengths(lengths)) > 16:
             raise TintcError(f"--lengths: got {len(benchmark.parse_lengths(lengths))} lengths; allowed: at most 16")
         result = benchmark.run(config, benchmark.parse_lengths(lengths), repeats,
-                               progress=lambda message: err.print(message, style="dim"), exactness=exactness)
+                               progress=lambda message: err.print(message, style="dim"), exactness=exactness,
+                               force=force)
         paths = benchmark.save(result, cfg.resolved_output, force=force, source=cfg.source_key)
     except TintcError as error:
         raise _fail(error) from None
