@@ -1,7 +1,7 @@
 """The IR interpreter: runs a graph on aux weights with plain, differentiable torch ops.
 
 It is the oracle for the frontend (a traced graph must reproduce the HF logits), for
-autodiff (a training graph must reproduce `tintc.reference`'s ĝ) and for the TinT.
+autodiff (a training graph must reproduce `tintc.oracle.reference`'s ĝ) and for the TinT.
 One method per op kind; values are batched: [B, T, ...]. Weights are read at their
 version: θ_0 from `params`, later versions from what descent ops wrote.
 """

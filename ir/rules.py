@@ -2,7 +2,7 @@
 values: activations, softmax attention, and the backward rules of the training graph.
 
 These are the rules the TinT simulates; the training-graph interpreter runs them, and
-the oracle (`tintc.reference`) uses the same formulas inside its autograd functions.
+the oracle (`tintc.oracle.reference`) uses the same formulas inside its autograd functions.
 """
 
 from __future__ import annotations

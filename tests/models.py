@@ -88,7 +88,7 @@ def run_tint_and_oracle(cfg, model, input_ids, train_mask, label_mask=None):
     """Compile `model` under `cfg`, run the TinT and the ĝ oracle on one input.
     Returns (compiled, oracle GDResult, TinT logits, TinT new prefixes, θ)."""
     from tintc import pipeline
-    from tintc.reference import TrainSettings, approx_gd
+    from tintc.oracle.reference import TrainSettings, approx_gd
 
     compiled = pipeline.compile_tint(cfg, model)
     params = {n: p.detach() for n, p in model.named_parameters()}

@@ -12,8 +12,8 @@ from ir.passes.autodiff import autodiff
 from ir.passes.select_train import select_train
 from ir.text import dump, parse
 from ir.errors import PassError
-from tintc.fidelity import example_input
-from tintc.reference import EXACT, PAPER_KINDS, TrainSettings, approx_gd, exact_gd, with_approximations
+from tintc.oracle.fidelity import example_input
+from tintc.oracle.reference import EXACT, PAPER_KINDS, TrainSettings, approx_gd, exact_gd, with_approximations
 from tests.models import tiny_model
 
 

@@ -11,12 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from tintc import classify, pipeline
-from tintc.classify import ClassifySettings, evaluate
-from tintc.classify_render import worst_vs_g_hat
+from tintc.eval.classify import ClassifySettings, evaluate
+from tintc.eval.classify_render import worst_vs_g_hat
 from tintc.cli import app
 from tintc.config import parse_config
-from tintc.eval import EXACT, G_HAT, TINT
-from tintc.reference import TrainSettings, approx_gd
+from tintc.eval.run import EXACT, G_HAT, TINT
+from tintc.oracle.reference import TrainSettings, approx_gd
 from tests.models import TINY, tiny_model
 from tests.test_eval import _sgd
 

@@ -20,8 +20,8 @@ from ir.passes.sub_mlp import sub_mlp
 from ir.text import dump, parse
 from tintc import pipeline
 from ir.errors import PassError
-from tintc.fidelity import example_input
-from tintc.reference import PAPER_KINDS
+from tintc.oracle.fidelity import example_input
+from tintc.oracle.reference import PAPER_KINDS
 from tests.models import run_tint_and_oracle, tiny_config, tiny_model
 
 

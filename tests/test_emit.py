@@ -21,8 +21,8 @@ from backends.torch.emit import import_package
 from tintc.files import MANIFEST, write_files
 from tintc import pipeline
 from tintc.pipeline import emit
-from tintc.fidelity import example_input
-from tintc.reference import TrainSettings, approx_gd
+from tintc.oracle.fidelity import example_input
+from tintc.oracle.reference import TrainSettings, approx_gd
 from tests.models import tiny_config, tiny_model
 
 PACKAGE = {"tint_model.py", "weights.safetensors", "tint_config.json"}

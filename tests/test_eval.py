@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from tintc import pipeline, text_source
 from tintc.cli import app
-from tintc.reference import TrainSettings, approx_gd
-from tintc.eval import BASE, EXACT, G_HAT, G_HAT64, TINT, EvalSettings, evaluate
-from tintc.eval_render import worst_vs_g_hat
+from tintc.oracle.reference import TrainSettings, approx_gd
+from tintc.eval.run import BASE, EXACT, G_HAT, G_HAT64, TINT, EvalSettings, evaluate
+from tintc.eval.render import worst_vs_g_hat
 from tests.models import TINY, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent

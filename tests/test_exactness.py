@@ -1,4 +1,4 @@
-"""The cost of exactness (tintc/exactness.py): every row is what a direct compile under its rules gives,
+"""The cost of exactness (tintc/report/exactness.py): every row is what a direct compile under its rules gives,
 each exact rule costs more than the paper's approximation, and `tintc report --exactness` shows it."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 from typer.testing import CliRunner
 
 from tintc import pipeline
-from tintc.exactness import VARIANTS, cost_of_exactness
-from tintc.report import parameter_report
-from tintc.report_render import exactness_table
+from tintc.report.exactness import VARIANTS, cost_of_exactness
+from tintc.report.counts import parameter_report
+from tintc.report.render import exactness_table
 from tests.models import MICRO, TINY, tiny_config, tiny_model
 
 LLAMA_KINDS = ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "norm_gain"]

@@ -16,8 +16,8 @@ from ir.passes.select_train import kinds_of, select_train
 from ir.text import dump, parse
 from tintc import pipeline
 from ir.errors import ConfigError, FrontendError, PassError
-from tintc.reference import EXACT, TrainSettings, approx_gd, exact_gd, with_approximations
-from tintc.fidelity import example_input
+from tintc.oracle.reference import EXACT, TrainSettings, approx_gd, exact_gd, with_approximations
+from tintc.oracle.fidelity import example_input
 from tests.models import tiny_config, tiny_model
 from tests.test_interpret import max_logit_error
 from tests.test_reference import _params, _setup

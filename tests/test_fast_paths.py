@@ -11,7 +11,7 @@ from torch import nn
 from backends.torch import runtime
 from backends.torch.structured import compact
 from tintc import pipeline
-from tintc.fidelity import example_input
+from tintc.oracle.fidelity import example_input
 from tests.models import tiny_config, tiny_model
 
 

@@ -4,7 +4,7 @@ which files there are when it cannot (the conversion itself needs the 93 MB whee
 import pytest
 
 from ir.errors import ConfigError
-from tintc.gguf import package_file
+from tintc.convert.gguf import package_file
 
 
 def test_a_missing_package_names_the_install_command():

@@ -22,7 +22,7 @@ from tintc import pipeline
 from tintc.pipeline import emit
 from tintc.config import load_config, parse_config
 from ir.errors import ConfigError, FrontendError, OutputError, TintcError
-from tintc.fidelity import example_input
+from tintc.oracle.fidelity import example_input
 from tintc.files import MANIFEST, write_files
 from tests.models import TINY, tiny_config, tiny_model
 

@@ -11,9 +11,9 @@ from backends.torch.emit import import_package
 from backends.torch.low_rank import factorise
 from tintc import pipeline
 from tintc.pipeline import emit
-from tintc.fidelity import example_input
-from tintc.report import parameter_report
-from tintc.report_render import to_markdown
+from tintc.oracle.fidelity import example_input
+from tintc.report.counts import parameter_report
+from tintc.report.render import to_markdown
 from tests.models import run_tint_and_oracle, tiny_config, tiny_model
 
 

@@ -9,8 +9,8 @@ import torch
 
 from ir.frontend import trace
 from tintc import pipeline
-from tintc.fidelity import example_input
-from tintc.reference import EXACT, TrainSettings, approx_gd, exact_gd
+from tintc.oracle.fidelity import example_input
+from tintc.oracle.reference import EXACT, TrainSettings, approx_gd, exact_gd
 from tests.models import tiny_config, tiny_model
 from tests.test_interpret import TOLERANCE, max_logit_error
 

@@ -10,9 +10,9 @@ import torch
 from ir.frontend import trace
 from ir.passes.select_train import kinds_of
 from ir.rules import loss_weights
-from tintc import metrics
-from tintc.fidelity import example_input, fidelity_rows
-from tintc.reference import (
+from tintc.oracle import metrics
+from tintc.oracle.fidelity import example_input, fidelity_rows
+from tintc.oracle.reference import (
     EXACT,
     FiniteDifferenceActivation,
     FiniteDifferenceLayerNorm,

@@ -11,8 +11,8 @@ import torch
 
 from backends.torch.standard import AttentionBlock, MLPBlock
 from tintc import pipeline
-from tintc.fidelity import example_input
-from tintc.reference import TrainSettings, approx_gd
+from tintc.oracle.fidelity import example_input
+from tintc.oracle.reference import TrainSettings, approx_gd
 from tests.models import MICRO, tiny_config, tiny_model
 
 KINDS = ["attn_v", "attn_o", "mlp_in", "mlp_out", "norm_gain", "norm_bias"]
@@ -168,9 +168,9 @@ def test_the_emitted_package_builds_the_same_standard_view(tmp_path):
     assert _rel(logits, expected) <= 1e-9
 
 
-# -- the dense counts (tintc/dense_count.py) ---------------------------------------------------
+# -- the dense counts (tintc/report/dense_count.py) ---------------------------------------------------
 def test_the_dense_count_equals_the_built_standard_view():
-    from tintc.dense_count import dense_counts
+    from tintc.report.dense_count import dense_counts
 
     _, _, compiled = _compile("gpt2", steps=1)
     counts = dense_counts(compiled.tint.program, compiled.tint.layers)
@@ -228,7 +228,7 @@ def _working_set_by_hand(program):
 
 
 def test_the_working_set_matches_a_coordinate_by_coordinate_count():
-    from tintc.dense_count import working_set
+    from tintc.report.dense_count import working_set
 
     _, _, compiled = _compile("opt", steps=2)
     program = compiled.tint.program

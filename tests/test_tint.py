@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from backends.torch import runtime
 from tintc import pipeline
 from ir.errors import BackendError
-from tintc.fidelity import example_input
-from tintc.reference import TrainSettings, approx_gd, exact_gd
+from tintc.oracle.fidelity import example_input
+from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
 from tests.models import TINY, tiny_config, tiny_model
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tintc import pipeline
-from tintc.fidelity import example_input
-from tintc.reference import TrainSettings, approx_gd, exact_gd
+from tintc.oracle.fidelity import example_input
+from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
 from tests.models import MICRO, tiny_config, tiny_model
 
 KINDS = ["attn_v", "attn_o", "mlp_in", "mlp_out", "norm_gain", "norm_bias"]

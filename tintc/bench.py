@@ -10,10 +10,10 @@ the timed runs. The parts:
   standalone package to the output directory (the emit time) and θ's prefixes for the TinT runs.
 - tint: load the emitted package (torch and safetensors only) and the prefixes; one forward
   of the TinT on T tokens (a batch of one, the first half train), under no_grad.
-- direct: the aux model; `tintc.reference.exact_gd(..., before=False)` on the same input: per
+- direct: the aux model; `tintc.oracle.reference.exact_gd(..., before=False)` on the same input: per
   step a forward, a backward and the SGD update, then the evaluation forward.
 - exactness (unless turned off): the cost of each exact backward rule against the paper's rules
-  (tintc/exactness.py): the config compiled under each rule set, its parameters, calls and the
+  (tintc/report/exactness.py): the config compiled under each rule set, its parameters, calls and the
   in-memory TinT's forward time at T = EXACTNESS_LENGTH (or the TinT's max length if shorter).
 
 Times are the median of `repeats` runs after one warm-up run; without `repeats`, 5 runs, fewer
@@ -60,7 +60,7 @@ def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambd
 
     import torch
 
-    from .config import load_config
+    from tintc.config import load_config
 
     cfg = load_config(config_path)  # config errors stop here, before any process starts
     with tempfile.TemporaryDirectory(prefix="tintc-bench-") as work:
@@ -91,7 +91,7 @@ def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambd
             "threads": torch.get_num_threads(), "compile": compiled, "runs": runs, "skipped": skipped,
             "exactness": cost,
             "method": "one process per measurement; peak = ru_maxrss of that process; time = median after a "
-                      "warm-up; direct = tintc.reference.exact_gd (see tintc/bench.py)"}
+                      "warm-up; direct = tintc.oracle.reference.exact_gd (see tintc/bench.py)"}
 
 
 def _child(args: list[str]) -> dict:
@@ -140,10 +140,10 @@ def notes(result: dict) -> list[str]:
 
 
 def exactness_table(result: dict):
-    """The cost-of-exactness table (tintc/report_render.py's) for the terminal, or None."""
+    """The cost-of-exactness table (tintc/report/render.py's) for the terminal, or None."""
     from rich.table import Table
 
-    from .report_render import exactness_table as rendered
+    from tintc.report.render import exactness_table as rendered
 
     cost = result.get("exactness")
     if not cost or "error" in cost:
@@ -159,7 +159,7 @@ def exactness_table(result: dict):
 
 def save(result: dict, directory, force: bool = False, source: str | None = None) -> list[Path]:
     """bench.json and bench.png (time and peak memory against T) in `directory`."""
-    from .files import write_files
+    from tintc.files import write_files
 
     figure = _plot(result)
     return write_files(directory, {"bench.json": json.dumps(result, indent=2) + "\n",
@@ -225,8 +225,8 @@ def measure_compile(config: str, work: Path, force: bool = False) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from . import pipeline
-    from .config import load_config
+    from tintc import pipeline
+    from tintc.config import load_config
 
     cfg = load_config(config)
     model = pipeline.load_aux_model(cfg)
@@ -250,7 +250,7 @@ def measure_compile(config: str, work: Path, force: bool = False) -> dict:
 
 
 def _input(run: dict, length: int):
-    from .fidelity import example_input
+    from tintc.oracle.fidelity import example_input
 
     ids, train, labels = example_input(run["vocab"], length, 1, seed=run["seed"])
     return ids, train, labels if run["label_only"] else None
@@ -279,9 +279,9 @@ def measure_tint(work: Path, length: int, repeats: int | None) -> dict:
 def measure_direct(config: str, work: Path, length: int, repeats: int | None) -> dict:
     import torch
 
-    from . import pipeline
-    from .config import load_config
-    from .reference import TrainSettings, exact_gd
+    from tintc import pipeline
+    from tintc.config import load_config
+    from tintc.oracle.reference import TrainSettings, exact_gd
 
     cfg = load_config(config)
     model = pipeline.load_aux_model(cfg)
@@ -294,8 +294,8 @@ def measure_direct(config: str, work: Path, length: int, repeats: int | None) ->
 
 
 def measure_exactness(config: str, length: int, repeats: int | None) -> dict:
-    from .config import load_config
-    from .exactness import cost_of_exactness
+    from tintc.config import load_config
+    from tintc.report.exactness import cost_of_exactness
 
     return cost_of_exactness(load_config(config), length=length, repeats=repeats or 3)
 

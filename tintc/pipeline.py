@@ -33,14 +33,16 @@ from ir.passes.select_train import select_train  # noqa: E402
 from ir.passes.sub_mlp import sub_mlp  # noqa: E402
 from ir.text import dump  # noqa: E402
 
-from . import __version__, metrics  # noqa: E402
-from .config import TintcConfig  # noqa: E402
+from tintc import __version__  # noqa: E402
+
+from tintc.oracle import metrics
+from tintc.config import TintcConfig  # noqa: E402
 from ir.errors import ConfigError  # noqa: E402
-from .files import write_files  # noqa: E402
-from .report import parameter_report  # noqa: E402
-from .report_render import report_files  # noqa: E402
-from .fidelity import example_input, fidelity_rows, render  # noqa: E402
-from .reference import GDResult, TrainSettings, approx_gd, exact_gd  # noqa: E402
+from tintc.files import write_files  # noqa: E402
+from tintc.report.counts import parameter_report  # noqa: E402
+from tintc.report.render import report_files  # noqa: E402
+from tintc.oracle.fidelity import example_input, fidelity_rows, render  # noqa: E402
+from tintc.oracle.reference import GDResult, TrainSettings, approx_gd, exact_gd  # noqa: E402
 
 
 def load_aux_model(cfg: TintcConfig):

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ClassifySpec, TintcConfig
+from tintc.config import ClassifySpec, TintcConfig
 from ir.errors import ConfigError
-from .eval import BASE, Rows, settings_info
-from .text_source import Encoder
+from tintc.eval.run import BASE, Rows, settings_info
+from tintc.eval.text_source import Encoder
 
 ZERO_SHOT = "base (0-shot)"
 
@@ -166,7 +166,7 @@ def evaluate(cfg: TintcConfig, settings: ClassifySettings, out: Path, group=None
              progress=None) -> ClassifyResult | None:
     """Every row on every test example (this process's share under `group`); the result on rank 0
     (None elsewhere). The TinT packages are written under out/lr-<lr>/."""
-    from . import distributed
+    from tintc.eval import distributed
 
     spec = cfg.eval.classify if cfg.eval is not None else None
     if spec is None:

@@ -4,7 +4,7 @@ The same config is compiled once per set of rules, on the same model and shapes:
 (stop-gradient attention, finite-difference norm and activation backward), each rule made exact
 alone, and every rule exact. Each TinT is measured as the parameter report measures a compile:
 parameters stored (unique: shared primitives once), unrolled (each call its primitive), the
-standard view counted dense over D_sim (our convention, tintc/dense_count.py), calls and
+standard view counted dense over D_sim (our convention, tintc/report/dense_count.py), calls and
 standard-view blocks, and, when asked, the forward time at one input length (in this process,
 batch 1, the first half train, median of `repeats` runs after a warm-up).
 
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .config import TintcConfig
+from tintc.config import TintcConfig
 from ir.errors import TintcError
 
 RULES = ("attention", "layer_norm", "activation")
@@ -42,9 +42,9 @@ def variant(cfg: TintcConfig, exact: dict) -> TintcConfig:
 
 
 def costs(compiled) -> dict:
-    """The counts of one compiled TinT, made as tintc/report.py makes them."""
-    from .dense_count import dense_counts
-    from .report import _tensors
+    """The counts of one compiled TinT, made as tintc/report/counts.py makes them."""
+    from tintc.report.dense_count import dense_counts
+    from tintc.report.counts import _tensors
 
     tint = compiled.tint
     program = tint.program
@@ -60,7 +60,7 @@ def costs(compiled) -> dict:
 
 def forward_seconds(compiled, length: int, repeats: int) -> float:
     """Median time of one TinT forward on `length` tokens (batch 1, the first half train)."""
-    from .fidelity import example_input
+    from tintc.oracle.fidelity import example_input
 
     tint = compiled.tint
     ids, train, labels = example_input(compiled.graph.attrs["vocab"], length, 1, seed=0)
@@ -80,7 +80,7 @@ def cost_of_exactness(cfg: TintcConfig, model=None, length: int | None = None, r
                       progress=lambda message: None) -> dict:
     """One row per set of rules (VARIANTS): its rules, kinds and costs (or its error); with `length`,
     also the forward time at min(length, the TinT's max length)."""
-    from . import pipeline
+    from tintc import pipeline
 
     model = model if model is not None else pipeline.load_aux_model(cfg)
     rows, timed_length = [], None

@@ -1,6 +1,6 @@
 """Approximation error of the paper's default backward rules vs exact GD, at several learning rates.
 
-    python bench/reference_errors.py examples/gpt2.yaml --length 256 --lr 1e-4 1e-3 1e-2
+    python scripts/reference_errors.py examples/gpt2.yaml --length 256 --lr 1e-4 1e-3 1e-2
 
 Not a test: full-size shapes take minutes on 2 cores. Prints one fidelity table per lr.
 """
@@ -13,9 +13,9 @@ import time
 from rich.console import Console
 
 from tintc.config import load_config
-from tintc.fidelity import example_input, fidelity_rows, render
+from tintc.oracle.fidelity import example_input, fidelity_rows, render
 from tintc.pipeline import load_aux_model, trace
-from tintc.reference import TrainSettings
+from tintc.oracle.reference import TrainSettings
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The cost of the emitted TinT's input check (backends/torch/checks.py) against one forward at T=256.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/check_cost.py [n_embd] [n_layer]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/check_cost.py [n_embd] [n_layer]
 
 Compiles a random GPT-2 of the given size with max_length 256, emits and loads the package,
 and prints the median time of forward (which includes the check) and of the check alone.

@@ -2,7 +2,7 @@
 parameters (ours and the reference's convention, plain and factored) for one model config.
 
 Not a test. Run from the repository root, alone on the machine:
-    python bench/dense_count.py examples/opt-125m.yaml --lengths 32,64,128,256
+    python scripts/dense_count.py examples/opt-125m.yaml --lengths 32,64,128,256
 Each length compiles the TinT (no dense matrix is built: the counts come from shapes).
 """
 
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tintc import pipeline  # noqa: E402
 from tintc.config import load_config  # noqa: E402
-from tintc.dense_count import dense_counts  # noqa: E402
+from tintc.report.dense_count import dense_counts  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Rendering the parameter report (tintc/report.py): tables for Markdown and the terminal, a plot,
+"""Rendering the parameter report (tintc/report/counts.py): tables for Markdown and the terminal, a plot,
 and the files report.json, report.md and report.png."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import re
 
-from .files import write_files
-from .report import OP_KINDS, OUTSIDE, PHASES, STORED_OUTSIDE_CALLS, _zero
+from tintc.files import write_files
+from tintc.report.counts import OP_KINDS, OUTSIDE, PHASES, STORED_OUTSIDE_CALLS, _zero
 
 
 # -- tables (shared by Markdown and rich) -------------------------------------------------------
@@ -136,7 +136,7 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def _standard_view_table(report: dict) -> tuple[str, list[str], list[list[str]]]:
-    """The standard view counted dense (tintc/dense_count.py), in our convention and the reference's;
+    """The standard view counted dense (tintc/report/dense_count.py), in our convention and the reference's;
     the reference code's own figure only beside the count made like it."""
     sv, ref = report["standard_view"], report["reference"]
     ours, theirs = sv["ours"], sv["reference_convention"]
@@ -168,7 +168,7 @@ def _standard_view_table(report: dict) -> tuple[str, list[str], list[list[str]]]
 
 
 def exactness_table(result: dict) -> tuple[str, list[str], list[list[str]]]:
-    """The cost of exactness (tintc/exactness.py): each set of rules, its counts and their ratio to the
+    """The cost of exactness (tintc/report/exactness.py): each set of rules, its counts and their ratio to the
     paper's rules (the first row)."""
     base = result["rows"][0]
     timed = result.get("length") is not None

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
-from . import metrics
-from .reference import TrainSettings, approx_gd, exact_gd, with_approximations
+from tintc.oracle import metrics
+from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd, with_approximations
 
 
 @dataclass

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .classify import ZERO_SHOT, ClassifyResult, Scores
-from .eval import BASE, G_HAT, G_HAT64, TINT
-from .files import write_files
+from tintc.eval.classify import ZERO_SHOT, ClassifyResult, Scores
+from tintc.eval.run import BASE, G_HAT, G_HAT64, TINT
+from tintc.files import write_files
 
 COLUMNS = ("lr", "row", "shots", "accuracy", "change from base", "s / example", "worst |label logit − ĝ's|")
 COMPARED = (TINT, G_HAT64)  # the rows measured against ĝ example by example

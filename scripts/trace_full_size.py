@@ -3,7 +3,7 @@ SmolLM2-135M-shaped LLaMA (30 layers).
 
 Not a test. Run from the repository root:
 
-    python bench/trace_full_size.py [--repeat N] [--threads N] [--against DIR] [--models a,b]
+    python scripts/trace_full_size.py [--repeat N] [--threads N] [--against DIR] [--models a,b]
 
 Tracing includes the adapter checks, graph build, verify against the parameters and the
 logit check (8 tokens, batch 1). Each side runs in its own worker process that builds the

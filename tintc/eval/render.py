@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .eval import BASE, G_HAT, G_HAT64, TINT, ChunkValues, EvalResult
-from .files import write_files
+from tintc.eval.run import BASE, G_HAT, G_HAT64, TINT, ChunkValues, EvalResult
+from tintc.files import write_files
 
 COLUMNS = ("lr", "row", "perplexity", "change from base", "s / chunk", "worst chunk |ppl/ppl(ĝ) − 1|")
 COMPARED = (TINT, G_HAT64)  # the rows measured against ĝ chunk by chunk

@@ -6,7 +6,7 @@ next-token predictions of the rest (the test segment), each from the full causal
 pooled over all chunks. Every chunk starts from the original weights θ. Rows, on the same chunks:
 
     base                  the aux model as given (the Hugging Face model itself)
-    dynamic eval (exact)  autograd SGD on the train segment (tintc.reference.exact_gd)
+    dynamic eval (exact)  autograd SGD on the train segment (tintc.oracle.reference.exact_gd)
     ĝ                     the same with the configured approximate backward rules (approx_gd)
     TinT                  the emitted package, loaded from its directory as a user would
 
@@ -27,11 +27,13 @@ import torch.nn.functional as F
 
 from backends.torch.emit import import_package
 
-from . import metrics, pipeline
-from .config import TintcConfig
+from tintc.oracle import metrics
+
+from tintc import pipeline
+from tintc.config import TintcConfig
 from ir.errors import ConfigError
-from .reference import TrainSettings, approx_gd, exact_gd
-from .text_source import Text, chunk_starts, tokenize
+from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
+from tintc.eval.text_source import Text, chunk_starts, tokenize
 
 BASE, EXACT, G_HAT, TINT = "base", "dynamic eval (exact)", "ĝ", "TinT"
 G_HAT64 = "ĝ (float64)"  # optional, for float32 configs: how far rounding alone moves ĝ (the fp32 floor)
@@ -194,7 +196,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     """Run every row on the chunks (this process's share under `group`, a tintc.distributed.Group);
     return the result on rank 0 (None elsewhere). `progress(advance, total, what)` is called as work is
     done. The TinT packages are written under out/lr-<lr>/."""
-    from . import distributed
+    from tintc.eval import distributed
 
     group = group or distributed.Group.single()
     rows = Rows(cfg, settings.device, settings.float64_reference)

@@ -12,7 +12,7 @@ counted dense, as stored (`numel`), and its nonzeros separately (`count_nonzero`
   and get their own lines, together with "TinT parameters + embedding tables" (the
   reference code counts token and position embeddings inside its total).
 - The prefix tokens are what `encode(θ)` produces for one checkpoint.
-- **standard view, dense** (tintc/dense_count.py): the same TinT as a plain stack of transformer
+- **standard view, dense** (tintc/report/dense_count.py): the same TinT as a plain stack of transformer
   blocks (backends/torch/standard.py), every projection a dense matrix over the stream width
   D_sim, the paper's convention; and the same under the reference code's convention (stored
   activations on skip edges outside the stream). The reference code's figures (DESIGN §6) are
@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 import torch
 from torch import nn
 
-from .dense_count import dense_counts
+from tintc.report.dense_count import dense_counts
 
 OP_KINDS = ("linear", "activation", "attention", "norm", "loss", "residual")
 PHASES = ("forward", "backward", "descent", "eval")
@@ -266,6 +266,6 @@ def _reference(report: dict) -> dict | None:
 
 def save_report(compiled, directory) -> list[str]:
     """parameter_report + write_report: what `tintc compile` and `tintc report` write."""
-    from .report_render import write_report
+    from tintc.report.render import write_report
 
     return write_report(parameter_report(compiled), directory)

@@ -1,0 +1,1 @@
+"""Model conversion into a save_pretrained directory (`tintc convert-gguf`)."""

@@ -1,0 +1,1 @@
+"""`tintc eval`: the paper's experiment on text (perplexity) and in-context classification."""
