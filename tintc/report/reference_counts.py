@@ -128,32 +128,32 @@ def _attention(s: Settings, p: int, heads: int, project: int, run: dict[str, str
 
 # -- the reference's modules, each from the ones it holds -----------------------------------------
 
-def linear_forward(s: Settings, p: int, din: int, dout: int) -> Modules:
-    """y = Wx + b: linear attention over K-wide heads, then a permutation and a bias map (composed with
+def linear_forward(s: Settings, p: int, d: int) -> Modules:
+    """y = Wx + b (D → D, as every linear map it simulates): linear attention over K-wide heads, then a permutation and a bias map (composed with
     the output projection they follow), and gates."""
     heads = s.width // s.prefixes
     attention = _attention(s, p, heads, s.prefixes, run={"q": "head", "k": "main", "v": "main"})
-    permute = _maps(_conv2d(s.width // dout, dout), _conv2d(s.width // dout, dout, transpose=True),
+    permute = _maps(_conv2d(s.width // d, d), _conv2d(s.width // d, d, transpose=True),
                     applied=2, composed=0)
     return attention + permute + _gates(p)
 
 
-def linear_backward(s: Settings, p: int, din: int, dout: int) -> Modules:
-    """∂x = Wᵀ∂y: the query is ∂y reordered over dout-wide channels; the value is the stream itself."""
+def linear_backward(s: Settings, p: int, d: int) -> Modules:
+    """∂x = Wᵀ∂y: the query is ∂y reordered over D-wide channels; the value is the stream itself."""
     heads = s.width // s.prefixes
     run = {"q": "head+main", "k": "main", "v": ""}
-    return _attention(s, p, heads, s.prefixes, run=run, conv={"q": dout}) + _gates(p)
+    return _attention(s, p, heads, s.prefixes, run=run, conv={"q": d}) + _gates(p)
 
 
-def linear_descent(s: Settings, p: int, din: int, dout: int) -> Modules:
-    """W −= η Σ ∂y xᵀ: prefixes query, train tokens are keys (∂y over dout-wide channels) and values."""
+def linear_descent(s: Settings, p: int, d: int) -> Modules:
+    """W −= η Σ ∂y xᵀ: prefixes query, train tokens are keys (∂y over D-wide channels) and values."""
     heads = s.width // s.prefixes
     run = {"q": "head", "k": "head+main", "v": "head"}
-    return _attention(s, p, heads, s.prefixes, run=run, conv={"k": dout}) + _gates(p)
+    return _attention(s, p, heads, s.prefixes, run=run, conv={"k": d}) + _gates(p)
 
 
-def linear_descent_backward(s: Settings, p: int, din: int, dout: int) -> Modules:
-    return linear_backward(s, p, din, dout) + linear_descent(s, p, din, dout)
+def linear_descent_backward(s: Settings, p: int, d: int) -> Modules:
+    return linear_backward(s, p, d) + linear_descent(s, p, d)
 
 
 def _channel_pair(s: Settings) -> Modules:
@@ -163,14 +163,14 @@ def _channel_pair(s: Settings) -> Modules:
 
 
 def layer_norm_forward(s: Settings, p: int, d: int) -> Modules:
-    return linear_forward(s, p, d, d) + _gates(p)
+    return linear_forward(s, p, d) + _gates(p)
 
 
 def layer_norm_descent_backward(s: Settings, p: int, d: int) -> Modules:
     """Backward: a linear backward, then N·(f(x + ∂y/N) − f(x)) by two channel maps, and gates;
     descent: a linear descent."""
-    backward = linear_backward(s, p, d, d) + _channel_pair(s) + _gates(p)
-    return backward + linear_descent(s, p, d, d)
+    backward = linear_backward(s, p, d) + _channel_pair(s) + _gates(p)
+    return backward + linear_descent(s, p, d)
 
 
 def activation_forward(s: Settings, p: int) -> Modules:
@@ -185,27 +185,27 @@ def activation_backward(s: Settings) -> Modules:
 def attention_forward(s: Settings, p: int, d: int) -> Modules:
     """One linear forward computes Q, K and V in turn; then softmax heads and gates."""
     softmax = _attention(s, p, s.heads, s.width // s.heads, run={x: "head+main" for x in "qkv"})
-    return linear_forward(s, p, d, d) + softmax + _gates(p)
+    return linear_forward(s, p, d) + softmax + _gates(p)
 
 
 def attention_backward_descent(s: Settings, p: int, d: int) -> Modules:
     """Stop-gradient backward (the scores recomputed, transposed) with gates, then a linear
     backward+descent for the value map."""
     back = _attention(s, p, s.heads, s.width // s.heads, run={x: "head+main" for x in "qkv"}) + _gates(p)
-    return back + linear_descent_backward(s, p, d, d)
+    return back + linear_descent_backward(s, p, d)
 
 
 def forward_block(s: Settings, p: int, d: int) -> Modules:
     """One aux layer forward: 2 layer norms, attention, 3 linears (out projection, MLP in and out; the
     F/D MLP chunks reuse them), the activation."""
-    return (layer_norm_forward(s, p, d) * 2 + attention_forward(s, p, d) + linear_forward(s, p, d, d) * 3
+    return (layer_norm_forward(s, p, d) * 2 + attention_forward(s, p, d) + linear_forward(s, p, d) * 3
             + activation_forward(s, p))
 
 
 def backward_block(s: Settings, p: int, d: int) -> Modules:
     """One aux layer backward: 3 linear backward+descent pairs, the activation backward, 2 layer-norm
     backward+descent, the attention backward+descent."""
-    return (linear_descent_backward(s, p, d, d) * 3 + activation_backward(s)
+    return (linear_descent_backward(s, p, d) * 3 + activation_backward(s)
             + layer_norm_descent_backward(s, p, d) * 2 + attention_backward_descent(s, p, d))
 
 
@@ -269,3 +269,69 @@ def reference_counts(shape: Shape, s: Settings) -> dict:
         "mlp_pairs": blocks.mlp_pairs,
         "position_width": p,
     }
+
+
+# -- the aux shapes the reference builds for, read from the HF config ----------------------------------
+
+def _gpt2_shape(c) -> tuple[Shape, list[str]]:
+    ffn = c.n_inner if c.n_inner is not None else 4 * c.n_embd
+    return Shape("gpt2", c.n_embd, ffn, c.n_layer, c.n_head, c.vocab_size, c.n_positions, c.n_positions,
+                 c.tie_word_embeddings), []
+
+
+def _opt_shape(c) -> tuple[Shape, list[str]]:
+    out = []
+    if not c.do_layer_norm_before:
+        out.append("do_layer_norm_before=False: the reference's OPT blocks are pre-LN only; allowed: True")
+    if c.word_embed_proj_dim != c.hidden_size:
+        out.append(f"word_embed_proj_dim {c.word_embed_proj_dim}: the reference has no project_in/out; "
+                   f"allowed: hidden_size {c.hidden_size}")
+    shape = Shape("opt", c.hidden_size, c.ffn_dim, c.num_hidden_layers, c.num_attention_heads, c.vocab_size,
+                  c.max_position_embeddings, c.max_position_embeddings + 2, c.tie_word_embeddings)
+    return shape, out
+
+
+SHAPES = {"gpt2": _gpt2_shape, "opt": _opt_shape}
+
+
+def _ratio(ours, theirs) -> float | None:
+    return ours / theirs if ours is not None and theirs else None
+
+
+def like_with_like(report: dict, config) -> dict:
+    """report.json's "reference_counts": the reference's TinT for this aux config (its shape, our K,
+    trained layers and steps, its narrowest stream) and ours beside it in three conventions, with a
+    ratio only between like counts. `config` is the aux model's HF config."""
+    family, s, sv = report["family"], report["settings"], report["standard_view"]
+    ours = {"as_stored": report["counts"]["unique"]["dense"],
+            "dense_activations_outside": sv["reference_convention"]["dense"]["total"],
+            "dense_everything_in_stream": sv["ours"]["dense"]["total"]}
+    d_sim = {"as_stored": None, "dense_activations_outside": sv["reference_convention"]["d_sim"],
+             "dense_everything_in_stream": sv["ours"]["d_sim"]}
+    found, shape, settings, ref = [], None, None, None
+    if family in NO_CONSTRUCTION:
+        found.append(f"family {family}: {NO_CONSTRUCTION[family]} have no construction in the reference code; "
+                     f"it builds GPT-2 and OPT (pre-LN)")
+    elif family not in SHAPES:
+        found.append(f"family {family}: the reference code builds only gpt2 and opt")
+    else:
+        shape, found = SHAPES[family](config)
+        if not isinstance(s["prefixes"], int):
+            found.append(f"tint.prefixes {s['prefixes']}: the reference uses one K for every map")
+        else:
+            settings = Settings.for_shape(shape.d_model, s["prefixes"], len(s["trained_layers"]), s["steps"])
+            found += problems(shape, settings)
+    if not found:
+        ref = reference_counts(shape, settings)
+    theirs = {"as_stored": ref and ref["as_stored"], "dense_activations_outside": ref and ref["dense_applied_maps"],
+              "dense_everything_in_stream": None}  # its backward reads activations from Python lists
+    width = settings.width if ref else None
+    conventions = {
+        name: {"tintc": ours[name], "reference": theirs[name], "ratio": _ratio(ours[name], theirs[name]),
+               "d_sim": {"tintc": d_sim[name], "reference": None if name == "as_stored" or theirs[name] is None
+                         else width}}
+        for name in ours}
+    return {"applies": ref is not None, "why_not": "; ".join(found) or None,
+            "shape": shape and {f.name: getattr(shape, f.name) for f in fields(shape)},
+            "settings": settings and {f.name: getattr(settings, f.name) for f in fields(settings)},
+            "reference": ref, "conventions": conventions}

@@ -8,6 +8,7 @@ import re
 
 from tintc.files import write_files
 from tintc.report.counts import OP_KINDS, OUTSIDE, PHASES, STORED_OUTSIDE_CALLS, _zero
+from tintc.report.reference_render import CONVENTIONS_TEXT, like_with_like_panel, like_with_like_table
 
 
 # -- tables (shared by Markdown and rich) -------------------------------------------------------
@@ -81,6 +82,7 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out.append(("Parameter counts (dense = numel as stored)", ["", "dense", "nonzero", "nonzero %", "≈"], rows))
 
     out.append(_standard_view_table(report))
+    out.append(like_with_like_table(report))
     if report.get("exactness"):
         out.append(exactness_table(report["exactness"]))
 
@@ -238,7 +240,7 @@ def to_markdown(report: dict) -> str:
                   "|" + "|".join("---:" if r else ":---" for r in right) + "|"]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + CONVENTIONS_TEXT)
 
 
 def rich_tables(report: dict):
@@ -271,9 +273,10 @@ def plot(report: dict, path) -> None:
     b = report["breakdown"]["unrolled"]
     c = report["counts"]
     scale, unit = _unit(max(c["unrolled"]["dense"], report["tint_plus_embedding_tables"]["unrolled"], 1))
-    fig = Figure(figsize=(16, 5.5), layout="constrained")
+    fig = Figure(figsize=(21, 5.5), layout="constrained")
     FigureCanvasAgg(fig)
-    ax1, ax2, ax3 = fig.subplots(1, 3, width_ratios=[1, 1.5, 1.25])
+    ax1, ax2, ax3, ax4 = fig.subplots(1, 4, width_ratios=[1, 1.5, 1.25, 1.25])
+    like_with_like_panel(ax4, report)
     fig.suptitle(f"TinT parameters: {report['name']} ({report['family']}, width {report['tint']['width']:,}, "
                  f"{report['tint']['calls']:,} calls of {report['tint']['primitives']:,} shared primitives)")
 
