@@ -119,18 +119,18 @@ def _attention(s: Settings, p: int, heads: int, project: int, run: dict[str, str
     head_width = s.width // heads
     total = Modules(attention=1, small=p * 3 * head_width + 3 * head_width + 4 * heads)
     for x in "qkv":
-        width = (conv or {}).get(x, head_width)
+        channel = (conv or {}).get(x, head_width)
         used = len(run[x].split("+")) if run[x] else 0
-        total += _maps(_conv2d(s.width // width, width), _conv2d(s.width // width, width, transpose=True),
-                       applied=used, composed=min(used, 1))
+        total += _maps(_conv2d(s.width // channel, channel), _conv2d(s.width // channel, channel, transpose=True),
+                       applied=used, composed=min(used, 1))  # "head+main": two maps in a row, one composed
     return total + _maps(_conv2d(s.width // project, project, transpose=True), applied=1, composed=1)
 
 
 # -- the reference's modules, each from the ones it holds -----------------------------------------
 
 def linear_forward(s: Settings, p: int, d: int) -> Modules:
-    """y = Wx + b (D → D, as every linear map it simulates): linear attention over K-wide heads, then a permutation and a bias map (composed with
-    the output projection they follow), and gates."""
+    """y = Wx + b (D → D, as every map it simulates): linear attention over K-wide heads, then a
+    permutation and a bias map (composed with the output projection they follow), and gates."""
     heads = s.width // s.prefixes
     attention = _attention(s, p, heads, s.prefixes, run={"q": "head", "k": "main", "v": "main"})
     permute = _maps(_conv2d(s.width // d, d), _conv2d(s.width // d, d, transpose=True),
@@ -182,17 +182,20 @@ def activation_backward(s: Settings) -> Modules:
     return _channel_pair(s)
 
 
+def _softmax_attention(s: Settings, p: int) -> Modules:
+    """Softmax heads over the TinT's own heads, every q, k, v map applied, and gates."""
+    return _attention(s, p, s.heads, s.width // s.heads, run={x: "head+main" for x in "qkv"}) + _gates(p)
+
+
 def attention_forward(s: Settings, p: int, d: int) -> Modules:
-    """One linear forward computes Q, K and V in turn; then softmax heads and gates."""
-    softmax = _attention(s, p, s.heads, s.width // s.heads, run={x: "head+main" for x in "qkv"})
-    return linear_forward(s, p, d) + softmax + _gates(p)
+    """One linear forward computes Q, K and V in turn; then the softmax attention."""
+    return linear_forward(s, p, d) + _softmax_attention(s, p)
 
 
 def attention_backward_descent(s: Settings, p: int, d: int) -> Modules:
-    """Stop-gradient backward (the scores recomputed, transposed) with gates, then a linear
-    backward+descent for the value map."""
-    back = _attention(s, p, s.heads, s.width // s.heads, run={x: "head+main" for x in "qkv"}) + _gates(p)
-    return back + linear_descent_backward(s, p, d)
+    """Stop-gradient backward (the scores recomputed, transposed; it runs, as backprop_through_attention
+    defaults to on), then a linear backward+descent for V."""
+    return _softmax_attention(s, p) + linear_descent_backward(s, p, d)
 
 
 def forward_block(s: Settings, p: int, d: int) -> Modules:
