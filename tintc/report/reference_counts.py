@@ -25,7 +25,7 @@ outside the stream: its dense count is the "activations outside the stream" conv
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 NO_CONSTRUCTION = {  # families the reference code has no construction for, and why
     "llama": "gated MLP (SwiGLU), RMSNorm and rotary positions",
@@ -335,6 +335,5 @@ def like_with_like(report: dict, config) -> dict:
                          else width}}
         for name in ours}
     return {"applies": ref is not None, "why_not": "; ".join(found) or None,
-            "shape": shape and {f.name: getattr(shape, f.name) for f in fields(shape)},
-            "settings": settings and {f.name: getattr(settings, f.name) for f in fields(settings)},
+            "shape": asdict(shape) if shape else None, "settings": asdict(settings) if settings else None,
             "reference": ref, "conventions": conventions}
