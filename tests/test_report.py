@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 from tintc import pipeline
 from tintc.report import counts as R
 from tintc.report import render as V
+from tintc.report.reference_counts import like_with_like
 from tests.models import TINY, tiny_config, tiny_model
+from tests.test_reference_counts import CONFIGS as REFERENCE_CONFIGS  # GPT-2, OPT-125M
 
 
 def _compile(family, **overrides):
@@ -179,14 +181,16 @@ def test_reference_figures_shown_for_the_reference_shapes(family, report):
         {f"layer {i}": full["breakdown"]["unrolled"]["by_layer_phase"]["layer 0"] for i in range(12)})
     full["reference"] = R._reference(full)
     assert full["reference"]["settings_match"]
-    md = V.to_markdown(full)
-    figures = {"gpt2": ("1,476,796,914", "1,266,757,362"), "opt": ("1,669,324,018", "1,458,484,978")}[family]
-    total, comparable = figures  # the reference's own total mixes conventions: not shown
-    assert total not in md
-    rows = [line for line in md.splitlines() if comparable in line]
-    assert len(rows) == 1 and "same convention" in rows[0]  # beside the count made like it, nowhere else
-    position = md.index(rows[0])
-    assert "reference convention: dense parameters" in md[md.rindex("\n## ", 0, position):position]
+    full["reference_counts"] = like_with_like(full, REFERENCE_CONFIGS[family])
+    md = V.to_markdown(full).splitlines()
+    figures = {"gpt2": ("1,476,796,914", "1,266,757,362", "13,088,046,834"),
+               "opt": ("1,669,324,018", "1,458,484,978", "13,279,774,450")}[family]
+    total, stored, dense = figures
+    for figure, beside in ((stored, "| (1) as stored"), (dense, "| (2) dense over D_sim, activations outside")):
+        rows = [line for line in md if figure in line]
+        assert len(rows) == 1 and rows[0].startswith(beside)  # beside our count made like it, nowhere else
+    rows = [line for line in md if total in line]  # the reference's own total mixes conventions: no ratio
+    assert len(rows) == 1 and rows[0].startswith("| reference: as its code prints it") and rows[0].endswith("|  |")
     full["aux"]["n_layer"] = 6
     assert R._reference(full) is None
 

@@ -209,7 +209,7 @@ def compile(config: Path = ConfigArg, force: bool = ForceOption) -> None:
         raise _fail(error) from None
     _print_compiled(compiled)
     tables = rich_tables(parameter_report(compiled))
-    out.print(tables[1], tables[2])  # the stored and the dense counts; report.md has every table
+    out.print(tables[1], tables[2], tables[3])  # stored and dense counts, the reference beside them; report.md has all
     for path in paths:
         out.print(f"wrote {path}")
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from tintc.report.dense_count import dense_counts
+from tintc.report.reference_counts import like_with_like
 
 OP_KINDS = ("linear", "activation", "attention", "norm", "loss", "residual")
 PHASES = ("forward", "backward", "descent", "eval")
@@ -249,6 +250,7 @@ def parameter_report(compiled) -> dict:
     report["standard_view"] = dense_counts(program, tint.layers)
     report["reference"] = _reference(report)
     report["low_rank"] = program.low_rank  # empty unless tint.passes.low_rank is on
+    report["reference_counts"] = like_with_like(report, model.config)  # the reference beside ours, like with like
     return report
 
 

@@ -8,6 +8,7 @@ import re
 
 from tintc.files import write_files
 from tintc.report.counts import OP_KINDS, OUTSIDE, PHASES, STORED_OUTSIDE_CALLS, _zero
+from tintc.report.reference_render import CONVENTIONS_TEXT, like_with_like_panel, like_with_like_table
 
 
 # -- tables (shared by Markdown and rich) -------------------------------------------------------
@@ -81,6 +82,7 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     out.append(("Parameter counts (dense = numel as stored)", ["", "dense", "nonzero", "nonzero %", "≈"], rows))
 
     out.append(_standard_view_table(report))
+    out.append(like_with_like_table(report))
     if report.get("exactness"):
         out.append(exactness_table(report["exactness"]))
 
@@ -136,9 +138,9 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def _standard_view_table(report: dict) -> tuple[str, list[str], list[list[str]]]:
-    """The standard view counted dense (tintc/report/dense_count.py), in our convention and the reference's;
-    the reference code's own figure only beside the count made like it."""
-    sv, ref = report["standard_view"], report["reference"]
+    """The standard view counted dense (tintc/report/dense_count.py), in our convention and the reference's
+    (the reference code's own figures are in the like-with-like table, tintc/report/reference_render.py)."""
+    sv = report["standard_view"]
     ours, theirs = sv["ours"], sv["reference_convention"]
     kinds = ", ".join(f"{n} {k}" for k, n in sv["blocks_by_kind"].items())
     heads = sv["heads_per_attention_block"]
@@ -156,11 +158,6 @@ def _standard_view_table(report: dict) -> tuple[str, list[str], list[list[str]]]
          f"{_n(theirs['skip_edges'])} skip edges carry {_n(theirs['skip_edge_width'])} coordinates"],
         ["reference convention: dense parameters", _n(theirs["dense"]["total"]), _human(theirs["dense"]["total"])],
     ]
-    if ref is not None:
-        note = "" if ref["settings_match"] else "; settings differ from the reference's (K 256, 12 layers, 1 step)"
-        rows.append([f"the reference code's {ref['label']}, same convention (DESIGN §6, D_sim {ref['width']:,})",
-                     _n(ref["without_both"]),
-                     f"tintc / reference {theirs['dense']['total'] / ref['without_both']:.3g}{note}"])
     rows.append(["reference convention: dense, projections factored where smaller", _n(theirs["dense"]["factored"]),
                  _human(theirs["dense"]["factored"])])
     return ("Standard view, dense (every block's projections as dense matrices over D_sim)",
@@ -230,15 +227,14 @@ def to_markdown(report: dict) -> str:
              "outside the stream, and D_sim is the widest working set plus the prefix rows. *Factored*: "
              "each projection that touches k stream coordinates stored as two dense factors [n, k]·[k, D_sim] "
              "where that is smaller (exact; tint.passes.low_rank builds the view so). The reference "
-             "code's figures appear only beside the count made like them; the stored counts above are not "
-             "comparable with them.", ""]
+             "code's figures appear in the like-with-like table, each beside the count made like it.", ""]
     for title, columns, rows in tables(report):
         right = _numeric_columns(columns, rows)
         lines += [f"## {title}", "", "| " + " | ".join(columns) + " |",
                   "|" + "|".join("---:" if r else ":---" for r in right) + "|"]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + CONVENTIONS_TEXT)
 
 
 def rich_tables(report: dict):
@@ -271,9 +267,10 @@ def plot(report: dict, path) -> None:
     b = report["breakdown"]["unrolled"]
     c = report["counts"]
     scale, unit = _unit(max(c["unrolled"]["dense"], report["tint_plus_embedding_tables"]["unrolled"], 1))
-    fig = Figure(figsize=(16, 5.5), layout="constrained")
+    fig = Figure(figsize=(21, 5.5), layout="constrained")
     FigureCanvasAgg(fig)
-    ax1, ax2, ax3 = fig.subplots(1, 3, width_ratios=[1, 1.5, 1.25])
+    ax1, ax2, ax3, ax4 = fig.subplots(1, 4, width_ratios=[1, 1.5, 1.25, 1.25])
+    like_with_like_panel(ax4, report)
     fig.suptitle(f"TinT parameters: {report['name']} ({report['family']}, width {report['tint']['width']:,}, "
                  f"{report['tint']['calls']:,} calls of {report['tint']['primitives']:,} shared primitives)")
 
