@@ -20,7 +20,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from ir.errors import ConfigError, TintcError  # noqa: E402
+from ir.errors import TintcError  # noqa: E402
 
 app = typer.Typer(
     help="Compile a Hugging Face transformer into a TinT (Trainable Transformer in Transformer).",
@@ -204,11 +204,12 @@ def compile(config: Path = ConfigArg, force: bool = ForceOption) -> None:
     try:
         cfg = load_config(config)
         compiled = pipeline.compile_tint(cfg)
-        paths = pipeline.save(compiled, cfg, force=force)
+        counts = parameter_report(compiled)
+        paths = pipeline.save(compiled, cfg, force=force, report=counts)
     except TintcError as error:
         raise _fail(error) from None
     _print_compiled(compiled)
-    tables = rich_tables(parameter_report(compiled))
+    tables = rich_tables(counts)
     out.print(tables[1], tables[2])  # the stored and the dense counts; report.md has every table
     for path in paths:
         out.print(f"wrote {path}")
@@ -233,27 +234,16 @@ def verify(
     """Compile, run the TinT and the oracles on one input (first half train), and print both errors."""
     from tintc import pipeline
     from tintc.config import load_config
-    from ir.errors import ConfigError
-    from tintc.oracle.fidelity import example_input
 
     _quiet_transformers()
     try:
         cfg = load_config(config)
         compiled = pipeline.compile_tint(cfg)
-        graph = compiled.graph
-        max_length = compiled.tint.program.max_length
-        if length is not None and length > max_length:
-            raise ConfigError(f"--length: got {length}; allowed: 2 to {max_length}, the TinT's max length")
-        n = length or min(64, max_length)
-        ids, train, labels = example_input(graph.attrs["vocab"], n, batch, seed=cfg.model.seed)
-        if text is not None:
-            ids = pipeline.text_input(cfg, graph, text, n)
-            ids, train, labels = ids, train[:1, : ids.shape[1]], labels[:1, : ids.shape[1]]
-        result = pipeline.verify(cfg, compiled, ids, train, labels)
+        result = pipeline.verify_on(cfg, compiled, length, batch, text)
     except TintcError as error:
         raise _fail(error) from None
     _print_compiled(compiled)
-    table = Table(title=f"{cfg.name}: T={ids.shape[1]}, batch {ids.shape[0]}, {cfg.tint.dtype}, "
+    table = Table(title=f"{cfg.name}: T={result.input_shape[1]}, batch {result.input_shape[0]}, {cfg.tint.dtype}, "
                         f"TinT forward {result.tint_seconds:.2f} s")
     for column in ("error", "‖logits−ref‖/‖ref‖", "‖Δ−Δref‖/‖Δref‖", "cos(Δ,Δref)", "max|logits−ref|",
                    "worst update rel err"):
@@ -289,8 +279,6 @@ def bench(
 
     try:
         cfg = load_config(config)
-        if len(benchmark.parse_lengths(lengths)) > 16:
-            raise TintcError(f"--lengths: got {len(benchmark.parse_lengths(lengths))} lengths; allowed: at most 16")
         result = benchmark.run(config, benchmark.parse_lengths(lengths), repeats,
                                progress=lambda message: err.print(message, style="dim"), exactness=exactness,
                                force=force)
@@ -337,36 +325,22 @@ def eval_(
     """Dynamic evaluation: on real text (--task lm), perplexity of the test part of each chunk; on a
     labelled data set (--task classify), few-shot accuracy. Rows: the base model, exact SGD, the ĝ
     oracle and the TinT (loaded from its package). Runs data-parallel under torchrun."""
-    from tintc import classify, classify_render, eval_render, text_source
-    from tintc import eval as protocol
     from tintc.config import load_config
+    from tintc.eval import classify, classify_render, options
+    from tintc.eval import render as eval_render
+    from tintc.eval import run as protocol
     from tintc.eval.distributed import Group
 
     _quiet_transformers()
     group = None
     try:
         cfg = load_config(config)
-        learning_rates = _parse_lrs(lrs)
+        learning_rates = options.parse_lrs(lrs)
         if task is Task.classify:
-            lm_only = {"--text": text, "--dataset": dataset, "--length": length, "--train-fraction": train_fraction,
-                       "--chunks": chunks, "--seed": seed}
-            given = [name for name, value in lm_only.items() if value is not None]
-            if given:
-                raise ConfigError(f"{', '.join(given)}: got with --task classify; allowed: --data and the config's "
-                                  "eval.classify section (shots, seed, examples)")
-            if data is None:
-                raise ConfigError('--data: missing; allowed: a JSON-lines file of {"text": ..., "label": ...} '
-                                  "for --task classify")
+            options.check_classify(data, {"--text": text, "--dataset": dataset, "--length": length,
+                                          "--train-fraction": train_fraction, "--chunks": chunks, "--seed": seed})
         else:
-            if data is not None:
-                raise ConfigError("--data: got with --task lm; allowed: --text FILE or --dataset DIR")
-            if text is not None and dataset is not None:
-                raise ConfigError("--text, --dataset: got both; allowed: at most one text source")
-            chunks = 16 if chunks is None else chunks
-            if chunks < 0:
-                raise ConfigError(f"--chunks: got {chunks}; allowed: 0 (every chunk) or a positive number")
-            source = (text_source.file_text(text) if text is not None else
-                      text_source.dataset_text(dataset) if dataset is not None else text_source.default_text())
+            source, chunks = options.check_lm(data, text, dataset, chunks)
         group = Group.from_environment(device)
         out_dir = output if output is not None else cfg.resolved_output / "eval"
         if task is Task.classify:
@@ -374,7 +348,7 @@ def eval_(
                                                  device=group.device(device))
             run, render = (lambda advance: classify.evaluate(cfg, settings, out_dir, group, advance)), classify_render
         else:
-            settings = protocol.EvalSettings(length=length, chunks=chunks or None, seed=seed or 0,
+            settings = protocol.EvalSettings(length=length, chunks=chunks, seed=seed or 0,
                                              train_fraction=0.5 if train_fraction is None else train_fraction,
                                              lrs=learning_rates, float64_reference=float64_reference,
                                              device=group.device(device))
@@ -393,18 +367,6 @@ def eval_(
         out.print(note)
     for path in render.write(result, out_dir):
         out.print(f"wrote {path}")
-
-
-def _parse_lrs(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or any(not v > 0 for v in values) or len(set(values)) != len(values):
-        raise ConfigError(f"--lrs: got {text!r}; allowed: comma-separated distinct numbers > 0, e.g. 1e-4,3e-4,1e-3")
-    return values
 
 
 class _progress:
