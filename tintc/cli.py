@@ -17,10 +17,9 @@ from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
 from ir.errors import TintcError  # noqa: E402
+from tintc import terminal  # noqa: E402
+from tintc.terminal import err, out  # noqa: E402
 
 app = typer.Typer(
     help="Compile a Hugging Face transformer into a TinT (Trainable Transformer in Transformer).",
@@ -28,10 +27,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Piped output (CI logs, files) gets room for wide tables instead of rich's default 80 columns.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-
 ConfigArg = typer.Argument(..., help="the model.yaml file")
 
 
@@ -115,12 +110,7 @@ def inspect(
         raise _fail(error) from None
 
     typer.echo(to_dot(graph) if format is Format.dot else dump(graph))
-    table = Table(title=f"ops at stage {stage.value}")
-    table.add_column("op")
-    table.add_column("count", justify="right")
-    for kind, count in sorted(counts.items()):
-        table.add_row(kind, str(count))
-    table.add_row("total", str(sum(counts.values())), style="bold")
+    table = terminal.op_count_table(counts, stage.value)
     # the table goes to stderr when the dump is Graphviz, so that stdout stays a valid .dot file
     (err if format is Format.dot else out).print(table)
 
@@ -208,19 +198,11 @@ def compile(config: Path = ConfigArg, force: bool = ForceOption) -> None:
         paths = pipeline.save(compiled, cfg, force=force, report=counts)
     except TintcError as error:
         raise _fail(error) from None
-    _print_compiled(compiled)
+    out.print(terminal.compiled_line(compiled))
     tables = rich_tables(counts)
     out.print(tables[1], tables[2])  # the stored and the dense counts; report.md has every table
     for path in paths:
         out.print(f"wrote {path}")
-
-
-def _print_compiled(compiled) -> None:
-    program = compiled.tint.program
-    unique = sum(p.numel() for p in compiled.tint.parameters())
-    out.print(f"compiled in {compiled.seconds:.2f} s: {len(program.calls)} TinT layer calls of "
-              f"{len(program.layers)} shared primitives, width {program.width}, max length {program.max_length}, "
-              f"{unique:,} unique parameters")
 
 
 @app.command()
@@ -242,21 +224,8 @@ def verify(
         result = pipeline.verify_on(cfg, compiled, length, batch, text)
     except TintcError as error:
         raise _fail(error) from None
-    _print_compiled(compiled)
-    table = Table(title=f"{cfg.name}: T={result.input_shape[1]}, batch {result.input_shape[0]}, {cfg.tint.dtype}, "
-                        f"TinT forward {result.tint_seconds:.2f} s")
-    for column in ("error", "‖logits−ref‖/‖ref‖", "‖Δ−Δref‖/‖Δref‖", "cos(Δ,Δref)", "max|logits−ref|",
-                   "worst update rel err"):
-        table.add_column(column, justify="left" if column == "error" else "right")
-    rows = [("construction: TinT vs ĝ oracle", result.construction)]
-    if result.rounding is not None:
-        rows += [("  TinT (float32) vs ĝ in float64", result.construction_vs_float64),
-                 ("  the float32 floor: ĝ (float32) vs ĝ in float64", result.rounding)]
-    rows.append(("approximation: ĝ vs exact GD", result.approximation))
-    for name, e in rows:
-        table.add_row(name, f"{e['logits_rel']:.3e}", f"{e['delta_rel_err']:.3e}", f"{e['delta_cosine']:.9f}",
-                      f"{e['logits_max_abs']:.3e}", f"{e['worst_update_rel']:.3e}")
-    out.print(table)
+    out.print(terminal.compiled_line(compiled))
+    out.print(terminal.verification_table(cfg, result))
 
 
 @app.command()
@@ -353,7 +322,7 @@ def eval_(
                                              lrs=learning_rates, float64_reference=float64_reference,
                                              device=group.device(device))
             run, render = (lambda advance: protocol.evaluate(cfg, source, settings, out_dir, group, advance)), eval_render
-        with _progress(group.rank == 0) as advance:
+        with terminal.progress(group.rank == 0) as advance:
             result = run(advance)
     except TintcError as error:
         raise _fail(error) from None
@@ -367,32 +336,6 @@ def eval_(
         out.print(note)
     for path in render.write(result, out_dir):
         out.print(f"wrote {path}")
-
-
-class _progress:
-    """A rich progress bar with ETA on stderr (rank 0 only); yields advance(steps, total, what)."""
-
-    def __init__(self, show: bool):
-        self.show = show
-
-    def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        if not self.show:
-            return lambda advance, total, what: None
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
-        self.bar.start()
-        task = self.bar.add_task("eval", total=None)
-
-        def advance(steps: int, total: int, what: str) -> None:
-            self.bar.update(task, advance=steps, total=total, description=what)
-
-        return advance
-
-    def __exit__(self, *exc) -> None:
-        if self.show:
-            self.bar.stop()
 
 
 if __name__ == "__main__":
