@@ -1,4 +1,5 @@
-"""The driver: config -> aux model -> IR -> training passes -> TinT -> verification and reports.
+"""The driver: config -> aux model -> IR -> training passes -> TinT -> package and reports, and the
+verification of a TinT against the oracles.
 
 Each function is one step of the pipeline; the CLI calls them in order.
 """
@@ -17,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
 import torch  # noqa: E402
 
 import ir.frontend  # noqa: E402
+from ir.errors import ConfigError  # noqa: E402
 from backends.torch.allocate import allocate  # noqa: E402
 from backends.torch.emit import package_files  # noqa: E402
 from backends.torch.lower import lower  # noqa: E402
@@ -34,15 +36,13 @@ from ir.passes.sub_mlp import sub_mlp  # noqa: E402
 from ir.text import dump  # noqa: E402
 
 from tintc import __version__  # noqa: E402
-
-from tintc.oracle import metrics
 from tintc.config import TintcConfig  # noqa: E402
-from ir.errors import ConfigError  # noqa: E402
 from tintc.files import write_files  # noqa: E402
-from tintc.report.counts import parameter_report  # noqa: E402
-from tintc.report.render import report_files  # noqa: E402
+from tintc.oracle import metrics  # noqa: E402
 from tintc.oracle.fidelity import example_input, fidelity_rows, render  # noqa: E402
 from tintc.oracle.reference import GDResult, TrainSettings, approx_gd, exact_gd  # noqa: E402
+from tintc.report.counts import parameter_report  # noqa: E402
+from tintc.report.render import report_files  # noqa: E402
 
 
 def load_aux_model(cfg: TintcConfig):
