@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from backends.torch.checks import check_inputs
-from tintc.pipeline import emit
 from tintc import pipeline
 from tintc.config import parse_config
 
@@ -35,7 +34,7 @@ def main(n_embd=64, n_layer=2):
     cfg = parse_config(str({"model": {"family": "gpt2", "config": hf}, "tint": {"prefixes": 16, "max_length": 256}}))
     model = pipeline.load_aux_model(cfg)
     out = Path(tempfile.mkdtemp())
-    emit(pipeline.compile_tint(cfg, model), cfg, out)
+    pipeline.emit(pipeline.compile_tint(cfg, model), cfg, out)
     spec = importlib.util.spec_from_file_location("tint_model", out / "tint_model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

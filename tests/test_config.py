@@ -272,3 +272,38 @@ def test_query_key_kinds_need_the_exact_attention_rule(tmp_path):
     assert "allowed: approximations.attention: exact" in message
     path.write_text(path.read_text() + "  approximations: {attention: exact}\n")
     assert load_config(path).tint.train.kinds == ["attn_q", "attn_v"]
+
+
+# --- the default trained kinds: the paper's that the family has ---------------------
+
+PLAIN_MLP_KINDS = ["attn_v", "attn_o", "mlp_in", "mlp_out", "norm_bias"]
+GATED_MLP_KINDS = ["attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down"]  # and RMSNorm: no bias
+DEFAULT_KINDS = {"gpt2": PLAIN_MLP_KINDS, "opt": PLAIN_MLP_KINDS, "gpt_neox": PLAIN_MLP_KINDS,
+                 "llama": GATED_MLP_KINDS, "qwen2": GATED_MLP_KINDS, "mistral": GATED_MLP_KINDS}
+
+
+def trained_kinds(graph) -> list[str]:
+    """The kinds of which the training graph descends at least one weight slot."""
+    from ir.passes.select_train import KINDS
+
+    marked = {(node.attrs["role"], slot) for node in graph.nodes() if node.kind.endswith("_descent")
+              for slot in node.weights}
+    return [kind for kind, (roles, slots) in KINDS.items() if any((r, s) in marked for r in roles for s in slots)]
+
+
+@pytest.mark.parametrize("family", sorted(DEFAULT_KINDS))
+def test_a_minimal_config_of_every_family_compiles_with_its_default_kinds(family):
+    import json
+
+    from tests.models import TINY
+    from tintc import pipeline
+
+    config = parse_config(json.dumps({"model": {"family": family, "config": TINY[family]}}))  # JSON is YAML
+    assert config.tint.train.kinds == DEFAULT_KINDS[family]
+    compiled = pipeline.compile_tint(config)
+    assert trained_kinds(compiled.train_graph) == DEFAULT_KINDS[family]  # in KINDS order, as listed
+
+
+def test_kinds_given_in_the_config_replace_the_default(tmp_path):
+    config = load_config(write(tmp_path, GOOD.replace("loss: context", "loss: context\n    kinds: [attn_o]")))
+    assert config.tint.train.kinds == ["attn_o"]

@@ -37,6 +37,7 @@ from ir.errors import TintcError
 LENGTHS = (64, 128, 256, 512)
 EXACTNESS_LENGTH = 256
 AUTO_REPEATS, AUTO_BUDGET_S = 5, 30.0
+MAX_LENGTHS = 16  # one process per length and row: a few minutes each at full size
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -47,7 +48,10 @@ def parse_lengths(text: str) -> list[int]:
     if not lengths or min(lengths) < 2:
         raise TintcError(f"--lengths: got {text!r}; allowed: comma-separated integers >= 2, e.g. 64,128",
                          headline="bench")
-    return sorted(set(lengths))
+    lengths = sorted(set(lengths))
+    if len(lengths) > MAX_LENGTHS:
+        raise TintcError(f"--lengths: got {len(lengths)} lengths; allowed: at most {MAX_LENGTHS}")
+    return lengths
 
 
 # -- the driver (parent process) ---------------------------------------------------------------

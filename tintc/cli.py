@@ -17,10 +17,9 @@ from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from ir.errors import ConfigError, TintcError  # noqa: E402
+from ir.errors import TintcError  # noqa: E402
+from tintc import terminal  # noqa: E402
+from tintc.terminal import err, out  # noqa: E402
 
 app = typer.Typer(
     help="Compile a Hugging Face transformer into a TinT (Trainable Transformer in Transformer).",
@@ -28,10 +27,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Piped output (CI logs, files) gets room for wide tables instead of rich's default 80 columns.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-
 ConfigArg = typer.Argument(..., help="the model.yaml file")
 
 
@@ -115,12 +110,7 @@ def inspect(
         raise _fail(error) from None
 
     typer.echo(to_dot(graph) if format is Format.dot else dump(graph))
-    table = Table(title=f"ops at stage {stage.value}")
-    table.add_column("op")
-    table.add_column("count", justify="right")
-    for kind, count in sorted(counts.items()):
-        table.add_row(kind, str(count))
-    table.add_row("total", str(sum(counts.values())), style="bold")
+    table = terminal.op_count_table(counts, stage.value)
     # the table goes to stderr when the dump is Graphviz, so that stdout stays a valid .dot file
     (err if format is Format.dot else out).print(table)
 
@@ -204,22 +194,15 @@ def compile(config: Path = ConfigArg, force: bool = ForceOption) -> None:
     try:
         cfg = load_config(config)
         compiled = pipeline.compile_tint(cfg)
-        paths = pipeline.save(compiled, cfg, force=force)
+        counts = parameter_report(compiled)
+        paths = pipeline.save(compiled, cfg, force=force, report=counts)
     except TintcError as error:
         raise _fail(error) from None
-    _print_compiled(compiled)
-    tables = rich_tables(parameter_report(compiled))
+    out.print(terminal.compiled_line(compiled))
+    tables = rich_tables(counts)
     out.print(tables[1], tables[2], tables[3])  # stored and dense counts, the reference beside them; report.md has all
     for path in paths:
         out.print(f"wrote {path}")
-
-
-def _print_compiled(compiled) -> None:
-    program = compiled.tint.program
-    unique = sum(p.numel() for p in compiled.tint.parameters())
-    out.print(f"compiled in {compiled.seconds:.2f} s: {len(program.calls)} TinT layer calls of "
-              f"{len(program.layers)} shared primitives, width {program.width}, max length {program.max_length}, "
-              f"{unique:,} unique parameters")
 
 
 @app.command()
@@ -233,40 +216,16 @@ def verify(
     """Compile, run the TinT and the oracles on one input (first half train), and print both errors."""
     from tintc import pipeline
     from tintc.config import load_config
-    from ir.errors import ConfigError
-    from tintc.oracle.fidelity import example_input
 
     _quiet_transformers()
     try:
         cfg = load_config(config)
         compiled = pipeline.compile_tint(cfg)
-        graph = compiled.graph
-        max_length = compiled.tint.program.max_length
-        if length is not None and length > max_length:
-            raise ConfigError(f"--length: got {length}; allowed: 2 to {max_length}, the TinT's max length")
-        n = length or min(64, max_length)
-        ids, train, labels = example_input(graph.attrs["vocab"], n, batch, seed=cfg.model.seed)
-        if text is not None:
-            ids = pipeline.text_input(cfg, graph, text, n)
-            ids, train, labels = ids, train[:1, : ids.shape[1]], labels[:1, : ids.shape[1]]
-        result = pipeline.verify(cfg, compiled, ids, train, labels)
+        result = pipeline.verify_on(cfg, compiled, length, batch, text)
     except TintcError as error:
         raise _fail(error) from None
-    _print_compiled(compiled)
-    table = Table(title=f"{cfg.name}: T={ids.shape[1]}, batch {ids.shape[0]}, {cfg.tint.dtype}, "
-                        f"TinT forward {result.tint_seconds:.2f} s")
-    for column in ("error", "‖logits−ref‖/‖ref‖", "‖Δ−Δref‖/‖Δref‖", "cos(Δ,Δref)", "max|logits−ref|",
-                   "worst update rel err"):
-        table.add_column(column, justify="left" if column == "error" else "right")
-    rows = [("construction: TinT vs ĝ oracle", result.construction)]
-    if result.rounding is not None:
-        rows += [("  TinT (float32) vs ĝ in float64", result.construction_vs_float64),
-                 ("  the float32 floor: ĝ (float32) vs ĝ in float64", result.rounding)]
-    rows.append(("approximation: ĝ vs exact GD", result.approximation))
-    for name, e in rows:
-        table.add_row(name, f"{e['logits_rel']:.3e}", f"{e['delta_rel_err']:.3e}", f"{e['delta_cosine']:.9f}",
-                      f"{e['logits_max_abs']:.3e}", f"{e['worst_update_rel']:.3e}")
-    out.print(table)
+    out.print(terminal.compiled_line(compiled))
+    out.print(terminal.verification_table(cfg, result))
 
 
 @app.command()
@@ -289,8 +248,6 @@ def bench(
 
     try:
         cfg = load_config(config)
-        if len(benchmark.parse_lengths(lengths)) > 16:
-            raise TintcError(f"--lengths: got {len(benchmark.parse_lengths(lengths))} lengths; allowed: at most 16")
         result = benchmark.run(config, benchmark.parse_lengths(lengths), repeats,
                                progress=lambda message: err.print(message, style="dim"), exactness=exactness,
                                force=force)
@@ -337,36 +294,22 @@ def eval_(
     """Dynamic evaluation: on real text (--task lm), perplexity of the test part of each chunk; on a
     labelled data set (--task classify), few-shot accuracy. Rows: the base model, exact SGD, the ĝ
     oracle and the TinT (loaded from its package). Runs data-parallel under torchrun."""
-    from tintc import classify, classify_render, eval_render, text_source
-    from tintc import eval as protocol
     from tintc.config import load_config
+    from tintc.eval import classify, classify_render, options
+    from tintc.eval import render as eval_render
+    from tintc.eval import run as protocol
     from tintc.eval.distributed import Group
 
     _quiet_transformers()
     group = None
     try:
         cfg = load_config(config)
-        learning_rates = _parse_lrs(lrs)
+        learning_rates = options.parse_lrs(lrs)
         if task is Task.classify:
-            lm_only = {"--text": text, "--dataset": dataset, "--length": length, "--train-fraction": train_fraction,
-                       "--chunks": chunks, "--seed": seed}
-            given = [name for name, value in lm_only.items() if value is not None]
-            if given:
-                raise ConfigError(f"{', '.join(given)}: got with --task classify; allowed: --data and the config's "
-                                  "eval.classify section (shots, seed, examples)")
-            if data is None:
-                raise ConfigError('--data: missing; allowed: a JSON-lines file of {"text": ..., "label": ...} '
-                                  "for --task classify")
+            options.check_classify(data, {"--text": text, "--dataset": dataset, "--length": length,
+                                          "--train-fraction": train_fraction, "--chunks": chunks, "--seed": seed})
         else:
-            if data is not None:
-                raise ConfigError("--data: got with --task lm; allowed: --text FILE or --dataset DIR")
-            if text is not None and dataset is not None:
-                raise ConfigError("--text, --dataset: got both; allowed: at most one text source")
-            chunks = 16 if chunks is None else chunks
-            if chunks < 0:
-                raise ConfigError(f"--chunks: got {chunks}; allowed: 0 (every chunk) or a positive number")
-            source = (text_source.file_text(text) if text is not None else
-                      text_source.dataset_text(dataset) if dataset is not None else text_source.default_text())
+            source, chunks = options.check_lm(data, text, dataset, chunks)
         group = Group.from_environment(device)
         out_dir = output if output is not None else cfg.resolved_output / "eval"
         if task is Task.classify:
@@ -374,12 +317,12 @@ def eval_(
                                                  device=group.device(device))
             run, render = (lambda advance: classify.evaluate(cfg, settings, out_dir, group, advance)), classify_render
         else:
-            settings = protocol.EvalSettings(length=length, chunks=chunks or None, seed=seed or 0,
+            settings = protocol.EvalSettings(length=length, chunks=chunks, seed=seed or 0,
                                              train_fraction=0.5 if train_fraction is None else train_fraction,
                                              lrs=learning_rates, float64_reference=float64_reference,
                                              device=group.device(device))
             run, render = (lambda advance: protocol.evaluate(cfg, source, settings, out_dir, group, advance)), eval_render
-        with _progress(group.rank == 0) as advance:
+        with terminal.progress(group.rank == 0) as advance:
             result = run(advance)
     except TintcError as error:
         raise _fail(error) from None
@@ -393,44 +336,6 @@ def eval_(
         out.print(note)
     for path in render.write(result, out_dir):
         out.print(f"wrote {path}")
-
-
-def _parse_lrs(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or any(not v > 0 for v in values) or len(set(values)) != len(values):
-        raise ConfigError(f"--lrs: got {text!r}; allowed: comma-separated distinct numbers > 0, e.g. 1e-4,3e-4,1e-3")
-    return values
-
-
-class _progress:
-    """A rich progress bar with ETA on stderr (rank 0 only); yields advance(steps, total, what)."""
-
-    def __init__(self, show: bool):
-        self.show = show
-
-    def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        if not self.show:
-            return lambda advance, total, what: None
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=True)
-        self.bar.start()
-        task = self.bar.add_task("eval", total=None)
-
-        def advance(steps: int, total: int, what: str) -> None:
-            self.bar.update(task, advance=steps, total=total, description=what)
-
-        return advance
-
-    def __exit__(self, *exc) -> None:
-        if self.show:
-            self.bar.stop()
 
 
 if __name__ == "__main__":

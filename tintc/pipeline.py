@@ -1,4 +1,5 @@
-"""The driver: config -> aux model -> IR -> training passes -> TinT -> verification and reports.
+"""The driver: config -> aux model -> IR -> training passes -> TinT -> package and reports, and the
+verification of a TinT against the oracles.
 
 Each function is one step of the pipeline; the CLI calls them in order.
 """
@@ -17,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
 import torch  # noqa: E402
 
 import ir.frontend  # noqa: E402
+from ir.errors import ConfigError  # noqa: E402
 from backends.torch.allocate import allocate  # noqa: E402
 from backends.torch.emit import package_files  # noqa: E402
 from backends.torch.lower import lower  # noqa: E402
@@ -34,15 +36,13 @@ from ir.passes.sub_mlp import sub_mlp  # noqa: E402
 from ir.text import dump  # noqa: E402
 
 from tintc import __version__  # noqa: E402
-
-from tintc.oracle import metrics
 from tintc.config import TintcConfig  # noqa: E402
-from ir.errors import ConfigError  # noqa: E402
 from tintc.files import write_files  # noqa: E402
-from tintc.report.counts import parameter_report  # noqa: E402
-from tintc.report.render import report_files  # noqa: E402
+from tintc.oracle import metrics  # noqa: E402
 from tintc.oracle.fidelity import example_input, fidelity_rows, render  # noqa: E402
 from tintc.oracle.reference import GDResult, TrainSettings, approx_gd, exact_gd  # noqa: E402
+from tintc.report.counts import parameter_report  # noqa: E402
+from tintc.report.render import report_files  # noqa: E402
 
 
 def load_aux_model(cfg: TintcConfig):
@@ -140,13 +140,15 @@ def emit(compiled_or_tint, cfg: TintcConfig | None, directory, force: bool = Fal
     return write_files(directory, package_files(compiled_or_tint, cfg, __version__), force=force)
 
 
-def save(compiled: Compiled, cfg: TintcConfig, force: bool = False) -> list[str]:
+def save(compiled: Compiled, cfg: TintcConfig, force: bool = False, report: dict | None = None) -> list[str]:
     """Write under `output`, as one set (tintc/files.py), the standalone TinT package (tint_model.py,
     weights.safetensors, tint_config.json: see backends/torch/emit.py), the IR dumps of the traced and
     the training graph, the parameter report, and the compile time (timings.json, the one file that
-    differs between identical compiles); return the paths."""
+    differs between identical compiles); return the paths. `report`: the parameter report if the
+    caller has it already (else it is counted here)."""
+    report = report if report is not None else parameter_report(compiled)
     files = {**package_files(compiled, cfg, __version__), "traced.ir": dump(compiled.graph), "train.ir": dump(compiled.train_graph),
-             **report_files(parameter_report(compiled)),
+             **report_files(report),
              "timings.json": json.dumps({"compile_seconds": round(compiled.seconds, 3)}, indent=2) + "\n"}
     return [str(path) for path in write_files(cfg.resolved_output, files, force=force, source=cfg.source_key)]
 
@@ -160,6 +162,7 @@ class Verification:
     # finite differences amplify it by N), and the TinT vs ĝ in float64
     rounding: dict[str, float] | None = None
     construction_vs_float64: dict[str, float] | None = None
+    input_shape: tuple[int, int] = (0, 0)  # [B, T] of the input
 
 
 def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_mask=None) -> Verification:
@@ -177,13 +180,23 @@ def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_ma
     tint_run = GDResult(tint.decode(prefixes), logits, g_hat.logits_before, g_hat.trained)
     evaluated = metrics.eval_mask(train_mask)
     result = Verification(_errors(tint_run, g_hat, params, evaluated), _errors(g_hat, exact, params, evaluated),
-                          seconds)
+                          seconds, input_shape=tuple(input_ids.shape))
     if g_hat.logits.dtype == torch.float32:
         params64 = {n: p.double() for n, p in params.items()}
         g_hat64 = approx_gd(graph, params64, input_ids, train_mask, settings, labels)
         result.rounding = _errors(g_hat, g_hat64, params64, evaluated)
         result.construction_vs_float64 = _errors(tint_run, g_hat64, params64, evaluated)
     return result
+
+
+def verify_on(cfg: TintcConfig, compiled: Compiled, length: int | None = None, batch: int = 1,
+              text=None) -> Verification:
+    """`tintc verify`: verify on `batch` seeded random inputs of `length` tokens (default: the TinT's max
+    length, at most 64), or on the start of a text file."""
+    max_length = compiled.tint.program.max_length
+    if length is not None and length > max_length:
+        raise ConfigError(f"--length: got {length}; allowed: 2 to {max_length}, the TinT's max length")
+    return verify(cfg, compiled, *example_or_text(cfg, compiled.graph, length or min(64, max_length), batch, text))
 
 
 def _errors(run, ref, params, evaluated) -> dict[str, float]:
@@ -217,20 +230,26 @@ def text_input(cfg: TintcConfig, graph: Graph, path, length: int):
     return torch.tensor(ids[:length])[None]
 
 
+def example_or_text(cfg: TintcConfig, graph: Graph, length: int, batch: int = 1, text=None):
+    """(input_ids, train_mask, label_mask), the first half train: `batch` seeded random sequences of
+    `length` tokens, or with `text` one sequence, the file's first `length` tokens (fewer if it is shorter)."""
+    input_ids, train_mask, label_mask = example_input(graph.attrs["vocab"], length, batch, seed=cfg.model.seed)
+    if text is None:
+        return input_ids, train_mask, label_mask
+    input_ids = text_input(cfg, graph, text, length)
+    n = input_ids.shape[1]
+    return input_ids, train_mask[:1, :n], label_mask[:1, :n]
+
+
 def reference_table(cfg: TintcConfig, length: int | None = None, batch: int = 1, text=None):
     """The oracle's fidelity table on a seeded random input, or on a text file (half train, half test)."""
     model = load_aux_model(cfg)
     graph = trace(cfg, model)
-    length = length or min(64, graph.attrs["max_positions"])
-    input_ids, train_mask, label_mask = example_input(graph.attrs["vocab"], length, batch, seed=cfg.model.seed)
-    if text is not None:
-        input_ids = text_input(cfg, graph, text, length)
-        n = input_ids.shape[1]
-        train_mask, label_mask = train_mask[:1, :n], label_mask[:1, :n]
-        length = n
+    input_ids, train_mask, label_mask = example_or_text(cfg, graph, length or min(64, graph.attrs["max_positions"]),
+                                                        batch, text)
     settings = TrainSettings.from_config(cfg, graph.attrs["n_layer"])
     rows = fidelity_rows(model, graph, input_ids, train_mask, settings, label_mask)
     t = cfg.tint.train
     title = (f"{cfg.name}: {t.steps} step(s) of SGD, lr {t.lr:g}, layers {t.layers}, kinds {','.join(t.kinds)}, "
-             f"loss {t.loss}, {cfg.tint.dtype}, T={length} (first half train)")
+             f"loss {t.loss}, {cfg.tint.dtype}, T={input_ids.shape[1]} (first half train)")
     return render(rows, title)

@@ -21,6 +21,7 @@ class Adapter:
     roles: dict[str, str | tuple[str, ...]]
     outer_roles: dict[str, str] = {}  # module path outside the layers -> op role (e.g. OPT's project_in)
     head: str = "lm_head"  # module path of the unembedding
+    norm_bias: bool = True  # its layer norms have a bias (RMSNorm has none)
     position_offset: int = 0  # learned positions: the table row of position 0
     config_keys: tuple[str, ...] = ()  # kwargs the HF config class reads but does not list (legacy names)
 

@@ -19,6 +19,7 @@ class LlamaAdapter(Adapter):
              "self_attn.v_proj": "v", "self_attn.o_proj": "o", "post_attention_layernorm": "ln_mlp",
              "mlp.gate_proj": "mlp_gate", "mlp.up_proj": "mlp_up", "mlp.down_proj": "mlp_down"}
     activations = ("silu",)  # hidden_act values the IR supports
+    norm_bias = False  # RMSNorm
 
     def check(self, model) -> list[str]:
         c = model.config

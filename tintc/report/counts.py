@@ -1,4 +1,4 @@
-"""The parameter report of a compiled TinT (DESIGN §2.3 and §5): JSON, Markdown and a plot.
+"""The parameter report of a compiled TinT (DESIGN §2.3 and §5), counted; render.py writes it.
 
 Counting is honest: every tensor the TinT module stores (each parameter and buffer) is
 counted dense, as stored (`numel`), and its nonzeros separately (`count_nonzero`).
@@ -19,7 +19,7 @@ counted dense, as stored (`numel`), and its nonzeros separately (`count_nonzero`
   shown only beside the latter, the count made like theirs.
 
     report = parameter_report(compiled)      # a JSON-able dict
-    save_report(compiled, directory)         # report.json, report.md, report.png (report_render.py)
+    write_report(report, directory)          # report.json, report.md, report.png (render.py)
 """
 
 from __future__ import annotations
@@ -265,9 +265,3 @@ def _reference(report: dict) -> dict | None:
     return {**ref, "settings": REFERENCE_SETTINGS,
             "settings_match": all(ours[k] == v for k, v in REFERENCE_SETTINGS.items())}
 
-
-def save_report(compiled, directory) -> list[str]:
-    """parameter_report + write_report: what `tintc compile` and `tintc report` write."""
-    from tintc.report.render import write_report
-
-    return write_report(parameter_report(compiled), directory)

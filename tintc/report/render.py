@@ -7,7 +7,7 @@ import json
 import re
 
 from tintc.files import write_files
-from tintc.report.counts import OP_KINDS, OUTSIDE, PHASES, STORED_OUTSIDE_CALLS, _zero
+from tintc.report.counts import OP_KINDS, OUTSIDE, PHASES, STORED_OUTSIDE_CALLS
 from tintc.report.reference_render import CONVENTIONS_TEXT, like_with_like_panel, like_with_like_table
 
 

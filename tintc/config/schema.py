@@ -1,0 +1,289 @@
+"""The model.yaml schema: every key, its default, its bounds, and the "allowed" text of its errors.
+
+pydantic checks it with unknown keys forbidden everywhere; each leaf field's `description` is
+what an error prints after "allowed:". Loading (file:line errors) is in load.py, the checks
+that need the family's Hugging Face config in cross_checks.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from ir.errors import ConfigError
+
+# A problem before formatting: where it is (keys and list indices from the top) and what.
+Loc = tuple[str | int, ...]
+
+# The parameter kinds of a layer that training may update.
+Kind = Literal["attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_out", "mlp_gate", "mlp_up", "mlp_down",
+               "norm_gain", "norm_bias"]
+PARAM_KINDS: tuple[str, ...] = get_args(Kind)
+# What the paper trains: V, O, the MLP's linear maps and the layer norms' bias, named here for both
+# MLP forms. A family's default kinds are those of these that its layers have (default_kinds).
+PAPER_KINDS = ("attn_v", "attn_o", "mlp_in", "mlp_out", "mlp_gate", "mlp_up", "mlp_down", "norm_bias")
+
+LAYERS_PATTERN = re.compile(r"\A(all|top-(\d+))\Z")
+LAYERS_ALLOWED = "all | top-N with N >= 1"
+
+# Finite bounds on the numeric settings: what a 24 GiB machine can compile in reasonable time
+# (each SGD step unrolls the whole backward into the TinT), and what stays finite in float32.
+MAX_SEED = 2**32 - 1  # torch.manual_seed's range on every platform
+MAX_STEPS = 64
+MAX_LR = 1.0e3
+MAX_SCALE = 1.0e6
+MAX_SIZE = 8192  # hidden sizes, widths, ranks, K
+MAX_LENGTH = 4096
+MAX_LAYERS = 96
+MAX_VOCAB = 1_000_000
+
+
+def _not_allowed(allowed: str) -> PydanticCustomError:
+    """A validator error whose `allowed` text the formatter prints as is."""
+    return PydanticCustomError("not_allowed", "allowed: {allowed}", {"allowed": allowed})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    family: str = Field(description="a supported family (gpt2 | opt | llama | qwen2 | mistral | gpt_neox)")
+    config: dict[str, Any] | None = Field(None, description="a mapping of HF config keys to values")
+    path: str | None = Field(None, description="a local save_pretrained directory")
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description=f"an integer from 0 to {MAX_SEED}")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        from ir.frontend import ADAPTERS  # lazy: the frontend imports torch and transformers
+
+        if family not in ADAPTERS:
+            raise _not_allowed(" | ".join(sorted(ADAPTERS)))
+        return family
+
+
+class TrainSpec(_Strict):
+    layers: str = Field("all", description=LAYERS_ALLOWED)
+    steps: int = Field(1, ge=1, le=MAX_STEPS, strict=True, description=f"an integer from 1 to {MAX_STEPS}")
+    lr: float = Field(1.0e-3, gt=0, le=MAX_LR, allow_inf_nan=False, description=f"a finite number > 0, at most {MAX_LR:g}")
+    loss: Literal["context", "label_only"] = "context"
+    kinds: list[Kind] = Field(
+        default_factory=list,  # not given: TintcConfig sets the family's default_kinds
+        min_length=1,
+        description="a non-empty list without repeats of: " + " | ".join(PARAM_KINDS),
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_form(cls, layers: str) -> str:
+        match = LAYERS_PATTERN.match(layers)
+        if match is None or (match.group(2) is not None and int(match.group(2)) < 1):
+            raise _not_allowed(LAYERS_ALLOWED)
+        return layers
+
+    @field_validator("kinds")
+    @classmethod
+    def _no_repeats(cls, kinds: list[str]) -> list[str]:
+        if len(set(kinds)) != len(kinds):
+            raise _not_allowed("each of " + " | ".join(PARAM_KINDS) + " at most once")
+        return kinds
+
+    def top_n(self) -> int | None:
+        """N of `top-N`, or None for `all`."""
+        match = LAYERS_PATTERN.match(self.layers)
+        return int(match.group(2)) if match and match.group(2) else None
+
+
+class ApproximationSpec(_Strict):
+    attention: Literal["stop_gradient", "exact"] = "stop_gradient"
+    layer_norm: Literal["finite_difference", "exact"] = "finite_difference"
+    activation: Literal["finite_difference", "exact"] = "finite_difference"
+    scale: float = Field(1000.0, gt=0, le=MAX_SCALE, allow_inf_nan=False,
+                         description=f"a finite number > 0, at most {MAX_SCALE:g}")
+
+
+def default_kinds(family: str) -> list[str]:
+    """The kinds trained when the config names none: the paper's (PAPER_KINDS) that `family` has.
+    GPT-2, OPT, GPT-NeoX: attn_v attn_o mlp_in mlp_out norm_bias; LLaMA, Qwen2, Mistral (a gated
+    MLP, RMSNorm): attn_v attn_o mlp_gate mlp_up mlp_down."""
+    from ir.frontend import ADAPTERS  # lazy: the frontend imports torch and transformers
+    from ir.passes.select_train import KINDS  # kind -> (op roles, weight slots)
+
+    adapter = ADAPTERS[family]
+    roles = set()
+    for role in adapter.roles.values():  # a fused projection holds a tuple of roles
+        roles |= set(role) if isinstance(role, tuple) else {role}
+    return [kind for kind in PAPER_KINDS
+            if roles & set(KINDS[kind][0]) and (kind != "norm_bias" or adapter.norm_bias)]
+
+
+def _default_width(hidden: int) -> int:
+    """The default head and chunk width: the largest divisor of the hidden size up to 256."""
+    return max(w for w in range(1, min(hidden, 256) + 1) if hidden % w == 0)
+
+
+class PassSpec(_Strict):
+    enabled: bool = Field(True, strict=True, description="true | false")
+
+
+class WidthPassSpec(PassSpec):
+    width: int | None = Field(None, ge=1, le=MAX_SIZE, strict=True,
+                              description=f"an integer from 1 to {MAX_SIZE}, or null for the default")
+
+
+class LowRankSpec(PassSpec):
+    enabled: bool = Field(False, strict=True, description="true | false")
+    rank: int = Field(64, ge=1, le=MAX_SIZE, strict=True, description=f"an integer from 1 to {MAX_SIZE}")
+
+
+class PassesSpec(_Strict):
+    """The optimisation passes (ir/passes/), each switchable, with its knobs."""
+
+    prefix_stacking: PassSpec = Field(default_factory=PassSpec)  # its knob is tint.prefixes (K)
+    head_splitting: WidthPassSpec = Field(default_factory=WidthPassSpec)  # width: largest divisor of D <= 256
+    sub_mlp: WidthPassSpec = Field(default_factory=WidthPassSpec)  # width: the head-splitting width
+    block_sharing: PassSpec = Field(default_factory=PassSpec)
+    low_rank: LowRankSpec = Field(default_factory=LowRankSpec)  # off by default
+
+
+class TintSpec(_Strict):
+    prefixes: int = Field(16, ge=1, le=MAX_SIZE, strict=True, description="an integer >= 1 that divides the hidden size")
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    approximations: ApproximationSpec = Field(default_factory=ApproximationSpec)
+    dtype: Literal["float32", "float64"] = "float32"
+    passes: PassesSpec = Field(default_factory=PassesSpec)
+    max_length: int | None = Field(None, ge=2, le=MAX_LENGTH, strict=True,
+                                   description="an integer >= 2: the longest input the TinT takes "
+                                               "(default: the aux model's, at most 256)")
+
+
+MAX_SHOTS = 64
+
+
+class ClassifySpec(_Strict):
+    """`tintc eval --task classify`: how an example becomes a prompt, and the label words."""
+
+    template: str = Field(description="a string holding {text} once, e.g. 'Review: {text}\\nSentiment:'")
+    labels: dict[str | int, str] = Field(
+        min_length=2, description="a mapping of at least 2 label values (as in the data) to distinct, non-empty "
+                                  "label words")
+    separator: str = Field("\n\n", description="a string: what follows each demonstration's label word")
+    shots: int = Field(4, ge=1, le=MAX_SHOTS, strict=True, description=f"an integer from 1 to {MAX_SHOTS}: k, "
+                                                                       "the demonstrations (zero-shot is always run)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description=f"an integer from 0 to {MAX_SEED}")
+    examples: int | None = Field(None, ge=1, strict=True,
+                                 description="an integer >= 1: test examples drawn with seed, or null for all")
+
+    @field_validator("template")
+    @classmethod
+    def _one_slot(cls, template: str) -> str:
+        if template.count("{text}") != 1:
+            raise _not_allowed("a string holding {text} exactly once")
+        return template
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_words(cls, labels: dict) -> dict:
+        words = list(labels.values())
+        if any(isinstance(k, bool) for k in labels) or "" in words or len(set(words)) != len(words):
+            raise _not_allowed("a mapping of at least 2 label values (strings or integers) to distinct, "
+                               "non-empty label words")
+        return labels
+
+
+class EvalSpec(_Strict):
+    classify: ClassifySpec | None = None
+
+
+class TintcConfig(_Strict):
+    model: ModelSpec
+    tint: TintSpec = Field(default_factory=TintSpec)
+    eval: EvalSpec | None = None
+    output: str | None = Field(None, description="a directory path (default: build/<config name>)")
+
+    _source: Path | None = PrivateAttr(None)  # the YAML file, None when parsed from a string
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)  # relative paths resolve against it
+
+    @model_validator(mode="after")
+    def _family_kinds(self) -> TintcConfig:
+        if "kinds" not in self.tint.train.model_fields_set:
+            self.tint.train.kinds = default_kinds(self.model.family)
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    @property
+    def name(self) -> str:
+        """A short name for titles and graphs: the YAML file's stem, else the model family."""
+        return self._source.stem if self._source else self.model.family
+
+    @property
+    def source_key(self) -> str:
+        """A digest of the settings and the model path: which config a file in the output came from."""
+        import hashlib
+
+        text = json.dumps([self.model_dump(mode="json"), str(self.resolved_model_path)], sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    @property
+    def resolved_output(self) -> Path:
+        if self.output is not None:
+            return (self.base_dir / self.output).resolve()
+        return (self.base_dir / "build" / self.name).resolve()
+
+    @property
+    def resolved_model_path(self) -> Path | None:
+        return None if self.model.path is None else (self.base_dir / self.model.path).resolve()
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"float32": torch.float32, "float64": torch.float64}[self.tint.dtype]
+
+    def max_length(self, aux_max_positions: int) -> int:
+        """The longest input the TinT is built for (its one-hot positions have this width)."""
+        if self.tint.max_length is None:
+            return min(aux_max_positions, 256)
+        if self.tint.max_length > aux_max_positions:
+            raise ConfigError(f"tint.max_length: got {self.tint.max_length}; allowed: at most the aux model's "
+                              f"{aux_max_positions} positions")
+        return self.tint.max_length
+
+    def head_width(self, hidden: int) -> int | None:
+        """c, the input chunk each head of a simulated linear map reads; None: splitting off."""
+        spec = self.tint.passes.head_splitting
+        if not spec.enabled:
+            return None
+        return spec.width or _default_width(hidden)
+
+    def group_width(self, hidden: int) -> int | None:
+        """The chunk width of elementwise work on wide values; None: the partition is off."""
+        spec = self.tint.passes.sub_mlp
+        if not spec.enabled:
+            return None
+        return spec.width or self.head_width(hidden) or _default_width(hidden)
+
+    def trained_layers(self, n_layer: int) -> list[int]:
+        """Indices of the trained layers, ascending: all of them, or the top N."""
+        n = self.tint.train.top_n()
+        if n is None:
+            return list(range(n_layer))
+        if n > n_layer:
+            raise ConfigError(f"tint.train.layers: got 'top-{n}'; allowed: top-N with N <= {n_layer} layers")
+        return list(range(n_layer - n, n_layer))
+
+
+
+def show(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut at 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
