@@ -10,7 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tintc import classify, pipeline
+from tintc import pipeline
+from tintc.eval import classify
 from tintc.eval.classify import ClassifySettings, evaluate
 from tintc.eval.classify_render import worst_vs_g_hat
 from tintc.cli import app

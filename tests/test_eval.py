@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from tintc import pipeline, text_source
+from tintc import pipeline
+from tintc.eval import text_source
 from tintc.cli import app
 from tintc.oracle.reference import TrainSettings, approx_gd
 from tintc.eval.run import BASE, EXACT, G_HAT, G_HAT64, TINT, EvalSettings, evaluate

@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from tintc import pipeline
-from tintc import report as R
-from tintc import report_render as V
+from tintc.report import counts as R
+from tintc.report import render as V
 from tests.models import TINY, tiny_config, tiny_model
 
 
