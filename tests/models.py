@@ -82,18 +82,3 @@ def tiny_config(family: str, table: dict = TINY, **tint):
     section = {"prefixes": 8, "max_length": 32, **rest, "train": {"lr": 0.05, **train}}
     text = json.dumps({"model": {"family": family, "config": table[family]}, "tint": section})
     return parse_config(text)  # JSON is YAML
-
-
-def run_tint_and_oracle(cfg, model, input_ids, train_mask, label_mask=None):
-    """Compile `model` under `cfg`, run the TinT and the ĝ oracle on one input.
-    Returns (compiled, oracle GDResult, TinT logits, TinT new prefixes, θ)."""
-    from tintc import pipeline
-    from tintc.oracle.reference import TrainSettings, approx_gd
-
-    compiled = pipeline.compile_tint(cfg, model)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    settings = TrainSettings.from_config(cfg, compiled.graph.attrs["n_layer"])
-    oracle = approx_gd(compiled.graph, params, input_ids, train_mask, settings, label_mask)
-    with torch.no_grad():
-        logits, prefixes = compiled.tint(input_ids, train_mask, compiled.tint.encode(params), label_mask)
-    return compiled, oracle, logits, prefixes, params

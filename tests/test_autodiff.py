@@ -11,7 +11,6 @@ from ir.passes import run_passes
 from ir.passes.autodiff import autodiff
 from ir.passes.select_train import select_train
 from ir.text import dump, parse
-from ir.errors import PassError
 from tintc.oracle.fidelity import example_input
 from tintc.oracle.reference import EXACT, PAPER_KINDS, TrainSettings, approx_gd, exact_gd, with_approximations
 from tests.models import tiny_model

@@ -1,12 +1,17 @@
-"""`tintc bench` smoke test: a tiny gpt2, one short length, one run (benchmarks are not tests)."""
+"""`tintc bench` on a tiny gpt2, one short length, one run: what it counts equals a compile made here,
+and each measurement is a warm-up then the median of its runs, counted on a fake clock (benchmarks
+are not tests: no time is asserted)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
+from tintc import bench, pipeline
 from tintc.cli import app
+from tintc.config import load_config
 from tests.models import TINY
 
 
@@ -24,12 +29,16 @@ def test_bench_measures_the_tint_and_the_direct_evaluation(tmp_path, monkeypatch
     assert "skipped T=64: above the TinT's max_length 32" in result.output
     out = tmp_path / "out"
     bench = json.loads((out / "bench.json").read_text())
-    assert bench["compile"]["compile_seconds"] > 0 and bench["compile"]["peak_mib"] > 0
+    tint = pipeline.compile_tint(load_config(tmp_path / "tiny.yaml")).tint  # what the child compiled
+    program, compiled = tint.program, bench["compile"]
+    assert (compiled["width"], compiled["calls"], compiled["primitives"], compiled["max_length"]) == (
+        program.width, len(program.calls), len(program.layers), program.max_length)
+    assert compiled["parameters"] == sum(p.numel() for p in tint.parameters())
     assert [row["length"] for row in bench["runs"]] == [16]
     row = bench["runs"][0]
     for part in ("tint", "direct"):
-        assert row[part]["runs"] == 1 and row[part]["seconds"] > 0
-        assert row[part]["peak_mib"] >= row[part]["base_mib"] > 0
+        assert row[part]["runs"] == 1
+        assert row[part]["peak_mib"] >= row[part]["base_mib"] > 0  # a peak at or above the resident size before
     assert row["time_ratio"] == row["tint"]["seconds"] / row["direct"]["seconds"]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "tint_model.py").exists()  # the TinT runs were of the emitted package
@@ -37,7 +46,8 @@ def test_bench_measures_the_tint_and_the_direct_evaluation(tmp_path, monkeypatch
     assert cost["length"] == 32 and cost["repeats"] == 1
     assert [row["name"] for row in cost["rows"]] == ["paper rules", "attention exact", "layer_norm exact",
                                                       "activation exact", "all exact"]
-    assert all(row["forward_seconds"] > 0 and row["calls"] > 0 for row in cost["rows"])
+    assert cost["rows"][0]["calls"] == len(program.calls)  # the config's rules are the paper's
+    assert all(row["calls"] > cost["rows"][0]["calls"] for row in cost["rows"][1:])  # each exact rule adds calls
     assert "Cost of exactness" in result.output
 
 
@@ -60,3 +70,42 @@ def test_bench_keeps_a_foreign_report_unless_forced(tmp_path, monkeypatch):
     forced = CliRunner().invoke(app, args + ["--force"])
     assert forced.exit_code == 0, forced.output
     assert (tmp_path / "out" / "report.md").read_text() != "my notes\n"
+
+
+def _fake_clock(monkeypatch, durations):
+    """time.perf_counter for tintc.bench, advanced only by the measured function: each call takes the
+    next of `durations` seconds. Returns the function and the list of its calls."""
+    now, calls = [0.0], []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+
+    def work():
+        now[0] += durations[len(calls)]
+        calls.append(now[0])
+
+    return work, calls
+
+
+@pytest.mark.parametrize("repeats,durations,runs,median", [
+    (3, [5.0, 1.0, 3.0, 2.0], 3, 2.0),  # the warm-up (5 s) is not counted
+    (None, [10.0, 1.0, 2.0, 3.0], 3, 2.0),  # auto: 30 s budget / 10 s warm-up = 3 runs
+    (None, [0.5] + [1.0] * 5, 5, 1.0),  # auto: at most 5
+    (None, [100.0, 7.0], 1, 7.0),  # auto: at least 1
+])
+def test_a_measurement_is_a_warm_up_then_the_median_of_its_runs(monkeypatch, repeats, durations, runs, median):
+    work, calls = _fake_clock(monkeypatch, durations)
+    timed = bench._timed(work, repeats)
+    assert len(calls) == 1 + runs == len(durations)
+    assert timed == {"seconds": median, "runs": runs, "warmup_seconds": durations[0]}
+
+
+def test_the_direct_measurement_is_exact_gd_without_the_forward_before(tmp_path, monkeypatch):
+    from tintc.oracle import reference
+
+    seen = []
+    exact_gd = reference.exact_gd
+    monkeypatch.setattr(reference, "exact_gd", lambda *a, **k: seen.append((a[2].shape, k)) or exact_gd(*a, **k))
+    (tmp_path / "run.json").write_text(json.dumps({"vocab": TINY["gpt2"]["vocab_size"], "seed": 0,
+                                                   "label_only": False}))
+    result = bench.measure_direct(str(_config(tmp_path)), tmp_path, length=16, repeats=2)
+    assert result["runs"] == 2
+    assert seen == [((1, 16), {"before": False})] * 3  # a warm-up and two runs on [1, T] ids

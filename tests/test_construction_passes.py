@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 
 from ir.frontend import trace
 from ir.passes import run_passes
@@ -20,9 +19,9 @@ from ir.passes.sub_mlp import sub_mlp
 from ir.text import dump, parse
 from tintc import pipeline
 from ir.errors import PassError
-from tintc.oracle.fidelity import example_input
 from tintc.oracle.reference import PAPER_KINDS
-from tests.models import run_tint_and_oracle, tiny_config, tiny_model
+from tests.helpers import check_round, tint_round
+from tests.models import tiny_config, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +89,7 @@ COMBINATIONS = [("opt", s) for s in itertools.product([True, False], repeat=4)] 
 
 @pytest.mark.parametrize("family,switches", COMBINATIONS)
 def test_every_combination_of_passes_keeps_the_tint_exact(family, switches):
-    cfg = tiny_config(family, dtype="float64", passes=_passes(*switches), steps=2)
-    model = tiny_model(family, dtype=torch.float64)
-    ids, train, _ = example_input(model.config.vocab_size, 12, 1, seed=3)
-    compiled, oracle, logits, prefixes, params = run_tint_and_oracle(cfg, model, ids, train)
-    assert ((logits - oracle.logits).norm() / oracle.logits.norm()) < 1e-9
-    decoded = compiled.tint.decode(prefixes)
-    for name in oracle.trained:
-        update = oracle.params[name] - params[name]
-        assert ((decoded[name] - params[name] - update).norm() / update.norm()) < 1e-8
+    check_round(tint_round(family, passes=_passes(*switches), steps=2, length=12, batch=1), 1e-9)
 
 
 def test_the_passes_change_what_they_claim():

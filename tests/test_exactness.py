@@ -7,6 +7,7 @@ import json
 
 from typer.testing import CliRunner
 
+from backends.torch.tint import TinT
 from tintc import pipeline
 from tintc.report.exactness import VARIANTS, cost_of_exactness
 from tintc.report.counts import parameter_report
@@ -57,12 +58,19 @@ def test_a_rule_without_a_construction_is_a_row_with_its_error_and_times_are_cap
     monkeypatch.delitem(lower_backward.EXACT_DERIVATIVES, "gelu")  # as if erf GELU had no exact construction
     table = {"gpt2": {**TINY["gpt2"], "activation_function": "gelu"}}
     cfg = tiny_config("gpt2", table=table, max_length=16)
+    forwards = []  # the input shape of each TinT forward, and the TinT
+    real_forward = TinT.forward
+    monkeypatch.setattr(TinT, "forward", lambda self, ids, *a: forwards.append((tuple(ids.shape), self))
+                        or real_forward(self, ids, *a))
     result = cost_of_exactness(cfg, tiny_model("gpt2", table=table), length=256, repeats=1)
     rows = {row["name"]: row for row in result["rows"]}
     assert "activation backward rule 'exact' for gelu has no TinT construction" in rows["activation exact"]["error"]
     assert "error" in rows["all exact"] and "error" not in rows["layer_norm exact"]
     assert result["length"] == 16 and result["repeats"] == 1  # the TinT's max length, not 256
-    assert all(row["forward_seconds"] > 0 for row in result["rows"] if "error" not in row)
+    # each row that compiled: its own TinT, one warm-up and one timed forward on [1, 16] ids
+    timed = [row for row in result["rows"] if "error" not in row]
+    assert [shape for shape, _ in forwards] == [(1, 16)] * 2 * len(timed) and len(timed) == 3
+    assert len({id(tint) for _, tint in forwards}) == len(timed)
     rendered = exactness_table(result)
     assert rendered[1][-1] == "forward s, T=16"
     assert rendered[2][3][2].startswith("no TinT: ")
@@ -78,5 +86,8 @@ def test_report_command_with_exactness(tmp_path):
     assert result.exit_code == 0, result.output
     assert "Cost of exactness" in result.output
     written = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert [row["name"] for row in written["exactness"]["rows"]] == NAMES
+    rows = written["exactness"]["rows"]
+    assert [row["name"] for row in rows] == NAMES
+    assert rows[0]["calls"] == written["tint"]["calls"]  # the config's rules are the paper's: the same TinT
+    assert rows[0]["unique"] == written["counts"]["unique"]["dense"]
     assert "## Cost of exactness" in (tmp_path / "out" / "report.md").read_text()

@@ -20,7 +20,7 @@ from tintc.oracle.reference import EXACT, TrainSettings, approx_gd, exact_gd, wi
 from tintc.oracle.fidelity import example_input
 from tests.models import tiny_config, tiny_model
 from tests.test_interpret import max_logit_error
-from tests.test_reference import _params, _setup
+from tests.helpers import params_of, traced_tiny
 
 GATED_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "norm_gain")
 
@@ -95,10 +95,10 @@ def test_compile_refuses_ops_without_a_construction():
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_approximate_gd_with_exact_rules_equals_exact_gd(family):
-    model, graph, ids, train, labels = _setup(family)
+    model, graph, ids, train, labels = traced_tiny(family)
     settings = TrainSettings(lr=0.05, steps=2, kinds=GATED_KINDS, approximations=EXACT)
     exact = exact_gd(model, graph, ids, train, settings)
-    approx = approx_gd(graph, _params(model), ids, train, settings)
+    approx = approx_gd(graph, params_of(model), ids, train, settings)
     assert (exact.logits - exact.logits_before).abs().max() > 1e-2  # training moved the logits
     assert (approx.logits - exact.logits).abs().max() < 1e-10
     for name in exact.trained:
@@ -106,13 +106,13 @@ def test_approximate_gd_with_exact_rules_equals_exact_gd(family):
 
 
 def test_stop_gradient_with_grouped_query_attention_sums_over_the_sharing_heads():
-    model, graph, ids, train, _ = _setup("llama", length=8, batch=1)
+    model, graph, ids, train, _ = traced_tiny("llama", length=8, batch=1)
     settings = TrainSettings(lr=0.05, layers=(1,), kinds=("attn_v",), approximations=EXACT)
     stop = with_approximations(settings, attention="stop_gradient")
-    exact, approx = (approx_gd(graph, _params(model), ids, train, s) for s in (settings, stop))
+    exact, approx = (approx_gd(graph, params_of(model), ids, train, s) for s in (settings, stop))
     name = "model.layers.1.self_attn.v_proj.weight"  # the top layer: v's gradient needs no score gradient
     assert torch.allclose(approx.params[name], exact.params[name], rtol=0, atol=1e-12)
-    assert (approx.params[name] - _params(model)[name]).abs().max() > 1e-4
+    assert (approx.params[name] - params_of(model)[name]).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
@@ -131,7 +131,7 @@ def test_with_every_rule_exact_the_training_graph_is_exact_gd(family, steps):
     assert len(scores) == 2 * 2 * steps  # q and k, 2 layers
     assert {n.shape for n in scores if n.attrs["wrt"] == "k"} == {("T", 2 * 8)}  # 2 k/v heads of 8
     ids, train, _ = example_input(graph.attrs["vocab"], 16, 2, seed=1)
-    params = _params(model)
+    params = params_of(model)
     settings = TrainSettings(lr=0.05, steps=steps, kinds=GATED_KINDS, approximations=EXACT)
     exact = exact_gd(model, graph, ids, train, settings)
     result = Interpreter(tg).execute(params, ids, train)
@@ -153,10 +153,10 @@ def test_exact_gd_normalises_as_the_graph_says():
     ids, train, _ = example_input(traced.attrs["vocab"], 16, 2, seed=1)
     settings = TrainSettings(lr=0.05, kinds=GATED_KINDS, approximations=EXACT)
     hf_cast, wide = (exact_gd(model, g, ids, train, settings) for g in (traced, compiled))
-    approx = approx_gd(compiled, _params(model), ids, train, settings)
+    approx = approx_gd(compiled, params_of(model), ids, train, settings)
     assert (wide.logits - approx.logits).abs().max() < 1e-12
     assert (hf_cast.logits - wide.logits).abs().max() > 1e-9  # the float32 rounding is real
-    assert (hf_cast.logits - approx_gd(traced, _params(model), ids, train, settings).logits).abs().max() < 1e-12
+    assert (hf_cast.logits - approx_gd(traced, params_of(model), ids, train, settings).logits).abs().max() < 1e-12
     assert not any("forward" in vars(m) for m in model.modules())  # the HF modules are as they were
 
 
@@ -213,10 +213,10 @@ def test_gpt_neox_kinds_and_refusals():
 def test_gpt_neox_approximate_gd_with_exact_rules_equals_exact_gd(parallel):
     model = tiny_model("gpt_neox", dtype=torch.float64, use_parallel_residual=parallel)
     graph = trace(model)
-    ids, train, _ = _setup("gpt_neox")[2:]
+    ids, train, _ = traced_tiny("gpt_neox")[2:]
     settings = TrainSettings(lr=0.05, steps=2, kinds=NEOX_KINDS, approximations=EXACT)
     exact = exact_gd(model, graph, ids, train, settings)
-    approx = approx_gd(graph, _params(model), ids, train, settings)
+    approx = approx_gd(graph, params_of(model), ids, train, settings)
     assert (exact.logits - exact.logits_before).abs().max() > 1e-2  # training moved the logits
     assert (approx.logits - exact.logits).abs().max() < 1e-10
     assert "gpt_neox.layers.0.attention.query_key_value.weight" in exact.trained

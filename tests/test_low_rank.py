@@ -14,7 +14,8 @@ from tintc.pipeline import emit
 from tintc.oracle.fidelity import example_input
 from tintc.report.counts import parameter_report
 from tintc.report.render import to_markdown
-from tests.models import run_tint_and_oracle, tiny_config, tiny_model
+from tests.helpers import check_round, params_of, tint_round
+from tests.models import tiny_config, tiny_model
 
 
 def test_a_low_rank_projection_is_factorised_exactly_and_a_full_rank_one_is_reported():
@@ -35,10 +36,8 @@ def test_a_low_rank_projection_is_factorised_exactly_and_a_full_rank_one_is_repo
 
 
 def test_the_low_rank_pass_keeps_the_tint_exact_and_reports_every_projection():
-    cfg = tiny_config("gpt2", dtype="float64", passes={"low_rank": {"enabled": True, "rank": 8}})
-    model = tiny_model("gpt2", dtype=torch.float64)
-    ids, train, _ = example_input(model.config.vocab_size, 12, 1, seed=2)
-    compiled, oracle, logits, _, _ = run_tint_and_oracle(cfg, model, ids, train)
+    r = tint_round("gpt2", passes={"low_rank": {"enabled": True, "rank": 8}}, length=12, batch=1)
+    compiled = r.compiled
     log = compiled.tint.program.low_rank
     projections = sum(sum(getattr(m, w) is not None and not isinstance(getattr(m, w), (runtime.Diagonal, runtime.Selection))
                           for w in runtime.WEIGHTS[type(m)]) for m in compiled.tint.layers.values())  # dense ones
@@ -46,7 +45,7 @@ def test_the_low_rank_pass_keeps_the_tint_exact_and_reports_every_projection():
     for entry in log:  # factorised exactly where the rank allows and it saves storage
         rows, cols = entry["shape"]
         assert entry["factorised"] == (entry["rank"] <= 8 and entry["rank"] * (rows + cols) < rows * cols)
-    assert ((logits - oracle.logits).norm() / oracle.logits.norm()) < 1e-9
+    check_round(r, 1e-9)
     assert "Low rank:" in to_markdown(parameter_report(compiled))
 
 
@@ -61,7 +60,7 @@ def test_factorised_projections_survive_emission_bit_for_bit(tmp_path):
     emit(tint, cfg, tmp_path)
     emitted = import_package(tmp_path).load(tmp_path)
     ids, train, _ = example_input(model.config.vocab_size, 12, 2, seed=2)
-    prefixes = tint.encode({n: p.detach() for n, p in model.named_parameters()})
+    prefixes = tint.encode(params_of(model))
     with torch.no_grad():
         assert torch.equal(emitted(ids, train, prefixes)[0], tint(ids, train, prefixes)[0])
     rows, cols = weight.shape

@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 
-from ir.frontend import trace
 from ir.passes.select_train import kinds_of
 from ir.rules import loss_weights
 from tintc.oracle import metrics
-from tintc.oracle.fidelity import example_input, fidelity_rows
+from tintc.oracle.fidelity import fidelity_rows
 from tintc.oracle.reference import (
     EXACT,
     FiniteDifferenceActivation,
@@ -23,25 +22,10 @@ from tintc.oracle.reference import (
     summed_loss,
     with_approximations,
 )
-from tests.models import tiny_model
+from tests.helpers import params_of, rel_err, traced_tiny
 
 # every kind of GPT-2 and OPT (the gated-MLP kinds belong to the LLaMA family)
 ALL_KINDS = ("attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_out", "norm_gain", "norm_bias")
-
-
-def _setup(family, dtype=torch.float64, length=16, batch=2):
-    model = tiny_model(family, dtype=dtype)
-    graph = trace(model)
-    ids, train, labels = example_input(graph.attrs["vocab"], length, batch, seed=1)
-    return model, graph, ids, train, labels
-
-
-def _params(model):
-    return {n: p.detach() for n, p in model.named_parameters()}
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_loss_weights_mark_pairs_inside_the_train_segment():
@@ -53,11 +37,11 @@ def test_loss_weights_mark_pairs_inside_the_train_segment():
 
 @pytest.mark.parametrize("family,kinds,layers", [("gpt2", ALL_KINDS, (1,)), ("opt", None, None)])
 def test_exact_gd_equals_torch_optim_sgd(family, kinds, layers):
-    model, graph, ids, train, _ = _setup(family)
+    model, graph, ids, train, _ = traced_tiny(family)
     settings = TrainSettings(lr=0.05, steps=2, layers=layers, **({"kinds": kinds} if kinds else {}))
     result = exact_gd(model, graph, ids, train, settings)
     assert len(result.trained) > 0
-    before = _params(model)
+    before = params_of(model)
     for b in range(ids.shape[0]):  # each sequence trains its own copy of the model
         sgd_model = copy.deepcopy(model)
         named = dict(sgd_model.named_parameters())
@@ -68,7 +52,7 @@ def test_exact_gd_equals_torch_optim_sgd(family, kinds, layers):
             summed_loss(sgd_model(ids[b : b + 1]).logits, ids[b : b + 1], loss_weights(train[b : b + 1])).backward()
             optimiser.step()
         for name in result.trained:
-            assert _rel(result.params[name][b] - before[name], named[name].detach() - before[name]) < 1e-12
+            assert rel_err(result.params[name][b] - before[name], named[name].detach() - before[name]) < 1e-12
         with torch.no_grad():
             assert (result.logits[b : b + 1] - sgd_model(ids[b : b + 1]).logits).abs().max() < 1e-12
     untouched = set(before) - set(result.trained)
@@ -78,10 +62,10 @@ def test_exact_gd_equals_torch_optim_sgd(family, kinds, layers):
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
 @pytest.mark.parametrize("layers,steps,loss", [(None, 1, "context"), ((1,), 2, "context"), (None, 2, "label_only")])
 def test_approximate_gd_with_exact_rules_equals_exact_gd(family, layers, steps, loss):
-    model, graph, ids, train, labels = _setup(family)
+    model, graph, ids, train, labels = traced_tiny(family)
     settings = TrainSettings(lr=0.05, steps=steps, layers=layers, kinds=ALL_KINDS, loss=loss, approximations=EXACT)
     exact = exact_gd(model, graph, ids, train, settings, labels)
-    approx = approx_gd(graph, _params(model), ids, train, settings, labels)
+    approx = approx_gd(graph, params_of(model), ids, train, settings, labels)
     assert (exact.logits - exact.logits_before).abs().max() > 1e-3  # training moved the logits
     assert (approx.logits - exact.logits).abs().max() < 1e-10
     for name in exact.trained:
@@ -89,27 +73,27 @@ def test_approximate_gd_with_exact_rules_equals_exact_gd(family, layers, steps, 
 
 
 def test_top_layer_training_leaves_lower_layers_alone():
-    model, graph, ids, train, _ = _setup("opt")
+    model, graph, ids, train, _ = traced_tiny("opt")
     result = exact_gd(model, graph, ids, train, TrainSettings(lr=0.05, layers=(1,), kinds=ALL_KINDS))
     assert result.trained and all(".layers.1." in n for n in result.trained)
 
 
 def test_gpt2_value_only_training_updates_only_the_value_slice_of_c_attn():
-    model, graph, ids, train, _ = _setup("gpt2")
+    model, graph, ids, train, _ = traced_tiny("gpt2")
     result = exact_gd(model, graph, ids, train, TrainSettings(lr=0.05, kinds=("attn_v",)))
     name = "transformer.h.0.attn.c_attn.weight"  # [in, q|k|v]
-    update = result.params[name] - _params(model)[name]  # [B, in, 3·in]
+    update = result.params[name] - params_of(model)[name]  # [B, in, 3·in]
     d = update.shape[-2]
     assert update[..., : 2 * d].abs().max() == 0
     assert update[..., 2 * d :].abs().max() > 0
 
 
 def _approx_error(family, scale, **rule):
-    model, graph, ids, train, _ = _setup(family)
+    model, graph, ids, train, _ = traced_tiny(family)
     kinds = tuple(kinds_of(graph))  # every kind this family has
     settings = with_approximations(TrainSettings(lr=0.05, kinds=kinds, approximations=EXACT), scale=scale, **rule)
     exact = exact_gd(model, graph, ids, train, settings)
-    approx = approx_gd(graph, _params(model), ids, train, settings)
+    approx = approx_gd(graph, params_of(model), ids, train, settings)
     return metrics.logit_change_errors(approx, exact, metrics.eval_mask(train))["delta_rel_err"]
 
 
@@ -126,17 +110,17 @@ def test_finite_difference_error_falls_linearly_in_one_over_n(family, rule):
 
 
 def test_stop_gradient_freezes_query_and_key():
-    model, graph, ids, train, _ = _setup("gpt2")
+    model, graph, ids, train, _ = traced_tiny("gpt2")
     settings = TrainSettings(lr=0.05, kinds=ALL_KINDS, approximations=with_approximations(
         TrainSettings(approximations=EXACT), attention="stop_gradient").approximations)
-    result = approx_gd(graph, _params(model), ids, train, settings)
+    result = approx_gd(graph, params_of(model), ids, train, settings)
     name = "transformer.h.1.attn.c_attn.weight"
-    update = result.params[name] - _params(model)[name]  # [B, in, 3·in]
+    update = result.params[name] - params_of(model)[name]  # [B, in, 3·in]
     d = update.shape[-2]
     assert update[..., : 2 * d].abs().max() == 0  # W_Q and W_K get no gradient
     assert update[..., 2 * d :].abs().max() > 0
     exact = exact_gd(model, graph, ids, train, settings)
-    assert (exact.params[name] - _params(model)[name])[..., : 2 * d].abs().max() > 0
+    assert (exact.params[name] - params_of(model)[name])[..., : 2 * d].abs().max() > 0
 
 
 def test_finite_difference_layer_norm_matches_autograd_in_the_limit():
@@ -147,7 +131,7 @@ def test_finite_difference_layer_norm_matches_autograd_in_the_limit():
     torch.nn.functional.layer_norm(leaves[0], (8,), leaves[1], leaves[2], 1e-5).backward(dy)
     approx = [t.clone().requires_grad_() for t in (x, gain, bias)]
     FiniteDifferenceLayerNorm.apply(*approx, 1e-5, 1e6).backward(dy)
-    assert _rel(approx[0].grad, leaves[0].grad) < 1e-5
+    assert rel_err(approx[0].grad, leaves[0].grad) < 1e-5
     assert torch.allclose(approx[1].grad, leaves[1].grad, rtol=1e-12, atol=1e-12)  # gain/bias grads are exact
     assert torch.allclose(approx[2].grad, leaves[2].grad, rtol=1e-12, atol=1e-12)
 
@@ -175,7 +159,7 @@ def test_stop_gradient_attention_gives_value_gradient_only():
 
 
 def test_fidelity_rows_report_zero_error_only_for_the_exact_mode():
-    model, graph, ids, train, labels = _setup("gpt2")
+    model, graph, ids, train, labels = traced_tiny("gpt2")
     rows = fidelity_rows(model, graph, ids, train, TrainSettings(lr=0.05), labels)
     by_name = {r.name.split(" (")[0]: r for r in rows}
     assert by_name["ĝ all exact"].errors["delta_rel_err"] < 1e-9
@@ -184,7 +168,7 @@ def test_fidelity_rows_report_zero_error_only_for_the_exact_mode():
 
 
 def test_exact_gd_can_skip_the_forward_with_theta_0():
-    model, graph, ids, train, _ = _setup("opt")
+    model, graph, ids, train, _ = traced_tiny("opt")
     settings = TrainSettings(lr=0.05)
     full, lean = exact_gd(model, graph, ids, train, settings), exact_gd(model, graph, ids, train, settings, before=False)
     assert lean.logits_before is None and torch.equal(lean.logits, full.logits)

@@ -196,14 +196,20 @@ def test_reference_figures_shown_for_the_reference_shapes(family, report):
 
 
 def test_report_command(tmp_path):
+    """`tintc report` writes the report of the config's compile, the same as made here, and says where."""
     from tintc.cli import app
+    from tintc.config import load_config
 
     config = tmp_path / "tiny.yaml"
     config.write_text(json.dumps({"model": {"family": "gpt2", "config": TINY["gpt2"]},
                                   "tint": {"prefixes": 8, "max_length": 16}, "output": "out"}))
     result = CliRunner().invoke(app, ["report", str(config)])
     assert result.exit_code == 0, result.output
-    assert "unrolled" in result.output and "wrote" in result.output
+    expected = R.parameter_report(pipeline.compile_tint(load_config(config)))
     written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written == json.loads(json.dumps(expected))
     assert written["name"] == "tiny" and written["tint"]["max_length"] == 16
-    assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "report.png").exists()
+    output = "".join(result.output.split())  # rich wraps long lines
+    for name in ("report.json", "report.md", "report.png"):
+        assert f"wrote{tmp_path / 'out' / name}" in output
+    assert (tmp_path / "out" / "report.md").read_text() == V.to_markdown(expected)
