@@ -31,7 +31,7 @@ Loc = tuple[str | int, ...]
 
 # The parameter kinds of a layer that training may update, and the paper's default set.
 Kind = Literal["attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_out", "mlp_gate", "mlp_up", "mlp_down",
-               "norm_gain", "norm_bias"]
+               "norm_gain", "norm_bias", "qk_norm_gain"]
 PARAM_KINDS: tuple[str, ...] = get_args(Kind)
 PAPER_KINDS = ("attn_v", "attn_o", "mlp_in", "mlp_out", "norm_bias")
 
@@ -64,7 +64,8 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    family: str = Field(description="a supported family (gpt2 | opt | llama | qwen2 | mistral | gpt_neox | phi3)")
+    family: str = Field(
+        description="a supported family (gpt2 | opt | llama | qwen2 | mistral | gpt_neox | phi3 | olmo2)")
     config: dict[str, Any] | None = Field(None, description="a mapping of HF config keys to values")
     path: str | None = Field(None, description="a local save_pretrained directory")
     seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description=f"an integer from 0 to {MAX_SEED}")
@@ -451,10 +452,11 @@ def _rule_checks(data: dict) -> list[tuple[Loc, str]]:
     approx = tint.get("approximations") if isinstance(tint.get("approximations"), dict) else {}
     kinds = train.get("kinds", [])
     attention = approx.get("attention", ApproximationSpec.model_fields["attention"].default)
-    frozen = [k for k in ("attn_q", "attn_k") if isinstance(kinds, list) and k in kinds]
+    frozen = [k for k in ("attn_q", "attn_k", "qk_norm_gain") if isinstance(kinds, list) and k in kinds]
     if frozen and attention == "stop_gradient":
         return [(("tint", "train", "kinds"), f"got {', '.join(frozen)} with approximations.attention: stop_gradient, "
-                 "under which W_Q and W_K get no gradient; allowed: approximations.attention: exact, or drop them")]
+                 "under which W_Q, W_K and the q/k norms get no gradient; allowed: approximations.attention: exact, "
+                 "or drop them")]
     return []
 
 
