@@ -13,6 +13,7 @@ from ir.frontend import trace
 from ir.text import dump
 from tests.families import EXACT_RULES, compiled_from_folder, float32_errors, rel, run
 from tests.models import tiny_model
+from tests.test_interpret import max_logit_error
 
 ALL_KINDS = ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "norm_gain"]
 Q, K, V = (0, 32), (32, 48), (48, 64)  # rows of qkv_proj: 4 query heads and 2 k/v heads of 8
@@ -26,6 +27,14 @@ def test_phi3_parts_are_row_ranges_of_the_fused_weights():
     assert graph.node("h0.act").inputs == ("h0.mlp_gate",)  # silu of the first half, times the second
     assert graph.node("h0.gated").inputs == ("h0.mlp_up", "h0.act")
     assert "weight=@model.layers.0.self_attn.qkv_proj.weight[48:64]" in dump(graph)  # as `tintc inspect` shows it
+
+
+def test_phi3_partial_rotary_is_read_from_the_trace():
+    """Phi-4-mini (a Phi3ForCausalLM) rotates 3/4 of each head: partial_rotary_factor."""
+    model = tiny_model("phi3", dtype=torch.float64, partial_rotary_factor=0.5)
+    graph = trace(model)
+    assert {n.attrs["rotary_dim"] for n in graph.nodes() if n.kind == "attention"} == {4}
+    assert max_logit_error(model, graph, 16) <= 1e-10
 
 
 def test_phi3_settings_without_a_construction_are_refused_by_name():
