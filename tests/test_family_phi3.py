@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ir.errors import FrontendError
+from ir.errors import ConfigError, FrontendError, PassError
 from ir.frontend import trace
 from ir.text import dump
 from tests.families import EXACT_RULES, compiled_from_folder, float32_errors, rel, run
-from tests.models import tiny_model
+from tests.models import tiny_config, tiny_model
+from tintc import pipeline
 from tests.test_interpret import max_logit_error
 
 ALL_KINDS = ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "norm_gain"]
@@ -38,9 +39,20 @@ def test_phi3_partial_rotary_is_read_from_the_trace():
 
 
 def test_phi3_settings_without_a_construction_are_refused_by_name():
-    with pytest.raises(FrontendError) as info:
-        trace(tiny_model("phi3", sliding_window=8))
-    assert info.value.problems == ["model.layers.*.self_attn: sliding_window=8 is not supported; allowed: None"]
+    """A sliding window (Phi-3-mini's config has 2047) is traced, and refused as Mistral's is: when
+    traced for a longer TinT, and by the compile (no TinT construction of a window yet)."""
+    model = tiny_model("phi3", dtype=torch.float64, sliding_window=8)
+    graph = trace(model)
+    assert {n.attrs.get("window") for n in graph.nodes() if n.kind == "attention"} == {8}
+    assert max_logit_error(model, graph, 16) <= 1e-10  # 16 tokens > 8: the window changes the logits
+    with pytest.raises(ConfigError) as info:
+        pipeline.trace(tiny_config("phi3", max_length=16), model)
+    assert info.value.problems == ["model.config.sliding_window: got 8, shorter than the TinT's max length 16; "
+                                   "allowed: a window of at least tint.max_length (or none)"]
+    with pytest.raises(PassError) as info:
+        pipeline.compile_tint(tiny_config("phi3", max_length=8, kinds=["attn_v"]), model)
+    assert info.value.problems[0].startswith("node %h0.attn (model.layers.0.self_attn): attention with a window has "
+                                             "no TinT construction yet")
     longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
                 "original_max_position_embeddings": 16}
     with pytest.raises(FrontendError) as info:
