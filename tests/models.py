@@ -46,6 +46,18 @@ TINY: dict[str, dict] = {
         max_position_embeddings=32, rotary_pct=0.25, use_parallel_residual=True,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     ),
+    # Phi-3: q|k|v rows of one qkv_proj (grouped-query), gate|up rows of one gate_up_proj
+    "phi3": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ),
+    # OLMo 2: RMSNorm on each sublayer's output before the residual add; q/k RMSNorm over the projection
+    "olmo2": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ),
 }
 
 # Smaller still, for the standard view (backends/torch/standard.py), whose dense projections

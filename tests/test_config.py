@@ -190,7 +190,7 @@ def test_missing_model_path_directory(tmp_path):
 
 def test_unknown_family(tmp_path):
     problem = one_problem(tmp_path, GOOD.replace("family: gpt2", "family: llama3"))
-    assert problem.endswith("model.yaml:2: model.family: got 'llama3'; allowed: gpt2 | gpt_neox | llama | mistral | opt | qwen2")
+    assert problem.endswith("model.yaml:2: model.family: got 'llama3'; allowed: gpt2 | gpt_neox | llama | mistral | olmo2 | opt | phi3 | qwen2")
 
 
 def test_unknown_hf_config_key(tmp_path):

@@ -24,14 +24,16 @@ from .gpt2 import GPT2Adapter
 from .gpt_neox import GPTNeoXAdapter
 from .llama import LlamaAdapter
 from .mistral import MistralAdapter
+from .olmo2 import Olmo2Adapter
 from .opt import OPTAdapter
+from .phi3 import Phi3Adapter
 from .qwen2 import Qwen2Adapter
 from . import repeat
 from .recognize import Recognizer
 
 ADAPTERS: dict[str, Adapter] = {
     a.family: a for a in (GPT2Adapter(), OPTAdapter(), LlamaAdapter(), Qwen2Adapter(), MistralAdapter(),
-                          GPTNeoXAdapter())}
+                          GPTNeoXAdapter(), Phi3Adapter(), Olmo2Adapter())}
 EXPORT_LENGTH = 8  # tokens in the example input of the export (graphs are shape-specialised)
 
 

@@ -199,15 +199,29 @@ class Recognizer:
     def op_getitem(self, node, parts, index):
         part = self.values[parts][index] if isinstance(self.values[parts], list) else None
         if isinstance(part, Fused):
-            rows = part.rows
-            weight = WeightRef(part.weight.name, part.weight.transpose, rows, period=part.period)
-            weights = {"weight": weight}
-            if part.bias is not None:
-                weights["bias"] = WeightRef(part.bias.name, rows=rows, period=part.period)
-            role = self.role(node, part.module, index)
-            out = weight.shape(self.params[weight.name].shape)[0]
-            return self.emit(role, "linear", [part.x], out, part.module, role, weights)
+            return self._part(node, part, index)
         return Const()  # an element of a constant tuple (rotary cos, sin)
+
+    def _part(self, node, part: Fused, index: int) -> Val:
+        """The linear of one part (rows) of a fused projection; `index`: its place in the adapter's roles."""
+        rows = part.rows
+        weight = WeightRef(part.weight.name, part.weight.transpose, rows, period=part.period)
+        weights = {"weight": weight}
+        if part.bias is not None:
+            weights["bias"] = WeightRef(part.bias.name, rows=rows, period=part.period)
+        role = self.role(node, part.module, index)
+        out = weight.shape(self.params[weight.name].shape)[0]
+        return self.emit(role, "linear", [part.x], out, part.module, role, weights)
+
+    def _sliced_part(self, node, fused: Fused, dim: int, start: int, stop: int, step: int) -> Val:
+        """A part of a fused projection cut by a slice of its output's last axis (Phi-3's q|k|v).
+        Its role is its place among the slices of that output, ordered by where they start."""
+        if dim not in (-1, node.args[0].meta["val"].dim() - 1) or step != 1:
+            self.fail(node, "a fused projection may be sliced only on its last axis, in consecutive rows")
+        total = fused.weight.shape(self.params[fused.weight.name].shape)[0]
+        slices = [u for u in node.args[0].users if op_name(u) == "slice"]
+        starts = sorted({(u.args[2] if len(u.args) > 2 else None) or 0 for u in slices})  # slice(x, dim, start..)
+        return self._part(node, replace(fused, rows=(start, min(stop, total))), starts.index(start))
 
     def op_layer_norm(self, node, x, shape, weight=None, bias=None, eps=1e-5, *rest):
         if weight is None or bias is None:
@@ -305,6 +319,8 @@ class Recognizer:
         value = self.values[x]
         if isinstance(value, (Const, Ids)):
             return Const()
+        if isinstance(value, Fused):
+            return self._sliced_part(node, value, dim, start or 0, stop, step)
         if dim not in (-1, node.args[0].meta["val"].dim() - 1) or step != 1:
             self.fail(node, "a slice of a q/k head must take consecutive coordinates of its last axis")
         end = min(stop, node.args[0].meta["val"].shape[-1])

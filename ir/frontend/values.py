@@ -100,7 +100,10 @@ def reaches_attention(node: fx.Node) -> bool:
 
 
 def feeds_split(node: fx.Node) -> bool:
-    """Does this linear's output reach a split or chunk through views only?"""
+    """Does this linear's output reach a split or chunk through views only, or is it sliced
+    directly (Phi-3's q|k|v: `qkv[..., :q_width]`; a slice after views is rotate_half's)?"""
+    if any(op_name(user) == "slice" for user in node.users):
+        return True
     frontier = list(node.users)
     while frontier:
         user = frontier.pop()

@@ -23,8 +23,10 @@ KINDS = {
     "mlp_gate": (("mlp_gate",), ("weight", "bias")),  # a gated MLP: act(gate) ⊙ up, then down
     "mlp_up": (("mlp_up",), ("weight", "bias")),
     "mlp_down": (("mlp_down",), ("weight", "bias")),
-    "norm_gain": (("ln_attn", "ln_mlp"), ("gain",)),
-    "norm_bias": (("ln_attn", "ln_mlp"), ("bias",)),
+    # the norms on the stream: before each sublayer, or on its output before the residual add (OLMo 2)
+    "norm_gain": (("ln_attn", "ln_mlp", "ln_attn_out", "ln_mlp_out"), ("gain",)),
+    "norm_bias": (("ln_attn", "ln_mlp", "ln_attn_out", "ln_mlp_out"), ("bias",)),
+    "qk_norm_gain": (("ln_q", "ln_k"), ("gain",)),  # RMSNorm of q and of k inside attention (OLMo 2)
 }
 
 

@@ -28,10 +28,11 @@ def _rule_checks(data: dict) -> list[tuple[Loc, str]]:
     approx = tint.get("approximations") if isinstance(tint.get("approximations"), dict) else {}
     kinds = train.get("kinds", [])
     attention = approx.get("attention", ApproximationSpec.model_fields["attention"].default)
-    frozen = [k for k in ("attn_q", "attn_k") if isinstance(kinds, list) and k in kinds]
+    frozen = [k for k in ("attn_q", "attn_k", "qk_norm_gain") if isinstance(kinds, list) and k in kinds]
     if frozen and attention == "stop_gradient":
         return [(("tint", "train", "kinds"), f"got {', '.join(frozen)} with approximations.attention: stop_gradient, "
-                 "under which W_Q and W_K get no gradient; allowed: approximations.attention: exact, or drop them")]
+                 "under which W_Q, W_K and the q/k norms get no gradient; allowed: approximations.attention: exact, "
+                 "or drop them")]
     return []
 
 

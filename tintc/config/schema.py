@@ -22,7 +22,7 @@ Loc = tuple[str | int, ...]
 
 # The parameter kinds of a layer that training may update.
 Kind = Literal["attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_out", "mlp_gate", "mlp_up", "mlp_down",
-               "norm_gain", "norm_bias"]
+               "norm_gain", "norm_bias", "qk_norm_gain"]
 PARAM_KINDS: tuple[str, ...] = get_args(Kind)
 # What the paper trains: V, O, the MLP's linear maps and the layer norms' bias, named here for both
 # MLP forms. A family's default kinds are those of these that its layers have (default_kinds).
@@ -53,7 +53,8 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    family: str = Field(description="a supported family (gpt2 | opt | llama | qwen2 | mistral | gpt_neox)")
+    family: str = Field(
+        description="a supported family (gpt2 | opt | llama | qwen2 | mistral | gpt_neox | phi3 | olmo2)")
     config: dict[str, Any] | None = Field(None, description="a mapping of HF config keys to values")
     path: str | None = Field(None, description="a local save_pretrained directory")
     seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description=f"an integer from 0 to {MAX_SEED}")

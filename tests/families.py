@@ -1,0 +1,59 @@
+"""Shared steps of the tests of the newer families (tests/test_family_*.py): a tiny random model
+saved with `save_pretrained` and compiled from that folder, and one run of its TinT beside an oracle."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tintc import pipeline
+from tintc.config import parse_config
+from tintc.oracle.fidelity import example_input
+from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
+from tests.models import TINY, tiny_model
+
+EXACT_RULES = {"attention": "exact", "layer_norm": "exact", "activation": "exact"}
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def compiled_from_folder(family: str, folder, dtype: str, kinds: list[str], approximations: dict):
+    """A tiny random model of `family` (tests/models.py), saved with save_pretrained under `folder`
+    and compiled from there: (config, Compiled)."""
+    tiny_model(family, dtype=torch.float64).save_pretrained(folder / family)
+    section = {"prefixes": 8, "max_length": 32, "dtype": dtype, "train": {"lr": 0.05, "kinds": kinds},
+               "approximations": approximations}
+    cfg = parse_config(json.dumps({"model": {"family": family, "path": family}, "tint": section}), base_dir=folder)
+    return cfg, pipeline.compile_tint(cfg)
+
+
+def example(family: str):
+    """The fixed input of these tests: (ids, train mask), 2 sequences of 16 tokens."""
+    ids, train, _ = example_input(TINY[family]["vocab_size"], 16, 2, seed=1)
+    return ids, train
+
+
+def run(cfg, compiled, oracle: str):
+    """(reference run, TinT logits, decoded weights, θ) on the fixed input; `oracle`: "exact"
+    (autograd through the HF model) or "g_hat" (the interpreter with the config's rules)."""
+    model = compiled.model
+    ids, train = example(cfg.model.family)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    settings = TrainSettings.from_config(cfg, compiled.graph.attrs["n_layer"])
+    if oracle == "exact":
+        reference = exact_gd(model, compiled.graph, ids, train, settings)
+    else:
+        reference = approx_gd(compiled.graph, params, ids, train, settings)
+    with torch.no_grad():
+        logits, prefixes = compiled.tint(ids, train, compiled.tint.encode(params))
+    return reference, logits, compiled.tint.decode(prefixes), params
+
+
+def float32_errors(cfg, compiled):
+    """As `tintc verify` shows them: (TinT in float32 vs ĝ in float64, the floor: ĝ in float32 vs ĝ in
+    float64), each a dict of errors (delta_rel_err: the logit change; worst_update_rel)."""
+    result = pipeline.verify(cfg, compiled, *example(cfg.model.family))
+    return result.construction_vs_float64, result.rounding
