@@ -279,7 +279,14 @@ def test_query_key_kinds_need_the_exact_attention_rule(tmp_path):
 PLAIN_MLP_KINDS = ["attn_v", "attn_o", "mlp_in", "mlp_out", "norm_bias"]
 GATED_MLP_KINDS = ["attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down"]  # and RMSNorm: no bias
 DEFAULT_KINDS = {"gpt2": PLAIN_MLP_KINDS, "opt": PLAIN_MLP_KINDS, "gpt_neox": PLAIN_MLP_KINDS,
-                 "llama": GATED_MLP_KINDS, "qwen2": GATED_MLP_KINDS, "mistral": GATED_MLP_KINDS}
+                 "llama": GATED_MLP_KINDS, "qwen2": GATED_MLP_KINDS, "mistral": GATED_MLP_KINDS,
+                 "phi3": GATED_MLP_KINDS, "olmo2": GATED_MLP_KINDS}
+
+
+def test_every_tiny_family_has_its_default_kinds_listed():
+    from tests.models import TINY
+
+    assert set(DEFAULT_KINDS) == set(TINY)  # a new family in tests/models.py is checked here too
 
 
 def trained_kinds(graph) -> list[str]:
