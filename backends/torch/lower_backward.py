@@ -21,7 +21,6 @@ from .program import Field
 
 EXACT_DERIVATIVES = {"gelu_tanh": "_gelu_tanh_derivative", "gelu": "_gelu_derivative", "relu": "_relu_derivative",
                      "silu": "_silu_derivative"}  # exact σ'⊙∂y
-PROBE_SCALE = {torch.float64: 2.0 ** -12, torch.float32: 2.0 ** -6}  # _divided_by_sigma's s, per dtype
 GELU_STEP = {torch.float64: 2.0 ** -10, torch.float32: 2.0 ** -4}  # _gelu_derivative's h, per dtype
 
 
@@ -79,35 +78,25 @@ class BackwardLowering:
         return out
 
     def _divided_by_sigma(self, x: Field, w: Field, eps: float, centred: bool = True) -> Field:
-        """w/σ, σ = sqrt(var(x) + eps), by layer norms: with y = x − mean(x) and z_t = [y, −y, t·w, −t·w]
-        (mean 0), LN_{eps/2}(z_t)[2D:3D] = t·w·√2 / sqrt(var + eps + t²|w|²/D) = t·√2·r(t), where
-        r(t) = (w/σ)·(1 + t²c)^(-1/2), c = |w|²/(Dσ²). One probe alone errs by a relative t²c/2; two
-        probes, t = s and 2s, combined as (4·r(s) − r(2s))/3 (Richardson) cancel that term and leave
-        O(s⁴c²). The normaliser's mean, 0 up to rounding ε·|y|, shifts t·w by a relative ε·|y|/(t·|w|):
-        s (a power of two, PROBE_SCALE) balances the two per dtype, near ε^(1/5) for c ~ 1, one step
-        smaller for models with larger |w|/σ. Measured (every rule exact, 2 steps, the tiny models of
-        every family against exact GD; the standard view against the fast executor on the micro GPT-2,
-        OPT, LLaMA): float64 2⁻¹² gives logits 2e-14–5e-13, updates ≤ 1.1e-12, views ≤ 9e-13 (one probe at
-        the old 2⁻¹⁷: 5e-13–8e-12, 3e-11, 1.2e-10); float32 2⁻⁶ gives a logit change 1.7e-7–7.7e-7 from
-        exact GD in float64 where exact GD in float32 is 1.6e-7–2.4e-7 (one probe at 2⁻¹⁰: 1e-6–1.1e-5)."""
+        """w/σ, σ = sqrt(var(x) + eps) (centred=False: sqrt(mean(x²) + eps), RMSNorm's), exactly: with
+        y = x − mean(x) (or x) and the constant k = sqrt(D·eps) from the one, z = [y, −y, k, −k] has mean 0
+        and variance (|y|² + k²)/(D + 1) = D·σ²/(D + 1), so a layer norm without eps gives
+        z[2D] = k·sqrt((D + 1)/D)/σ: σ's eps enters as a coordinate, not as an approximation. A product
+        with w, scaled back by 1/(k·sqrt((D + 1)/D)), gives w/σ; the error is rounding only."""
+        if eps <= 0:
+            raise BackendError(f"node %{self.node.name}: norm eps {eps!r}: the exact backward reads 1/σ off a "
+                               "constant coordinate sqrt(D·eps); allowed: eps > 0, or the rule finite_difference")
         d = x.width
-        e, z = self.eye(d), torch.zeros(d, d, dtype=self.dtype)
-        s = PROBE_SCALE[self.dtype]
-        # centred=False: σ = sqrt(mean(x²) + eps), RMSNorm's (y = x)
-        centre = e - torch.full((d, d), 1.0 / d, dtype=self.dtype) if centred else e
-
-        def probe(t: float) -> torch.Tensor:
-            return torch.cat([torch.cat([centre, z], 1), torch.cat([-centre, z], 1),
-                              torch.cat([z, t * e], 1), torch.cat([z, -t * e], 1)])
-
-        stacked = self._linear_of(f"sigma_probes_{'centred' if centred else 'uncentred'}",
-                                  torch.cat([probe(s), probe(2 * s)]), [x, w])
-        norm = self.layer(("norm", repr(eps / 2)), lambda: P.Norm(eps / 2))
-        _, normed = self.new(8 * d, 4 * d)  # the two probes: one layer norm, two groups
-        self.call(norm, [[(part,) for part in stacked.chunks(4 * d)]], normed)
-        r = 2.0 ** 0.5
-        return self._linear_of("sigma_richardson", torch.cat([4 / (3 * s * r) * e, -1 / (3 * 2 * s * r) * e], 1),
-                               [normed[0].part(2 * d, d), normed[1].part(2 * d, d)])
+        k = math.sqrt(d * eps)
+        centre = self.eye(d) - (torch.full((d, d), 1.0 / d, dtype=self.dtype) if centred else 0.0)
+        zeros, column = torch.zeros(d, 1, dtype=self.dtype), torch.ones(1, 1, dtype=self.dtype)
+        stack = torch.cat([torch.cat([centre, zeros], 1), torch.cat([-centre, zeros], 1),
+                           torch.cat([zeros.T, k * column], 1), torch.cat([zeros.T, -k * column], 1)])
+        z = self._linear_of(f"sigma_stack_{'centred' if centred else 'uncentred'}_{k!r}", stack,
+                            [x, self.inputs["one"]])
+        normed = self.alloc(2 * d + 2)
+        self.call(self.layer(("norm", repr(0.0)), lambda: P.Norm(0.0)), [[(z,)]], [normed])
+        return self._product(normed.part(2 * d, 1), w, factor=1.0 / (k * math.sqrt((d + 1) / d)))
 
     def lower_activation_backward(self, node):
         """finite_difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: an MLP with hidden [x + ∂y/N; x] per chunk.
