@@ -79,15 +79,17 @@ class BackwardLowering:
 
     def _divided_by_sigma(self, x: Field, w: Field, eps: float, centred: bool = True) -> Field:
         """w/σ, σ = sqrt(var(x) + eps) (centred=False: sqrt(mean(x²) + eps), RMSNorm's), exactly: with
-        y = x − mean(x) (or x) and the constant k = sqrt(D·eps) from the one, z = [y, −y, k, −k] has mean 0
-        and variance (|y|² + k²)/(D + 1) = D·σ²/(D + 1), so a layer norm without eps gives
-        z[2D] = k·sqrt((D + 1)/D)/σ: σ's eps enters as a coordinate, not as an approximation. A product
-        with w, scaled back by 1/(k·sqrt((D + 1)/D)), gives w/σ; the error is rounding only."""
+        y = x − mean(x) (or x) and the constant k = sqrt(D·eps/2) from the one, z = [y, −y, k, −k] has mean 0
+        and variance (|y|² + k²)/(D + 1); a layer norm with eps' = D·eps/(2(D + 1)) divides z by
+        sqrt(D·σ²/(D + 1)), so its coordinate 2D is k·sqrt((D + 1)/D)/σ: σ's eps enters as a coordinate
+        and the norm's own eps, not as an approximation (eps' > 0 keeps a position whose stream is 0, e.g.
+        a prefix token of the standard view, finite). A product with w, scaled back by
+        1/(k·sqrt((D + 1)/D)), gives w/σ; the error is rounding only."""
         if eps <= 0:
             raise BackendError(f"node %{self.node.name}: norm eps {eps!r}: the exact backward reads 1/σ off a "
-                               "constant coordinate sqrt(D·eps); allowed: eps > 0, or the rule finite_difference")
+                               "constant coordinate sqrt(D·eps/2); allowed: eps > 0, or the rule finite_difference")
         d = x.width
-        k = math.sqrt(d * eps)
+        k, norm_eps = math.sqrt(d * eps / 2), d * eps / (2 * (d + 1))
         centre = self.eye(d) - (torch.full((d, d), 1.0 / d, dtype=self.dtype) if centred else 0.0)
         zeros, column = torch.zeros(d, 1, dtype=self.dtype), torch.ones(1, 1, dtype=self.dtype)
         stack = torch.cat([torch.cat([centre, zeros], 1), torch.cat([-centre, zeros], 1),
@@ -95,7 +97,7 @@ class BackwardLowering:
         z = self._linear_of(f"sigma_stack_{'centred' if centred else 'uncentred'}_{k!r}", stack,
                             [x, self.inputs["one"]])
         normed = self.alloc(2 * d + 2)
-        self.call(self.layer(("norm", repr(0.0)), lambda: P.Norm(0.0)), [[(z,)]], [normed])
+        self.call(self.layer(("norm", repr(norm_eps)), lambda: P.Norm(norm_eps)), [[(z,)]], [normed])
         return self._product(normed.part(2 * d, 1), w, factor=1.0 / (k * math.sqrt((d + 1) / d)))
 
     def lower_activation_backward(self, node):
