@@ -182,8 +182,8 @@ def test_with_every_rule_exact_four_query_heads_on_one_kv_head():
 def test_with_every_rule_exact_the_float32_tint_is_at_float_precision(family):
     """fp32: the logit change against exact GD in fp64, beside the floor (exact GD itself in fp32), as
     `tintc verify` shows it. Measured: floor 1.9e-7 / 2.4e-7 / 2.3e-7 (llama / qwen2 / mistral), the TinT
-    5.8e-7 / 3.9e-7 / 7.7e-7 (with a single σ-probe in the exact RMSNorm, before Richardson: 7.4e-6 /
-    5.0e-6 / 1.1e-5)."""
+    1.8e-7 / 1.5e-7 / 2.3e-7 with 1/σ from a constant coordinate (two σ-probes with Richardson: 5.8e-7 /
+    3.9e-7 / 7.7e-7; one probe: 7.4e-6 / 5.0e-6 / 1.1e-5)."""
     runs = {dtype: _exact_run(family, dtype) for dtype in ("float64", "float32")}
     reference = runs["float64"][1]
     change = lambda logits: logits.double() - reference.logits_before  # noqa: E731
