@@ -84,21 +84,32 @@ class BackwardLowering:
         sqrt(D·σ²/(D + 1)), so its coordinate 2D is k·sqrt((D + 1)/D)/σ: σ's eps enters as a coordinate
         and the norm's own eps, not as an approximation (eps' > 0 keeps a position whose stream is 0, e.g.
         a prefix token of the standard view, finite). A product with w, scaled back by
-        1/(k·sqrt((D + 1)/D)), gives w/σ; the error is rounding only."""
+        1/(k·sqrt((D + 1)/D)), gives w/σ; the error is rounding only. Every projection but the mean's is a
+        copy (backends/torch/structured.py), so the work is O(D) per token."""
         if eps <= 0:
             raise BackendError(f"node %{self.node.name}: norm eps {eps!r}: the exact backward reads 1/σ off a "
                                "constant coordinate sqrt(D·eps/2); allowed: eps > 0, or the rule finite_difference")
-        d = x.width
+        d, one = x.width, self.inputs["one"]
+        y = self._centred(x) if centred else x
         k, norm_eps = math.sqrt(d * eps / 2), d * eps / (2 * (d + 1))
-        centre = self.eye(d) - (torch.full((d, d), 1.0 / d, dtype=self.dtype) if centred else 0.0)
         zeros, column = torch.zeros(d, 1, dtype=self.dtype), torch.ones(1, 1, dtype=self.dtype)
-        stack = torch.cat([torch.cat([centre, zeros], 1), torch.cat([-centre, zeros], 1),
+        stack = torch.cat([torch.cat([self.eye(d), zeros], 1), torch.cat([-self.eye(d), zeros], 1),
                            torch.cat([zeros.T, k * column], 1), torch.cat([zeros.T, -k * column], 1)])
-        z = self._linear_of(f"sigma_stack_{'centred' if centred else 'uncentred'}_{k!r}", stack,
-                            [x, self.inputs["one"]])
+        z = self._linear_of(f"sigma_stack_{k!r}", stack, [y, one])
         normed = self.alloc(2 * d + 2)
         self.call(self.layer(("norm", repr(norm_eps)), lambda: P.Norm(norm_eps)), [[(z,)]], [normed])
         return self._product(normed.part(2 * d, 1), w, factor=1.0 / (k * math.sqrt((d + 1) / d)))
+
+    def _centred(self, x: Field) -> Field:
+        """x − mean(x): the mean by a linear map, then a gated unit (−mean)·one + x whose projections are
+        copies (no dense D×D centring matrix)."""
+        d = x.width
+        mean = self._linear_of("mean", torch.full((1, d), 1.0 / d, dtype=self.dtype), [x])
+        column = torch.ones(d, 1, dtype=self.dtype)
+        out = self.alloc(d)
+        layer = self.layer(("centre", d), lambda: P.Gate(-column, column, self.eye(d)))
+        self.call(layer, [[(mean,)], [(self.inputs["one"],)], [(x,)]], [out])
+        return out
 
     def lower_activation_backward(self, node):
         """finite_difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: an MLP with hidden [x + ∂y/N; x] per chunk.
