@@ -56,14 +56,8 @@ class BackwardLowering:
         u = self._product(gamma, dy)
         if a["rule"] == "exact":
             xhat = self._normalised(x, a["eps"])
-            d = x.width
-            mean = lambda: torch.full((1, d), 1.0 / d, dtype=self.dtype)  # noqa: E731
-            means, _ = self.new(2, 1)  # [mean(u), mean(x̂⊙u)]
-            layer = self.layer(("mean", d), lambda: P.Linear(mean()))
-            self.call(layer, [[(u,), (self._product(xhat, u),)]], [means.part(0, 1), means.part(1, 1)])
-            along = self._product(means.part(1, 1), xhat)  # mean(x̂⊙u)·x̂
-            e, ones = self.eye(d), torch.ones(d, 1, dtype=self.dtype)
-            w = self._linear_of("centred_gradient", torch.cat([e, -e, -ones], 1), [u, along, means.part(0, 1)])
+            w = self._minus_times(self._mean(self._product(xhat, u)), xhat, u)  # u − mean(x̂⊙u)·x̂
+            w = self._minus_times(self._mean(u), self.inputs["one"], w)  # … − mean(u)
             self.fields[node.name] = self._divided_by_sigma(x, w, a["eps"])
             return
         shifted = self._sum(x, self._scaled(u, 1.0 / a["scale"]))
@@ -90,7 +84,7 @@ class BackwardLowering:
             raise BackendError(f"node %{self.node.name}: norm eps {eps!r}: the exact backward reads 1/σ off a "
                                "constant coordinate sqrt(D·eps/2); allowed: eps > 0, or the rule finite_difference")
         d, one = x.width, self.inputs["one"]
-        y = self._centred(x) if centred else x
+        y = self._minus_times(self._mean(x), one, x) if centred else x  # x − mean(x)
         k, norm_eps = math.sqrt(d * eps / 2), d * eps / (2 * (d + 1))
         zeros, column = torch.zeros(d, 1, dtype=self.dtype), torch.ones(1, 1, dtype=self.dtype)
         stack = torch.cat([torch.cat([self.eye(d), zeros], 1), torch.cat([-self.eye(d), zeros], 1),
@@ -100,16 +94,20 @@ class BackwardLowering:
         self.call(self.layer(("norm", repr(norm_eps)), lambda: P.Norm(norm_eps)), [[(z,)]], [normed])
         return self._product(normed.part(2 * d, 1), w, factor=1.0 / (k * math.sqrt((d + 1) / d)))
 
-    def _centred(self, x: Field) -> Field:
-        """x − mean(x): the mean by a linear map, then a gated unit (−mean)·one + x whose projections are
-        copies (no dense D×D centring matrix)."""
-        d = x.width
-        mean = self._linear_of("mean", torch.full((1, d), 1.0 / d, dtype=self.dtype), [x])
+    def _minus_times(self, s: Field, v: Field, base: Field) -> Field:
+        """base − s·v, s one number per token, v as wide as base or the one (then base − s): a gated unit
+        (−s)⊙v + base whose projections are copies, O(D) per token where a linear map [I, −I, …] is dense."""
+        d, wide = base.width, v.width == base.width
         column = torch.ones(d, 1, dtype=self.dtype)
+        layer = self.layer(("minus_times", d, wide), lambda: P.Gate(-column, self.eye(d) if wide else column,
+                                                                    self.eye(d)))
         out = self.alloc(d)
-        layer = self.layer(("centre", d), lambda: P.Gate(-column, column, self.eye(d)))
-        self.call(layer, [[(mean,)], [(self.inputs["one"],)], [(x,)]], [out])
+        self.call(layer, [[(s,)], [(v,)], [(base,)]], [out])
         return out
+
+    def _mean(self, x: Field) -> Field:
+        d = x.width
+        return self._linear_of("mean", torch.full((1, d), 1.0 / d, dtype=self.dtype), [x])
 
     def lower_activation_backward(self, node):
         """finite_difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: an MLP with hidden [x + ∂y/N; x] per chunk.

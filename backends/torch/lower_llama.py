@@ -48,9 +48,7 @@ class LlamaLowering:
         gamma, _ = self._norm_params(block, version)
         if a["rule"] == "exact":
             u, f = self._product(gamma, dy), self._rms_normalised(x, a["eps"])
-            d = x.width
-            mean = self._linear_of("mean", torch.full((1, d), 1.0 / d, dtype=self.dtype), [self._product(f, u)])
-            w = self._difference(u, self._product(mean, f))
+            w = self._minus_times(self._mean(self._product(f, u)), f, u)  # u − mean(f⊙u)·f
             self.fields[node.name] = self._divided_by_sigma(x, w, a["eps"], centred=False)
             return
         shifted = self._sum(x, self._scaled(self._product(gamma, dy), 1.0 / a["scale"]))
