@@ -45,7 +45,8 @@ class BackwardLowering:
 
     def lower_layer_norm_backward(self, node):
         """finite_difference: N·[f(x + (γ⊙∂y)·(1/N)) − f(x)], step by step as the rule computes it.
-        exact: ∂x = w/σ, w = u − mean(u) − x̂·mean(x̂⊙u), u = γ⊙∂y (see _divided_by_sigma)."""
+        exact: ∂x = w/σ, w = u − mean(u) − x̂·mean(x̂⊙u), u = γ⊙∂y: the three means in one linear map, the
+        subtractions by _minus_times, 1/σ from _divided_by_sigma with y = x − mean(x)."""
         a = node.attrs
         if a["rule"] not in ("finite_difference", "exact"):
             raise BackendError(f"node %{node.name}: layer-norm backward rule {a['rule']!r} has no TinT "
@@ -56,9 +57,10 @@ class BackwardLowering:
         u = self._product(gamma, dy)
         if a["rule"] == "exact":
             xhat = self._normalised(x, a["eps"])
-            w = self._minus_times(self._mean(self._product(xhat, u)), xhat, u)  # u − mean(x̂⊙u)·x̂
-            w = self._minus_times(self._mean(u), self.inputs["one"], w)  # … − mean(u)
-            self.fields[node.name] = self._divided_by_sigma(x, w, a["eps"])
+            one = self.inputs["one"]
+            mean_x, mean_u, mean_xu = self._means(x, u, self._product(xhat, u))
+            w = self._minus_times(mean_u, one, self._minus_times(mean_xu, xhat, u))
+            self.fields[node.name] = self._divided_by_sigma(self._minus_times(mean_x, one, x), w, a["eps"])
             return
         shifted = self._sum(x, self._scaled(u, 1.0 / a["scale"]))
         change = self._difference(self._normalised(shifted, a["eps"]), self._normalised(x, a["eps"]))
@@ -71,25 +73,23 @@ class BackwardLowering:
         self.call(layer, [[tuple(values)]], [out])
         return out
 
-    def _divided_by_sigma(self, x: Field, w: Field, eps: float, centred: bool = True) -> Field:
-        """w/σ, σ = sqrt(var(x) + eps) (centred=False: sqrt(mean(x²) + eps), RMSNorm's), exactly: with
-        y = x − mean(x) (or x) and the constant k = sqrt(D·eps/2) from the one, z = [y, −y, k, −k] has mean 0
-        and variance (|y|² + k²)/(D + 1); a layer norm with eps' = D·eps/(2(D + 1)) divides z by
-        sqrt(D·σ²/(D + 1)), so its coordinate 2D is k·sqrt((D + 1)/D)/σ: σ's eps enters as a coordinate
-        and the norm's own eps, not as an approximation (eps' > 0 keeps a position whose stream is 0, e.g.
-        a prefix token of the standard view, finite). A product with w, scaled back by
-        1/(k·sqrt((D + 1)/D)), gives w/σ; the error is rounding only. Every projection but the mean's is a
-        copy (backends/torch/structured.py), so the work is O(D) per token."""
+    def _divided_by_sigma(self, y: Field, w: Field, eps: float) -> Field:
+        """w/σ, σ = sqrt(mean(y²) + eps) (layer norm: y = x − mean(x); RMSNorm: y = x), exactly: with the
+        constant k = sqrt(D·eps/2) from the one, z = [y, −y, k, −k] has mean 0 and variance
+        (|y|² + k²)/(D + 1); a layer norm with eps' = D·eps/(2(D + 1)) divides z by sqrt(D·σ²/(D + 1)), so
+        its coordinate 2D is k·sqrt((D + 1)/D)/σ: σ's eps enters as a coordinate and the norm's own eps,
+        not as an approximation (eps' > 0 keeps a position whose stream is 0, e.g. a prefix token of the
+        standard view, finite). A product with w, scaled back by 1/(k·sqrt((D + 1)/D)), gives w/σ; the
+        error is rounding only, and every projection is a copy (O(D) per token)."""
         if eps <= 0:
             raise BackendError(f"node %{self.node.name}: norm eps {eps!r}: the exact backward reads 1/σ off a "
                                "constant coordinate sqrt(D·eps/2); allowed: eps > 0, or the rule finite_difference")
-        d, one = x.width, self.inputs["one"]
-        y = self._minus_times(self._mean(x), one, x) if centred else x  # x − mean(x)
+        d = y.width
         k, norm_eps = math.sqrt(d * eps / 2), d * eps / (2 * (d + 1))
         zeros, column = torch.zeros(d, 1, dtype=self.dtype), torch.ones(1, 1, dtype=self.dtype)
         stack = torch.cat([torch.cat([self.eye(d), zeros], 1), torch.cat([-self.eye(d), zeros], 1),
                            torch.cat([zeros.T, k * column], 1), torch.cat([zeros.T, -k * column], 1)])
-        z = self._linear_of(f"sigma_stack_{k!r}", stack, [y, one])
+        z = self._linear_of(f"sigma_stack_{k!r}", stack, [y, self.inputs["one"]])
         normed = self.alloc(2 * d + 2)
         self.call(self.layer(("norm", repr(norm_eps)), lambda: P.Norm(norm_eps)), [[(z,)]], [normed])
         return self._product(normed.part(2 * d, 1), w, factor=1.0 / (k * math.sqrt((d + 1) / d)))
@@ -105,9 +105,13 @@ class BackwardLowering:
         self.call(layer, [[(s,)], [(v,)], [(base,)]], [out])
         return out
 
-    def _mean(self, x: Field) -> Field:
-        d = x.width
-        return self._linear_of("mean", torch.full((1, d), 1.0 / d, dtype=self.dtype), [x])
+    def _means(self, *values: Field) -> list[Field]:
+        """mean(v) of each value (one number per token): one linear map, a group per value."""
+        d = values[0].width
+        layer = self.layer(("mean", d), lambda: P.Linear(torch.full((1, d), 1.0 / d, dtype=self.dtype)))
+        _, means = self.new(len(values), 1)
+        self.call(layer, [[(v,) for v in values]], means)
+        return means
 
     def lower_activation_backward(self, node):
         """finite_difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: an MLP with hidden [x + ∂y/N; x] per chunk.
