@@ -11,13 +11,9 @@ from tintc import pipeline
 from tintc.config import parse_config
 from tintc.oracle.fidelity import example_input
 from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
+from tests.helpers import EXACT_RULES, rel_err as rel  # noqa: F401  (the family tests import them from here)
 from tests.models import TINY, tiny_model
 
-EXACT_RULES = {"attention": "exact", "layer_norm": "exact", "activation": "exact"}
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def compiled_from_folder(family: str, folder, dtype: str, kinds: list[str], approximations: dict):

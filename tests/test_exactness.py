@@ -40,12 +40,14 @@ def test_each_row_is_a_direct_compile_and_each_exact_rule_costs_more():
         assert row["blocks"] == direct["standard_view"]["blocks"], name
         assert row["calls"] == direct["tint"]["calls"], name
     paper, everything = rows["paper rules"], rows["all exact"]
-    for name in NAMES[1:4]:  # each exact rule adds calls, blocks and parameters; all of them the most
-        for key in ("standard_view_dense", "calls", "blocks"):
-            assert paper[key] < rows[name][key] <= everything[key], (name, key)
+    for name in NAMES[1:4]:  # exact attention and activation add calls, blocks and the dense count; all
+        for key in ("standard_view_dense", "calls", "blocks"):  # exact rules the most
+            if name != "layer_norm exact":  # means, copies and one norm: as many calls as the difference, less dense
+                assert paper[key] < rows[name][key], (name, key)
+            assert rows[name][key] <= everything[key], (name, key)
     # (stored numbers are not ordered: they depend on how many projections are stored as diagonals or
-    # selections, backends/torch/structured.py; an exact rule may store fewer than its approximation)
-    assert everything["unique"] > paper["unique"]
+    # selections, backends/torch/structured.py; an exact rule may store fewer than its approximation: on
+    # this micro LLaMA every rule exact stores fewer than the paper's rules)
     title, columns, table = exactness_table(result)
     assert title.startswith("Cost of exactness") and "forward" not in " ".join(columns)
     assert table[1][:2] == ["attention exact", "config's"] and table[0][1] == "without attn_q, attn_k"

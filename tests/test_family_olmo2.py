@@ -79,14 +79,9 @@ def test_olmo2_in_float32_with_the_papers_rules_is_at_the_float32_floor(tmp_path
     assert tint["delta_rel_err"] <= floor["delta_rel_err"] and tint["worst_update_rel"] <= floor["worst_update_rel"]
 
 
-# On this branch the exact RMSNorm backward reads 1/σ off two probes t·w (t = s, 2s), which err by
-# O(s⁴c²), c = |w|²/(Dσ²): large for the norms of OLMo 2's q, k and sublayer outputs, whose σ is small.
-# Measured: 4.4e-8 from HF autograd in float64, 3.8e-2 in float32 (floor 1.0e-6). With the branch
-# `exact`'s rule (1/σ off a constant coordinate, no probe of w) both pass: ≤ 1e-9, and 3.7e-7.
-PROBES_ERR = pytest.mark.xfail(strict=True, reason="the exact RMSNorm's σ probes err on small σ (see above)")
-
-
-@PROBES_ERR
+# OLMo 2's q, k and sublayer outputs have a small σ: the exact RMSNorm backward must divide by σ exactly.
+# The two-probe (Richardson) division it had erred by O(s⁴c²), c = |w|²/(Dσ²): 4.4e-8 from HF autograd in
+# float64 and 3.8e-2 in float32 (floor 1.0e-6). With 1/σ read off a constant coordinate: ≤ 1e-9, and 3.7e-7.
 def test_olmo2_from_its_folder_with_every_rule_exact_is_hugging_faces_autograd(tmp_path):
     cfg, compiled = compiled_from_folder("olmo2", tmp_path, "float64", ALL_KINDS, EXACT_RULES)
     exact, logits, decoded, params = run(cfg, compiled, "exact")
@@ -96,7 +91,6 @@ def test_olmo2_from_its_folder_with_every_rule_exact_is_hugging_faces_autograd(t
         assert rel(decoded[name] - params[name], exact.params[name] - params[name]) <= 1e-9, name
 
 
-@PROBES_ERR
 def test_olmo2_in_float32_with_every_rule_exact_is_at_the_float32_floor(tmp_path):
     tint, floor = float32_errors(*compiled_from_folder("olmo2", tmp_path, "float32", ALL_KINDS, EXACT_RULES))
     assert floor["delta_rel_err"] < 1e-5 and tint["delta_rel_err"] <= 5 * floor["delta_rel_err"]

@@ -180,11 +180,13 @@ class _Lowering(BackwardLowering, LlamaLowering):
     def _scaled(self, a: Field, factor: float) -> Field:
         return self._chunked_linear(f"scale_{factor!r}", lambda g: factor * self.eye(g), a)
 
-    def _product(self, a: Field, b: Field, group: int | None = None) -> Field:
-        """a ⊙ b chunk by chunk (`group` overrides the op's group width); a of width 1 is broadcast over b."""
+    def _product(self, a: Field, b: Field, group: int | None = None, factor: float = 1.0) -> Field:
+        """factor·a ⊙ b chunk by chunk (`group` overrides the op's group width); a of width 1 is broadcast
+        over b."""
         g = group or self.group(b.width)
         left = (lambda: torch.ones(g, 1, dtype=self.dtype)) if a.width == 1 else (lambda: self.eye(g))
-        layer = self.layer(("product", a.width == 1, g), lambda: P.Gate(left(), self.eye(g)))
+        key = ("product", a.width == 1, g) + (() if factor == 1.0 else (repr(factor),))
+        layer = self.layer(key, lambda: P.Gate(factor * left(), self.eye(g)))
         a_chunks = [a] * (b.width // g) if a.width == 1 else a.chunks(g)
         out, chunks = self.new(b.width, g)
         self.call(layer, [[(c,) for c in a_chunks], [(c,) for c in b.chunks(g)]], chunks)

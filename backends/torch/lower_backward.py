@@ -21,7 +21,6 @@ from .program import Field
 
 EXACT_DERIVATIVES = {"gelu_tanh": "_gelu_tanh_derivative", "gelu": "_gelu_derivative", "relu": "_relu_derivative",
                      "silu": "_silu_derivative"}  # exact σ'⊙∂y
-PROBE_SCALE = {torch.float64: 2.0 ** -12, torch.float32: 2.0 ** -6}  # _divided_by_sigma's s, per dtype
 GELU_STEP = {torch.float64: 2.0 ** -10, torch.float32: 2.0 ** -4}  # _gelu_derivative's h, per dtype
 
 
@@ -46,7 +45,8 @@ class BackwardLowering:
 
     def lower_layer_norm_backward(self, node):
         """finite_difference: N·[f(x + (γ⊙∂y)·(1/N)) − f(x)], step by step as the rule computes it.
-        exact: ∂x = w/σ, w = u − mean(u) − x̂·mean(x̂⊙u), u = γ⊙∂y (see _divided_by_sigma)."""
+        exact: ∂x = w/σ, w = u − mean(u) − x̂·mean(x̂⊙u), u = γ⊙∂y: the three means in one linear map, the
+        subtractions by _minus_times, 1/σ from _divided_by_sigma with y = x − mean(x)."""
         a = node.attrs
         if a["rule"] not in ("finite_difference", "exact"):
             raise BackendError(f"node %{node.name}: layer-norm backward rule {a['rule']!r} has no TinT "
@@ -57,15 +57,10 @@ class BackwardLowering:
         u = self._product(gamma, dy)
         if a["rule"] == "exact":
             xhat = self._normalised(x, a["eps"])
-            d = x.width
-            mean = lambda: torch.full((1, d), 1.0 / d, dtype=self.dtype)  # noqa: E731
-            means, _ = self.new(2, 1)  # [mean(u), mean(x̂⊙u)]
-            layer = self.layer(("mean", d), lambda: P.Linear(mean()))
-            self.call(layer, [[(u,), (self._product(xhat, u),)]], [means.part(0, 1), means.part(1, 1)])
-            along = self._product(means.part(1, 1), xhat)  # mean(x̂⊙u)·x̂
-            e, ones = self.eye(d), torch.ones(d, 1, dtype=self.dtype)
-            w = self._linear_of("centred_gradient", torch.cat([e, -e, -ones], 1), [u, along, means.part(0, 1)])
-            self.fields[node.name] = self._divided_by_sigma(x, w, a["eps"])
+            one = self.inputs["one"]
+            mean_x, mean_u, mean_xu = self._means(x, u, self._product(xhat, u))
+            w = self._minus_times(mean_u, one, self._minus_times(mean_xu, xhat, u))
+            self.fields[node.name] = self._divided_by_sigma(self._minus_times(mean_x, one, x), w, a["eps"])
             return
         shifted = self._sum(x, self._scaled(u, 1.0 / a["scale"]))
         change = self._difference(self._normalised(shifted, a["eps"]), self._normalised(x, a["eps"]))
@@ -78,36 +73,45 @@ class BackwardLowering:
         self.call(layer, [[tuple(values)]], [out])
         return out
 
-    def _divided_by_sigma(self, x: Field, w: Field, eps: float, centred: bool = True) -> Field:
-        """w/σ, σ = sqrt(var(x) + eps), by layer norms: with y = x − mean(x) and z_t = [y, −y, t·w, −t·w]
-        (mean 0), LN_{eps/2}(z_t)[2D:3D] = t·w·√2 / sqrt(var + eps + t²|w|²/D) = t·√2·r(t), where
-        r(t) = (w/σ)·(1 + t²c)^(-1/2), c = |w|²/(Dσ²). One probe alone errs by a relative t²c/2; two
-        probes, t = s and 2s, combined as (4·r(s) − r(2s))/3 (Richardson) cancel that term and leave
-        O(s⁴c²). The normaliser's mean, 0 up to rounding ε·|y|, shifts t·w by a relative ε·|y|/(t·|w|):
-        s (a power of two, PROBE_SCALE) balances the two per dtype, near ε^(1/5) for c ~ 1, one step
-        smaller for models with larger |w|/σ. Measured (every rule exact, 2 steps, the tiny models of
-        every family against exact GD; the standard view against the fast executor on the micro GPT-2,
-        OPT, LLaMA): float64 2⁻¹² gives logits 2e-14–5e-13, updates ≤ 1.1e-12, views ≤ 9e-13 (one probe at
-        the old 2⁻¹⁷: 5e-13–8e-12, 3e-11, 1.2e-10); float32 2⁻⁶ gives a logit change 1.7e-7–7.7e-7 from
-        exact GD in float64 where exact GD in float32 is 1.6e-7–2.4e-7 (one probe at 2⁻¹⁰: 1e-6–1.1e-5)."""
-        d = x.width
-        e, z = self.eye(d), torch.zeros(d, d, dtype=self.dtype)
-        s = PROBE_SCALE[self.dtype]
-        # centred=False: σ = sqrt(mean(x²) + eps), RMSNorm's (y = x)
-        centre = e - torch.full((d, d), 1.0 / d, dtype=self.dtype) if centred else e
+    def _divided_by_sigma(self, y: Field, w: Field, eps: float) -> Field:
+        """w/σ, σ = sqrt(mean(y²) + eps) (layer norm: y = x − mean(x); RMSNorm: y = x), exactly: with the
+        constant k = sqrt(D·eps/2) from the one, z = [y, −y, k, −k] has mean 0 and variance
+        (|y|² + k²)/(D + 1); a layer norm with eps' = D·eps/(2(D + 1)) divides z by sqrt(D·σ²/(D + 1)), so
+        its coordinate 2D is k·sqrt((D + 1)/D)/σ: σ's eps enters as a coordinate and the norm's own eps,
+        not as an approximation (eps' > 0 keeps a position whose stream is 0, e.g. a prefix token of the
+        standard view, finite). A product with w, scaled back by 1/(k·sqrt((D + 1)/D)), gives w/σ; the
+        error is rounding only, and every projection is a copy (O(D) per token)."""
+        if eps <= 0:
+            raise BackendError(f"node %{self.node.name}: norm eps {eps!r}: the exact backward reads 1/σ off a "
+                               "constant coordinate sqrt(D·eps/2); allowed: eps > 0, or the rule finite_difference")
+        d = y.width
+        k, norm_eps = math.sqrt(d * eps / 2), d * eps / (2 * (d + 1))
+        zeros, column = torch.zeros(d, 1, dtype=self.dtype), torch.ones(1, 1, dtype=self.dtype)
+        stack = torch.cat([torch.cat([self.eye(d), zeros], 1), torch.cat([-self.eye(d), zeros], 1),
+                           torch.cat([zeros.T, k * column], 1), torch.cat([zeros.T, -k * column], 1)])
+        z = self._linear_of(f"sigma_stack_{k!r}", stack, [y, self.inputs["one"]])
+        normed = self.alloc(2 * d + 2)
+        self.call(self.layer(("norm", repr(norm_eps)), lambda: P.Norm(norm_eps)), [[(z,)]], [normed])
+        return self._product(normed.part(2 * d, 1), w, factor=1.0 / (k * math.sqrt((d + 1) / d)))
 
-        def probe(t: float) -> torch.Tensor:
-            return torch.cat([torch.cat([centre, z], 1), torch.cat([-centre, z], 1),
-                              torch.cat([z, t * e], 1), torch.cat([z, -t * e], 1)])
+    def _minus_times(self, s: Field, v: Field, base: Field) -> Field:
+        """base − s·v, s one number per token, v as wide as base or the one (then base − s): a gated unit
+        (−s)⊙v + base whose projections are copies, O(D) per token where a linear map [I, −I, …] is dense."""
+        d, wide = base.width, v.width == base.width
+        column = torch.ones(d, 1, dtype=self.dtype)
+        layer = self.layer(("minus_times", d, wide), lambda: P.Gate(-column, self.eye(d) if wide else column,
+                                                                    self.eye(d)))
+        out = self.alloc(d)
+        self.call(layer, [[(s,)], [(v,)], [(base,)]], [out])
+        return out
 
-        stacked = self._linear_of(f"sigma_probes_{'centred' if centred else 'uncentred'}",
-                                  torch.cat([probe(s), probe(2 * s)]), [x, w])
-        norm = self.layer(("norm", repr(eps / 2)), lambda: P.Norm(eps / 2))
-        _, normed = self.new(8 * d, 4 * d)  # the two probes: one layer norm, two groups
-        self.call(norm, [[(part,) for part in stacked.chunks(4 * d)]], normed)
-        r = 2.0 ** 0.5
-        return self._linear_of("sigma_richardson", torch.cat([4 / (3 * s * r) * e, -1 / (3 * 2 * s * r) * e], 1),
-                               [normed[0].part(2 * d, d), normed[1].part(2 * d, d)])
+    def _means(self, *values: Field) -> list[Field]:
+        """mean(v) of each value (one number per token): one linear map, a group per value."""
+        d = values[0].width
+        layer = self.layer(("mean", d), lambda: P.Linear(torch.full((1, d), 1.0 / d, dtype=self.dtype)))
+        _, means = self.new(len(values), 1)
+        self.call(layer, [[(v,) for v in values]], means)
+        return means
 
     def lower_activation_backward(self, node):
         """finite_difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: an MLP with hidden [x + ∂y/N; x] per chunk.

@@ -38,7 +38,7 @@ class LlamaLowering:
 
     def lower_rms_norm_backward(self, node):
         """finite_difference: N·[f(x + (γ⊙∂y)·(1/N)) − f(x)], f the RMS normalisation, as the rule computes it.
-        exact: ∂x = (u − f·mean(f⊙u))/rms(x), u = γ⊙∂y, the division by _divided_by_sigma uncentred."""
+        exact: ∂x = (u − f·mean(f⊙u))/rms(x), u = γ⊙∂y, the division by _divided_by_sigma with y = x."""
         a = node.attrs
         if a["rule"] not in ("finite_difference", "exact"):
             raise BackendError(f"node %{node.name}: RMSNorm backward rule {a['rule']!r} has no TinT construction; "
@@ -48,10 +48,8 @@ class LlamaLowering:
         gamma, _ = self._norm_params(block, version)
         if a["rule"] == "exact":
             u, f = self._product(gamma, dy), self._rms_normalised(x, a["eps"])
-            d = x.width
-            mean = self._linear_of("mean", torch.full((1, d), 1.0 / d, dtype=self.dtype), [self._product(f, u)])
-            w = self._difference(u, self._product(mean, f))
-            self.fields[node.name] = self._divided_by_sigma(x, w, a["eps"], centred=False)
+            (mean_fu,) = self._means(self._product(f, u))
+            self.fields[node.name] = self._divided_by_sigma(x, self._minus_times(mean_fu, f, u), a["eps"])
             return
         shifted = self._sum(x, self._scaled(self._product(gamma, dy), 1.0 / a["scale"]))
         change = self._difference(self._rms_normalised(shifted, a["eps"]), self._rms_normalised(x, a["eps"]))

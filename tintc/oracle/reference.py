@@ -17,7 +17,7 @@ copy of θ, as each sequence given to a TinT does.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -216,15 +216,15 @@ def _descend_one(forward, params, input_ids, train_mask, label_mask, settings, m
 
 
 def exact_gd(model, graph: Graph, input_ids, train_mask, settings: TrainSettings, label_mask=None,
-             before: bool = True) -> GDResult:
+             before: bool = True, norms_as_graph: bool = True) -> GDResult:
     """g by autograd through the HF model (functional: the model is not modified): per step a
     forward, a backward and the update, then the evaluation forward (and, with before=True, the
     forward with θ_0 for the logits before training). RMSNorm modules run as the graph says
-    (see _norms_as_in_graph)."""
+    (see _norms_as_in_graph); norms_as_graph=False runs them as HF wrote them."""
     params = dict(model.named_parameters())
 
     def forward(p, ids):
-        with _norms_as_in_graph(model, graph):
+        with _norms_as_in_graph(model, graph) if norms_as_graph else nullcontext():
             return functional_call(model, p, (ids,), {"use_cache": False}).logits
 
     masks = update_masks(graph, params, settings)
