@@ -132,12 +132,13 @@ def reference(
     text: Path = typer.Option(None, "--text", help="a text file to use as the input instead of random ids"),
 ) -> None:
     """Run the plain-PyTorch oracles (exact and approximate GD) and show how they differ."""
-    from tintc import pipeline
+    from tintc import options, pipeline
     from tintc.config import load_config
 
     _quiet_transformers()
     try:
         cfg = load_config(config)
+        options.check_length("--length", length)
         table = pipeline.reference_table(cfg, length, text=text)
     except TintcError as error:
         raise _fail(error) from None
@@ -233,7 +234,7 @@ def verify(
     """Compile, run the TinT and the oracles on one input (first half train), and print both errors."""
     from tintc import pipeline
     from tintc.config import load_config
-    from ir.errors import ConfigError
+    from tintc import options
     from tintc.oracle.fidelity import example_input
 
     _quiet_transformers()
@@ -242,8 +243,7 @@ def verify(
         compiled = pipeline.compile_tint(cfg)
         graph = compiled.graph
         max_length = compiled.tint.program.max_length
-        if length is not None and length > max_length:
-            raise ConfigError(f"--length: got {length}; allowed: 2 to {max_length}, the TinT's max length")
+        options.check_length("--length", length, most=max_length, what=", the TinT's max length")
         n = length or min(64, max_length)
         ids, train, labels = example_input(graph.attrs["vocab"], n, batch, seed=cfg.model.seed)
         if text is not None:
@@ -284,14 +284,12 @@ def bench(
     """Time the compile, and the TinT forward against direct autograd (exact_gd) for several T, with peak
     memory (one process per measurement), and the cost of each exact rule; write bench.json and bench.png
     under the output directory."""
-    from tintc import bench as benchmark
+    from tintc import bench as benchmark, options
     from tintc.config import load_config
 
     try:
         cfg = load_config(config)
-        if len(benchmark.parse_lengths(lengths)) > 16:
-            raise TintcError(f"--lengths: got {len(benchmark.parse_lengths(lengths))} lengths; allowed: at most 16")
-        result = benchmark.run(config, benchmark.parse_lengths(lengths), repeats,
+        result = benchmark.run(config, options.bench_lengths(lengths), repeats,
                                progress=lambda message: err.print(message, style="dim"), exactness=exactness,
                                force=force)
         paths = benchmark.save(result, cfg.resolved_output, force=force, source=cfg.source_key)
@@ -337,8 +335,8 @@ def eval_(
     """Dynamic evaluation: on real text (--task lm), perplexity of the test part of each chunk; on a
     labelled data set (--task classify), few-shot accuracy. Rows: the base model, exact SGD, the ĝ
     oracle and the TinT (loaded from its package). Runs data-parallel under torchrun."""
-    from tintc import classify, classify_render, eval_render, text_source
-    from tintc import eval as protocol
+    from tintc import options
+    from tintc.eval import classify, classify_render, render as eval_render, run as protocol, text_source
     from tintc.config import load_config
     from tintc.eval.distributed import Group
 
@@ -346,7 +344,7 @@ def eval_(
     group = None
     try:
         cfg = load_config(config)
-        learning_rates = _parse_lrs(lrs)
+        learning_rates = options.eval_numbers(length, train_fraction, chunks, seed, lrs)
         if task is Task.classify:
             lm_only = {"--text": text, "--dataset": dataset, "--length": length, "--train-fraction": train_fraction,
                        "--chunks": chunks, "--seed": seed}
@@ -393,18 +391,6 @@ def eval_(
         out.print(note)
     for path in render.write(result, out_dir):
         out.print(f"wrote {path}")
-
-
-def _parse_lrs(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or any(not v > 0 for v in values) or len(set(values)) != len(values):
-        raise ConfigError(f"--lrs: got {text!r}; allowed: comma-separated distinct numbers > 0, e.g. 1e-4,3e-4,1e-3")
-    return values
 
 
 class _progress:

@@ -76,6 +76,8 @@ def _fill(staging: Path, directory: Path, files: dict[str, Content], old: dict, 
         if Path(name).name != name or name in (MANIFEST, "", ".", ".."):
             raise OutputError(f"{name!r}: not a plain file name; allowed: a name without directories")
         path = staging / name
+        if name.endswith(".json") and isinstance(content, str):
+            _strict_json(name, content)
         if callable(content):
             content(path)  # in a fresh private directory: nothing can be planted there
         else:
@@ -101,6 +103,18 @@ def _fill(staging: Path, directory: Path, files: dict[str, Content], old: dict, 
         if name in old:
             manifest[name] = old[name]
     return manifest
+
+
+def _refuse_constant(constant: str):
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _strict_json(name: str, text: str) -> None:
+    """A .json output must be strict JSON: NaN and Infinity (which json.dumps writes) are not."""
+    try:
+        json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as err:
+        raise OutputError(f"{name}: would hold non-strict JSON ({err}); allowed: finite numbers only") from None
 
 
 def _write_new(path: Path, data: bytes) -> None:
