@@ -366,7 +366,7 @@ def eval_(
             source = (text_source.file_text(text) if text is not None else
                       text_source.dataset_text(dataset) if dataset is not None else text_source.default_text())
         group = Group.from_environment(device)
-        out_dir = output if output is not None else cfg.resolved_output / "eval"
+        out_dir = protocol.check_outputs(output or cfg.resolved_output / "eval", learning_rates or (cfg.tint.train.lr,))
         if task is Task.classify:
             settings = classify.ClassifySettings(data=data, lrs=learning_rates, float64_reference=float64_reference,
                                                  device=group.device(device))

@@ -39,9 +39,24 @@ LOCK_WAIT = 60.0  # seconds a writer waits for another one on the same directory
 Content = str | bytes | Callable[[Path], None]
 
 
-def write_files(directory, files: dict[str, Content], force: bool = False, source: str | None = None) -> list[Path]:
+def check_output(directory, names, force: bool = False) -> Path:
+    """Before any work is done: `directory` with its links resolved whole (every later write goes to
+    that one real place), refused now when write_files would refuse to write `names` there."""
+    directory = Path(directory).resolve()
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{directory}: exists and is not a directory; allowed: a directory or a new path")
+    foreign = [name for name in names if _foreign(directory, name, _manifest(directory))]
+    if foreign and not force:
+        raise OutputError(f"{directory}: would overwrite {', '.join(foreign)}, which tintc did not write (or "
+                          "which changed since); allowed: move them away, pass --force, or another --out")
+    return directory
+
+
+def write_files(directory, files: dict[str, Content], force: bool = False, source: str | None = None,
+                exclusive: bool = False) -> list[Path]:
     """Write `files` (text, bytes, or a function that writes the path it is given) into `directory`
-    as one set; return their final paths. `source` names the config they come from."""
+    as one set; return their final paths. `source` names the config they come from. `exclusive`:
+    the directory must be new or hold only what tintc wrote there (by its manifest), no link."""
     directory = Path(directory)
     parent = directory.parent
     try:
@@ -54,6 +69,8 @@ def write_files(directory, files: dict[str, Content], force: bool = False, sourc
     with _locked(parent / f".{directory.name}.tintc-lock", directory):
         _remove_leftovers(parent, directory.name)
         old = _manifest(directory)
+        if exclusive:
+            _only_ours(directory, old)
         foreign = [name for name in files if _foreign(directory, name, old)]
         if foreign and not force:
             raise OutputError(f"{directory}: would overwrite {', '.join(foreign)}, which tintc did not write (or "
@@ -140,6 +157,18 @@ def _manifest(directory: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def _only_ours(directory: Path, manifest: dict) -> None:
+    """Refuse a directory holding any entry tintc's manifest does not record as it wrote it."""
+    if not directory.is_dir():
+        return
+    others = sorted(entry.name for entry in os.scandir(directory)
+                    if entry.name != MANIFEST and _foreign(directory, entry.name, manifest))
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise OutputError(f"{directory}: holds {shown}, which tintc did not write there (or a link, or changed "
+                          "since); allowed: a new directory, or one this command wrote before")
 
 
 def _foreign(directory: Path, name: str, manifest: dict) -> bool:

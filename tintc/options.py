@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from ir.errors import ConfigError
-from tintc.config import ModelSpec, TintSpec, TrainSpec
+from tintc.config import MAX_LENGTH, ModelSpec, TintSpec, TrainSpec
 
 MAX_CHUNKS = 2**31 - 1
 MAX_BENCH_LENGTHS = 16
@@ -33,6 +33,7 @@ class CommandOptions(BaseModel):
 # (schema class, field name, the config key it is, shown in the message)
 LR = (TrainSpec, "lr", "tint.train.lr")
 LENGTH = (TintSpec, "max_length", "tint.max_length")
+LENGTH_ALLOWED = f"an integer from 2 to {MAX_LENGTH}"
 SEED = (ModelSpec, "seed", "model.seed")
 TRAIN_FRACTION = (CommandOptions, "train_fraction", None)
 CHUNKS = (CommandOptions, "chunks", None)
@@ -44,15 +45,16 @@ def _adapter(schema: type[BaseModel], name: str) -> TypeAdapter:
     return TypeAdapter(Annotated[field.annotation, field])
 
 
-def problem(option: str, value: Any, spec: tuple) -> str | None:
-    """None when `value` passes the field of `spec`, else the message naming `option`."""
+def problem(option: str, value: Any, spec: tuple, allowed: str | None = None) -> str | None:
+    """None when `value` passes the field of `spec`, else the message naming `option` (and saying
+    `allowed`, by default the field's own description)."""
     schema, name, key = spec
     try:
         _adapter(schema, name).validate_python(value)
         return None
     except ValidationError:
         also = f" (as {key} in the config)" if key else ""
-        return f"{option}: got {value!r}; allowed: {schema.model_fields[name].description}{also}"
+        return f"{option}: got {value!r}; allowed: {allowed or schema.model_fields[name].description}{also}"
 
 
 def _raise(problems: list[str | None]) -> None:
@@ -88,9 +90,10 @@ def eval_numbers(length: int | None, train_fraction: float | None, chunks: int |
                  lrs: str | None) -> tuple[float, ...] | None:
     """`tintc eval`'s numbers checked (None: not given); returns the learning rates of --lrs."""
     learning_rates = None if lrs is None else parse_numbers("--lrs", lrs, float)
-    given = [("--length", length, LENGTH), ("--train-fraction", train_fraction, TRAIN_FRACTION),
-             ("--chunks", chunks, CHUNKS), ("--seed", seed, SEED)]
+    given = [("--train-fraction", train_fraction, TRAIN_FRACTION), ("--chunks", chunks, CHUNKS),
+             ("--seed", seed, SEED)]
     problems = [problem(option, value, spec) for option, value, spec in given if value is not None]
+    problems.append(problem("--length", length, LENGTH, LENGTH_ALLOWED) if length is not None else None)
     problems += [problem("--lrs", lr, LR) for lr in learning_rates or ()]
     names = [lr_dir(lr) for lr in learning_rates or ()]
     if len(set(names)) != len(names):
@@ -105,17 +108,18 @@ def check_length(option: str, length: int | None, least: int = MIN_VERIFY_LENGTH
     """A sequence length of verify or reference: the config field's range, then the command's own."""
     if length is None:
         return
-    found = problem(option, length, LENGTH)
+    upper = f"{most}{what}" if most is not None else str(MAX_LENGTH)
+    allowed = f"an integer from {least} to {upper} (half of it is trained on: at least 2 tokens)"
+    found = problem(option, length, LENGTH, allowed)
     if found is None and (length < least or (most is not None and length > most)):
-        upper = f" to {most}{what}" if most is not None else " or more"
-        found = f"{option}: got {length}; allowed: {least}{upper} (half of it is trained on: at least 2 tokens)"
+        found = f"{option}: got {length}; allowed: {allowed}"
     _raise([found])
 
 
 def bench_lengths(text: str) -> list[int]:
     """`bench --lengths`: each a length as tint.max_length, at most MAX_BENCH_LENGTHS of them."""
     lengths = parse_numbers("--lengths", text, int)
-    problems = [problem("--lengths", n, LENGTH) for n in lengths]
+    problems = [problem("--lengths", n, LENGTH, LENGTH_ALLOWED) for n in lengths]
     if len(set(lengths)) > MAX_BENCH_LENGTHS:
         problems.append(f"--lengths: got {len(set(lengths))} lengths; allowed: at most {MAX_BENCH_LENGTHS}")
     _raise(problems)

@@ -34,6 +34,7 @@ from tintc.config import TintcConfig
 from ir.errors import ConfigError, TintcError
 from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
 from tintc.eval.text_source import Text, chunk_starts, tokenize
+from tintc.files import check_output
 from tintc.options import lr_dir, lr_name
 
 BASE, EXACT, G_HAT, TINT = "base", "dynamic eval (exact)", "ĝ", "TinT"
@@ -55,8 +56,8 @@ class EvalSettings:
         """Tokens in the train segment; at least 2 (one prediction to train on) and one test token."""
         n_train = int(self.length * self.train_fraction)
         if not 0 < self.train_fraction < 1 or n_train < 2 or n_train >= self.length:
-            raise ConfigError(f"--train-fraction: got {self.train_fraction} of T={self.length}; allowed: a number "
-                              "in (0, 1) that leaves at least 2 train tokens and 1 test token")
+            raise ConfigError(f"--train-fraction, --length: got {self.train_fraction} of T={self.length}; allowed: "
+                              "a fraction in (0, 1) of a length that leaves at least 2 train tokens and 1 test token")
         return n_train
 
 
@@ -200,6 +201,20 @@ class Rows:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+# -- the outputs -----------------------------------------------------------------------------
+RESULT_FILES = ("eval.json", "eval.md", "eval.png")  # eval/render.py and eval/classify_render.py write these
+PACKAGE_FILES = ("tint_model.py", "weights.safetensors", "tint_config.json")  # backends/torch/emit.py's package
+
+
+def check_outputs(out: Path, lrs: tuple[float, ...]) -> Path:
+    """Before the first compile or chunk: the output folder (links resolved whole) and each
+    learning rate's package folder must take what eval will write; returns the resolved folder."""
+    out = check_output(out, RESULT_FILES)
+    for lr in lrs:
+        check_output(out / lr_dir(lr), PACKAGE_FILES)
+    return out
 
 
 # -- the protocol ----------------------------------------------------------------------------
