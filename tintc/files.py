@@ -39,12 +39,14 @@ LOCK_WAIT = 60.0  # seconds a writer waits for another one on the same directory
 Content = str | bytes | Callable[[Path], None]
 
 
-def check_output(directory, names, force: bool = False) -> Path:
+def check_output(directory, names, force: bool = False, exclusive: bool = False) -> Path:
     """Before any work is done: `directory` with its links resolved whole (every later write goes to
     that one real place), refused now when write_files would refuse to write `names` there."""
     directory = Path(directory).resolve()
     if directory.exists() and not directory.is_dir():
         raise OutputError(f"{directory}: exists and is not a directory; allowed: a directory or a new path")
+    if exclusive:
+        _only_ours(directory, _manifest(directory))
     foreign = [name for name in names if _foreign(directory, name, _manifest(directory))]
     if foreign and not force:
         raise OutputError(f"{directory}: would overwrite {', '.join(foreign)}, which tintc did not write (or "
@@ -58,6 +60,36 @@ def write_files(directory, files: dict[str, Content], force: bool = False, sourc
     as one set; return their final paths. `source` names the config they come from. `exclusive`:
     the directory must be new or hold only what tintc wrote there (by its manifest), no link."""
     directory = Path(directory)
+    with _locked_output(directory):
+        return _write_locked(directory, files, force, source, exclusive)
+
+
+def write_tree(directory, build: Callable[[Path], None], source: str | None = None,
+               last: str | None = None) -> list[Path]:
+    """`build(folder)` writes any files into a fresh private folder beside `directory`; they become
+    the new content of `directory` as one set (exclusive: a new directory or one tintc wrote). The
+    lock is held throughout; a build that is killed leaves a staging leftover that the next write
+    removes. `last`: the file written last (as a marker that the set is complete)."""
+    directory = Path(directory)
+    with _locked_output(directory):
+        _only_ours(directory, _manifest(directory))  # refused before the build, not after it
+        work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.new-", dir=directory.parent))
+        try:
+            build(work)
+            names = sorted(os.listdir(work), key=lambda name: (name == last, name))
+            nested = [name for name in names if os.path.islink(work / name) or not (work / name).is_file()]
+            if nested:
+                raise OutputError(f"{directory}: the build wrote {', '.join(nested)}, not plain files; allowed: "
+                                  "plain files only")
+            files = {name: (lambda path, src=work / name: os.replace(src, path)) for name in names}
+            return _write_locked(directory, files, False, source, exclusive=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def _locked_output(directory: Path):
+    """The parent made, the directory checked, its lock held and the leftovers of killed writes gone."""
     parent = directory.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -68,21 +100,27 @@ def write_files(directory, files: dict[str, Content], force: bool = False, sourc
         raise OutputError(f"{directory}: exists and is not a directory; allowed: a directory or a new path")
     with _locked(parent / f".{directory.name}.tintc-lock", directory):
         _remove_leftovers(parent, directory.name)
-        old = _manifest(directory)
-        if exclusive:
-            _only_ours(directory, old)
-        foreign = [name for name in files if _foreign(directory, name, old)]
-        if foreign and not force:
-            raise OutputError(f"{directory}: would overwrite {', '.join(foreign)}, which tintc did not write (or "
-                              "which changed since); allowed: move them away, or pass --force")
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.new-", dir=parent))
-        try:
-            manifest = _fill(staging, directory, files, old, source)
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            os.chmod(staging, 0o755)
-            _swap(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # the old directory after a swap, else the half-built one
+        yield
+
+
+def _write_locked(directory: Path, files: dict[str, Content], force: bool, source: str | None,
+                  exclusive: bool) -> list[Path]:
+    parent = directory.parent
+    old = _manifest(directory)
+    if exclusive:
+        _only_ours(directory, old)
+    foreign = [name for name in files if _foreign(directory, name, old)]
+    if foreign and not force:
+        raise OutputError(f"{directory}: would overwrite {', '.join(foreign)}, which tintc did not write (or "
+                          "which changed since); allowed: move them away, or pass --force")
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.new-", dir=parent))
+    try:
+        manifest = _fill(staging, directory, files, old, source)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.chmod(staging, 0o755)
+        _swap(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the old directory after a swap, else the half-built one
     return [directory / name for name in files]
 
 
