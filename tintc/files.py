@@ -14,6 +14,12 @@ One call of `write_files` replaces a set of files in the output directory as one
   config it came from (`source`): a file tintc did not write, or that was changed since, is
   never overwritten (OutputError naming it, unless force=True), and tintc files from another
   config that the new set does not rewrite are dropped (no stale report beside a new package).
+
+`check_output` says before any work whether a later write would be refused (links in the path
+resolved whole, so that every write goes to the same real folder). `write_tree` takes a function
+that builds any set of files (save_pretrained) in a private staging folder, under the lock, and
+makes them the folder's content; with `exclusive` (write_tree always) the folder must be new or
+hold only what tintc wrote there.
 """
 
 from __future__ import annotations
@@ -41,8 +47,11 @@ Content = str | bytes | Callable[[Path], None]
 
 def check_output(directory, names, force: bool = False, exclusive: bool = False) -> Path:
     """Before any work is done: `directory` with its links resolved whole (every later write goes to
-    that one real place), refused now when write_files would refuse to write `names` there."""
-    directory = Path(directory).resolve()
+    that one real place; a path without links is returned as given), refused now when write_files
+    would refuse to write `names` there."""
+    directory = Path(directory)
+    if os.path.realpath(directory) != os.path.normpath(os.path.abspath(directory)):
+        directory = directory.resolve()
     if directory.exists() and not directory.is_dir():
         raise OutputError(f"{directory}: exists and is not a directory; allowed: a directory or a new path")
     if exclusive:

@@ -40,7 +40,7 @@ from tintc.config import TintcConfig  # noqa: E402
 from ir.errors import ConfigError  # noqa: E402
 from tintc.files import write_files  # noqa: E402
 from tintc.eval import text_source  # noqa: E402
-from tintc.options import MIN_VERIFY_LENGTH, check_length  # noqa: E402
+from tintc.options import check_length  # noqa: E402
 from tintc.finite import require_finite  # noqa: E402
 from tintc.report.counts import parameter_report  # noqa: E402
 from tintc.report.render import report_files  # noqa: E402
@@ -200,7 +200,7 @@ def _errors(run, ref, params, evaluated) -> dict[str, float]:
 def text_input(cfg: TintcConfig, graph: Graph, path, length: int):
     """Token ids [1, n] of a text file: the model folder's tokenizer if it has one, else bytes modulo
     the vocabulary (random-weight test models have no tokenizer)."""
-    return text_source.text_ids(path, cfg.resolved_model_path, graph.attrs["vocab"], length, least=MIN_VERIFY_LENGTH)
+    return text_source.text_ids(path, cfg.resolved_model_path, graph.attrs["vocab"], length)
 
 
 def reference_table(cfg: TintcConfig, length: int | None = None, batch: int = 1, text=None):

@@ -169,11 +169,11 @@ def chunk_starts(n_tokens: int, length: int, chunks: int | None, seed: int) -> l
     return sorted(int(i) * length for i in order[:chunks])
 
 
-def text_ids(path, tokenizer_dir: Path | None, vocab: int, length: int, least: int) -> torch.Tensor:
-    """ids [1, n] of a --text file for verify and reference: its first `length` tokens, at least
-    `least` of them."""
+def text_ids(path, tokenizer_dir: Path | None, vocab: int, length: int) -> torch.Tensor:
+    """ids [1, length] of a --text file for verify and reference: its first `length` tokens (the
+    first half is trained on, so a shorter text would leave nothing to test)."""
     tokens = tokenize(file_text(path), tokenizer_dir, vocab)
-    if len(tokens.ids) < least:
-        raise ConfigError(f"--text: got {path}, {len(tokens.ids)} tokens of {tokens.tokenizer}; allowed: a text of "
-                          f"at least {least} tokens (half of them trained on)")
+    if len(tokens.ids) < length:
+        raise ConfigError(f"--text, --length: got {path}, {len(tokens.ids)} tokens of {tokens.tokenizer}, for "
+                          f"T={length}; allowed: a text of at least T tokens (or a smaller --length)")
     return tokens.ids[:length][None]
