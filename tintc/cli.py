@@ -240,6 +240,7 @@ def verify(
     _quiet_transformers()
     try:
         cfg = load_config(config)
+        options.check_length("--length", length)  # the range before the compile; the TinT's maximum after it
         compiled = pipeline.compile_tint(cfg)
         graph = compiled.graph
         max_length = compiled.tint.program.max_length
