@@ -106,7 +106,8 @@ def require_finite(logits: torch.Tensor, row: str, lr: float | None, where: str)
     if not bool(torch.isfinite(logits).all()):
         at_lr = f", lr {lr_name(lr)}" if lr is not None else ""
         raise TintcError(f"{where}: the {row} row{at_lr} gave non-finite logits (NaN or inf); allowed: finite "
-                         "results (a smaller learning rate or tint.dtype float64 may keep them finite)",
+                         "results (a smaller learning rate, --lrs or tint.train.lr, or tint.dtype float64 may keep "
+                         "them finite)",
                          headline="eval error")
     return logits
 
