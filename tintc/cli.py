@@ -362,8 +362,6 @@ def eval_(
             if text is not None and dataset is not None:
                 raise ConfigError("--text, --dataset: got both; allowed: at most one text source")
             chunks = 16 if chunks is None else chunks
-            if chunks < 0:
-                raise ConfigError(f"--chunks: got {chunks}; allowed: 0 (every chunk) or a positive number")
             source = (text_source.file_text(text) if text is not None else
                       text_source.dataset_text(dataset) if dataset is not None else text_source.default_text())
         group = Group.from_environment(device)
