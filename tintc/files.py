@@ -59,7 +59,7 @@ def check_output(directory, names, force: bool = False, exclusive: bool = False)
     foreign = [name for name in names if _foreign(directory, name, _manifest(directory))]
     if foreign and not force:
         raise OutputError(f"{directory}: would overwrite {', '.join(foreign)}, which tintc did not write (or "
-                          "which changed since); allowed: move them away, pass --force, or another --out")
+                          "which changed since); allowed: move them away, or another output folder")
     return directory
 
 
