@@ -356,3 +356,17 @@ def test_the_plan_estimate_is_the_size_of_the_dense_matrices_and_guards_the_dens
     with pytest.raises(BackendError, match=f"would hold {size / 2**30:.1f} GiB of dense projections; allowed: at "
                                            "most the budget of"):
         check_plan_budget(tint.layers, budget=size - 1)
+
+
+def test_classify_counts_lines_at_newlines_only_and_refuses_an_empty_query(tmp_path):
+    from tintc.config import parse_config
+    from tintc.eval.classify import Prompter, read_examples
+
+    cfg = parse_config(json.dumps({**BASE, "eval": {"classify": {"template": "{text}", "shots": 1,
+                                                                 "labels": {"pos": "+", "neg": "-"}}}}))
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a\u2028b", "label": "pos"}\n{"text": "", "label": "neg"}\n', encoding="utf-8")
+    examples = read_examples(data, cfg.eval.classify)  # U+2028 inside a JSON string ends no line
+    assert [(e.text, e.line) for e in examples] == [("a\u2028b", 1), ("", 2)]
+    with pytest.raises(ConfigError, match=r"--data: line 2: got a query whose prompt has no tokens \(''"):
+        Prompter(cfg, cfg.eval.classify, V).build([examples[0]], examples[1])
