@@ -13,7 +13,7 @@ import re
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.models import TINY
@@ -79,6 +79,11 @@ def _run(args, capsys, monkeypatch) -> tuple[int, str, str]:
 @settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(command_lines())
+@example(("eval", {"--seed": 2**64}))  # the cases, always tried (each was a raw error)
+@example(("eval", {"--train-fraction": math.nan}))
+@example(("eval", {"--lrs": "inf"}))
+@example(("reference", {"--length": 65}))
+@example(("bench", {"--lengths": "100000"}))
 def test_any_option_value_gives_a_finite_result_or_a_named_refusal(workdir, capsys, monkeypatch, line):
     from tintc import bench, pipeline
 
