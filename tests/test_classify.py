@@ -176,7 +176,7 @@ GOOD = "\n".join(json.dumps({"text": t, "label": label}) for t, label in [("ab",
     (("shotz", 3), GOOD, (), "tiny.yaml:1: eval.classify.shotz: unknown key; allowed: template | labels"),
     (("template", "no slot"), GOOD, (), "eval.classify.template: got 'no slot'; allowed: a string holding {{text}}"),
     (("template", "{text}" + "." * 30), GOOD, (),
-     "--data: line 1: got an input of 100 tokens with its demonstrations; allowed: at most the TinT's max length 32"),
+     "--data: line 1: got an input of 100 tokens with its demonstrations (lines "),
     (None, GOOD, ("--chunks", "3"), "--chunks: got with --task classify; allowed: --data"),
 ])
 def test_cli_bad_input_names_the_culprit_and_exits_2(tmp_path, change, data_text, options, message):

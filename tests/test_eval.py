@@ -213,10 +213,10 @@ def _yaml(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--lrs", "1e-3,abc", "--lrs: got '1e-3,abc'; allowed: comma-separated distinct numbers > 0"),
+    ("--lrs", "1e-3,abc", "--lrs: got '1e-3,abc'; allowed: comma-separated numbers, e.g. 1e-4,1e-3"),
     ("--device", "tpu", "--device: got 'tpu'; allowed: cpu, cuda, cuda:N"),
     ("--chunks", "99", "--chunks: got 99; allowed: 1 to 33"),
-    ("--train-fraction", "0.04", "--train-fraction: got 0.04 of T=32; allowed: a number in (0, 1)"),
+    ("--train-fraction", "0.04", "--train-fraction, --length: got 0.04 of T=32; allowed: a fraction in (0, 1)"),
     ("--length", "64", "--length: got 64; allowed: at most the TinT's max length 32"),
 ])
 def test_cli_bad_input_names_the_option_and_exits_2(tmp_path, option, value, message):

@@ -37,21 +37,6 @@ from ir.errors import TintcError
 LENGTHS = (64, 128, 256, 512)
 EXACTNESS_LENGTH = 256
 AUTO_REPEATS, AUTO_BUDGET_S = 5, 30.0
-MAX_LENGTHS = 16  # one process per length and row: a few minutes each at full size
-
-
-def parse_lengths(text: str) -> list[int]:
-    try:
-        lengths = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        lengths = []
-    if not lengths or min(lengths) < 2:
-        raise TintcError(f"--lengths: got {text!r}; allowed: comma-separated integers >= 2, e.g. 64,128",
-                         headline="bench")
-    lengths = sorted(set(lengths))
-    if len(lengths) > MAX_LENGTHS:
-        raise TintcError(f"--lengths: got {len(lengths)} lengths; allowed: at most {MAX_LENGTHS}")
-    return lengths
 
 
 # -- the driver (parent process) ---------------------------------------------------------------

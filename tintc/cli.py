@@ -122,12 +122,13 @@ def reference(
     text: Path = typer.Option(None, "--text", help="a text file to use as the input instead of random ids"),
 ) -> None:
     """Run the plain-PyTorch oracles (exact and approximate GD) and show how they differ."""
-    from tintc import pipeline
+    from tintc import options, pipeline
     from tintc.config import load_config
 
     _quiet_transformers()
     try:
         cfg = load_config(config)
+        options.check_length("--length", length)
         table = pipeline.reference_table(cfg, length, text=text)
     except TintcError as error:
         raise _fail(error) from None
@@ -216,10 +217,12 @@ def verify(
     """Compile, run the TinT and the oracles on one input (first half train), and print both errors."""
     from tintc import pipeline
     from tintc.config import load_config
+    from tintc import options
 
     _quiet_transformers()
     try:
         cfg = load_config(config)
+        options.check_length("--length", length)  # the range before the compile; the TinT's maximum after it
         compiled = pipeline.compile_tint(cfg)
         result = pipeline.verify_on(cfg, compiled, length, batch, text)
     except TintcError as error:
@@ -243,12 +246,12 @@ def bench(
     """Time the compile, and the TinT forward against direct autograd (exact_gd) for several T, with peak
     memory (one process per measurement), and the cost of each exact rule; write bench.json and bench.png
     under the output directory."""
-    from tintc import bench as benchmark
+    from tintc import bench as benchmark, options
     from tintc.config import load_config
 
     try:
         cfg = load_config(config)
-        result = benchmark.run(config, benchmark.parse_lengths(lengths), repeats,
+        result = benchmark.run(config, options.bench_lengths(lengths), repeats,
                                progress=lambda message: err.print(message, style="dim"), exactness=exactness,
                                force=force)
         paths = benchmark.save(result, cfg.resolved_output, force=force, source=cfg.source_key)
@@ -295,7 +298,8 @@ def eval_(
     labelled data set (--task classify), few-shot accuracy. Rows: the base model, exact SGD, the ĝ
     oracle and the TinT (loaded from its package). Runs data-parallel under torchrun."""
     from tintc.config import load_config
-    from tintc.eval import classify, classify_render, options
+    from tintc import options
+    from tintc.eval import classify, classify_render
     from tintc.eval import render as eval_render
     from tintc.eval import run as protocol
     from tintc.eval.distributed import Group
@@ -304,14 +308,14 @@ def eval_(
     group = None
     try:
         cfg = load_config(config)
-        learning_rates = options.parse_lrs(lrs)
+        learning_rates = options.eval_numbers(length, train_fraction, chunks, seed, lrs)
         if task is Task.classify:
             options.check_classify(data, {"--text": text, "--dataset": dataset, "--length": length,
                                           "--train-fraction": train_fraction, "--chunks": chunks, "--seed": seed})
         else:
             source, chunks = options.check_lm(data, text, dataset, chunks)
         group = Group.from_environment(device)
-        out_dir = output if output is not None else cfg.resolved_output / "eval"
+        out_dir = protocol.check_outputs(output or cfg.resolved_output / "eval", learning_rates or (cfg.tint.train.lr,))
         if task is Task.classify:
             settings = classify.ClassifySettings(data=data, lrs=learning_rates, float64_reference=float64_reference,
                                                  device=group.device(device))

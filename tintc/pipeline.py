@@ -38,6 +38,9 @@ from ir.text import dump  # noqa: E402
 from tintc import __version__  # noqa: E402
 from tintc.config import TintcConfig  # noqa: E402
 from tintc.files import write_files  # noqa: E402
+from tintc.eval import text_source  # noqa: E402
+from tintc.finite import require_finite  # noqa: E402
+from tintc.options import check_length  # noqa: E402
 from tintc.oracle import metrics  # noqa: E402
 from tintc.oracle.fidelity import example_input, fidelity_rows, render  # noqa: E402
 from tintc.oracle.reference import GDResult, TrainSettings, approx_gd, exact_gd  # noqa: E402
@@ -186,7 +189,7 @@ def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_ma
         g_hat64 = approx_gd(graph, params64, input_ids, train_mask, settings, labels)
         result.rounding = _errors(g_hat, g_hat64, params64, evaluated)
         result.construction_vs_float64 = _errors(tint_run, g_hat64, params64, evaluated)
-    return result
+    return require_finite(result, "verify")
 
 
 def verify_on(cfg: TintcConfig, compiled: Compiled, length: int | None = None, batch: int = 1,
@@ -194,8 +197,7 @@ def verify_on(cfg: TintcConfig, compiled: Compiled, length: int | None = None, b
     """`tintc verify`: verify on `batch` seeded random inputs of `length` tokens (default: the TinT's max
     length, at most 64), or on the start of a text file."""
     max_length = compiled.tint.program.max_length
-    if length is not None and length > max_length:
-        raise ConfigError(f"--length: got {length}; allowed: 2 to {max_length}, the TinT's max length")
+    check_length("--length", length, most=max_length, what=", the TinT's max length")
     return verify(cfg, compiled, *example_or_text(cfg, compiled.graph, length or min(64, max_length), batch, text))
 
 
@@ -208,26 +210,9 @@ def _errors(run, ref, params, evaluated) -> dict[str, float]:
 
 
 def text_input(cfg: TintcConfig, graph: Graph, path, length: int):
-    """Token ids of a text file: the local model directory's tokenizer if it has one, else bytes
-    modulo the vocabulary (random-weight test models have no tokenizer)."""
-    try:
-        text = open(path, encoding="utf-8").read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--text {path}: cannot read it as UTF-8 text ({getattr(err, 'strerror', None) or err}); "
-                          "allowed: a readable UTF-8 text file") from None
-    if not text:
-        raise ConfigError(f"--text {path}: got an empty file; allowed: a text of at least 2 bytes")
-    ids = None
-    if cfg.resolved_model_path is not None:
-        from transformers import AutoTokenizer
-
-        try:
-            ids = AutoTokenizer.from_pretrained(cfg.resolved_model_path, local_files_only=True)(text)["input_ids"]
-        except (OSError, ValueError):
-            ids = None
-    if ids is None:
-        ids = [b % graph.attrs["vocab"] for b in text.encode("utf-8")]
-    return torch.tensor(ids[:length])[None]
+    """Token ids [1, n] of a text file: the model folder's tokenizer if it has one, else bytes modulo
+    the vocabulary (random-weight test models have no tokenizer)."""
+    return text_source.text_ids(path, cfg.resolved_model_path, graph.attrs["vocab"], length)
 
 
 def example_or_text(cfg: TintcConfig, graph: Graph, length: int, batch: int = 1, text=None):
@@ -245,10 +230,12 @@ def reference_table(cfg: TintcConfig, length: int | None = None, batch: int = 1,
     """The oracle's fidelity table on a seeded random input, or on a text file (half train, half test)."""
     model = load_aux_model(cfg)
     graph = trace(cfg, model)
+    check_length("--length", length, most=graph.attrs["max_positions"], what=", the aux model's positions")
     input_ids, train_mask, label_mask = example_or_text(cfg, graph, length or min(64, graph.attrs["max_positions"]),
                                                         batch, text)
     settings = TrainSettings.from_config(cfg, graph.attrs["n_layer"])
     rows = fidelity_rows(model, graph, input_ids, train_mask, settings, label_mask)
+    require_finite({row.name: row for row in rows}, "reference")
     t = cfg.tint.train
     title = (f"{cfg.name}: {t.steps} step(s) of SGD, lr {t.lr:g}, layers {t.layers}, kinds {','.join(t.kinds)}, "
              f"loss {t.loss}, {cfg.tint.dtype}, T={input_ids.shape[1]} (first half train)")

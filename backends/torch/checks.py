@@ -17,9 +17,12 @@ the tensors themselves (one floating dtype for the whole dict).
 
 import hashlib
 import json
+import os
 
 import torch
 
+ID_DTYPES = (torch.int64, torch.int32)
+PREFIX_DTYPES = (torch.float32, torch.float64)
 FINGERPRINT = "tint_layout"  # the prefix dict's key holding the layout fingerprint
 PREFIX_FORMAT = "tintc.prefixes/1"
 
@@ -96,8 +99,9 @@ def check_prefixes(expected: dict, prefixes, batch: int | None = None) -> tuple:
     dtype, batches = None, set()
     for name, shape in shapes.items():
         t = prefixes[name]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"prefixes[{name!r}]: got {_got(t)}; allowed: a floating-point tensor")
+        if not isinstance(t, torch.Tensor) or t.dtype not in PREFIX_DTYPES:
+            raise TypeError(f"prefixes[{name!r}]: got {_got(t)}; allowed: a float32 or float64 tensor (the dtypes "
+                            "a TinT computes in)")
         dtype = dtype or t.dtype
         if t.dtype != dtype:
             raise TypeError(f"prefixes[{name!r}]: got dtype {t.dtype}; allowed: {dtype}, the dtype of the other prefixes")
@@ -131,9 +135,9 @@ def _check_mask_values(name: str, mask) -> None:
 def check_inputs(expected: dict, input_ids, train_mask, label_mask, prefixes) -> None:
     """forward's arguments against the TinT's contract. The value checks (ids in range, masks
     0/1) are skipped while torch.compile traces, as they branch on data; shapes are checked always."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex() \
-            or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids: got {_got(input_ids)}; allowed: an integer tensor [B, T]")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"input_ids: got {_got(input_ids)}; allowed: an int64 or int32 tensor [B, T] (the index "
+                        "dtypes of an embedding)")
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(f"input_ids: got shape {_shape(input_ids.shape)}; allowed: [B, T] with B, T >= 1")
     if input_ids.shape[1] > expected["max_length"]:
@@ -180,6 +184,34 @@ def check_state_dict(layout: dict, params) -> None:
             raise ValueError(f"state_dict[{name!r}]: got shape {_shape(t.shape)}; allowed: {_shape(shape)}")
 
 
+# -- the standard view's size ------------------------------------------------------------------
+VIEW_BUDGET_FRACTION = 0.5  # of the machine's memory: the dense standard view must leave room to run it
+
+
+def memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def within_view_budget(stream, dtype, factored: bool, budget: int | None = None):
+    """The stream plan, or a MemoryError before any dense matrix is made when the standard view's
+    parameters (its blocks' dense projections over D_sim, in `dtype`) would exceed the budget
+    (default: half the machine's memory). Names both sizes."""
+    if budget is None:
+        memory = memory_bytes()
+        budget = None if memory is None else int(memory * VIEW_BUDGET_FRACTION)
+    parameters = sum(b.dense_parameters(stream.d_sim, stream.one, factored) for b in stream.blocks)
+    size = parameters * torch.empty((), dtype=dtype).element_size()
+    if budget is not None and size > budget:
+        raise MemoryError(f"standard(): the standard view would hold {parameters:,} dense {dtype} parameters "
+                          f"({size / 2**30:.1f} GiB over D_sim={stream.d_sim}, {len(stream.blocks)} blocks); "
+                          f"allowed: at most the budget of {budget / 2**30:.1f} GiB (half this machine's memory). "
+                          "The fast TinT (load()) computes the same function in far less")
+    return stream
+
+
 # -- the package digest ------------------------------------------------------------------------
 # tint_model.py, tint_config.json and weights.safetensors each record the digests of all three
 # ({file: sha256}); each part's digest leaves out the record itself (the PACKAGE line, the
@@ -197,16 +229,55 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
+# Bounds on a weights header, checked before it is parsed: a TinT's header lists one entry per
+# primitive tensor (thousands at GPT-2 shapes), far below these; a crafted one is refused at once.
+MAX_HEADER_BYTES = 1 << 26  # 64 MiB
+MAX_HEADER_ENTRIES = 1 << 18
+
+
+def _bad_weights(what: str) -> ValueError:
+    return ValueError(f"weights.safetensors: {what}; allowed: the safetensors file tintc wrote")
+
+
+def weights_header(data: bytes) -> dict:
+    """The header of a safetensors file's bytes, refused (ValueError naming the file) when its
+    size, entry count, JSON or layout is not what a safetensors writer makes."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) < 8:
+        raise _bad_weights(f"got {len(data) if isinstance(data, (bytes, bytearray)) else 'no'} bytes, too few "
+                           "for a header")
+    size = int.from_bytes(data[:8], "little")
+    if size > min(len(data) - 8, MAX_HEADER_BYTES):
+        raise _bad_weights(f"got a header size of {size} bytes in a file of {len(data)}; the limit is "
+                           f"{MAX_HEADER_BYTES}")
+    raw = bytes(data[8 : 8 + size])
+    entries = raw.count(b"{")  # every entry is an object: an upper bound, counted without parsing
+    if entries > MAX_HEADER_ENTRIES + 2:
+        raise _bad_weights(f"got a header of about {entries} entries; the limit is {MAX_HEADER_ENTRIES}")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise _bad_weights(f"got a header that is not JSON ({type(err).__name__}: {str(err)[:100]})") from None
+    if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+        raise _bad_weights("got a header that is not a mapping of tensor names to entries")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad_weights("got __metadata__ values that are not strings")
+    return header
+
+
 def weights_digest(data: bytes) -> tuple:
     """(digest, recorded package or None) of a safetensors file's bytes: the tensor entries of its
     header and its data, not its metadata."""
+    header = weights_header(data)
     size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size].decode("utf-8"))
     metadata = header.pop("__metadata__", None) or {}
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode("utf-8"))
     digest.update(data[8 + size :])
     recorded = metadata.get("tintc_package")
-    return digest.hexdigest(), None if recorded is None else json.loads(recorded)
+    try:
+        return digest.hexdigest(), None if recorded is None else json.loads(recorded)
+    except (ValueError, RecursionError):
+        raise _bad_weights("got a tintc_package record that is not JSON") from None
 
 
 def check_package(package: dict, source: str, config: dict, weights: bytes) -> None:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import within_view_budget
 from .runtime import MLP, Attention, Diagonal, LowRank, Norm, Linear, Selection, begin, contract, finish, runs_of
 
 RUNTIME_IMPORT = "from .runtime import MLP, Attention, Diagonal, LowRank, Norm, Linear, Selection, begin, contract, finish, runs_of"
@@ -480,4 +481,4 @@ def standard_view(config: dict, layers, dtype=torch.float64, factored: bool | No
     `factored` (default: the config's low-rank setting) stores each projection that touches fewer
     coordinates than it has rows as two factors."""
     factored = config.get("low_rank", False) if factored is None else factored
-    return StandardTinT(config, plan(config, layers), dtype, factored)
+    return StandardTinT(config, within_view_budget(plan(config, layers), dtype, factored), dtype, factored)

@@ -33,7 +33,7 @@ import torch
 
 from tintc.config import ClassifySpec, TintcConfig
 from ir.errors import ConfigError
-from tintc.eval.run import BASE, Rows, settings_info
+from tintc.eval.run import BASE, Rows, require_finite, settings_info
 from tintc.eval.text_source import Encoder
 
 ZERO_SHOT = "base (0-shot)"
@@ -77,7 +77,7 @@ class ClassifyResult:
 def read_examples(path: Path, spec: ClassifySpec) -> list[Example]:
     """Every non-blank line of the JSON-lines file; each label must be one of the config's."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8").split("\n")  # JSON lines end at \n only, not at U+2028
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"--data: got {path}; allowed: a readable UTF-8 JSON-lines file ({error})") from None
     examples, allowed = [], " | ".join(repr(k) for k in spec.labels)
@@ -148,6 +148,9 @@ class Prompter:
             labels += [False] * (len(ids) - len(labels))
         n_train = len(ids)
         ids += self.encoder(self.spec.template.replace("{text}", query.text))
+        if len(ids) == n_train:
+            raise ConfigError(f"--data: line {query.line}: got a query whose prompt has no tokens "
+                              f"({query.text!r} in eval.classify.template); allowed: a query of at least one token")
         labels += [False] * (len(ids) - len(labels))
         train = torch.arange(len(ids)) < n_train
         return torch.tensor([ids]), train[None], torch.tensor([labels])
@@ -178,7 +181,8 @@ def evaluate(cfg: TintcConfig, settings: ClassifySettings, out: Path, group=None
     rows = Rows(cfg, settings.device, settings.float64_reference, loss="label_only")
     prompter = Prompter(cfg, spec, rows.graph.attrs["vocab"])
     inputs = [prompter.build([examples[j] for j in demos], examples[i]) for i, demos in zip(tests, demonstrations)]
-    _check_lengths(inputs, [examples[i] for i in tests], cfg.max_length(rows.graph.attrs["max_positions"]))
+    _check_lengths(inputs, [(examples[i], [examples[j] for j in demos]) for i, demos in zip(tests, demonstrations)],
+                   cfg.max_length(rows.graph.attrs["max_positions"]))
 
     lrs = tuple(settings.lrs or (cfg.tint.train.lr,))
     mine = list(range(group.rank, len(tests), group.world))
@@ -189,22 +193,23 @@ def evaluate(cfg: TintcConfig, settings: ClassifySettings, out: Path, group=None
 
     label_ids = torch.tensor(prompter.label_ids, device=rows.device)
 
-    def score(row, lr, ids, train, labels) -> Scores:
+    def score(row, lr, ids, train, labels, where: str) -> Scores:
         logits, seconds = rows.timed(row, lr, ids, train, labels)
-        return Scores(logits[0, -1, label_ids].double().tolist(), seconds)
+        return Scores(require_finite(logits, row, lr, where)[0, -1, label_ids].double().tolist(), seconds)
 
     zero: dict[int, Scores] = {}
     base: dict[int, Scores] = {}
     runs = {lr: {row: {} for row in trained_rows} for lr in lrs}
     for i in mine:
         ids, train, labels = (t.to(rows.device) for t in inputs[i])
-        zero[i] = score(BASE, None, ids[train.logical_not()][None], None, None)  # the query alone
+        where = f"example {i + 1}/{len(tests)} (--data line {examples[tests[i]].line})"
+        zero[i] = score(BASE, None, ids[train.logical_not()][None], None, None, where)  # the query alone
         progress(1, total, f"example {i + 1}/{len(tests)}: {ZERO_SHOT}")
-        base[i] = score(BASE, None, ids, train, labels)
+        base[i] = score(BASE, None, ids, train, labels, where)
         progress(1, total, f"example {i + 1}/{len(tests)}: {BASE}")
         for lr in lrs:
             for row in trained_rows:
-                runs[lr][row][i] = score(row, lr, ids, train, labels)
+                runs[lr][row][i] = score(row, lr, ids, train, labels, where)
                 progress(1, total, f"example {i + 1}/{len(tests)}: {row}, lr {lr:g}")
 
     gathered = group.gather((zero, base, runs))
@@ -233,10 +238,12 @@ def evaluate(cfg: TintcConfig, settings: ClassifySettings, out: Path, group=None
     )
 
 
-def _check_lengths(inputs, queries: list[Example], max_length: int) -> None:
-    """Refuse, before any compile, an input longer than the TinT takes, naming its example."""
-    for (ids, _, _), query in zip(inputs, queries):
+def _check_lengths(inputs, prompts: list[tuple[Example, list[Example]]], max_length: int) -> None:
+    """Refuse, before any compile, an input longer than the TinT takes, naming its query's line and
+    its demonstrations' lines (a long demonstration makes a short query's input too long)."""
+    for (ids, _, _), (query, demos) in zip(inputs, prompts):
         if ids.shape[1] > max_length:
+            lines = ", ".join(str(d.line) for d in demos)
             raise ConfigError(f"--data: line {query.line}: got an input of {ids.shape[1]} tokens with its "
-                              f"demonstrations; allowed: at most the TinT's max length {max_length} "
+                              f"demonstrations (lines {lines}); allowed: at most the TinT's max length {max_length} "
                               "(tint.max_length; or fewer eval.classify.shots, shorter texts)")

@@ -12,6 +12,7 @@ from rich.table import Table
 from tintc.eval.classify import ZERO_SHOT, ClassifyResult, Scores
 from tintc.eval.run import BASE, G_HAT, G_HAT64, TINT
 from tintc.files import write_files
+from tintc.options import lr_name
 
 COLUMNS = ("lr", "row", "shots", "accuracy", "change from base", "s / example", "worst |label logit − ĝ's|")
 COMPARED = (TINT, G_HAT64)  # the rows measured against ĝ example by example
@@ -27,7 +28,7 @@ def summary_rows(result: ClassifyResult) -> list[list[str]]:
         for row in rows:
             accuracy = result.accuracy(rows[row])
             worst = f"{worst_vs_g_hat(result, lr, row):.2e}" if row in COMPARED else "—"
-            lines.append([f"{lr:g}", row, str(k), f"{accuracy:.4f}", f"{accuracy - base:+.4f}",
+            lines.append([lr_name(lr), row, str(k), f"{accuracy:.4f}", f"{accuracy - base:+.4f}",
                           f"{_mean_seconds(rows[row]):.3f}", worst])
     return lines
 
@@ -57,7 +58,7 @@ def notes(result: ClassifyResult) -> list[str]:
             f"trained: layers {i['layers']}, kinds {' '.join(i['kinds'])}; backward rules "
             + ", ".join(f"{k} {v}" for k, v in i["approximations"].items()),
             "the TinT reads η from its config: one compile per learning rate ("
-            + ", ".join(f"lr {lr:g}: {s:.1f} s" for lr, s in result.compile_seconds.items()) + ")"]
+            + ", ".join(f"lr {lr_name(lr)}: {s:.1f} s" for lr, s in result.compile_seconds.items()) + ")"]
 
 
 def rich_table(result: ClassifyResult) -> Table:
@@ -90,7 +91,7 @@ def to_json(result: ClassifyResult) -> dict:
     return {
         "info": result.info, "test_lines": result.tests, "gold": result.gold,
         "demonstration_lines": result.demonstrations,
-        "compile_seconds": {f"{lr:g}": s for lr, s in result.compile_seconds.items()},
+        "compile_seconds": {lr_name(lr): s for lr, s in result.compile_seconds.items()},
         "zero_shot": values(result.zero_shot), "base": values(result.base),
         "runs": [{"lr": lr, "rows": {row: values(rows[row]) for row in rows},
                   "worst_vs_g_hat": {row: worst_vs_g_hat(result, lr, row) for row in COMPARED if row in rows}}
@@ -123,7 +124,7 @@ def plot(result: ClassifyResult, path: Path) -> None:
 
 def write(result: ClassifyResult, directory: Path) -> list[Path]:
     return write_files(directory, {
-        "eval.json": json.dumps(to_json(result), indent=2, ensure_ascii=False) + "\n",
+        "eval.json": json.dumps(to_json(result), indent=2, ensure_ascii=False, allow_nan=False) + "\n",
         "eval.md": markdown(result),
         "eval.png": lambda path: plot(result, path),
     })

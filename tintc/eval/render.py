@@ -10,6 +10,7 @@ from rich.table import Table
 
 from tintc.eval.run import BASE, G_HAT, G_HAT64, TINT, ChunkValues, EvalResult
 from tintc.files import write_files
+from tintc.options import lr_name
 
 COLUMNS = ("lr", "row", "perplexity", "change from base", "s / chunk", "worst chunk |ppl/ppl(ĝ) − 1|")
 COMPARED = (TINT, G_HAT64)  # the rows measured against ĝ chunk by chunk
@@ -23,7 +24,7 @@ def summary_rows(result: EvalResult) -> list[list[str]]:
         for row in rows:
             ppl = result.perplexity(rows[row])
             worst = f"{worst_vs_g_hat(result, lr, row):.2e}" if row in COMPARED else "—"
-            lines.append([f"{lr:g}", row, f"{ppl:.4f}", f"{ppl - base:+.4f} ({100 * (ppl / base - 1):+.2f}%)",
+            lines.append([lr_name(lr), row, f"{ppl:.4f}", f"{ppl - base:+.4f} ({100 * (ppl / base - 1):+.2f}%)",
                           f"{_mean_seconds(rows[row]):.3f}", worst])
     return lines
 
@@ -53,7 +54,7 @@ def notes(result: EvalResult) -> list[str]:
             f"trained: layers {i['layers']}, kinds {' '.join(i['kinds'])}; backward rules "
             + ", ".join(f"{k} {v}" for k, v in i["approximations"].items()),
             "the TinT reads η from its config: one compile per learning rate ("
-            + ", ".join(f"lr {lr:g}: {s:.1f} s" for lr, s in result.compile_seconds.items()) + ")"] + (
+            + ", ".join(f"lr {lr_name(lr)}: {s:.1f} s" for lr, s in result.compile_seconds.items()) + ")"] + (
         [f"{G_HAT64}: the ĝ oracle in float64; its difference from ĝ is float32 rounding alone, the floor "
          "for the TinT's"] if any(G_HAT64 in rows for rows in result.runs.values()) else [])
 
@@ -86,7 +87,7 @@ def to_json(result: EvalResult) -> dict:
 
     return {
         "info": result.info, "chunk_starts": result.starts, "test_predictions_per_chunk": result.predictions,
-        "compile_seconds": {f"{lr:g}": s for lr, s in result.compile_seconds.items()},
+        "compile_seconds": {lr_name(lr): s for lr, s in result.compile_seconds.items()},
         "base": values(result.base),
         "runs": [{"lr": lr, "rows": {row: values(rows[row]) for row in rows},
                   "worst_chunk_vs_g_hat": {row: worst_vs_g_hat(result, lr, row) for row in COMPARED if row in rows}}
@@ -117,7 +118,7 @@ def plot(result: EvalResult, path: Path) -> None:
 
 def write(result: EvalResult, directory: Path) -> list[Path]:
     return write_files(directory, {
-        "eval.json": json.dumps(to_json(result), indent=2, ensure_ascii=False) + "\n",
+        "eval.json": json.dumps(to_json(result), indent=2, ensure_ascii=False, allow_nan=False) + "\n",
         "eval.md": markdown(result),
         "eval.png": lambda path: plot(result, path),
     })

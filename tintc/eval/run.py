@@ -31,9 +31,11 @@ from tintc.oracle import metrics
 
 from tintc import pipeline
 from tintc.config import TintcConfig
-from ir.errors import ConfigError
+from ir.errors import ConfigError, TintcError
 from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
 from tintc.eval.text_source import Text, chunk_starts, tokenize
+from tintc.files import check_output
+from tintc.options import lr_dir, lr_name
 
 BASE, EXACT, G_HAT, TINT = "base", "dynamic eval (exact)", "ĝ", "TinT"
 G_HAT64 = "ĝ (float64)"  # optional, for float32 configs: how far rounding alone moves ĝ (the fp32 floor)
@@ -54,8 +56,8 @@ class EvalSettings:
         """Tokens in the train segment; at least 2 (one prediction to train on) and one test token."""
         n_train = int(self.length * self.train_fraction)
         if not 0 < self.train_fraction < 1 or n_train < 2 or n_train >= self.length:
-            raise ConfigError(f"--train-fraction: got {self.train_fraction} of T={self.length}; allowed: a number "
-                              "in (0, 1) that leaves at least 2 train tokens and 1 test token")
+            raise ConfigError(f"--train-fraction, --length: got {self.train_fraction} of T={self.length}; allowed: "
+                              "a fraction in (0, 1) of a length that leaves at least 2 train tokens and 1 test token")
         return n_train
 
 
@@ -96,6 +98,18 @@ def test_ce(logits: torch.Tensor, ids: torch.Tensor, train: torch.Tensor) -> flo
     evaluated = metrics.eval_mask(train)[:, :-1]
     ce = F.cross_entropy(logits[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
     return ce[evaluated].sum().item()
+
+
+def require_finite(logits: torch.Tensor, row: str, lr: float | None, where: str) -> torch.Tensor:
+    """The logits, or an error naming the row (stage), learning rate and chunk or example that gave
+    NaN or inf: a result that is not a number is never averaged into a table."""
+    if not bool(torch.isfinite(logits).all()):
+        at_lr = f", lr {lr_name(lr)}" if lr is not None else ""
+        raise TintcError(f"{where}: the {row} row{at_lr} gave non-finite logits (NaN or inf); allowed: finite "
+                         "results (a smaller learning rate, --lrs or tint.train.lr, or tint.dtype float64 may keep "
+                         "them finite)",
+                         headline="eval error")
+    return logits
 
 
 # -- the rows --------------------------------------------------------------------------------
@@ -169,15 +183,15 @@ class Rows:
         self._sync()
         return logits, time.perf_counter() - start
 
-    def run(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor) -> ChunkValues:
+    def run(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor, where: str) -> ChunkValues:
         logits, seconds = self.timed(row, lr, ids, train)
-        return ChunkValues(test_ce(logits, ids, train), seconds)
+        return ChunkValues(test_ce(require_finite(logits, row, lr, where), ids, train), seconds)
 
     def compile_all(self, lrs, out: Path, group, progress, total: int) -> dict[float, float]:
         """Per lr, rank 0 compiles the TinT into out/lr-<lr>/ and every rank loads it; the seconds."""
         compile_seconds = {}
         for lr in lrs:
-            directory = out / f"lr-{lr:g}"
+            directory = out / lr_dir(lr)
             progress(0, total, f"compiling the TinT for lr {lr:g}")
             if group.rank == 0:  # one writer; the others wait and load the same files
                 compile_seconds[lr] = self.compile(lr, directory)
@@ -188,6 +202,20 @@ class Rows:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+# -- the outputs -----------------------------------------------------------------------------
+RESULT_FILES = ("eval.json", "eval.md", "eval.png")  # eval/render.py and eval/classify_render.py write these
+PACKAGE_FILES = ("tint_model.py", "weights.safetensors", "tint_config.json")  # backends/torch/emit.py's package
+
+
+def check_outputs(out: Path, lrs: tuple[float, ...]) -> Path:
+    """Before the first compile or chunk: the output folder (links resolved whole) and each
+    learning rate's package folder must take what eval will write; returns the resolved folder."""
+    out = check_output(out, RESULT_FILES)
+    for lr in lrs:
+        check_output(out / lr_dir(lr), PACKAGE_FILES)
+    return out
 
 
 # -- the protocol ----------------------------------------------------------------------------
@@ -221,11 +249,12 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     runs: dict[float, dict[str, dict[int, ChunkValues]]] = {lr: {row: {} for row in trained_rows} for lr in lrs}
     for i in mine:
         ids = tokens.ids[starts[i] : starts[i] + settings.length][None].to(rows.device)
-        base[i] = rows.run(BASE, None, ids, train)
+        where = f"chunk {i + 1}/{len(starts)} (tokens {starts[i]}+)"
+        base[i] = rows.run(BASE, None, ids, train, where)
         progress(1, total, f"chunk {i + 1}/{len(starts)}: {BASE}")
         for lr in lrs:
             for row in trained_rows:
-                runs[lr][row][i] = rows.run(row, lr, ids, train)
+                runs[lr][row][i] = rows.run(row, lr, ids, train, where)
                 progress(1, total, f"chunk {i + 1}/{len(starts)}: {row}, lr {lr:g}")
 
     gathered = group.gather((base, runs))

@@ -8,6 +8,8 @@ version is recorded).
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +42,13 @@ def default_text() -> Text:
 
 def file_text(path: Path) -> Text:
     try:
-        return Text(Path(path).read_text(encoding="utf-8"), f"file {path}")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"--text: got {path}; allowed: a readable UTF-8 text file ({error})") from None
+    if not text.strip():
+        raise ConfigError(f"--text: got {path}, which holds no text ({len(text)} characters, all blank); "
+                          "allowed: a UTF-8 text file with text in it")
+    return Text(text, f"file {path}")
 
 
 def dataset_text(directory: Path, column: str = "text") -> Text:
@@ -66,30 +72,75 @@ def dataset_text(directory: Path, column: str = "text") -> Text:
     if column not in data.column_names:
         raise ConfigError(f"--dataset: got columns {data.column_names}; allowed: a dataset with a "
                           f"{column!r} column")
-    return Text("\n\n".join(data[column]), f"dataset {directory} ({len(data)} rows of {column!r})")
+    rows = data[column]
+    for number, row in enumerate(rows):
+        if not isinstance(row, str):
+            raise ConfigError(f"--dataset: {directory}: row {number} of {column!r}: got {row!r:.60}; allowed: "
+                              "a string in every row")
+    if not any(row.strip() for row in rows):
+        raise ConfigError(f"--dataset: {directory}: got {len(rows)} rows of {column!r} with no text; allowed: "
+                          "a dataset with text in it")
+    return Text("\n\n".join(rows), f"dataset {directory} ({len(data)} rows of {column!r})")
+
+
+# The files save_pretrained writes for a tokenizer: a model folder holding any of them has a
+# tokenizer, which is then used or refused, never silently replaced by bytes.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "special_tokens_map.json", "vocab.txt", "spiece.model")
+
+
+def tokenizer_files(directory: Path | None) -> list[str]:
+    if directory is None:
+        return []
+    return [name for name in TOKENIZER_FILES if os.path.lexists(Path(directory) / name)]
+
+
+def load_tokenizer(directory: Path, files: list[str]):
+    """The folder's tokenizer; a ConfigError naming the file when one is unreadable or corrupt."""
+    from transformers import AutoTokenizer
+
+    for name in files:
+        path = Path(directory) / name
+        if name.endswith(".json"):
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as error:
+                raise ConfigError(f"model.path: {path}: got a tokenizer file that is not readable JSON ({error}); "
+                                  "allowed: the tokenizer files as save_pretrained wrote them, or none at all "
+                                  "(then UTF-8 bytes are the tokens)") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as error:  # transformers raises many types for a broken tokenizer
+        raise ConfigError(f"model.path: {directory}: its tokenizer ({', '.join(files)}) cannot be loaded "
+                          f"({type(error).__name__}: {str(error)[:200]}); allowed: the tokenizer files as "
+                          "save_pretrained wrote them, or none at all (then UTF-8 bytes are the tokens)") from None
 
 
 class Encoder:
     """Text to token ids: the model's tokenizer where its directory has one (no special tokens
-    added), else the UTF-8 bytes modulo the vocabulary (random test models have no tokenizer)."""
+    added; a broken one is an error), else the UTF-8 bytes modulo the vocabulary (random test
+    models have no tokenizer). Every id is checked against the model's vocabulary."""
 
     def __init__(self, tokenizer_dir: Path | None, vocab: int):
-        self.tokenizer = None
-        if tokenizer_dir is not None:
-            from transformers import AutoTokenizer
-
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-            except (OSError, ValueError):
-                pass
+        files = tokenizer_files(tokenizer_dir)
+        self.tokenizer = load_tokenizer(tokenizer_dir, files) if files else None
         self.vocab = vocab
         self.name = (f"{type(self.tokenizer).__name__} of {tokenizer_dir}" if self.tokenizer is not None else
                      f"no tokenizer: UTF-8 bytes modulo the vocabulary ({vocab})")
 
     def __call__(self, text: str) -> list[int]:
-        if self.tokenizer is not None:
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return [b % self.vocab for b in text.encode("utf-8")]
+        if self.tokenizer is None:
+            return [b % self.vocab for b in text.encode("utf-8")]
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        self.check(ids)
+        return ids
+
+    def check(self, ids) -> None:
+        """Refuse token ids the model has no embedding for (a tokenizer of another model)."""
+        top = max(ids, default=-1)
+        if top >= self.vocab:
+            raise ConfigError(f"model.path: {self.name} gave token id {top}; allowed: ids below the model's "
+                              f"vocabulary size {self.vocab} (a tokenizer of this model)")
 
 
 def tokenize(text: Text, tokenizer_dir: Path | None, vocab: int) -> Tokens:
@@ -97,6 +148,7 @@ def tokenize(text: Text, tokenizer_dir: Path | None, vocab: int) -> Tokens:
     encoder = Encoder(tokenizer_dir, vocab)
     if encoder.tokenizer is not None:
         return Tokens(torch.tensor(encoder(text.text), dtype=torch.long), encoder.name)
+
     ids = torch.frombuffer(bytearray(text.text.encode("utf-8")), dtype=torch.uint8).long() % vocab
     return Tokens(ids, encoder.name)
 
@@ -115,3 +167,13 @@ def chunk_starts(n_tokens: int, length: int, chunks: int | None, seed: int) -> l
                           f"hold {available} chunks of {length})")
     order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
     return sorted(int(i) * length for i in order[:chunks])
+
+
+def text_ids(path, tokenizer_dir: Path | None, vocab: int, length: int) -> torch.Tensor:
+    """ids [1, length] of a --text file for verify and reference: its first `length` tokens (the
+    first half is trained on, so a shorter text would leave nothing to test)."""
+    tokens = tokenize(file_text(path), tokenizer_dir, vocab)
+    if len(tokens.ids) < length:
+        raise ConfigError(f"--text, --length: got {path}, {len(tokens.ids)} tokens of {tokens.tokenizer}, for "
+                          f"T={length}; allowed: a text of at least T tokens (or a smaller --length)")
+    return tokens.ids[:length][None]

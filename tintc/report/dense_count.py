@@ -21,6 +21,7 @@ import torch
 
 from backends.torch.program import TOKENS, Program, program_json
 from backends.torch.standard import StreamPlan, plan
+from backends.torch.view_budget import check_plan_budget
 
 
 def standard_plan(program: Program, layers) -> StreamPlan:
@@ -28,6 +29,7 @@ def standard_plan(program: Program, layers) -> StreamPlan:
 
 
 def dense_counts(program: Program, layers) -> dict:
+    check_plan_budget(layers)
     stream = standard_plan(program, layers)
     working, edges = working_set(program)
     d_ref = working + stream.rows
