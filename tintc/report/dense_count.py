@@ -20,7 +20,7 @@ from collections import Counter
 import torch
 
 from backends.torch.program import TOKENS, Program, program_json
-from backends.torch.standard import StreamPlan, plan
+from backends.torch.standard_plan import StreamPlan, plan
 
 
 def standard_plan(program: Program, layers) -> StreamPlan:
