@@ -110,6 +110,7 @@ class Attention(nn.Module):
 
 
 PRIMITIVES = (Linear, MLP, Gate, Norm, Attention)
+PER_POSITION = (Linear, MLP, Gate)  # each position's output from that position alone (a gated MLP block)
 WEIGHTS = {Linear: ("weight",), MLP: ("w_in", "w_out"), Gate: ("a", "b", "c"), Norm: (),
            Attention: ("w_q", "w_k", "w_v", "w_o")}  # each primitive's projections, in constructor order
 

@@ -11,6 +11,7 @@ import torch
 
 from ir.activations import ACTIVATIONS
 from .calls import coordinates, runs_of
+from .liveness import Accesses, coordinate_tensor, json_token_fields
 from .primitives import MLP, Attention, Linear, Norm
 from .projection import as_projection
 from .stream_io import stream_block
@@ -201,28 +202,27 @@ def _block(layer, call, key_kind: str, query_kind: str, unique: dict, dense) -> 
 
 def _place_erasures(stream: StreamPlan, config: dict) -> StreamPlan:
     """Each gated write over coordinates that may hold a dead value gets erase units (see the
-    module docstring). A coordinate is dirty once written; the input layer writes the inputs."""
-    dirty, last_access, last_read = set(), {}, {}
-    for c in coordinates(config["inputs"].values()):
-        dirty.add(c)
-        last_access[c], last_read[c] = -1, False
+    module docstring). A coordinate may hold one once written; the input layer writes the inputs."""
+    accesses = Accesses(config["width"], config["inputs"].values())
     blocks = stream.blocks
     latest_mlp = -1
     erase_in: dict[int, list[int]] = {}  # block index (or −1 − index: a new block before it) -> coordinates
     for i, (block, call) in enumerate(zip(blocks, config["calls"])):
-        for fields, s in zip(call["reads"], call["streams"]):
-            if s == TOKENS:
-                for c in {c for g in fields for c in coordinates(g)}:
-                    last_access[c], last_read[c] = i, True
-        if call["target"] == TOKENS:
-            written = sorted(set(coordinates(call["write"])))
-            for c in (c for c in written if call["gated"] and c in dirty):
-                earliest = last_access[c] if last_read[c] else last_access[c] + 1
-                at = i if block.kind == "mlp" else latest_mlp if latest_mlp >= earliest else -1 - i
-                erase_in.setdefault(at, []).append(c)
-            for c in written:
-                dirty.add(c)
-                last_access[c], last_read[c] = i, False
+        read, written = (coordinate_tensor(fields) for fields in json_token_fields(call))
+        accesses.read(i, read)
+        if call["gated"] and len(written):
+            dirty = written[accesses.written(written)]
+            # the dead value may be erased from its last read on, or after its last write
+            earliest = accesses.last_access(dirty) + (~accesses.last_was_read(dirty)).long()
+            if block.kind == "mlp":
+                targets = [(i, dirty)]
+            else:
+                late = earliest <= latest_mlp
+                targets = [(latest_mlp, dirty[late]), (-1 - i, dirty[~late])]
+            for at, coords in targets:
+                if len(coords):
+                    erase_in.setdefault(at, []).extend(coords.tolist())
+        accesses.write(i, written)
         if block.kind == "mlp":
             latest_mlp = i
     inserted = {}
