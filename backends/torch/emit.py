@@ -2,7 +2,7 @@
 
     tint_model.py        the source, from templates/: the runtime (the modules runtime.CARRIED names:
                          the primitives, the input layer, the prefix encoder and decoder), the standard
-                         view (standard_plan.py, standard.py) and the TinT class, with every layer call spelled out
+                         view (liveness.py, standard_plan.py, standard.py) and the TinT class, with every layer call spelled out
                          in `forward`, commented
     tint_config.json     the data the code reads: the prefix layout, input fields, each call's
                          wiring (which coordinates it reads and writes), sizes
@@ -32,13 +32,13 @@ from torch import nn
 
 from ir.errors import BackendError
 
-from . import checks, runtime, standard, standard_plan
+from . import checks, liveness, runtime, standard, standard_plan
 from .program import TOKENS, Program, program_json
 
 FORMAT = "tintc.tint/2"  # of tint_config.json; the generated code checks it
 SETTINGS = {"Linear": (), "MLP": ("fn",), "Gate": (), "Norm": ("eps",), "Attention": ("softmax", "mask")}
 
-VIEW = (standard_plan, standard)  # the standard view's modules
+VIEW = (liveness, standard_plan, standard)  # the standard view's modules
 CARRIED = (*runtime.CARRIED, *VIEW)  # the modules whose source the package holds, in order
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("backends.torch", "templates"),
                                undefined=jinja2.StrictUndefined, autoescape=False)
@@ -83,6 +83,10 @@ def _bodies(modules) -> str:
         for node in tree.body:
             if _imports_carried(node, module):
                 drop |= set(range(node.lineno, node.end_lineno + 1))
+            elif isinstance(node, ast.ImportFrom) and (node.level or node.module.split(".")[0] in ("ir", "backends")):
+                raise BackendError(f"{module.__name__} line {node.lineno}: imports {node.module} from the compiler, "
+                                   "which the package does not hold; allowed: torch, the standard library and the "
+                                   "carried modules (emit.CARRIED)")
         bodies.append("\n".join(line for i, line in enumerate(code.split("\n"), 1) if i not in drop).strip())
     return "\n\n\n".join(bodies)
 
