@@ -17,6 +17,14 @@ def coordinates(runs) -> list[int]:
     return [i for start, size in runs for i in range(start, start + size)]
 
 
+def coordinate_tensor(fields) -> torch.Tensor:
+    """The distinct coordinates that (start, size) runs or fields cover, sorted, as a tensor."""
+    fields = list(fields)
+    if not fields:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.unique(torch.cat([torch.arange(start, start + size) for start, size in fields]))
+
+
 def runs_of(coords: list[int]) -> tuple:
     """((start, length), …): the maximal side-by-side stretches of `coords`, in their order."""
     runs = []

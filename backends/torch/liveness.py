@@ -13,17 +13,11 @@ it imports only torch and the runtime.
 
 import torch
 
+from .calls import coordinate_tensor
+
 TOKEN_STREAM = "tokens"
 NEVER = -2  # no access yet
 INPUT_LAYER = -1  # the input layer writes before call 0
-
-
-def coordinate_tensor(fields) -> torch.Tensor:
-    """The distinct coordinates that (start, width) fields cover, sorted."""
-    fields = list(fields)
-    if not fields:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.unique(torch.cat([torch.arange(start, start + width) for start, width in fields]))
 
 
 def json_token_fields(call: dict) -> tuple[list, list]:

@@ -18,7 +18,8 @@ from torch import nn
 
 from ir.errors import BackendError
 
-from .liveness import NEVER, Accesses, coordinate_tensor
+from .calls import coordinate_tensor
+from .liveness import NEVER, Accesses
 from .prefixes import Layout, layout_json
 
 TOKENS = "tokens"

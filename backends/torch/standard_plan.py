@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ir.activations import ACTIVATIONS
-from .calls import coordinates, runs_of
-from .liveness import Accesses, coordinate_tensor, json_token_fields
+from .calls import coordinate_tensor, coordinates, runs_of
+from .liveness import Accesses, json_token_fields
 from .primitives import MLP, Attention, Linear, Norm
 from .projection import as_projection
 from .stream_io import stream_block

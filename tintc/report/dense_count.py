@@ -19,7 +19,8 @@ from collections import Counter
 
 import torch
 
-from backends.torch.liveness import Accesses, coordinate_tensor
+from backends.torch.calls import coordinate_tensor
+from backends.torch.liveness import Accesses
 from backends.torch.program import Program, program_json
 from backends.torch.standard_plan import StreamPlan, plan
 
