@@ -2,8 +2,8 @@
 
     tint_model.py        the source, from templates/: the runtime (the modules runtime.CARRIED names:
                          the primitives, the input layer, the prefix encoder and decoder), the standard
-                         view (liveness.py, standard_plan.py, standard.py) and the TinT class, with every layer call spelled out
-                         in `forward`, commented
+                         view (VIEW: liveness.py, standard_plan.py, standard.py) and the TinT class,
+                         with every layer call spelled out in `forward`, commented
     tint_config.json     the data the code reads: the prefix layout, input fields, each call's
                          wiring (which coordinates it reads and writes), sizes
     weights.safetensors  the primitives' weights (the TinT's state dict; no pickle)
