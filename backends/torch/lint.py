@@ -50,11 +50,11 @@ class _Occupancy:
         held.masked_fill_(held == self.index[v], FREE)
 
     def check(self, f: Field, where: str, verb: str) -> None:
-        """f lies inside one value that holds all of it."""
-        held = self.holder[f.start : f.stop]
-        k = int(held[0])
+        """f lies inside the value that holds its first coordinate. (A value holds all of its field
+        while it is placed: place refuses coordinates that another value holds.)"""
+        k = int(self.holder[f.start])
         v = self.values[k] if k != FREE else None
-        if v is None or not bool((held == k).all()) or not (v.field.start <= f.start and f.stop <= v.field.stop):
+        if v is None or not (v.field.start <= f.start and f.stop <= v.field.stop):
             raise BackendError(f"{where} {verb} tokens[{f.start}:{f.stop}], which holds no live value "
                                f"({'no value' if v is None else 'value ' + v.name} at {f.start}); allowed: "
                                "fields inside one value between its first write and its last read")

@@ -13,8 +13,6 @@ it imports only torch and the runtime.
 
 import torch
 
-from .calls import coordinate_tensor
-
 TOKEN_STREAM = "tokens"
 NEVER = -2  # no access yet
 INPUT_LAYER = -1  # the input layer writes before call 0
@@ -28,21 +26,29 @@ def json_token_fields(call: dict) -> tuple[list, list]:
 
 
 class Accesses:
-    """Per coordinate of a stream `width` wide: first_write, last_write, last_read (call indices)."""
+    """Per coordinate of a stream `width` wide: first_write, last_write, last_read (call indices).
+    Accesses are recorded by field, as slices (fields are few runs, coordinates many)."""
 
     def __init__(self, width: int, inputs):
         self.first_write = torch.full((width,), NEVER, dtype=torch.long)
         self.last_write = torch.full((width,), NEVER, dtype=torch.long)
         self.last_read = torch.full((width,), NEVER, dtype=torch.long)
-        self.write(INPUT_LAYER, coordinate_tensor(inputs))
+        self.write(INPUT_LAYER, inputs)
 
-    def read(self, call: int, idx: torch.Tensor) -> None:
+    def read(self, call: int, fields) -> None:
+        """Record a read of (start, width) fields."""
+        for start, width in fields:
+            self.last_read[start : start + width] = call
+
+    def read_coordinates(self, call: int, idx: torch.Tensor) -> None:
+        """Record a read of these coordinates."""
         self.last_read[idx] = call
 
-    def write(self, call: int, idx: torch.Tensor) -> None:
-        first = idx[self.first_write[idx] == NEVER]
-        self.first_write[first] = call
-        self.last_write[idx] = call
+    def write(self, call: int, fields) -> None:
+        for start, width in fields:
+            first = self.first_write[start : start + width]
+            first.masked_fill_(first == NEVER, call)
+            self.last_write[start : start + width] = call
 
     def written(self, idx: torch.Tensor) -> torch.Tensor:
         """Whether each coordinate has held a value (the input layer's count)."""

@@ -18,7 +18,6 @@ from torch import nn
 
 from ir.errors import BackendError
 
-from .calls import coordinate_tensor
 from .liveness import NEVER, Accesses
 from .prefixes import Layout, layout_json
 
@@ -109,9 +108,9 @@ def lives(program: Program) -> list[Value]:
     accesses = Accesses(program.width, [(f.start, f.width) for f in program.inputs.values()])
     for i, call in enumerate(program.calls):
         read, written = call.token_fields()
-        accesses.read(i, coordinate_tensor(read))
-        accesses.write(i, coordinate_tensor(written))
-    accesses.read(end, coordinate_tensor([(f.start, f.width) for f in (program.logits, program.inputs["one"])]))
+        accesses.read(i, set(read))
+        accesses.write(i, set(written))
+    accesses.read(end, [(f.start, f.width) for f in (program.logits, program.inputs["one"])])
     widths = torch.tensor([v.field.width for v in program.values])
     if [v.field.start for v in program.values] != (widths.cumsum(0) - widths).tolist() or widths.sum() != program.width:
         raise BackendError("program.lives: the values do not tile the token stream (run it before allocation)")

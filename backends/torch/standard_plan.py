@@ -208,8 +208,9 @@ def _place_erasures(stream: StreamPlan, config: dict) -> StreamPlan:
     latest_mlp = -1
     erase_in: dict[int, list[int]] = {}  # block index (or −1 − index: a new block before it) -> coordinates
     for i, (block, call) in enumerate(zip(blocks, config["calls"])):
-        read, written = (coordinate_tensor(fields) for fields in json_token_fields(call))
-        accesses.read(i, read)
+        read_fields, written_fields = json_token_fields(call)
+        accesses.read(i, {tuple(f) for f in read_fields})
+        written = coordinate_tensor(written_fields)
         if call["gated"] and len(written):
             dirty = written[accesses.written(written)]
             # the dead value may be erased from its last read on, or after its last write
@@ -222,7 +223,7 @@ def _place_erasures(stream: StreamPlan, config: dict) -> StreamPlan:
             for at, coords in targets:
                 if len(coords):
                     erase_in.setdefault(at, []).extend(coords.tolist())
-        accesses.write(i, written)
+        accesses.write(i, {tuple(f) for f in written_fields})
         if block.kind == "mlp":
             latest_mlp = i
     inserted = {}

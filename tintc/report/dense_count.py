@@ -91,13 +91,13 @@ def working_set(program: Program) -> tuple[int, list[dict]]:
         points(torch.full((int(skip.sum()),), b))
         for a_, n in zip(*torch.unique(a[skip], return_counts=True)):
             edges[(calls[int(a_)].node, calls[b].node)] += int(n)
-        accesses.read(b, idx)
+        accesses.read_coordinates(b, idx)
 
     for i, call in enumerate(calls):
-        read, written = (coordinate_tensor(fields) for fields in call.token_fields())
-        if len(read):
-            cover(read, i)
-        accesses.write(i, written)
+        read, written = call.token_fields()
+        if read:
+            cover(coordinate_tensor(read), i)
+        accesses.write(i, set(written))
     cover(coordinate_tensor([(f.start, f.width) for f in (program.logits, program.inputs["one"])]), end)
     widest = int(delta.cumsum(0).max())
     return widest, [{"from": a, "to": b, "width": n} for (a, b), n in edges.items()]
