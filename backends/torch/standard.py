@@ -15,7 +15,7 @@ its own query positions. Coordinates: [token fields (the fast executor's stream,
 block and vocabulary rows (width of the widest block)]; token fields are 0 at every other
 position, so per-position sublayers (which only read token fields) give 0 there too.
 
-Correspondence with the fast executor (runtime.apply): one call = one block. Its gathers are
+Correspondence with the fast executor (calls.apply): one call = one block. Its gathers are
 the selection inside Q, K, V, W_a, W_b, W_in; its write field is the selection inside O, W_o;
 a group (head or chunk) is a head or a set of units; all versions of a prefix block live on
 the same positions, so a descent is the residual add of its attention. A gated write (the fast
