@@ -7,18 +7,10 @@ the oracle (`tintc.oracle.reference`) uses the same formulas inside its autograd
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-
-def gelu_tanh(x):
-    """GPT-2's gelu_new."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-
-
-ACTIVATION_FNS = {"gelu_tanh": gelu_tanh, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+from ir.activations import ACTIVATIONS as ACTIVATION_FNS  # noqa: F401  (the interpreter and the oracle read it here)
 
 
 def normalise(x, eps: float):

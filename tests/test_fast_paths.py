@@ -1,6 +1,6 @@
-"""The fast executor's cheaper forms of the same arithmetic (structured weights, backends/torch/
-structured.py, and the run wirings of backends/torch/runtime.py) give the numbers of the plain
-forms they replace."""
+"""The fast executor's cheaper forms of the same arithmetic (the stored forms of a projection,
+backends/torch/projection.py, chosen by structured.py and low_rank.py; the run wirings of
+backends/torch/calls.py) give the numbers of the plain forms they replace."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from backends.torch import runtime
+from backends.torch import calls, runtime
+from backends.torch.projection import Dense, Diagonal, LowRank, Selection, as_projection
 from backends.torch.structured import compact
 from tintc import pipeline
 from tintc.oracle.fidelity import example_input
@@ -26,17 +27,47 @@ def _compiled(family):
     return cfg, model, ids, train, prefixes
 
 
+def _forms():
+    """One projection of each stored form, its matrix written out by hand, and the numbers it stores."""
+    gen = torch.Generator().manual_seed(0)
+    diagonal = torch.randn(5, generator=gen, dtype=torch.float64)
+    index, coef = torch.tensor([3, 0, 3, 1]), torch.randn(4, generator=gen, dtype=torch.float64)
+    selected = torch.zeros(4, 5, dtype=torch.float64)
+    selected[torch.arange(4), index] = coef
+    left, right = torch.randn(4, 2, generator=gen, dtype=torch.float64), torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    matrix = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    return [("dense", Dense(matrix), matrix, 20), ("diagonal", Diagonal(diagonal), torch.diag(diagonal), 5),
+            ("identity", Diagonal(torch.ones(5, dtype=torch.float64), identity=True), torch.eye(5, dtype=torch.float64), 5),
+            ("selection", Selection(index, coef, 5), selected, 8), ("factored", LowRank(left, right), left @ right, 18)]
+
+
+@pytest.mark.parametrize("name,form,matrix,stored", _forms(), ids=[f[0] for f in _forms()])
+def test_every_projection_form_applies_expands_and_counts_the_matrix_it_stands_for(name, form, matrix, stored):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, matrix.shape[1], generator=gen, dtype=torch.float64)
+    y = torch.randn(2, 3, matrix.shape[0], generator=gen, dtype=torch.float64)
+    assert torch.equal(form.dense(), matrix)
+    assert tuple(form.shape) == tuple(matrix.shape)
+    assert form.count() == stored
+    assert torch.allclose(form.apply(x), x @ matrix.T, rtol=0, atol=1e-14)
+    assert torch.allclose(form.apply_transposed(y), y @ matrix, rtol=0, atol=1e-14)
+    assert as_projection(form if name != "dense" else matrix).kind == form.kind
+
+
 def test_compact_keeps_the_matrix_it_replaces():
+    gen = torch.Generator().manual_seed(0)
     eye = torch.eye(5, dtype=torch.float64)
     mirror = torch.cat([eye, -2.0 * eye])[torch.tensor([0, 7, 2, 9, 4, 5, 6, 1, 8, 3])]  # signed copies, shuffled
     gate = runtime.Gate(3.0 * torch.eye(10, dtype=torch.float64), mirror, torch.ones(10, 5, dtype=torch.float64))
-    xa, x = torch.randn(2, 4, 3, 10, dtype=torch.float64), torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    xa = torch.randn(2, 4, 3, 10, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, 4, 3, 5, generator=gen, dtype=torch.float64)
     before = gate(xa, x, x)
     assert compact(gate) == 2
-    assert isinstance(gate.a, runtime.Diagonal) and isinstance(gate.b, runtime.Selection)
-    assert isinstance(gate.c, nn.Parameter)  # five nonzeros a row: stays a matrix
+    forms = runtime.projections(gate)
+    assert [forms[w].kind for w in ("a", "b", "c")] == ["diagonal", "selection", "dense"]  # c: five nonzeros a row
+    assert isinstance(gate.c, nn.Parameter)  # a dense projection stays the bare parameter (its state-dict name)
     assert torch.equal(gate(xa, x, x), before)  # the products only dropped exact zeros
-    assert torch.equal(gate.b.dense(), mirror)
+    assert torch.equal(forms["b"].dense(), mirror)
     assert compact(runtime.Linear(torch.ones(4, 6))) == 0
 
 
@@ -48,12 +79,10 @@ def test_structured_weights_give_the_tint_of_dense_matrices_bit_for_bit(family):
         fast, _ = tint(ids, train, prefixes)
     restored = 0
     for module in tint.layers.values():
-        for attr in runtime.WEIGHTS[type(module)]:
-            w = getattr(module, attr)
-            if isinstance(w, (runtime.Diagonal, runtime.Selection)):
-                dense = torch.diag(w.diagonal) if isinstance(w, runtime.Diagonal) else w.dense()
+        for attr, w in runtime.projections(module).items():
+            if w is not None and w.kind in ("diagonal", "selection"):
                 delattr(module, attr)
-                setattr(module, attr, nn.Parameter(dense.detach(), requires_grad=False))
+                setattr(module, attr, nn.Parameter(w.dense().detach(), requires_grad=False))
                 restored += 1
     assert restored >= 20  # identities, scalings, masks and signed copies are most of a TinT's projections
     with torch.no_grad():
@@ -69,7 +98,7 @@ def test_run_wirings_equal_index_wirings(family, monkeypatch):
     assert {"Gather", "list"} <= kinds  # reads gathered as runs, writes added as runs
     with torch.no_grad():
         by_runs, _ = tint(ids, train, prefixes)
-    monkeypatch.setattr(runtime, "MAX_RUNS", 0)  # every wiring an index tensor, as before runs
+    monkeypatch.setattr(calls, "MAX_RUNS", 0)  # every wiring an index tensor, as before runs
     tint = pipeline.compile_tint(cfg, model).tint
     assert not any(isinstance(w, list) for _, w in tint._wiring)
     with torch.no_grad():

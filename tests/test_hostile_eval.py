@@ -329,7 +329,7 @@ def test_a_malformed_weights_header_is_refused_naming_the_file(package, case):
 def test_the_standard_view_past_its_budget_is_refused_with_both_sizes(package, monkeypatch):
     from backends.torch import checks
     from backends.torch.program import program_json
-    from backends.torch.standard import plan
+    from backends.torch.standard_plan import plan
 
     tint = package[4]  # the in-memory TinT: its primitives are backends.torch.runtime's
     stream = plan(program_json(tint.program), tint.layers)
@@ -342,14 +342,12 @@ def test_the_standard_view_past_its_budget_is_refused_with_both_sizes(package, m
 
 
 def test_the_plan_estimate_is_the_size_of_the_dense_matrices_and_guards_the_dense_counts(package):
-    from backends.torch.runtime import WEIGHTS
-    from backends.torch.standard import _dense
+    from backends.torch.primitives import projections
     from backends.torch.view_budget import check_plan_budget, plan_bytes
     from ir.errors import BackendError
 
     tint = package[4]
-    made = [_dense(getattr(layer, name)) for layer in tint.layers.values() for name in WEIGHTS[type(layer)]
-            if getattr(layer, name) is not None]
+    made = [p.dense() for layer in tint.layers.values() for p in projections(layer).values() if p is not None]
     size = sum(m.numel() * m.element_size() for m in made)
     assert plan_bytes(tint.layers) == size
     check_plan_budget(tint.layers, budget=size)

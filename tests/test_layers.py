@@ -40,9 +40,6 @@ def test_the_check_sees_an_upward_import(tmp_path):
 
 MAX_LINES = 400
 CHECKED_FOLDERS = ("tintc", "ir", "backends", "scripts")
-# Over the budget today and being split on another branch (issue 21, items 1-3). The lead empties
-# this set at merge time; a file listed here that is no longer over the budget fails the test.
-OVER_BUDGET_UNTIL_SPLIT = {"backends/torch/runtime.py", "backends/torch/standard.py"}
 
 
 def long_modules(root: Path, folders=CHECKED_FOLDERS) -> dict[str, int]:
@@ -58,8 +55,7 @@ def long_modules(root: Path, folders=CHECKED_FOLDERS) -> dict[str, int]:
 
 def test_no_module_is_over_the_line_budget():
     long = long_modules(ROOT)
-    assert {path: n for path, n in long.items() if path not in OVER_BUDGET_UNTIL_SPLIT} == {}
-    assert sorted(OVER_BUDGET_UNTIL_SPLIT - set(long)) == [], "split: remove them from OVER_BUDGET_UNTIL_SPLIT"
+    assert long == {}
 
 
 def test_the_line_budget_sees_a_long_module(tmp_path):

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import ir.frontend  # noqa: E402
 from ir.errors import ConfigError  # noqa: E402
 from backends.torch.allocate import allocate  # noqa: E402
+from backends.torch.lint import lint  # noqa: E402
 from backends.torch.emit import package_files  # noqa: E402
 from backends.torch.lower import lower  # noqa: E402
 from backends.torch.prefixes import plan  # noqa: E402
@@ -133,6 +134,7 @@ def compile_tint(cfg: TintcConfig, model=None) -> Compiled:
     tg = train_graph(cfg, graph)
     layout = plan(tg)
     program = allocate(lower(tg, layout, cfg.max_length(graph.attrs["max_positions"]), cfg.torch_dtype))
+    lint(program)  # the allocated program's invariants (backends/torch/lint.py)
     tint = TinT(program, label_only=cfg.tint.train.loss == "label_only").eval()
     return Compiled(model, graph, tg, tint, time.perf_counter() - start)
 

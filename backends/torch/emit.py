@@ -1,9 +1,9 @@
 """Emission: the TinT as a standalone package that needs only torch and safetensors.
 
-    tint_model.py        the source, from templates/: the runtime (backends/torch/runtime.py: the
-                         primitives, the input layer, the prefix encoder and decoder), the standard
-                         view (backends/torch/standard.py) and the TinT class, with every layer call
-                         spelled out in `forward`, commented
+    tint_model.py        the source, from templates/: the runtime (the modules runtime.CARRIED names:
+                         the primitives, the input layer, the prefix encoder and decoder), the standard
+                         view (VIEW: liveness.py, standard_plan.py, standard.py) and the TinT class,
+                         with every layer call spelled out in `forward`, commented
     tint_config.json     the data the code reads: the prefix layout, input fields, each call's
                          wiring (which coordinates it reads and writes), sizes
     weights.safetensors  the primitives' weights (the TinT's state dict; no pickle)
@@ -17,6 +17,7 @@ the caller writes them as one set (tintc/files.py).
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import inspect
 import json
@@ -31,12 +32,14 @@ from torch import nn
 
 from ir.errors import BackendError
 
-from . import checks, runtime, standard
+from . import checks, liveness, runtime, standard, standard_plan
 from .program import TOKENS, Program, program_json
 
 FORMAT = "tintc.tint/2"  # of tint_config.json; the generated code checks it
 SETTINGS = {"Linear": (), "MLP": ("fn",), "Gate": (), "Norm": ("eps",), "Attention": ("softmax", "mask")}
 
+VIEW = (liveness, standard_plan, standard)  # the standard view's modules
+CARRIED = (*runtime.CARRIED, *VIEW)  # the modules whose source the package holds, in order
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("backends.torch", "templates"),
                                undefined=jinja2.StrictUndefined, autoescape=False)
 
@@ -59,8 +62,8 @@ def package_files(compiled_or_tint, cfg, version: str) -> dict[str, str | bytes]
 
 # -- tint_model.py ------------------------------------------------------------------------
 def source(program: Program, version: str, cfg=None) -> str:
-    code = "\n\n\n".join(_body(module) for module in (checks, runtime))
-    view = _body(standard).replace(standard.RUNTIME_IMPORT, "# (the runtime's names are defined above)")
+    _check_distinct_names(CARRIED)
+    code, view = _bodies(runtime.CARRIED), _bodies(VIEW)
     layers = [{"key": _str(name), "constructor": _constructor(name, module)} for name, module in program.layers.items()]
     return TEMPLATES.get_template("tint_model.py.jinja").render(
         version=version, summary=_summary(cfg), format=FORMAT, runtime=code, standard=view, layers=layers,
@@ -69,12 +72,46 @@ def source(program: Program, version: str, cfg=None) -> str:
     ) + "\n"
 
 
-def _body(module) -> str:
-    """A module's source without its docstring and without runtime's import of checks (the package
-    defines both in one file)."""
-    code = inspect.getsource(module)
-    lines = code[code.index('"""', 3) + 3 :].strip().split("\n")
-    return "\n".join(line for line in lines if not line.startswith("from .checks import"))
+def _bodies(modules) -> str:
+    """The modules' sources, one after the other, each without its docstring and without its imports
+    of carried modules (the package defines them all in one file)."""
+    bodies = []
+    for module in modules:
+        code = inspect.getsource(module)
+        tree = ast.parse(code)
+        drop = set(range(1, tree.body[0].end_lineno + 1))  # the docstring
+        for node in tree.body:
+            if _imports_carried(node, module):
+                drop |= set(range(node.lineno, node.end_lineno + 1))
+            elif isinstance(node, ast.ImportFrom) and (node.level or node.module.split(".")[0] in ("ir", "backends")):
+                raise BackendError(f"{module.__name__} line {node.lineno}: imports {node.module} from the compiler, "
+                                   "which the package does not hold; allowed: torch, the standard library and the "
+                                   "carried modules (emit.CARRIED)")
+        bodies.append("\n".join(line for i, line in enumerate(code.split("\n"), 1) if i not in drop).strip())
+    return "\n\n\n".join(bodies)
+
+
+def _imports_carried(node, module) -> bool:
+    """Whether a statement of `module` is an import from a carried module."""
+    if not isinstance(node, ast.ImportFrom):
+        return False
+    name = node.module if not node.level else f"{module.__name__.rsplit('.', node.level)[0]}.{node.module}"
+    return name in {m.__name__ for m in CARRIED}
+
+
+def _check_distinct_names(modules) -> None:
+    """A top-level name that two carried modules define would make one shadow the other in the package."""
+    where: dict[str, str] = {}
+    for module in modules:
+        for node in ast.parse(inspect.getsource(module)).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            else:
+                names = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+            for name in names:
+                if where.setdefault(name, module.__name__) != module.__name__:
+                    raise BackendError(f"{module.__name__} and {where[name]} both define {name!r}; the emitted "
+                                       "package holds them in one file; allowed: distinct top-level names")
 
 
 def _constructor(name: str, module: nn.Module) -> str:
@@ -82,22 +119,9 @@ def _constructor(name: str, module: nn.Module) -> str:
     kind = type(module).__name__
     if kind not in SETTINGS:
         raise BackendError(f"layer {name}: primitive {kind} is not in the runtime; allowed: {', '.join(SETTINGS)}")
-    shapes = [f"{attr}={_weight_literal(getattr(module, attr))}" for attr in runtime.WEIGHTS[type(module)]]
+    shapes = [f"{attr}={'None' if w is None else w.literal()}" for attr, w in runtime.projections(module).items()]
     settings = [f"{s}={_literal(getattr(module, s))}" for s in SETTINGS[kind]]
     return f"{kind}({', '.join(shapes + settings)})"
-
-
-def _weight_literal(w) -> str:
-    if w is None:
-        return "None"
-    if isinstance(w, runtime.Diagonal):
-        return f"Diagonal(torch.empty{tuple(w.diagonal.shape)}, identity={w.identity})"
-    if isinstance(w, runtime.Selection):
-        n = len(w.coef)
-        return f"Selection(torch.empty({n}, dtype=torch.long), torch.empty({n}), {w.columns})"
-    if isinstance(w, runtime.LowRank):
-        return f"LowRank(torch.empty{tuple(w.left.shape)}, torch.empty{tuple(w.right.shape)})"
-    return f"torch.empty{tuple(w.shape)}"
 
 
 def _call(index: int, call) -> dict:

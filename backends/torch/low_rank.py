@@ -11,21 +11,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .runtime import STRUCTURED, WEIGHTS, LowRank
+from .primitives import projections
+from .projection import LowRank
 
 
 def factorise(name: str, module: nn.Module, rank: int) -> list[dict]:
     """Factorise the projections of `module` in place; one log entry per projection."""
     log = []
-    for attr in WEIGHTS[type(module)]:
-        w = getattr(module, attr)
-        if w is None or isinstance(w, STRUCTURED):
+    for attr, p in projections(module).items():
+        if p is None or p.kind != "dense":
             continue
-        out, inp = w.shape
+        w, (out, inp) = p.weight, p.shape
         u, s, vh = torch.linalg.svd(w.detach().double(), full_matrices=False)
         k = int((s > s.max() * max(out, inp) * torch.finfo(torch.float64).eps).sum()) if s.numel() else 0
         entry = {"layer": name, "weight": attr, "shape": [out, inp], "rank": k, "factorised": False}
-        if k <= rank and k * (out + inp) < out * inp:
+        if k <= rank and k * (out + inp) < p.count():
             left, right = (u[:, :k] * s[:k]).to(w.dtype), vh[:k].to(w.dtype)
             delattr(module, attr)  # a parameter's name takes a module only once it is free
             setattr(module, attr, LowRank(left, right))

@@ -31,7 +31,8 @@ from .structured import compact
 from .lower_backward import BackwardLowering
 from .lower_llama import LlamaLowering
 from .prefixes import Layout
-from .program import TOKENS, Call, Field, Program, Read, Write
+from .stream_io import block_stream
+from .program import TOKENS, Call, Field, Program, Read, Value, Write
 
 
 OP_OF_KIND = {"add": "residual", "layer_norm": "norm", "rms_norm": "norm", "mul": "product", "linear": "linear", "activation": "activation",
@@ -50,7 +51,8 @@ class _Lowering(BackwardLowering, LlamaLowering):
         self.low_rank_log: list[dict] = []
         self.steps = graph.attrs["steps"]
         self.width = 0
-        self.values: list[Field] = []  # every field allocated, in order
+        self.values: list[Value] = []  # every token value allocated, in order
+        self.node: Node | None = None
         self.calls: list[Call] = []
         self.layers: dict[str, nn.Module] = {}
         self.fields: dict[str, Field] = {}  # training-graph value -> its field
@@ -58,20 +60,21 @@ class _Lowering(BackwardLowering, LlamaLowering):
         self.block_version: dict[str, int] = {b: 0 for b in layout.blocks}
         # the tables' widths: OPT-350m's embeddings (and head) are narrower than its stream
         width = lambda ref: ref.shape(graph.weight_shapes[ref.name])[1]  # noqa: E731
-        self.inputs = {"one": self.alloc(1), "zero": self.alloc(1), "positions": self.alloc(max_length),
-                       "train": self.alloc(1), "label": self.alloc(1), "token_embed": self.alloc(width(layout.vocab))}
+        widths = {"one": 1, "zero": 1, "positions": max_length, "train": 1, "label": 1,
+                  "token_embed": width(layout.vocab)}
         if layout.positions is not None:
-            self.inputs["pos_embed"] = self.alloc(width(layout.positions))
+            widths["pos_embed"] = width(layout.positions)
         if not layout.tied:
-            self.inputs["target_embed"] = self.alloc(width(layout.unembed))  # unembed[z]: the loss's target rows
-        self.node: Node | None = None
+            widths["target_embed"] = width(layout.unembed)  # unembed[z]: the loss's target rows
+        self.inputs = {name: self.alloc(n, f"input {name}") for name, n in widths.items()}
         self.logits: Field | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------
-    def alloc(self, width: int) -> Field:
+    def alloc(self, width: int, name: str | None = None) -> Field:
+        """A new value's field; the value is named for the training-graph op being lowered."""
         f = Field(self.width, width)
         self.width += width
-        self.values.append(f)
+        self.values.append(Value(name or f"%{self.node.name}", f))
         return f
 
     def eye(self, n: int) -> torch.Tensor:
@@ -129,7 +132,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
 
     @staticmethod
     def block_read(block: str, version: int, groups: list[range]) -> Read:
-        return Read(f"{block}@{version}", tuple((Field(r.start, len(r)),) for r in groups))
+        return Read(block_stream(block, version), tuple((Field(r.start, len(r)),) for r in groups))
 
     # -- the driver ----------------------------------------------------------------------
     def run(self) -> Program:
@@ -139,7 +142,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
             if method is None:
                 raise BackendError(f"node %{node.name}: op kind {node.kind!r} has no TinT construction")
             method(node)
-        final = {b: f"{b}@{v}" for b, v in self.block_version.items()}
+        final = {b: block_stream(b, v) for b, v in self.block_version.items()}
         return Program(self.width, self.tmax, self.inputs, self.calls, self.layers, self.logits, final, self.layout,
                        self.values, self.low_rank_log, self.rank is not None)
 
@@ -330,7 +333,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
             raise BackendError(f"node %{self.node.name}: block {block} is at version {self.block_version[block]}, "
                                f"the descent expects {version}")
         self.block_version[block] = version + 1
-        return f"{block}@{version}", version + 1
+        return block_stream(block, version), version + 1
 
     def lower_linear_descent(self, node):
         """W[r] −= η Σ_t ∂y_t[r]·x_t, b[r] −= η Σ_t ∂y_t[r]: the K prefix tokens query the tokens;
@@ -350,7 +353,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
             self.block_read(block, version, [b.onehot] * len(heads)),
             [(dy.part(s * K, K),) for s, ch in heads],
             [(x.part(ch * c, c), self._one_or_zero(ch)) for s, ch in heads]],
-            Write(f"{block}@{new}", tuple(Field(u.start, len(u)) for u in units), base))
+            Write(block_stream(block, new), tuple(Field(u.start, len(u)) for u in units), base))
 
     def lower_layer_norm_descent(self, node):
         self._norm_descent(node, self._normalised)
@@ -376,4 +379,4 @@ class _Lowering(BackwardLowering, LlamaLowering):
         heads = len(values)
         self.call(layer, [self.block_read(block, version, [range(2 * d, 2 * d + 1)] * heads),
                           [(self.inputs["one"],)] * heads, [(v,) for v in values]],
-                  Write(f"{block}@{new}", tuple(targets), base))
+                  Write(block_stream(block, new), tuple(targets), base))

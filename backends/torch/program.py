@@ -1,17 +1,24 @@
 """The lowered TinT as data: a program of calls over streams, each reading and writing fields.
 
 Streams: the token stream "tokens" ([B, T, width]), the unembedding "unembed" ([B, V, D])
-and the prefix block versions "block@n" ([B, K, block width]). A field is a range of a
-stream's coordinates; a call applies one shared primitive to G groups, each gathering
-its inputs from fields and adding its output to a field.
+and the prefix block versions (`block_stream(block, n)`, [B, K, block width]). A field is a range
+of a stream's coordinates; a call applies one shared primitive to G groups, each gathering
+its inputs from fields and adding its output to a field. A value is a named field of the token
+stream with its live range (liveness.py, once, before allocation); its writes are gated (they
+replace what the field held), while a new prefix-block version adds to a copy of the last.
+`lint` checks the invariants the executor and the standard view rely on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from ir.errors import BackendError
+
+from .liveness import NEVER, Accesses
 from .prefixes import Layout, layout_json
 
 TOKENS = "tokens"
@@ -31,6 +38,23 @@ class Field:
 
     def chunks(self, width: int) -> list["Field"]:
         return [self.part(i, width) for i in range(0, self.width, width)]
+
+
+@dataclass(frozen=True)
+class Value:
+    """A value of the token stream: its name (the training-graph op that makes it, or the input), its
+    field, and its live range: from the call that first writes it (−1: the input layer) to the last
+    call that reads it (len(calls): the output head; a value never read dies where it is born).
+    Token writes are gated: a value replaces what its field held."""
+    name: str
+    field: Field
+    born: int | None = None  # None until program.lives has run
+    last: int | None = None
+    gated: bool = True
+
+    def live_at(self, call: int) -> bool:
+        """Whether a read at `call` finds this value."""
+        return self.born < call <= self.last
 
 
 @dataclass(frozen=True)
@@ -55,6 +79,11 @@ class Call:
     op: str  # linear | activation | attention | norm | loss | residual
     phase: str  # forward | backward | descent | eval
 
+    def token_fields(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(fields read, fields written) of the token stream, as (start, width)."""
+        read = [(f.start, f.width) for r in self.reads if r.stream == TOKENS for g in r.groups for f in g]
+        return read, [(f.start, f.width) for f in self.write.groups] if self.write.stream == TOKENS else []
+
 
 @dataclass
 class Program:
@@ -66,9 +95,36 @@ class Program:
     logits: Field  # the evaluation's final hidden state, read by the output head
     final_blocks: dict[str, str]  # block -> the stream of its last version
     layout: Layout
-    values: list[Field]  # every value's field, in allocation order (for register allocation)
+    values: list[Value]  # every token value, in allocation order
     low_rank: list[dict]  # with tint.passes.low_rank: each projection, its rank, factorised or not
     factored: bool = False  # tint.passes.low_rank: the standard view factorises its projections too
+
+
+def lives(program: Program) -> list[Value]:
+    """program.values with their live ranges, from the accesses of a program whose values tile the
+    token stream without sharing coordinates (before allocation). The output head reads the logits'
+    value and, in the standard view, the constant one (its gated MLPs' constant branch) at the end."""
+    end = len(program.calls)
+    accesses = Accesses(program.width, [(f.start, f.width) for f in program.inputs.values()])
+    for i, call in enumerate(program.calls):
+        read, written = call.token_fields()
+        accesses.read(i, set(read))
+        accesses.write(i, set(written))
+    accesses.read(end, [(f.start, f.width) for f in (program.logits, program.inputs["one"])])
+    widths = torch.tensor([v.field.width for v in program.values])
+    if [v.field.start for v in program.values] != (widths.cumsum(0) - widths).tolist() or widths.sum() != program.width:
+        raise BackendError("program.lives: the values do not tile the token stream (run it before allocation)")
+    owner = torch.repeat_interleave(torch.arange(len(widths)), widths)  # [width]: the value of each coordinate
+    unwritten = torch.iinfo(torch.long).max
+    first = accesses.first_write.masked_fill(accesses.first_write == NEVER, unwritten)
+    born = torch.full((len(widths),), unwritten).scatter_reduce(0, owner, first, "amin")
+    last = torch.full((len(widths),), NEVER).scatter_reduce(0, owner, accesses.last_read, "amax")
+    out = []
+    for v, b, l in zip(program.values, born.tolist(), last.tolist()):
+        if b == unwritten:
+            raise BackendError(f"value {v.name} (tokens[{v.field.start}:{v.field.stop}]) is never written")
+        out.append(Value(v.name, v.field, b, max(b, l), v.gated))
+    return out
 
 
 def call_json(call: Call) -> dict:

@@ -15,7 +15,7 @@ its own query positions. Coordinates: [token fields (the fast executor's stream,
 block and vocabulary rows (width of the widest block)]; token fields are 0 at every other
 position, so per-position sublayers (which only read token fields) give 0 there too.
 
-Correspondence with the fast executor (runtime.apply): one call = one block. Its gathers are
+Correspondence with the fast executor (calls.apply): one call = one block. Its gathers are
 the selection inside Q, K, V, W_a, W_b, W_in; its write field is the selection inside O, W_o;
 a group (head or chunk) is a head or a set of units; all versions of a prefix block live on
 the same positions, so a descent is the residual add of its attention. A gated write (the fast
@@ -23,258 +23,26 @@ executor overwrites a field that may hold a dead value) becomes erase units −h
 MLP: in the writing block itself when it is one, else in the latest gated MLP after the dead
 value's last read, else in an erase block inserted before the write.
 
-This module imports only torch and the runtime (the emitted package carries its source); it
-builds the view from a TinT's config (tint_config.json's form) and its primitives.
+This module and its plan (standard_plan.py) import only torch and the runtime (the emitted package
+carries their source); they build the view from a TinT's config (tint_config.json's form) and its
+primitives.
 """
-
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import within_view_budget
-from .runtime import MLP, Attention, Diagonal, LowRank, Norm, Linear, Selection, begin, contract, finish, runs_of
-
-RUNTIME_IMPORT = "from .runtime import MLP, Attention, Diagonal, LowRank, Norm, Linear, Selection, begin, contract, finish, runs_of"
-
-NULL, VOCAB, TOKENS = "null", "vocab", "tokens"
-ACT = {"identity": lambda x: x, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
-       "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu}
-
-
-def _dense(w):
-    """A primitive's projection as the matrix it stands for."""
-    if isinstance(w, Diagonal):
-        return torch.diag(w.diagonal)
-    if isinstance(w, Selection):
-        return w.dense()
-    return w.left @ w.right if isinstance(w, LowRank) else w
-
-
-# -- the plan: blocks as small matrices over coordinate runs (no D_sim-wide tensor) ----------------
-# A coordinate set is a tuple of (start, size) runs of the stream; a projection part is
-# (matrix [n, width], runs) with width = the runs' total size, or (None, runs): the identity.
-def _width(runs) -> int:
-    return sum(size for _, size in runs)
-
-
-@dataclass
-class Head:
-    q: tuple  # (matrix [dq, n], runs): the query reads these coordinates
-    k: tuple
-    v: tuple
-    o: tuple  # (matrix [out, dv], per written field: runs)
-
-
-@dataclass
-class Units:
-    """n units σ(a·h) ⊙ (b·h); a or b None means the constant-one coordinate (1 at every token)."""
-    n: int
-    a: tuple | None
-    b: tuple | None
-    o: tuple  # (matrix [out, n] or None for the identity, scale, per written field: runs)
-
-
-@dataclass
-class BlockPlan:
-    kind: str  # attention | mlp | norm
-    node: str  # the training-graph op (or "erase")
-    phase: str
-    heads: list = field(default_factory=list)  # attention: Head; norm: (runs read, [runs written])
-    units: list = field(default_factory=list)  # mlp: Units
-    act: str = "identity"
-    softmax: bool = False
-    mask: tuple = ()  # (query kind, key kind, causal)
-    eps: float = 0.0
-
-    def erase(self, coords: list[int]) -> None:
-        """Add −h_c for each coordinate: linear units on the constant branch σ(1)."""
-        runs = runs_of(coords)
-        scale = 1.0 / float(ACT[self.act](torch.tensor(1.0, dtype=torch.float64)))
-        self.units.append(Units(len(coords), None, ("negate", runs), (None, scale, [runs])))
-
-    @property
-    def width(self) -> int:
-        """Heads (attention), units (MLP) or normalised coordinates (norm)."""
-        if self.kind == "attention":
-            return len(self.heads)
-        if self.kind == "mlp":
-            return sum(u.n for u in self.units)
-        return sum(_width(runs) for runs, _ in self.heads)
-
-    def column_runs(self, one: int) -> dict[str, list]:
-        """Per projection, the runs of stream coordinates it reads (Q, K, V, W_a, W_b, W_in) or writes
-        (O, W_o), one tuple of runs per head, unit group or norm group."""
-        if self.kind == "attention":
-            return {"q": [h.q[1] for h in self.heads], "k": [h.k[1] for h in self.heads],
-                    "v": [h.v[1] for h in self.heads], "o": [r for h in self.heads for r in h.o[1]]}
-        if self.kind == "mlp":
-            return {"a": [u.a[1] if u.a else ((one, 1),) for u in self.units],
-                    "b": [u.b[1] if u.b else ((one, 1),) for u in self.units],
-                    "o": [r for u in self.units for r in u.o[2]]}
-        return {"in": [runs for runs, _ in self.heads], "o": [r for _, w in self.heads for r in w]}
-
-    def columns(self, one: int) -> dict[str, list[int]]:
-        """Per projection, the stream coordinates it reads or writes (column_runs), sorted."""
-        return {name: sorted({c for runs in runs_lists for start, size in runs for c in range(start, start + size)})
-                for name, runs_lists in self.column_runs(one).items()}
-
-    def rows(self) -> dict[str, int]:
-        """Per projection, its size on the block's side: query, key, value dims of all heads, units,
-        normalised coordinates."""
-        if self.kind == "attention":
-            return {name: sum(getattr(h, part)[0].shape[0] for h in self.heads)
-                    for name, part in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "v"))}
-        return {name: self.width for name in (("a", "b", "o") if self.kind == "mlp" else ("in", "o"))}
-
-    def dense_parameters(self, d_sim: int, one: int, factored: bool = False) -> int:
-        """Parameters of the block's projections as dense matrices over the stream; `factored`: each
-        projection that touches k coordinates stored as [n, k]·[k, D_sim] where that is smaller."""
-        if not factored:
-            return sum(n * d_sim for n in self.rows().values())
-        runs = self.column_runs(one)
-        return sum(_factored_size(n, _covered(runs[name]), d_sim) for name, n in self.rows().items())
-
-
-def _factored_size(n: int, k: int, d_sim: int) -> int:
-    return min(n * d_sim, k * (n + d_sim))
-
-
-def _covered(runs_lists) -> int:
-    """How many coordinates the union of these runs covers (without listing them)."""
-    total, end = 0, 0
-    for start, size in sorted(r for runs in runs_lists for r in runs):
-        if start + size > end:
-            total += start + size - max(start, end)
-            end = start + size
-    return total
-
-
-@dataclass
-class StreamPlan:
-    width: int  # W: the token fields
-    rows: int  # the widest block or vocabulary row
-    blocks: list[BlockPlan]
-    one: int  # the constant-one coordinate
-
-    @property
-    def d_sim(self) -> int:
-        return self.width + self.rows
-
-
-def plan(config: dict, layers) -> StreamPlan:
-    """The standard view of a TinT: config in tint_config.json's form, layers its primitives by name."""
-    width = config["width"]
-    d = config["inputs"]["token_embed"][1]
-    rows = max([d] + [b["width"] for b in config["layout"]["blocks"].values()])
-    version = {name: 0 for name in config["layout"]["blocks"]}
-
-    def kind(stream: str) -> str:
-        return TOKENS if stream == TOKENS else VOCAB if stream == "unembed" else stream.split("@")[0]
-
-    def runs(stream: str, fields, read=True) -> tuple:
-        if read and "@" in stream and int(stream.split("@")[1]) != version[kind(stream)]:
-            raise ValueError(f"{stream} is read after its block's next version was written; the standard view "
-                             "keeps one version of a block per position")
-        if stream == "unembed" and not fields:
-            return ((width, d),)
-        offset = 0 if stream == TOKENS else width
-        return tuple((offset + start, size) for start, size in fields)
-
-    out, dense = [], _shared_dense()
-    for call in config["calls"]:
-        streams, target = call["streams"], call["target"]
-        reads = [[runs(s, g) for g in r] or [runs(s, [])] * len(call["write"]) for s, r in zip(streams, call["reads"])]
-        unique: dict[tuple, list] = {}  # groups that read the same coordinates compute once
-        for group, written in zip(zip(*reads), call["write"]):
-            unique.setdefault(group, []).append(runs(target, [written], read=False))
-        out.append(_block(layers[call["layer"]], call, kind(streams[-1]), kind(target), unique, dense))
-        if "@" in target:
-            version[kind(target)] += 1
-    return _place_erasures(StreamPlan(width, rows, out, config["inputs"]["one"][0]), config)
-
-
-def _shared_dense():
-    """_dense, once per projection: calls of one primitive share its dense matrices (each call anew
-    took 4 GB and 11 s on SmolLM2-135M, whose 2,434 calls share 30 primitives)."""
-    cache = {}
-
-    def dense(w):
-        if id(w) not in cache:
-            cache[id(w)] = (w, _dense(w))  # w held, so that its id is not reused
-        return cache[id(w)][1]
-    return dense
-
-
-def _block(layer, call, key_kind: str, query_kind: str, unique: dict, dense) -> BlockPlan:
-    node, phase = call["node"], call["phase"]
-    if isinstance(layer, Attention):
-        wq, wk, wv, wo = (dense(w) for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_o))
-        heads = [Head((wq, q), (wk, k), (wv, v), (wo, written)) for (q, k, v), written in unique.items()]
-        return BlockPlan("attention", node, phase, heads=heads, softmax=layer.softmax,
-                         mask=(query_kind, key_kind, layer.mask == "causal"))
-    if isinstance(layer, Norm):
-        return BlockPlan("norm", node, phase, heads=[(g[0], w) for g, w in unique.items()], eps=layer.eps)
-    block = BlockPlan("mlp", node, phase, act=layer.fn if isinstance(layer, MLP) else "identity")
-    for group, written in unique.items():
-        if isinstance(layer, Linear):
-            w = dense(layer.weight)
-            block.units.append(Units(w.shape[0], None, (w, group[0]), (None, 1.0, written)))
-        elif isinstance(layer, MLP):
-            w_in = dense(layer.w_in)
-            block.units.append(Units(w_in.shape[0], (w_in, group[0]), None, (dense(layer.w_out), 1.0, written)))
-        else:  # Gate: (a·x_a) ⊙ (b·x_b) + c·x_c
-            a = dense(layer.a)
-            block.units.append(Units(a.shape[0], (a, group[0]), (dense(layer.b), group[1]), (None, 1.0, written)))
-            if layer.c is not None:
-                c = dense(layer.c)
-                block.units.append(Units(c.shape[0], None, (c, group[2]), (None, 1.0, written)))
-    return block
-
-
-def _place_erasures(stream: StreamPlan, config: dict) -> StreamPlan:
-    """Each gated write over coordinates that may hold a dead value gets erase units (see the
-    module docstring). A coordinate is dirty once written; the input layer writes the inputs."""
-    dirty, last_access, last_read = set(), {}, {}
-    for start, size in config["inputs"].values():
-        for c in range(start, start + size):
-            dirty.add(c)
-            last_access[c], last_read[c] = -1, False
-    blocks = stream.blocks
-    latest_mlp = -1
-    erase_in: dict[int, list[int]] = {}  # block index (or −1 − index: a new block before it) -> coordinates
-    for i, (block, call) in enumerate(zip(blocks, config["calls"])):
-        for fields, s in zip(call["reads"], call["streams"]):
-            if s == TOKENS:
-                for c in {c for g in fields for start, size in g for c in range(start, start + size)}:
-                    last_access[c], last_read[c] = i, True
-        if call["target"] == TOKENS:
-            written = sorted({c for start, size in call["write"] for c in range(start, start + size)})
-            for c in (c for c in written if call["gated"] and c in dirty):
-                earliest = last_access[c] if last_read[c] else last_access[c] + 1
-                at = i if block.kind == "mlp" else latest_mlp if latest_mlp >= earliest else -1 - i
-                erase_in.setdefault(at, []).append(c)
-            for c in written:
-                dirty.add(c)
-                last_access[c], last_read[c] = i, False
-        if block.kind == "mlp":
-            latest_mlp = i
-    inserted = {}
-    for at, coords in erase_in.items():
-        if at < 0:
-            inserted[-1 - at] = BlockPlan("mlp", "erase", blocks[-1 - at].phase)
-            inserted[-1 - at].erase(coords)
-        else:
-            blocks[at].erase(coords)
-    stream.blocks = [b for i, block in enumerate(blocks) for b in ([inserted[i]] if i in inserted else []) + [block]]
-    return stream
+from ir.activations import ACTIVATIONS
+from .calls import coordinates
+from .checks import contract, within_view_budget
+from .standard_plan import NULL, TOKENS, VOCAB, BlockPlan, StreamPlan, factored_size, plan, run_width
+from .stream_io import begin, finish
 
 
 # -- the module ------------------------------------------------------------------------------------
 def _add(w: torch.Tensor, rows: slice, part, runs) -> None:
     """w[rows, coordinates of runs] += part: a matrix, None (the identity) or "negate"."""
-    cols = torch.tensor([c for start, size in runs for c in range(start, start + size)], dtype=torch.long)
+    cols = torch.tensor(coordinates(runs), dtype=torch.long)
     if part is None or isinstance(part, str):
         part = torch.eye(len(cols), dtype=w.dtype) * (-1.0 if part == "negate" else 1.0)
     w[rows].index_add_(1, cols, part.to(w.dtype))
@@ -289,7 +57,7 @@ def _factor(block: nn.Module, name: str, w: torch.Tensor, columns: list[int] | N
     is smaller, as w[..., columns] and the selection s [k, D_sim] (the low-rank option: exact)."""
     n, d_sim = w[..., 0].numel(), w.shape[-1]
     s = None
-    if columns is not None and _factored_size(n, len(columns), d_sim) < n * d_sim:
+    if columns is not None and factored_size(n, len(columns), d_sim) < n * d_sim:
         index = torch.tensor(columns, dtype=torch.long)
         w, s = w[..., index], torch.eye(d_sim, dtype=w.dtype)[index]
     setattr(block, f"w_{name}", _param(w))
@@ -362,7 +130,7 @@ class MLPBlock(nn.Module):
         self.act = p.act
 
     def forward(self, h):
-        units = ACT[self.act](_read(h, self.s_a) @ self.w_a.T) * (_read(h, self.s_b) @ self.w_b.T)
+        units = ACTIVATIONS[self.act](_read(h, self.s_a) @ self.w_a.T) * (_read(h, self.s_b) @ self.w_b.T)
         return h + _write(units @ self.w_o, self.s_o)
 
 
@@ -371,7 +139,7 @@ class NormBlock(nn.Module):
 
     def __init__(self, p: BlockPlan, d_sim: int, one: int, dtype, factored: bool = False):
         super().__init__()
-        self.group = _width(p.heads[0][0])
+        self.group = run_width(p.heads[0][0])
         w_in, w_o = (torch.zeros(p.width, d_sim, dtype=dtype) for _ in range(2))  # w_o transposed
         for i, (runs, written) in enumerate(p.heads):
             rows = slice(i * self.group, (i + 1) * self.group)

@@ -1,5 +1,5 @@
 """Structured weights: a primitive's projection that is a diagonal matrix, or a selection with
-one nonzero per row, is stored as such (runtime.Diagonal, runtime.Selection) and applied as an
+one nonzero per row, is stored as such (projection.Diagonal, projection.Selection) and applied as an
 elementwise product, or a gather and a product.
 
 Most of a TinT's projections are identities, scalings (−η, 1/N), masks of units or signed
@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .runtime import WEIGHTS, Diagonal, Selection
+from .primitives import projections
+from .projection import Diagonal, Selection
 
 
 def _structured(w: torch.Tensor) -> nn.Module | None:
@@ -32,11 +33,10 @@ def compact(module: nn.Module) -> int:
     """Store every dense projection of `module` that is diagonal, or a selection, in that form,
     in place; return how many were."""
     changed = 0
-    for attr in WEIGHTS[type(module)]:
-        w = getattr(module, attr)
-        if not isinstance(w, nn.Parameter) or w.dim() != 2:
+    for attr, w in projections(module).items():
+        if w is None or w.kind != "dense" or w.weight.dim() != 2:
             continue
-        structured = _structured(w.detach())
+        structured = _structured(w.weight.detach())
         if structured is not None:
             delattr(module, attr)  # a parameter's name takes a module only once it is free
             setattr(module, attr, structured)

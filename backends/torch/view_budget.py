@@ -12,31 +12,15 @@ from __future__ import annotations
 from ir.errors import BackendError
 
 from .checks import VIEW_BUDGET_FRACTION, memory_bytes
-from .runtime import WEIGHTS, Diagonal, LowRank, Selection
-
-
-def dense_entries(w) -> int:
-    """Entries of the dense matrix a stored projection stands for (standard._dense's output)."""
-    if w is None:
-        return 0
-    if isinstance(w, Diagonal):
-        return w.diagonal.numel() ** 2
-    if isinstance(w, Selection):
-        return w.coef.numel() * w.columns
-    if isinstance(w, LowRank):
-        return w.left.shape[0] * w.right.shape[1]
-    return w.numel()
+from .primitives import projections
 
 
 def plan_bytes(layers) -> int:
     """Bytes of the plan's dense matrices: each primitive's projections once, in their dtype."""
     total = 0
     for layer in layers.values():
-        for name in WEIGHTS.get(type(layer), ()):
-            w = getattr(layer, name)
-            tensor = next(iter(w.parameters()), None) if hasattr(w, "parameters") else w
-            size = tensor.element_size() if tensor is not None else 0
-            total += dense_entries(w) * size
+        size = next((t.element_size() for t in layer.parameters()), 0)
+        total += size * sum(p.shape[0] * p.shape[1] for p in projections(layer).values() if p is not None)
     return total
 
 

@@ -19,8 +19,10 @@ from collections import Counter
 
 import torch
 
-from backends.torch.program import TOKENS, Program, program_json
-from backends.torch.standard import StreamPlan, plan
+from backends.torch.calls import coordinate_tensor
+from backends.torch.liveness import Accesses
+from backends.torch.program import Program, program_json
+from backends.torch.standard_plan import StreamPlan, plan
 from backends.torch.view_budget import check_plan_budget
 
 
@@ -64,15 +66,13 @@ def working_set(program: Program) -> tuple[int, list[dict]]:
     """The widest set of token-stream coordinates in the stream at once when stored activations
     travel on skip edges, and those edges (width, from the call that last touched the coordinates in
     a forward phase to the backward or descent call that reads them next). A coordinate is in the
-    stream from an access to the next read of it; from an access to a write it is free."""
-    calls, width = program.calls, program.width
+    stream from an access to the next read of it; from an access to a write it is free. The accesses
+    are backends/torch/liveness.py's."""
+    calls = program.calls
     end = len(calls)
     phase = torch.tensor([0 if c.phase == "forward" else 1 if c.phase in ("backward", "descent") else 2
                           for c in calls] + [2])
-    last = torch.full((width,), -2, dtype=torch.long)  # the last access; −2: never written
-    fresh = torch.zeros(width, dtype=torch.bool)  # last access a write, not yet counted at that call
-    for f in program.inputs.values():
-        last[f.start : f.stop], fresh[f.start : f.stop] = -1, True  # the input layer writes them
+    accesses = Accesses(program.width, [(f.start, f.width) for f in program.inputs.values()])
     delta = torch.zeros(end + 3, dtype=torch.long)  # coverage of calls −1 … end, at index call + 1
     edges = Counter()
 
@@ -81,10 +81,10 @@ def working_set(program: Program) -> tuple[int, list[dict]]:
         delta.index_add_(0, at + 2, -torch.ones_like(at))
 
     def cover(idx: torch.Tensor, b: int) -> None:
-        """Coordinates read at b: in the stream since their last access a, at a itself if that was an
-        uncounted write; only at both ends on a skip edge."""
-        idx = idx[last[idx] >= -1]
-        a, first = last[idx], fresh[idx]
+        """Coordinates read at b: in the stream since their last access a, at a itself if that was a
+        write not counted yet (by a read at a); only at both ends on a skip edge."""
+        idx = idx[accesses.written(idx)]
+        a, first = accesses.last_access(idx), accesses.unread_write(idx)
         points(a[first])
         skip = (a >= 0) & (phase[a.clamp(min=0)] == 0) & (phase[b] == 1)
         through = a[~skip]  # (a, b]
@@ -93,19 +93,13 @@ def working_set(program: Program) -> tuple[int, list[dict]]:
         points(torch.full((int(skip.sum()),), b))
         for a_, n in zip(*torch.unique(a[skip], return_counts=True)):
             edges[(calls[int(a_)].node, calls[b].node)] += int(n)
-        last[idx], fresh[idx] = b, False
-
-    def coordinates(fields) -> torch.Tensor:
-        return torch.unique(torch.cat([torch.arange(f.start, f.stop) for f in fields]))
+        accesses.read_coordinates(b, idx)
 
     for i, call in enumerate(calls):
-        read = [f for r in call.reads if r.stream == TOKENS for g in r.groups for f in g]
+        read, written = call.token_fields()
         if read:
-            cover(coordinates(read), i)
-        if call.write.stream == TOKENS:
-            written = coordinates(call.write.groups)
-            fresh[written] = last[written] != i  # read by this call too: already counted here
-            last[written] = i
-    cover(coordinates([program.logits, program.inputs["one"]]), end)  # the output head; kept to the end
+            cover(coordinate_tensor(read), i)
+        accesses.write(i, set(written))
+    cover(coordinate_tensor([(f.start, f.width) for f in (program.logits, program.inputs["one"])]), end)
     widest = int(delta.cumsum(0).max())
     return widest, [{"from": a, "to": b, "width": n} for (a, b), n in edges.items()]

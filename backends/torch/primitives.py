@@ -1,0 +1,121 @@
+"""The TinT's layer primitives: ordinary transformer components with weights built from shapes and
+settings alone.
+
+Each works on G groups at once with one set of weights: inputs and output are [B, T, G, width].
+For attention a group is a head (heads share their projections, each reads its own slice of the
+stream); for the others a group is a chunk of a wide value. Every projection is applied through
+backends/torch/projection.py, whatever form it is stored in. Carried inside the emitted package.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ir.activations import ACTIVATIONS
+from .projection import as_projection, stored
+
+MASKS = ("causal", "full")
+
+
+class Linear(nn.Module):
+    """x @ weightᵀ."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = stored(weight)  # [out, in]
+
+    def forward(self, x):
+        y = as_projection(self.weight).apply(x)
+        return y.clone() if y is x else y  # an identity passes its input, a view of the stream being written
+
+
+class MLP(nn.Module):
+    """w_out · σ(w_in · x): an MLP layer, σ elementwise (ir/activations.py)."""
+
+    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, fn: str):
+        super().__init__()
+        self.w_in, self.w_out, self.fn = stored(w_in), stored(w_out), fn  # [hidden, in], [out, hidden]
+
+    def forward(self, x):
+        return as_projection(self.w_out).apply(ACTIVATIONS[self.fn](as_projection(self.w_in).apply(x)))
+
+    def extra_repr(self) -> str:
+        return f"fn={self.fn}"
+
+
+class Gate(nn.Module):
+    """(a · x_a) ⊙ (b · x_b) + c · x_c: a gated linear unit with a linear path (c optional)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None):
+        super().__init__()
+        self.a, self.b, self.c = stored(a), stored(b), stored(c)
+
+    def forward(self, xa, xb, xc=None):
+        out = as_projection(self.a).apply(xa) * as_projection(self.b).apply(xb)
+        return out if self.c is None else out + as_projection(self.c).apply(xc)
+
+
+class Norm(nn.Module):
+    """Layer norm without affine parameters, over each group: (x − mean) / sqrt(var + eps)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+class Attention(nn.Module):
+    """Attention with one head per group; all heads share w_q, w_k, w_v, w_o.
+
+    Queries come from one stream ([B, Tq, G, in_q]), keys and values from another or the
+    same ([B, Tk, G, in_k], [B, Tk, G, in_v]). softmax=False is linear attention: the weight
+    of key j for query i is the raw score ⟨q_i, k_j⟩. mask: "causal" (query i sees keys
+    j <= i, same stream) or "full". With more keys than queries (prefix blocks are often
+    longer than the input) the products are associated the other way: the same function
+    for less work.
+    """
+
+    def __init__(self, w_q, w_k, w_v, w_o, softmax: bool, mask: str):
+        super().__init__()
+        if mask not in MASKS:
+            raise ValueError(f"mask={mask!r}; allowed: {', '.join(MASKS)}")
+        self.w_q, self.w_k, self.w_v, self.w_o = (stored(w) for w in (w_q, w_k, w_v, w_o))
+        self.softmax, self.mask = softmax, mask
+
+    def forward(self, xq, xk, xv):
+        w_q, w_k, w_v, w_o = (as_projection(w) for w in (self.w_q, self.w_k, self.w_v, self.w_o))
+        q = w_q.apply(xq).transpose(1, 2)  # [B, G, Tq, dq]
+        keys_first = xk.shape[1] <= xq.shape[1]
+        if keys_first:  # the usual order: project the keys and values
+            scores = q @ w_k.apply(xk).transpose(1, 2).transpose(-1, -2)
+        else:  # more keys than queries (a prefix block): apply w_k to the queries instead, same scores
+            scores = w_k.apply_transposed(q) @ xk.transpose(1, 2).transpose(-1, -2)
+        if self.mask == "causal":
+            future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
+        weights = scores.softmax(-1) if self.softmax else scores  # [B, G, Tq, Tk]
+        if keys_first:
+            heads = weights @ w_v.apply(xv).transpose(1, 2)
+        else:  # weigh the raw values, then project: (A·X)·Wᵀ = A·(X·Wᵀ)
+            heads = w_v.apply(weights @ xv.transpose(1, 2))
+        return w_o.apply(heads.transpose(1, 2))  # [B, Tq, G, out]
+
+    def extra_repr(self) -> str:
+        return f"softmax={self.softmax}, mask={self.mask}"
+
+
+PRIMITIVES = (Linear, MLP, Gate, Norm, Attention)
+PER_POSITION = (Linear, MLP, Gate)  # each position's output from that position alone (a gated MLP block)
+WEIGHTS = {Linear: ("weight",), MLP: ("w_in", "w_out"), Gate: ("a", "b", "c"), Norm: (),
+           Attention: ("w_q", "w_k", "w_v", "w_o")}  # each primitive's projections, in constructor order
+
+
+def projections(module: nn.Module) -> dict:
+    """A primitive's projections by attribute, each with projection.py's interface (None: absent)."""
+    return {attr: None if getattr(module, attr) is None else as_projection(getattr(module, attr))
+            for attr in WEIGHTS[type(module)]}

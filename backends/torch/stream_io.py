@@ -1,0 +1,72 @@
+"""The start and the end of a TinT's forward pass: the input layer that builds the token stream,
+and the output head. Carried inside the emitted package.
+
+Streams by name (tint_config.json's form): "tokens", "unembed", and each prefix block's versions
+"block@n" (version 0 from encode, one more per descent); block_stream writes such a name, and
+backends/torch/program.py's Stream is the typed form every compiler module uses.
+"""
+
+import torch
+
+from .checks import FINGERPRINT, check_inputs
+
+
+def block_stream(block: str, version: int) -> str:
+    """The name of a prefix block's stream at a version."""
+    return f"{block}@{version}"
+
+
+def begin(fields: dict, width: int, max_length: int, position_offset: int, blocks, input_ids, train_mask,
+          label_mask, prefixes: dict, contract: dict):
+    """Check the input against the TinT's contract (checks.py), let every input hold one checkpoint
+    for all sequences or one per sequence, and return the token stream after the input layer, the
+    unembedding and the prefix streams at version 0."""
+    check_inputs(contract, input_ids, train_mask, label_mask, prefixes)
+    batch, length = input_ids.shape
+    batched = {name: t if t.dim() == 3 else t.expand(batch, -1, -1)
+               for name, t in prefixes.items() if name != FINGERPRINT}
+    unembed = batched.get("unembed", batched["vocab"])
+    h = input_layer(fields, width, position_offset, input_ids, train_mask, label_mask, batched.get("positions"),
+                    batched["vocab"], unembed)  # [B, T, width]
+    return h, unembed, {block_stream(block, 0): batched[block] for block in blocks}
+
+
+def finish(h, logits_field, unembed, prefixes: dict, final_blocks: dict):
+    """The output head (the final hidden state's field against the unembedding) and the new prefixes:
+    the embedding tables as given, each block at its last version."""
+    start, size = logits_field
+    logits = h[..., start : start + size] @ unembed.transpose(-1, -2)  # [B, T, V]
+    new_prefixes = {name: prefixes[name] for name in ("vocab", "positions", "unembed", FINGERPRINT) if name in prefixes}
+    return logits, {**new_prefixes, **final_blocks}
+
+
+def input_layer(fields: dict, width: int, position_offset: int, input_ids, train_mask, label_mask,
+                positions, vocab, unembed):
+    """The TinT's embedding [B, T, width]: token and position rows of the aux tables, constants one
+    and zero, one-hot positions, and the train and label masks, each in its field (start, width)."""
+    batch, length = input_ids.shape
+    h = torch.zeros(batch, length, width, dtype=vocab.dtype, device=vocab.device)
+
+    def at(name):
+        start, size = fields[name]
+        return slice(start, start + size)
+
+    rows = torch.arange(batch, device=input_ids.device)[:, None]
+    h[..., at("token_embed")] = vocab[rows, input_ids]
+    if positions is not None:  # rotary models have none: q and k are rotated inside attention
+        h[..., at("pos_embed")] = positions[:, position_offset : position_offset + length]
+    if "target_embed" in fields:
+        h[..., at("target_embed")] = unembed[rows, input_ids]
+    h[..., fields["one"][0]] = 1.0
+    start = fields["positions"][0]
+    h[..., start : start + length] = torch.eye(length, dtype=h.dtype, device=h.device)
+    h[..., fields["train"][0]] = train_mask.to(h.dtype)
+    h[..., fields["label"][0]] = 1.0 if label_mask is None else label_mask.to(h.dtype)
+    return h
+
+
+
+def stream_block(name: str) -> tuple[str, int]:
+    """(block, version) of a prefix block's stream name (block_stream's inverse)."""
+    block, version = name.rsplit("@", 1)
+    return block, int(version)
