@@ -9,3 +9,11 @@ import transformers  # noqa: E402  (after the environment is set)
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
+
+# Hypothesis draws new examples on every local run; under CI (CI=true) it replays the same ones,
+# so a red CI run can be reproduced with `CI=true pytest ...`.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")

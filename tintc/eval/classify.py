@@ -215,12 +215,7 @@ def evaluate(cfg: TintcConfig, settings: ClassifySettings, out: Path, group=None
     gathered = group.gather((zero, base, runs))
     if gathered is None:
         return None
-    for other_zero, other_base, other_runs in gathered:  # every example was run by exactly one rank
-        zero.update(other_zero)
-        base.update(other_base)
-        for lr in lrs:
-            for row in trained_rows:
-                runs[lr][row].update(other_runs[lr][row])
+    distributed.merge_gathered((zero, base, runs), gathered, lrs, trained_rows)
     in_order = range(len(tests))
     return ClassifyResult(
         info={"data": str(settings.data), "examples": len(examples), "python": platform.python_version(),

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.table import Table
 
 from tintc.eval.classify import ZERO_SHOT, ClassifyResult, Scores
+from tintc.eval.render import markdown_of, table_of
 from tintc.eval.run import BASE, G_HAT, G_HAT64, TINT
 from tintc.files import write_files
 from tintc.options import lr_name
@@ -62,25 +63,15 @@ def notes(result: ClassifyResult) -> list[str]:
 
 
 def rich_table(result: ClassifyResult) -> Table:
-    table = Table(title=title(result))
-    for column in COLUMNS:
-        table.add_column(column, justify="left" if column == "row" else "right")
-    for line in summary_rows(result):
-        table.add_row(*line)
-    return table
+    return table_of(title(result), COLUMNS, summary_rows(result))
 
 
 def markdown(result: ClassifyResult) -> str:
-    lines = [f"# tintc eval --task classify: {title(result)}", ""]
-    lines += [f"- {note}" for note in notes(result)] + [""]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in summary_rows(result)]
-    lines += ["", "Accuracy: the share of test examples whose label word has the largest next-token logit at the "
-                  "query's end. Change from base: against the base model with the same k demonstrations in context. "
-                  "The last column is the largest difference from ĝ over every label-word logit of every example: "
-                  "for the TinT, the construction error.",
-              "", "![accuracy against learning rate](eval.png)", ""]
-    return "\n".join(lines)
+    return markdown_of(f"tintc eval --task classify: {title(result)}", notes(result), COLUMNS, summary_rows(result),
+                       "Accuracy: the share of test examples whose label word has the largest next-token logit at "
+                       "the query's end. Change from base: against the base model with the same k demonstrations in "
+                       "context. The last column is the largest difference from ĝ over every label-word logit of "
+                       "every example: for the TinT, the construction error.", "accuracy against learning rate")
 
 
 def to_json(result: ClassifyResult) -> dict:

@@ -74,3 +74,15 @@ class Group:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def merge_gathered(parts: tuple, gathered: list, lrs, rows) -> None:
+    """Fold every rank's results into `parts`, this rank's: dicts keyed by chunk or example, the last
+    one the runs [lr][row] of such dicts. Each chunk or example was run by exactly one rank."""
+    *plain, runs = parts
+    for *other_plain, other_runs in gathered:
+        for mine, theirs in zip(plain, other_plain):
+            mine.update(theirs)
+        for lr in lrs:
+            for row in rows:
+                runs[lr][row].update(other_runs[lr][row])

@@ -59,25 +59,35 @@ def notes(result: EvalResult) -> list[str]:
          "for the TinT's"] if any(G_HAT64 in rows for rows in result.runs.values()) else [])
 
 
-def rich_table(result: EvalResult) -> Table:
-    table = Table(title=title(result))
-    for column in COLUMNS:
+def table_of(title: str, columns: tuple[str, ...], rows: list) -> Table:
+    """The terminal table of an eval (lm or classify): one line per row and learning rate."""
+    table = Table(title=title)
+    for column in columns:
         table.add_column(column, justify="left" if column == "row" else "right")
-    for line in summary_rows(result):
+    for line in rows:
         table.add_row(*line)
     return table
 
 
-def markdown(result: EvalResult) -> str:
-    lines = [f"# tintc eval: {title(result)}", ""]
-    lines += [f"- {note}" for note in notes(result)] + [""]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in summary_rows(result)]
-    lines += ["", "Perplexity: exp of the mean next-token CE over the test predictions of every chunk. "
-                  "The last column is the largest per-chunk |ppl(row) / ppl(ĝ) − 1|: for the TinT, the construction "
-                  "error.",
-              "", "![perplexity against learning rate](eval.png)", ""]
+def markdown_of(heading: str, notes: list[str], columns: tuple[str, ...], rows: list, explained: str,
+                plot: str) -> str:
+    """eval.md of an eval (lm or classify): the notes, the table, what its numbers mean, the plot."""
+    lines = [f"# {heading}", ""] + [f"- {note}" for note in notes] + [""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    lines += ["", explained, "", f"![{plot}](eval.png)", ""]
     return "\n".join(lines)
+
+
+def rich_table(result: EvalResult) -> Table:
+    return table_of(title(result), COLUMNS, summary_rows(result))
+
+
+def markdown(result: EvalResult) -> str:
+    return markdown_of(f"tintc eval: {title(result)}", notes(result), COLUMNS, summary_rows(result),
+                       "Perplexity: exp of the mean next-token CE over the test predictions of every chunk. "
+                       "The last column is the largest per-chunk |ppl(row) / ppl(ĝ) − 1|: for the TinT, the "
+                       "construction error.", "perplexity against learning rate")
 
 
 def to_json(result: EvalResult) -> dict:

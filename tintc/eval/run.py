@@ -260,11 +260,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     gathered = group.gather((base, runs))
     if gathered is None:
         return None
-    for other_base, other_runs in gathered:  # every chunk was run by exactly one rank
-        base.update(other_base)
-        for lr in lrs:
-            for row in trained_rows:
-                runs[lr][row].update(other_runs[lr][row])
+    distributed.merge_gathered((base, runs), gathered, lrs, trained_rows)
     in_order = range(len(starts))
     return EvalResult(
         info={"text": text.source, "python": platform.python_version(), "torch": torch.__version__,
