@@ -48,13 +48,7 @@ class BackwardLowering:
         exact: ∂x = w/σ, w = u − mean(u) − x̂·mean(x̂⊙u), u = γ⊙∂y: the three means in one linear map, the
         subtractions by _minus_times, 1/σ from _divided_by_sigma with y = x − mean(x)."""
         a = node.attrs
-        if a["rule"] not in ("finite_difference", "exact"):
-            raise BackendError(f"node %{node.name}: layer-norm backward rule {a['rule']!r} has no TinT "
-                               "construction; allowed: finite_difference, exact")
-        block, version = self.block_of(node)
-        x, dy = self.x(node, 0), self.x(node, 1)
-        gamma, _ = self._norm_params(block, version)
-        u = self._product(gamma, dy)
+        x, u = self._norm_backward_inputs(node, "layer-norm")
         if a["rule"] == "exact":
             xhat = self._normalised(x, a["eps"])
             one = self.inputs["one"]
@@ -62,9 +56,22 @@ class BackwardLowering:
             w = self._minus_times(mean_u, one, self._minus_times(mean_xu, xhat, u))
             self.fields[node.name] = self._divided_by_sigma(self._minus_times(mean_x, one, x), w, a["eps"])
             return
-        shifted = self._sum(x, self._scaled(u, 1.0 / a["scale"]))
-        change = self._difference(self._normalised(shifted, a["eps"]), self._normalised(x, a["eps"]))
-        self.fields[node.name] = self._scaled(change, a["scale"])
+        self._finite_difference_backward(node, x, u, self._normalised)
+
+    def _norm_backward_inputs(self, node, what: str) -> tuple[Field, Field]:
+        """x and u = γ⊙∂y of a norm's backward, once its rule is known to have a construction."""
+        if node.attrs["rule"] not in ("finite_difference", "exact"):
+            raise BackendError(f"node %{node.name}: {what} backward rule {node.attrs['rule']!r} has no TinT "
+                               "construction; allowed: finite_difference, exact")
+        gamma, _ = self._norm_params(*self.block_of(node))
+        return self.x(node, 0), self._product(gamma, self.x(node, 1))
+
+    def _finite_difference_backward(self, node, x: Field, u: Field, normalise) -> None:
+        """The paper's rule: N·[f(x + u·(1/N)) − f(x)], step by step as the rule computes it."""
+        eps, scale = node.attrs["eps"], node.attrs["scale"]
+        shifted = self._sum(x, self._scaled(u, 1.0 / scale))
+        change = self._difference(normalise(shifted, eps), normalise(x, eps))
+        self.fields[node.name] = self._scaled(change, scale)
 
     def _linear_of(self, name: str, weight: torch.Tensor, values: list[Field]) -> Field:
         """One per-position linear map of the concatenated values (a single group)."""

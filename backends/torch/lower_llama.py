@@ -40,20 +40,13 @@ class LlamaLowering:
         """finite_difference: N·[f(x + (γ⊙∂y)·(1/N)) − f(x)], f the RMS normalisation, as the rule computes it.
         exact: ∂x = (u − f·mean(f⊙u))/rms(x), u = γ⊙∂y, the division by _divided_by_sigma with y = x."""
         a = node.attrs
-        if a["rule"] not in ("finite_difference", "exact"):
-            raise BackendError(f"node %{node.name}: RMSNorm backward rule {a['rule']!r} has no TinT construction; "
-                               "allowed: finite_difference, exact")
-        block, version = self.block_of(node)
-        x, dy = self.x(node, 0), self.x(node, 1)
-        gamma, _ = self._norm_params(block, version)
+        x, u = self._norm_backward_inputs(node, "RMSNorm")
         if a["rule"] == "exact":
-            u, f = self._product(gamma, dy), self._rms_normalised(x, a["eps"])
+            f = self._rms_normalised(x, a["eps"])
             (mean_fu,) = self._means(self._product(f, u))
             self.fields[node.name] = self._divided_by_sigma(x, self._minus_times(mean_fu, f, u), a["eps"])
             return
-        shifted = self._sum(x, self._scaled(self._product(gamma, dy), 1.0 / a["scale"]))
-        change = self._difference(self._rms_normalised(shifted, a["eps"]), self._rms_normalised(x, a["eps"]))
-        self.fields[node.name] = self._scaled(change, a["scale"])
+        self._finite_difference_backward(node, x, u, self._rms_normalised)
 
     def lower_rms_norm_descent(self, node):
         self._norm_descent(node, self._rms_normalised)
