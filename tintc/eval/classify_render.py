@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.table import Table
 
 from tintc.eval.classify import ZERO_SHOT, ClassifyResult, Scores
-from tintc.eval.render import markdown_of, table_of
+from tintc.eval.render import markdown_of, plot_against_lr, table_of
 from tintc.eval.run import BASE, G_HAT, G_HAT64, TINT
 from tintc.files import write_files
 from tintc.options import lr_name
@@ -91,26 +91,11 @@ def to_json(result: ClassifyResult) -> dict:
 
 
 def plot(result: ClassifyResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    lrs = sorted(result.runs)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.axhline(result.accuracy(result.zero_shot), color="silver", linestyle=":", label=ZERO_SHOT)
-    ax.axhline(result.accuracy(result.base), color="gray", linestyle="--", label=f"{BASE} ({result.info['shots']}-shot)")
-    for row, style in zip(result.runs[lrs[0]], ("o-", "s--", "x:", "d-.")):
-        ax.plot(lrs, [result.accuracy(result.runs[lr][row]) for lr in lrs], style, label=row)
-    ax.set_xscale("log")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("learning rate η")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{result.info['config']}: {len(result.tests)} examples, {result.info['shots']}-shot", fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120, metadata={"Software": None})  # no version stamp: same bytes
-    plt.close(fig)
+    shots = result.info["shots"]
+    baselines = [(result.accuracy(result.zero_shot), "silver", ":", ZERO_SHOT),
+                 (result.accuracy(result.base), "gray", "--", f"{BASE} ({shots}-shot)")]
+    plot_against_lr(result.runs, result.accuracy, baselines, "accuracy",
+                    f"{result.info['config']}: {len(result.tests)} examples, {shots}-shot", path, ylim=(-0.02, 1.02))
 
 
 def write(result: ClassifyResult, directory: Path) -> list[Path]:

@@ -105,25 +105,37 @@ def to_json(result: EvalResult) -> dict:
     }
 
 
-def plot(result: EvalResult, path: Path) -> None:
+def plot_against_lr(runs: dict, metric, baselines: list[tuple], ylabel: str, title: str, path: Path,
+                    ylim: tuple | None = None) -> None:
+    """eval.png of an eval (lm or classify): `metric` of each row against the learning rate, log scale,
+    with horizontal `baselines` (value, color, linestyle, label)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    lrs = sorted(result.runs)
+    lrs = sorted(runs)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.axhline(result.perplexity(result.base), color="gray", linestyle="--", label=BASE)
-    for row, style in zip(result.runs[lrs[0]], ("o-", "s--", "x:", "d-.")):
-        ax.plot(lrs, [result.perplexity(result.runs[lr][row]) for lr in lrs], style, label=row)
+    for value, color, linestyle, label in baselines:
+        ax.axhline(value, color=color, linestyle=linestyle, label=label)
+    for row, style in zip(runs[lrs[0]], ("o-", "s--", "x:", "d-.")):
+        ax.plot(lrs, [metric(runs[lr][row]) for lr in lrs], style, label=row)
     ax.set_xscale("log")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel("learning rate η")
-    ax.set_ylabel("test perplexity")
-    ax.set_title(f"{result.info['config']}: T={result.info['length']}, {len(result.starts)} chunks", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120, metadata={"Software": None})  # no version stamp: same bytes
     plt.close(fig)
+
+
+def plot(result: EvalResult, path: Path) -> None:
+    title = f"{result.info['config']}: T={result.info['length']}, {len(result.starts)} chunks"
+    plot_against_lr(result.runs, result.perplexity, [(result.perplexity(result.base), "gray", "--", BASE)],
+                    "test perplexity", title, path)
 
 
 def write(result: EvalResult, directory: Path) -> list[Path]:
