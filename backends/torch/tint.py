@@ -43,15 +43,30 @@ class TinT(nn.Module):
         return runtime.decode(self.layout, prefixes)
 
     def forward(self, input_ids, train_mask, prefixes, label_mask=None):
+        streams = self.begin(input_ids, train_mask, prefixes, label_mask)
+        self.run(streams, 0, len(self.program.calls))
+        return self.finish(streams, prefixes)
+
+    # forward in three parts, so that a pipeline stage (tintc/eval/stages.py) runs a range of calls
+    def begin(self, input_ids, train_mask, prefixes, label_mask=None) -> dict:
+        """The input layer: the streams by name (tokens, unembed, each prefix block at version 0)."""
         p = self.program
         h, unembed, blocks = runtime.begin(self.fields, p.width, p.max_length, p.layout.position_offset,
                                            p.layout.blocks, input_ids, train_mask, label_mask, prefixes,
                                            self.contract)
-        streams = {TOKENS: h, "unembed": unembed, **blocks}
-        for call, (reads, write) in zip(p.calls, self._wiring):
+        return {TOKENS: h, "unembed": unembed, **blocks}
+
+    def run(self, streams: dict, start: int, stop: int) -> None:
+        """Calls [start, stop) on `streams`, in place (each call replaces the stream it writes)."""
+        p = self.program
+        for call, (reads, write) in zip(p.calls[start:stop], self._wiring[start:stop]):
             base = call.write.base
             into = streams[call.write.stream] if base is None else streams[base].clone()
             streams[call.write.stream] = runtime.apply(self.layers[call.layer], reads, write,
                                                        [streams[r.stream] for r in call.reads], into, base is None)
-        return runtime.finish(h, [p.logits.start, p.logits.width], unembed, prefixes,
+
+    def finish(self, streams: dict, prefixes):
+        """The output head and the new prefixes, from the streams after the last call."""
+        p = self.program
+        return runtime.finish(streams[TOKENS], [p.logits.start, p.logits.width], streams["unembed"], prefixes,
                               {block: streams[stream] for block, stream in p.final_blocks.items()})
