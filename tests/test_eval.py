@@ -218,6 +218,7 @@ def _yaml(tmp_path) -> Path:
     ("--chunks", "99", "--chunks: got 99; allowed: 1 to 33"),
     ("--train-fraction", "0.04", "--train-fraction, --length: got 0.04 of T=32; allowed: a fraction in (0, 1)"),
     ("--length", "64", "--length: got 64; allowed: at most the TinT's max length 32"),
+    ("--stages", "2", "--stages: got 2 with 1 process(es); allowed: the number of processes (torchrun"),
 ])
 def test_cli_bad_input_names_the_option_and_exits_2(tmp_path, option, value, message):
     path = _yaml(tmp_path)
@@ -258,3 +259,13 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
             assert run_two["rows"][row]["chunk_ce_sum"] == run_one["rows"][row]["chunk_ce_sum"]
     for name in ("eval.json", "eval.md", "eval.png"):
         assert (tmp_path / "two" / name).is_file()
+    # the same chunks with the TinT's calls in 2 pipeline stages (tintc/eval/stages.py), the chunks its micro-batches
+    staged = _run_group(torchrun + common + ["--stages", "2", "--out", str(tmp_path / "staged")], env)
+    assert staged.returncode == 0, staged.stderr[-3000:]
+    piped = json.loads((tmp_path / "staged" / "eval.json").read_text())
+    assert len(piped["info"]["stages"]) == 2 * 2  # per learning rate, each rank's stage
+    (_, first), (_, last) = sorted({(s["rank"], tuple(s["calls"])) for s in piped["info"]["stages"]})
+    assert first[0] == 0 < first[1] == last[0] < last[1]  # both ranks ran calls
+    for run_staged, run_one in zip(piped["runs"], one["runs"], strict=True):
+        for row in (EXACT, G_HAT, TINT):
+            assert run_staged["rows"][row]["chunk_ce_sum"] == run_one["rows"][row]["chunk_ce_sum"]

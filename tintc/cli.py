@@ -49,6 +49,9 @@ def _quiet_transformers() -> None:
 
 DEBUG = False  # set by --debug: let unexpected errors show their traceback
 ForceOption = typer.Option(False, "--force", help="overwrite files in the output directory that tintc did not write")
+StagesOption = typer.Option(1, "--stages", min=1, max=64,
+                            help="pipeline stages under torchrun, one per process: the TinT's calls split across "
+                                 "them (default 1: one process runs them all)")
 
 
 @app.callback()
@@ -213,20 +216,33 @@ def verify(
                                help="sequence length, at most the TinT's max length (default: that, at most 64)"),
     batch: int = typer.Option(1, "--batch", min=1, max=64, help="independent sequences"),
     text: Path = typer.Option(None, "--text", help="a text file to use as the input instead of random ids"),
+    stages: int = StagesOption,
 ) -> None:
     """Compile, run the TinT and the oracles on one input (first half train), and print both errors."""
     from tintc import pipeline
     from tintc.config import load_config
     from tintc import options
+    from tintc.eval import stages as pipeline_stages
+    from tintc.eval.distributed import Group
 
     _quiet_transformers()
+    group, forward = None, None
     try:
         cfg = load_config(config)
         options.check_length("--length", length)  # the range before the compile; the TinT's maximum after it
+        if stages > 1:  # each process runs one stage; the last prints
+            group = Group.from_environment("cpu")
+            pipeline_stages.check_stages(stages, group)
+            forward = pipeline_stages.staged_forward(group, stages)
         compiled = pipeline.compile_tint(cfg)
-        result = pipeline.verify_on(cfg, compiled, length, batch, text)
+        result = pipeline.verify_on(cfg, compiled, length, batch, text, forward)
     except TintcError as error:
         raise _fail(error) from None
+    finally:
+        if group is not None:
+            group.close()
+    if result is None:
+        return
     out.print(terminal.compiled_line(compiled))
     out.print(terminal.verification_table(cfg, result))
 
@@ -293,6 +309,7 @@ def eval_(
                                            help="add ĝ in float64: the fp32 floor for the TinT's difference from ĝ"),
     output: Path = typer.Option(None, "--out", help="where eval.json, .md, .png and the TinT packages go "
                                                     "(default: <output>/eval)"),
+    stages: int = StagesOption,
 ) -> None:
     """Dynamic evaluation: on real text (--task lm), perplexity of the test part of each chunk; on a
     labelled data set (--task classify), few-shot accuracy. Rows: the base model, exact SGD, the ĝ
@@ -311,7 +328,8 @@ def eval_(
         learning_rates = options.eval_numbers(length, train_fraction, chunks, seed, lrs)
         if task is Task.classify:
             options.check_classify(data, {"--text": text, "--dataset": dataset, "--length": length,
-                                          "--train-fraction": train_fraction, "--chunks": chunks, "--seed": seed})
+                                          "--train-fraction": train_fraction, "--chunks": chunks, "--seed": seed,
+                                          "--stages": stages if stages > 1 else None})
         else:
             source, chunks = options.check_lm(data, text, dataset, chunks)
         group = Group.from_environment(device)
@@ -324,7 +342,7 @@ def eval_(
             settings = protocol.EvalSettings(length=length, chunks=chunks, seed=seed or 0,
                                              train_fraction=0.5 if train_fraction is None else train_fraction,
                                              lrs=learning_rates, float64_reference=float64_reference,
-                                             device=group.device(device))
+                                             device=group.device(device), stages=stages)
             run, render = (lambda advance: protocol.evaluate(cfg, source, settings, out_dir, group, advance)), eval_render
         with terminal.progress(group.rank == 0) as advance:
             result = run(advance)

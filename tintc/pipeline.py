@@ -170,18 +170,24 @@ class Verification:
     input_shape: tuple[int, int] = (0, 0)  # [B, T] of the input
 
 
-def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_mask=None) -> Verification:
-    """Run the TinT and the oracles on one input; measure the two errors of DESIGN §1."""
+def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_mask=None,
+           forward=None) -> Verification | None:
+    """Run the TinT and the oracles on one input; measure the two errors of DESIGN §1. `forward(tint,
+    ids, train, prefixes, labels)` runs the TinT (default: its forward); one that returns None (a
+    pipeline stage that is not the last, tintc/eval/stages.py) makes verify return None."""
     model, graph, tint = compiled.model, compiled.graph, compiled.tint
     settings = TrainSettings.from_config(cfg, graph.attrs["n_layer"])
     labels = label_mask if cfg.tint.train.loss == "label_only" else None
     params = {n: p.detach() for n, p in model.named_parameters()}
-    g_hat = approx_gd(graph, params, input_ids, train_mask, settings, labels)
-    exact = exact_gd(model, graph, input_ids, train_mask, settings, labels)
     start = time.perf_counter()
     with torch.no_grad():
-        logits, prefixes = tint(input_ids, train_mask, tint.encode(params), labels)
+        out = (forward or (lambda t, *inputs: t(*inputs)))(tint, input_ids, train_mask, tint.encode(params), labels)
     seconds = time.perf_counter() - start
+    if out is None:
+        return None
+    logits, prefixes = out
+    g_hat = approx_gd(graph, params, input_ids, train_mask, settings, labels)
+    exact = exact_gd(model, graph, input_ids, train_mask, settings, labels)
     tint_run = GDResult(tint.decode(prefixes), logits, g_hat.logits_before, g_hat.trained)
     evaluated = metrics.eval_mask(train_mask)
     result = Verification(_errors(tint_run, g_hat, params, evaluated), _errors(g_hat, exact, params, evaluated),
@@ -195,12 +201,13 @@ def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_ma
 
 
 def verify_on(cfg: TintcConfig, compiled: Compiled, length: int | None = None, batch: int = 1,
-              text=None) -> Verification:
+              text=None, forward=None) -> Verification | None:
     """`tintc verify`: verify on `batch` seeded random inputs of `length` tokens (default: the TinT's max
-    length, at most 64), or on the start of a text file."""
+    length, at most 64), or on the start of a text file (`forward`: as for verify)."""
     max_length = compiled.tint.program.max_length
     check_length("--length", length, most=max_length, what=", the TinT's max length")
-    return verify(cfg, compiled, *example_or_text(cfg, compiled.graph, length or min(64, max_length), batch, text))
+    return verify(cfg, compiled, *example_or_text(cfg, compiled.graph, length or min(64, max_length), batch, text),
+                  forward=forward)
 
 
 def _errors(run, ref, params, evaluated) -> dict[str, float]:

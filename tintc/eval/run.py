@@ -51,6 +51,7 @@ class EvalSettings:
     lrs: tuple[float, ...] | None = None  # None: the config's
     device: str = "cpu"
     float64_reference: bool = False  # add the G_HAT64 row (float32 configs)
+    stages: int = 1  # > 1: the TinT's calls in pipeline stages, one per torchrun rank (tintc/eval/stages.py)
 
     def split(self) -> int:
         """Tokens in the train segment; at least 2 (one prediction to train on) and one test token."""
@@ -143,15 +144,17 @@ class Rows:
     def trained_rows(self) -> tuple[str, ...]:
         return TRAINED_ROWS + ((G_HAT64,) if self.float64 else ())
 
-    def compile(self, lr: float, directory: Path) -> float:
-        """Compile the TinT for `lr` and write its package into `directory`; return the seconds."""
+    def compile(self, lr: float, directory: Path | None):
+        """Compile the TinT for `lr` and write its package into `directory` (None: no package); return
+        the seconds and the in-memory TinT."""
         cfg = with_lr(self.cfg, lr)
         start = time.perf_counter()
         # the TinT depends on the architecture only; trace a CPU copy when θ lives on an accelerator
         model = self.model if self.device.type == "cpu" else pipeline.load_aux_model(cfg)
         compiled = pipeline.compile_tint(cfg, model)
-        pipeline.emit(compiled, cfg, directory)
-        return time.perf_counter() - start
+        if directory is not None:
+            pipeline.emit(compiled, cfg, directory)
+        return time.perf_counter() - start, compiled.tint
 
     def load(self, lr: float, directory: Path) -> None:
         """The oracles' settings for `lr`, and the TinT as a user loads it: from its package."""
@@ -187,16 +190,22 @@ class Rows:
         logits, seconds = self.timed(row, lr, ids, train)
         return ChunkValues(test_ce(require_finite(logits, row, lr, where), ids, train), seconds)
 
-    def compile_all(self, lrs, out: Path, group, progress, total: int) -> dict[float, float]:
-        """Per lr, rank 0 compiles the TinT into out/lr-<lr>/ and every rank loads it; the seconds."""
+    def compile_all(self, lrs, out: Path, group, progress, total: int, staged: bool = False) -> dict[float, float]:
+        """Per lr, rank 0 compiles the TinT into out/lr-<lr>/ and every rank loads it; the seconds.
+        Staged, every rank keeps its own in-memory compile (the same TinT) to run its stage of."""
         compile_seconds = {}
         for lr in lrs:
             directory = out / lr_dir(lr)
             progress(0, total, f"compiling the TinT for lr {lr:g}")
-            if group.rank == 0:  # one writer; the others wait and load the same files
-                compile_seconds[lr] = self.compile(lr, directory)
+            if group.rank == 0 or staged:  # one package writer; the others load its files (staged: their own compile)
+                seconds, tint = self.compile(lr, directory if group.rank == 0 else None)
+                compile_seconds[lr] = seconds
             group.barrier()
-            self.load(lr, directory)
+            if staged:
+                self.settings[lr] = TrainSettings.from_config(with_lr(self.cfg, lr), self.graph.attrs["n_layer"])
+                self.tints[lr] = (tint.to(self.device), tint.encode(self.params))
+            else:
+                self.load(lr, directory)
         return compile_seconds
 
     def _sync(self) -> None:
@@ -224,9 +233,12 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     """Run every row on the chunks (this process's share under `group`, a tintc.distributed.Group);
     return the result on rank 0 (None elsewhere). `progress(advance, total, what)` is called as work is
     done. The TinT packages are written under out/lr-<lr>/."""
-    from tintc.eval import distributed
+    from tintc.eval import distributed, stages
 
     group = group or distributed.Group.single()
+    staged = settings.stages > 1
+    if staged:
+        stages.check_stages(settings.stages, group)
     rows = Rows(cfg, settings.device, settings.float64_reference)
     max_length = cfg.max_length(rows.graph.attrs["max_positions"])
     settings = replace(settings, length=settings.length or min(max_length, 256))
@@ -240,9 +252,10 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     mine = list(range(group.rank, len(starts), group.world))
     progress = progress or (lambda advance, total, what: None)
     trained_rows = rows.trained_rows
-    total = len(mine) * (1 + len(trained_rows) * len(lrs))
+    per_chunk = [row for row in trained_rows if not (staged and row == TINT)]  # staged: the TinT runs below
+    total = len(mine) * (1 + len(per_chunk) * len(lrs)) + (len(lrs) if staged else 0)
 
-    compile_seconds = rows.compile_all(lrs, out, group, progress, total)
+    compile_seconds = rows.compile_all(lrs, out, group, progress, total, staged)
 
     train = train_mask(settings.length, n_train, rows.device)
     base: dict[int, ChunkValues] = {}
@@ -253,20 +266,33 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
         base[i] = rows.run(BASE, None, ids, train, where)
         progress(1, total, f"chunk {i + 1}/{len(starts)}: {BASE}")
         for lr in lrs:
-            for row in trained_rows:
+            for row in per_chunk:
                 runs[lr][row][i] = rows.run(row, lr, ids, train, where)
                 progress(1, total, f"chunk {i + 1}/{len(starts)}: {row}, lr {lr:g}")
+    stage_times = []
+    for lr in lrs if staged else ():  # every chunk a micro-batch through the stages
+        chunks = [tokens.ids[start : start + settings.length][None].to(rows.device) for start in starts]
+        tint, prefixes = rows.tints[lr]
+        outputs, times = stages.Pipeline(tint, group, settings.stages, settings.length).run(
+            [(ids, train, None) for ids in chunks], prefixes)
+        stage_times.append({"lr": lr, **vars(times)})
+        for i, (ids, (logits, _)) in enumerate(zip(chunks, outputs or ())):  # the last rank has the logits
+            where = f"chunk {i + 1}/{len(starts)} (tokens {starts[i]}+)"
+            ce = test_ce(require_finite(logits, TINT, lr, where), ids, train)
+            runs[lr][TINT][i] = ChunkValues(ce, times.seconds / len(chunks))  # the pipeline's seconds per chunk
+        progress(1, total, f"{TINT}, lr {lr:g}: {settings.stages} stages")
 
-    gathered = group.gather((base, runs))
+    gathered = group.gather((base, runs, stage_times))
     if gathered is None:
         return None
-    distributed.merge_gathered((base, runs), gathered, lrs, trained_rows)
+    distributed.merge_gathered((base, runs), [g[:2] for g in gathered], lrs, trained_rows)
+    staging = {"stages": stage_times + [t for g in gathered for t in g[2]]} if staged else {}
     in_order = range(len(starts))
     return EvalResult(
         info={"text": text.source, "python": platform.python_version(), "torch": torch.__version__,
               "tokens": len(tokens.ids), "tokenizer": tokens.tokenizer, "length": settings.length,
               "train_tokens": n_train, "train_fraction": settings.train_fraction, "seed": settings.seed,
-              "device": settings.device, "processes": group.world, **settings_info(cfg)},
+              "device": settings.device, "processes": group.world, **staging, **settings_info(cfg)},
         starts=starts, predictions=settings.length - n_train,
         base=[base[i] for i in in_order],
         runs={lr: {row: [runs[lr][row][i] for i in in_order] for row in trained_rows} for lr in lrs},

@@ -134,3 +134,20 @@ class _Sent:
 
 def _index(cut: stage_plan.Cut, device) -> torch.Tensor:
     return torch.cat([torch.arange(s, s + n, device=device) for s, n in cut.tokens])
+
+
+def staged_forward(group, stages: int):
+    """A forward for pipeline.verify: the batch's sequences as micro-batches through the stages; the
+    logits and new prefixes of the whole batch on the last rank, None on the others."""
+    def forward(tint, input_ids, train_mask, prefixes, labels):
+        rows = range(input_ids.shape[0])
+        outputs, _ = Pipeline(tint, group, stages, input_ids.shape[1]).run(
+            [(input_ids[b : b + 1], train_mask[b : b + 1], None if labels is None else labels[b : b + 1])
+             for b in rows], prefixes)
+        if outputs is None:
+            return None
+        blocks = tint.program.layout.blocks  # each micro-batch's blocks are [1, K, width]: one batch of them
+        new = {name: torch.cat([o[1][name] for o in outputs]) if name in blocks else value
+               for name, value in outputs[0][1].items()}
+        return torch.cat([logits for logits, _ in outputs]), new
+    return forward
