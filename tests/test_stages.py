@@ -38,14 +38,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         batches = [(ids, train, None) for ids, train, _ in micro_batches(compiled.graph.attrs["vocab"])]
         pipeline = Pipeline(tint, group, world, LENGTH)
         outputs, times = pipeline.run(batches, prefixes)
-        results[family] = {"stage": (pipeline.stage.start, pipeline.stage.stop), "times": times}
+        results[family] = {"times": times, "plan": pipeline.plan}
         if outputs is not None:  # the last rank: the staged results, and the whole forward in one process
             with torch.no_grad():
                 whole = [tint(ids, train, prefixes) for ids, train, _ in batches]
             results[family]["staged"] = [(logits, tint.decode(new)) for logits, new in outputs]
             results[family]["whole"] = [(logits, tint.decode(new)) for logits, new in whole]
-            results[family]["calls"] = len(tint.program.calls)
-            results[family]["cut"] = pipeline.plan[0].sends
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     group.close()
 
@@ -66,10 +64,11 @@ def two_stages(tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_stages_equal_one_process_bit_for_bit(two_stages, family):
     first, last = two_stages[0][family], two_stages[1][family]
-    cut = last["cut"]
-    assert first["stage"] == (0, cut.at) and last["stage"] == (cut.at, last["calls"])
-    assert 0 < cut.at < last["calls"] and cut.tokens and cut.blocks  # both ranks work; streams cross
-    assert len(last["staged"]) == len(last["whole"]) == 3
+    plan = last["plan"]
+    assert [s.stage for s in plan.segments] == [0, 1, 0, 1]  # up, down, up: the aux layers' order
+    assert first["times"].calls == plan.calls_of(0) and last["times"].calls == plan.calls_of(1)
+    assert {(m.sender, m.receiver) for m in plan.messages} == {(0, 1), (1, 0)}  # streams cross both ways
+    assert "staged" not in first and len(last["staged"]) == len(last["whole"]) == 3
     for (logits, decoded), (want_logits, want_decoded) in zip(last["staged"], last["whole"]):
         assert torch.equal(logits, want_logits)
         assert decoded.keys() == want_decoded.keys()
@@ -77,23 +76,26 @@ def test_two_stages_equal_one_process_bit_for_bit(two_stages, family):
             assert torch.equal(decoded[name], want_decoded[name]), name
 
 
-def test_plan_balances_cost_and_cuts_where_little_crosses():
+def test_plan_follows_the_layers_and_balances_cost():
     cfg, model, compiled = compile_tiny("gpt2", "float32")
     program = compiled.tint.program
     n = len(program.calls)
-    assert [(s.start, s.stop) for s in stage_plan.plan(program, 1, LENGTH)] == [(0, n)]
-    stages = stage_plan.plan(program, 3, LENGTH)
-    assert [s.start for s in stages[1:]] == [s.stop for s in stages[:-1]] and stages[-1].stop == n
-    total = sum(stage_plan.call_cost(program, i, LENGTH) for i in range(n))
-    elements = stage_plan.crossing_elements(program, LENGTH)
-    for k, s in enumerate(stages[:-1], 1):
-        before = sum(stage_plan.call_cost(program, i, LENGTH) for i in range(s.stop))
-        assert abs(before - k * total / 3) <= stage_plan.SLACK * total / 3 + max(
-            stage_plan.call_cost(program, i, LENGTH) for i in range(n))
-        assert s.sends.elements == elements[s.stop]
-        near = [b for b in range(1, n) if abs(sum(stage_plan.call_cost(program, i, LENGTH) for i in range(b))
-                                              - k * total / 3) <= stage_plan.SLACK * total / 3]
-        assert not near or s.sends.elements == min(elements[b] for b in near)
+    one = stage_plan.plan(program, 1, LENGTH)
+    assert one.segments == (stage_plan.Segment(0, 0, n),) and one.messages == ()
+    plan = stage_plan.plan(program, 3, LENGTH)
+    assert [(s.start, s.stop) for s in plan.segments] == list(zip([0] + [s.stop for s in plan.segments[:-1]],
+                                                                  [s.stop for s in plan.segments]))
+    assert plan.segments[-1].stop == n and [s.stage for s in plan.segments] == [0, 1, 2, 1, 0, 1, 2]
+    blocks = stage_plan.call_blocks(program)
+    for block in set(blocks):  # every call of a block on the block's stage
+        assert len({plan.owner[i] for i, b in enumerate(blocks) if b == block}) == 1
+    costs = [stage_plan.call_cost(program, i, LENGTH) for i in range(n)]
+    largest_block = max(sum(c for c, b in zip(costs, blocks) if b == block) for block in set(blocks))
+    for cost in plan.costs:
+        assert abs(cost - sum(costs) / 3) <= stage_plan.SLACK * sum(costs) / 3 + 2 * largest_block
+    for m in plan.messages:
+        assert m.sender != m.receiver and plan.segments[m.sent].stage == m.sender
+        assert plan.segments[m.received].stage == m.receiver and m.received > m.sent
 
 
 def test_stages_must_match_the_processes():

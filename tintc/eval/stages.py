@@ -1,18 +1,20 @@
 """Pipeline stages: a TinT's calls split over the ranks of a torchrun launch (`--stages N`).
 
-Rank s runs stage s (backends/torch/stage_plan.py: calls [start, stop), cut where few bytes cross)
-on every micro-batch (eval's chunks, verify's sequences) and hands the next rank what crosses its
-cut: the live token coordinates that a call wrote, as one [B, T, n] tensor, then each prefix-block
-version still in use, by point-to-point send/recv (gloo on CPU, nccl on CUDA; the group of
-distributed.py). Every rank builds the input layer and holds the prefixes of θ itself, so neither
-crosses. The last rank runs the output head. While rank s+1 works on micro-batch m, rank s works
-on m+1: one send per cut is in flight at a time, so a stage holds at most two micro-batches.
+Rank s runs stage s of the plan (backends/torch/stage_plan.py: the stages follow the aux layers, so
+the program visits them up, down and up again, one segment at a time). For each of its segments, in
+program order, a rank runs every micro-batch (eval's chunks, verify's sequences): it receives the
+messages due before the segment, runs the segment's calls on that micro-batch's streams, and sends
+what later segments of other ranks read, by point-to-point isend/recv (gloo on CPU, nccl on CUDA;
+the group of distributed.py). While rank s+1 works on micro-batch m, rank s works on m+1. Every rank
+builds the input layer and holds the prefixes of θ itself, so neither crosses; the rank of the last
+call runs the output head. Each message tensor has its own tag, so sends and receives match
+whatever their order.
 
 Why point-to-point and not torch.distributed.pipelining: that API splits a module whose stages pass
-tensors in a fixed signature (traced by torch.export, or written as submodules); here the program is
-already a flat list of calls, what crosses each cut is a different set of streams, and a forward-only
-run needs no schedule beyond fill and drain. Each stage runs exactly the single process's calls on
-the same values, so the result is the same bit for bit.
+tensors in a fixed signature, each stage once per micro-batch; here a stage runs up to three times
+per micro-batch (forward, backward, evaluation), each message is a different set of streams, and a
+forward-only run needs no schedule beyond this one. Each rank runs exactly the single process's
+calls on the same values, so the result is the same bit for bit.
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ def check_stages(stages: int, group) -> None:
 
 @dataclass
 class StageTimes:
-    """One rank's part: its calls, its wall seconds over all micro-batches, its peak memory."""
+    """One rank's part: its segments' calls, its wall seconds over all micro-batches, its peak memory."""
     rank: int
-    calls: tuple[int, int]
+    calls: list[tuple[int, int]]
     seconds: float
     peak_bytes: int
-    crossing_elements: int  # per sequence, sent to the next rank (0 on the last)
+    sent_elements: int  # per sequence, from this rank to others
 
 
 def peak_bytes(device: torch.device) -> int:
@@ -61,65 +63,69 @@ class Pipeline:
         check_stages(stages, group)
         self.tint, self.group = tint, group
         self.plan = stage_plan.plan(tint.program, stages, length)
-        self.stage = self.plan[group.rank]
+        self.tensors = 1 + max([len(m.blocks) for m in self.plan.messages] + [0])  # per message, for the tags
 
     @property
     def last(self) -> bool:
-        return self.stage.sends is None
+        return self.plan.owner[-1] == self.group.rank
 
     def run(self, micro_batches, prefixes) -> tuple[list | None, StageTimes]:
-        """Every micro-batch (input_ids, train_mask, label_mask) through this stage; on the last rank
-        each one's (logits, new prefixes), None elsewhere; and this rank's times."""
-        stage, outputs, in_flight = self.stage, [], []
+        """Every micro-batch (input_ids, train_mask, label_mask) through this rank's segments; on the
+        last rank each one's (logits, new prefixes), None elsewhere; and this rank's times."""
+        rank, plan, streams, sends = self.group.rank, self.plan, {}, []
         start = time.perf_counter()
         with torch.no_grad():
-            for ids, train, labels in micro_batches:
-                streams = self.tint.begin(ids, train, prefixes, labels)
-                if stage.receives is not None:
-                    self._receive(streams, stage.receives)
-                self.tint.run(streams, stage.start, stage.stop)
-                if stage.sends is None:
-                    outputs.append(self.tint.finish(streams, prefixes))
+            for k, segment in enumerate(plan.segments):
+                if segment.stage != rank:
                     continue
-                for work in in_flight:  # the previous micro-batch has reached the next rank
-                    work.wait()
-                in_flight = self._send(streams, stage.sends)
-        for work in in_flight:
+                for m, (ids, train, labels) in enumerate(micro_batches):
+                    if m not in streams:
+                        streams[m] = self.tint.begin(ids, train, prefixes, labels)
+                    for message in plan.messages:
+                        if message.received == k and message.receiver == rank:
+                            self._receive(streams[m], message, self._tag(message, m, len(micro_batches)))
+                    self.tint.run(streams[m], segment.start, segment.stop)
+                    for message in plan.messages:
+                        if message.sent == k:
+                            sends += self._send(streams[m], message, self._tag(message, m, len(micro_batches)))
+            outputs = [self.tint.finish(streams[m], prefixes) for m in range(len(micro_batches))] if self.last else None
+        for work in sends:
             work.wait()
         device = next(iter(prefixes.values())).device
-        times = StageTimes(self.group.rank, (stage.start, stage.stop), time.perf_counter() - start,
-                           peak_bytes(device), 0 if stage.sends is None else stage.sends.elements)
-        return (outputs if self.last else None), times
+        sent = sum(m.elements for m in plan.messages if m.sender == rank)
+        return outputs, StageTimes(rank, plan.calls_of(rank), time.perf_counter() - start, peak_bytes(device), sent)
 
-    def _payload(self, streams: dict, cut: stage_plan.Cut) -> list[torch.Tensor]:
-        h = streams[TOKENS]
-        if len(cut.tokens) <= MAX_RUNS:
-            tokens = torch.cat([h[..., s : s + n] for s, n in cut.tokens], -1)
-        else:
-            tokens = h[..., _index(cut, h.device)]
-        return [tokens.contiguous()] + [streams[b].contiguous() for b in cut.blocks]
+    def _tag(self, message: stage_plan.Message, micro_batch: int, micro_batches: int) -> int:
+        """The first tag of this message's tensors for this micro-batch (one per tensor)."""
+        return (self.plan.messages.index(message) * micro_batches + micro_batch) * self.tensors
 
-    def _send(self, streams: dict, cut: stage_plan.Cut) -> list:
-        tensors = self._payload(streams, cut)
-        return [_Sent(dist.isend(t, self.group.rank + 1), t) for t in tensors]
+    def _send(self, streams: dict, message: stage_plan.Message, tag: int) -> list:
+        h, tensors = streams[TOKENS], [streams[b].contiguous() for b in message.blocks]
+        if 0 < len(message.tokens) <= MAX_RUNS:
+            tensors.append(torch.cat([h[..., s : s + n] for s, n in message.tokens], -1))
+        elif message.tokens:
+            tensors.append(h[..., _index(message, h.device)])
+        return [_Sent(dist.isend(t, message.receiver, tag=tag + i), t) for i, t in enumerate(tensors)]
 
-    def _receive(self, streams: dict, cut: stage_plan.Cut) -> None:
-        """Fill what crosses `cut` into `streams`, as the previous rank sends it."""
+    def _receive(self, streams: dict, message: stage_plan.Message, tag: int) -> None:
+        """Fill `message` into `streams`, as its sender sends it."""
         h = streams[TOKENS]
         batch, length = h.shape[:2]
-        tokens = torch.empty(batch, length, sum(n for _, n in cut.tokens), dtype=h.dtype, device=h.device)
-        dist.recv(tokens, self.group.rank - 1)
-        if len(cut.tokens) <= MAX_RUNS:
+        for i, name in enumerate(message.blocks):  # the blocks first, then the token coordinates
+            block = self.tint.program.layout.blocks[stream_block(name)[0]]
+            streams[name] = torch.empty(batch, block.tokens, block.width, dtype=h.dtype, device=h.device)
+            dist.recv(streams[name], message.sender, tag=tag + i)
+        if not message.tokens:
+            return
+        tokens = torch.empty(batch, length, sum(n for _, n in message.tokens), dtype=h.dtype, device=h.device)
+        dist.recv(tokens, message.sender, tag=tag + len(message.blocks))
+        if len(message.tokens) <= MAX_RUNS:
             offset = 0
-            for s, n in cut.tokens:
+            for s, n in message.tokens:
                 h[..., s : s + n] = tokens[..., offset : offset + n]
                 offset += n
         else:
-            h[..., _index(cut, h.device)] = tokens
-        for name in cut.blocks:
-            block = self.tint.program.layout.blocks[stream_block(name)[0]]
-            streams[name] = torch.empty(batch, block.tokens, block.width, dtype=h.dtype, device=h.device)
-            dist.recv(streams[name], self.group.rank - 1)
+            h[..., _index(message, h.device)] = tokens
 
 
 class _Sent:
@@ -132,8 +138,8 @@ class _Sent:
         self.work.wait()
 
 
-def _index(cut: stage_plan.Cut, device) -> torch.Tensor:
-    return torch.cat([torch.arange(s, s + n, device=device) for s, n in cut.tokens])
+def _index(message: stage_plan.Message, device) -> torch.Tensor:
+    return torch.cat([torch.arange(s, s + n, device=device) for s, n in message.tokens])
 
 
 def staged_forward(group, stages: int):
