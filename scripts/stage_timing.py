@@ -4,7 +4,7 @@
         compile CONFIG, and save the TinT, the prefixes of θ and M seeded inputs of T tokens to FILE
     torchrun --standalone --nproc-per-node S scripts/stage_timing.py run FILE
         S stages (S = 1: the plain forward); prints one JSON line per rank: its calls, seconds over the
-        M micro-batches, peak resident memory (ru_maxrss), elements sent per sequence; the last rank
+        M micro-batches, peak resident memory (ru_maxrss), elements it sends per sequence (and rank 0 the plan); the last rank
         saves its logits to FILE.logits-S for comparing runs bit for bit
 
 Every rank loads the saved TinT, so its peak is the run's (with the whole TinT and every prefix
@@ -48,12 +48,17 @@ def run(saved: Path) -> None:
         start = time.perf_counter()
         with torch.no_grad():
             logits = [tint(ids, train, prefixes)[0] for ids, train in inputs]
-        seconds, calls, sent = time.perf_counter() - start, (0, len(tint.program.calls)), 0
+        seconds, calls, sent = time.perf_counter() - start, [(0, len(tint.program.calls))], 0
     else:
+        start = time.perf_counter()
         pipeline = Pipeline(tint, group, group.world, length)
+        if group.rank == 0:
+            print(json.dumps({"plan_seconds": round(time.perf_counter() - start, 2), "segments": [
+                (s.stage, s.start, s.stop) for s in pipeline.plan.segments], "costs": pipeline.plan.costs,
+                "messages": [(m.sender, m.receiver, m.elements, m.returned, len(m.blocks)) for m in pipeline.plan.messages]}))
         outputs, times = pipeline.run([(ids, train, None) for ids, train in inputs], prefixes)
         logits = None if outputs is None else [out[0] for out in outputs]
-        seconds, calls, sent = times.seconds, times.calls, times.crossing_elements
+        seconds, calls, sent = times.seconds, times.calls, times.sent_elements
     group.barrier()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(json.dumps({"rank": group.rank, "stages": group.world, "calls": calls, "micro_batches": len(inputs),

@@ -14,7 +14,8 @@ call of another stage W is sent once, W to R, at the end of the writer's segment
 the start of R's next segment (messages): token coordinates (liveness's accesses, walked forward)
 and prefix-block versions. The input layer and version 0 of the blocks are every stage's own.
 Each cut is, of the block boundaries within SLACK of a stage's cost from the balanced point, the
-one where the fewest elements cross. tintc/eval/stages.py runs the plan on ranks.
+one where the fewest elements cross between calls (the blocks that are only returned as the new
+prefixes, on the last call's stage, are left out: a run that keeps θ' on its stages needs none). tintc/eval/stages.py runs the plan on ranks.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Message:
     tokens: tuple[tuple[int, int], ...]  # (start, size) runs of token-stream coordinates
     blocks: tuple[str, ...]  # prefix-block streams ("block@version")
     elements: int  # per sequence: coordinates × T + the blocks' K × width
+    returned: int = 0  # of which blocks sent only to be returned as the new prefixes (not read by a call)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,11 @@ class Plan:
     def elements(self) -> int:
         """Elements sent per sequence, all messages together."""
         return sum(m.elements for m in self.messages)
+
+    @property
+    def between_calls(self) -> int:
+        """Elements sent per sequence for calls to read (the new prefixes' blocks left out)."""
+        return sum(m.elements - m.returned for m in self.messages)
 
     def calls_of(self, stage: int) -> list[tuple[int, int]]:
         return [(s.start, s.stop) for s in self.segments if s.stage == stage]
@@ -146,9 +153,9 @@ def messages(program: Program, owner, segments, length: int) -> tuple[Message, .
     held = torch.full((stages, program.width), -1, dtype=torch.long)  # per stage, the writer of the value it holds
     tokens, blocks = defaultdict(list), defaultdict(list)  # (sending segment, receiver) -> coordinates, streams
     made = {c.write.stream: i for i, c in enumerate(program.calls) if c.write.stream != TOKENS}
-    delivered = set()
+    delivered, returned = set(), set()
 
-    def read(stage: int, fields, streams) -> None:
+    def read(stage: int, fields, streams, output: bool = False) -> None:
         for start, size in fields:
             writer, mine = last_write[start : start + size], held[stage, start : start + size]
             need = writer != mine
@@ -161,6 +168,8 @@ def messages(program: Program, owner, segments, length: int) -> tuple[Message, .
             if stream in made and owner[made[stream]] != stage and (stream, stage) not in delivered:
                 delivered.add((stream, stage))
                 blocks[(segment_of[made[stream]], stage)].append(stream)
+                if output:
+                    returned.add(stream)
 
     for i, call in enumerate(program.calls):
         fields, written = call.token_fields()
@@ -170,7 +179,10 @@ def messages(program: Program, owner, segments, length: int) -> tuple[Message, .
         for start, size in written:
             last_write[start : start + size] = i
             held[owner[i], start : start + size] = i
-    read(owner[-1], [(program.logits.start, program.logits.width)], program.final_blocks.values())
+    read(owner[-1], [(program.logits.start, program.logits.width)], program.final_blocks.values(), output=True)
+
+    def size(streams) -> int:
+        return sum(b.tokens * b.width for b in (program.layout.blocks[stream_block(s)[0]] for s in streams))
 
     out = []
     for sent, receiver in sorted(set(tokens) | set(blocks)):
@@ -179,10 +191,8 @@ def messages(program: Program, owner, segments, length: int) -> tuple[Message, .
         received = next((k for k in range(sent + 1, len(segments)) if segments[k].stage == receiver), None)
         if received is None:  # the output head's reads, on the last segment's stage
             raise BackendError(f"stage plan: stage {receiver} reads values of segment {sent} but runs no later segment")
-        size = sum(program.layout.blocks[stream_block(s)[0]].tokens * program.layout.blocks[stream_block(s)[0]].width
-                   for s in sent_blocks)
         out.append(Message(sent, received, segments[sent].stage, receiver, runs_of(coords), sent_blocks,
-                           len(coords) * length + size))
+                           len(coords) * length + size(sent_blocks), size(s for s in sent_blocks if s in returned)))
     return tuple(out)
 
 
@@ -211,11 +221,12 @@ def plan(program: Program, stages: int, length: int) -> Plan:
         segments = segments_of(owner)
         return owner, segments, messages(program, owner, segments, length)
 
+    def crossing(cuts) -> int:  # per sequence, between calls: the new prefixes are gathered once, at the end
+        return sum(m.elements - m.returned for m in built(cuts)[2])
+
     for k in range(1, stages):  # each cut in turn: the block boundary near balance where the fewest elements cross
         near = [j for j in range(cuts[k - 1] + 1, cuts[k + 1]) if abs(before[j] - k * share) <= SLACK * share]
-        best = min(near or [cuts[k]], key=lambda j: (sum(m.elements for m in built(cuts[:k] + [j] + cuts[k + 1:])[2]),
-                                                     abs(before[j] - k * share)))
-        cuts[k] = best
+        cuts[k] = min(near or [cuts[k]], key=lambda j: (crossing(cuts[:k] + [j] + cuts[k + 1:]), abs(before[j] - k * share)))
     owner, segments, sent = built(cuts)
     stage_costs = [0.0] * stages
     for stage, cost in zip(owner, costs):
