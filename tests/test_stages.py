@@ -22,7 +22,7 @@ def micro_batches(vocab: int) -> list:
     return [example_input(vocab, LENGTH, batch, seed=seed) for seed, batch in ((1, 1), (2, 2), (3, 1))]
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, families: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
     group = Group.from_environment("cpu")
     results = {}
-    for family in FAMILIES:
+    for family in families:
         cfg, model, compiled = compile_tiny(family, "float32")
         tint = compiled.tint
         prefixes = tint.encode({n: p.detach() for n, p in model.named_parameters()})
@@ -54,11 +54,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn(out, world: int, families: tuple) -> list:
+    mp.spawn(_worker, args=(world, free_port(), str(out), families), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
 @pytest.fixture(scope="module")
 def two_stages(tmp_path_factory):
-    out = tmp_path_factory.mktemp("stages")
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return spawn(tmp_path_factory.mktemp("stages"), 2, FAMILIES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -74,6 +77,19 @@ def test_two_stages_equal_one_process_bit_for_bit(two_stages, family):
         assert decoded.keys() == want_decoded.keys()
         for name in decoded:
             assert torch.equal(decoded[name], want_decoded[name]), name
+
+
+def test_three_stages_relay_and_equal_one_process(tmp_path):
+    """Three stages: segments 0,1,2,1,0,1,2, and a stage receives two senders' messages (one sender's from
+    two segments) before one segment."""
+    ranks = spawn(tmp_path, 3, ("gpt2",))
+    last = ranks[2]["gpt2"]
+    assert [s.stage for s in last["plan"].segments] == [0, 1, 2, 1, 0, 1, 2]
+    before_last = [(m.sender, m.sent) for m in last["plan"].messages if m.received == 6]
+    assert len({sender for sender, _ in before_last}) == 2 and len(before_last) == 3  # stage 1 from two segments
+    for (logits, decoded), (want_logits, want_decoded) in zip(last["staged"], last["whole"]):
+        assert torch.equal(logits, want_logits)
+        assert all(torch.equal(decoded[name], want_decoded[name]) for name in want_decoded)
 
 
 def test_plan_follows_the_layers_and_balances_cost():

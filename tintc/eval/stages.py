@@ -81,9 +81,13 @@ class Pipeline:
                 for m, (ids, train, labels) in enumerate(micro_batches):
                     if m not in streams:
                         streams[m] = self.tint.begin(ids, train, prefixes, labels)
-                    for message in plan.messages:
-                        if message.received == k and message.receiver == rank:
-                            self._receive(streams[m], message, self._tag(message, m, len(micro_batches)))
+                early, late = self._due(k)
+                for message in early:  # all micro-batches, in the order the sender sent them
+                    for m in range(len(micro_batches)):
+                        self._receive(streams[m], message, self._tag(message, m, len(micro_batches)))
+                for m in range(len(micro_batches)):
+                    for message in late:
+                        self._receive(streams[m], message, self._tag(message, m, len(micro_batches)))
                     self.tint.run(streams[m], segment.start, segment.stop)
                     for message in plan.messages:
                         if message.sent == k:
@@ -94,6 +98,16 @@ class Pipeline:
         device = next(iter(prefixes.values())).device
         sent = sum(m.elements for m in plan.messages if m.sender == rank)
         return outputs, StageTimes(rank, plan.calls_of(rank), time.perf_counter() - start, peak_bytes(device), sent)
+
+    def _due(self, segment: int) -> tuple[list, list]:
+        """The messages this rank receives before `segment`: those to take for every micro-batch first,
+        and per sender the one from its latest segment, taken micro-batch by micro-batch. So each
+        sender's messages arrive in the order it sent them (nccl matches by order, gloo by tag too)."""
+        due = [m for m in self.plan.messages if m.received == segment and m.receiver == self.group.rank]
+        latest = {}
+        for message in due:
+            latest[message.sender] = max(latest.get(message.sender, -1), message.sent)
+        return ([m for m in due if m.sent != latest[m.sender]], [m for m in due if m.sent == latest[m.sender]])
 
     def _tag(self, message: stage_plan.Message, micro_batch: int, micro_batches: int) -> int:
         """The first tag of this message's tensors for this micro-batch (one per tensor)."""
