@@ -64,21 +64,3 @@ class Accesses:
     def unread_write(self, idx: torch.Tensor) -> torch.Tensor:
         """Whether the last access was a write by a call that did not also read the coordinate."""
         return self.last_write[idx] > self.last_read[idx]
-
-
-def live_backwards(width: int, accesses, end_reads):
-    """Walking the calls from the last to the first: yields (b, live), live a bool mask [width] of
-    the coordinates whose value a call at or after b (or the output head, `end_reads`) still reads,
-    i.e. live between call b−1 and call b. `accesses` per call: (fields read, fields written), every
-    write replacing its field (token writes are gated). The mask is updated in place: copy to keep."""
-    live = torch.zeros(width, dtype=torch.bool)
-    for start, size in end_reads:
-        live[start : start + size] = True
-    yield len(accesses), live
-    for call in range(len(accesses) - 1, -1, -1):
-        read, written = accesses[call]
-        for start, size in written:
-            live[start : start + size] = False
-        for start, size in read:  # a call that reads and writes a field reads it first
-            live[start : start + size] = True
-        yield call, live

@@ -11,7 +11,7 @@ saves never leave it, and the program visits the stages 0..S−1, S−1..0, 0..S
 
 Every stage keeps its own copy of the streams. A value read by a call of stage R but written by a
 call of another stage W is sent once, W to R, at the end of the writer's segment, and received at
-the start of R's next segment (messages): token coordinates (liveness's accesses, walked forward)
+the start of R's next segment (messages): token coordinates (liveness.py's last writers, walked forward)
 and prefix-block versions. The input layer and version 0 of the blocks are every stage's own.
 Each cut is, of the block boundaries within SLACK of a stage's cost from the balanced point, the
 one where the fewest elements cross between calls (the blocks that are only returned as the new
@@ -28,6 +28,7 @@ import torch
 from ir.errors import BackendError
 
 from .calls import runs_of
+from .liveness import Accesses
 from .primitives import Attention, projections
 from .program import TOKENS, Program
 from .stream_io import stream_block
@@ -149,15 +150,16 @@ def messages(program: Program, owner, segments, length: int) -> tuple[Message, .
     hold yet, is sent after the writer's segment. The output head reads on the last call's stage."""
     n, stages = len(program.calls), max(owner) + 1
     segment_of = [k for k, s in enumerate(segments) for _ in range(s.start, s.stop)]
-    last_write = torch.full((program.width,), -1, dtype=torch.long)  # -1: the input layer, every stage's
-    held = torch.full((stages, program.width), -1, dtype=torch.long)  # per stage, the writer of the value it holds
+    # liveness.py's accesses: the last writer of each coordinate (the input layer or none: every stage's own)
+    accesses = Accesses(program.width, [(f.start, f.width) for f in program.inputs.values()])
+    held = accesses.last_write.repeat(stages, 1)  # per stage, the writer of the value it holds
     tokens, blocks = defaultdict(list), defaultdict(list)  # (sending segment, receiver) -> coordinates, streams
     made = {c.write.stream: i for i, c in enumerate(program.calls) if c.write.stream != TOKENS}
     delivered, returned = set(), set()
 
     def read(stage: int, fields, streams, output: bool = False) -> None:
         for start, size in fields:
-            writer, mine = last_write[start : start + size], held[stage, start : start + size]
+            writer, mine = accesses.last_write[start : start + size], held[stage, start : start + size]
             need = writer != mine
             if bool(need.any()):
                 coords = torch.arange(start, start + size)[need]
@@ -176,8 +178,8 @@ def messages(program: Program, owner, segments, length: int) -> tuple[Message, .
         if any(r.stream == TOKENS and not r.groups for r in call.reads):
             fields = [(0, program.width)]
         read(owner[i], fields, [r.stream for r in call.reads] + [call.write.base])
+        accesses.write(i, written)
         for start, size in written:
-            last_write[start : start + size] = i
             held[owner[i], start : start + size] = i
     read(owner[-1], [(program.logits.start, program.logits.width)], program.final_blocks.values(), output=True)
 
