@@ -101,7 +101,7 @@ class Interpreter:
         return self.layer_norm(args[0], w["gain"], w["bias"], node.attrs["eps"])
 
     def op_rms_norm(self, node, args, w):
-        return self.rms_norm(args[0], w["gain"], node.attrs["eps"], node.attrs.get("upcast"))
+        return self.rms_norm(args[0], w["gain"], node.attrs["eps"], node.attrs.get("upcast"), node.attrs.get("heads", 1))
 
     def op_linear(self, node, args, w):
         return F.linear(args[0], w["weight"], w.get("bias"))
@@ -167,12 +167,13 @@ class Interpreter:
 
     def op_rms_norm_backward(self, node, args, w):
         a = node.attrs
-        return rules.rms_norm_backward(args[0], w["gain"], args[1], a["eps"], a["rule"], a["scale"])
+        return rules.rms_norm_backward(args[0], w["gain"], args[1], a["eps"], a["rule"], a["scale"], a.get("heads", 1))
 
     def op_rms_norm_descent(self, node, args, w):
         x, dy = args
-        xhat = rules.rms_normalise(x, node.attrs["eps"])
-        self._write(node, "gain", w["gain"] - node.attrs["lr"] * (dy * xhat).sum((0, 1)))
+        xhat = rules.rms_normalise(x, node.attrs["eps"], node.attrs.get("heads", 1))
+        per_part = (dy * xhat).reshape(-1, w["gain"].shape[-1])  # heads: every part's sum
+        self._write(node, "gain", w["gain"] - node.attrs["lr"] * per_part.sum(0))
 
     def op_attention_backward(self, node, args, w):
         a = node.attrs
@@ -210,8 +211,8 @@ class Interpreter:
     def layer_norm(self, x, gain, bias, eps):
         return F.layer_norm(x, (x.shape[-1],), gain, bias, eps)
 
-    def rms_norm(self, x, gain, eps, upcast: str | None = None):
-        return gain * rules.rms_normalise_as(x, eps, upcast)
+    def rms_norm(self, x, gain, eps, upcast: str | None = None, heads: int = 1):
+        return gain.repeat(heads) * rules.rms_normalise_as(x, eps, upcast, heads)
 
     def activation(self, x, fn: str):
         return rules.ACTIVATION_FNS[fn](x)

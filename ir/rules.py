@@ -18,24 +18,28 @@ def normalise(x, eps: float):
     return F.layer_norm(x, (x.shape[-1],), None, None, eps)
 
 
-def rms_normalise(x, eps: float):
-    """f(x) = x / sqrt(mean(x²) + eps) over the last axis (RMSNorm without gain), in HF's op order."""
+def rms_normalise(x, eps: float, heads: int = 1):
+    """f(x) = x / sqrt(mean(x²) + eps) over the last axis (RMSNorm without gain), in HF's op order;
+    heads > 1: over each of `heads` equal parts of it (Qwen3's q/k norm)."""
+    if heads > 1:
+        return rms_normalise(x.unflatten(-1, (heads, -1)), eps).flatten(-2)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def rms_normalise_as(x, eps: float, upcast: str | None):
+def rms_normalise_as(x, eps: float, upcast: str | None, heads: int = 1):
     """f(x), computed in `upcast` (a dtype name) and cast back when given: HF's precision."""
     if upcast is None:
-        return rms_normalise(x, eps)
-    return rms_normalise(x.to(getattr(torch, upcast)), eps).to(x.dtype)
+        return rms_normalise(x, eps, heads)
+    return rms_normalise(x.to(getattr(torch, upcast)), eps, heads).to(x.dtype)
 
 
-def rms_norm_backward(x, gain, dy, eps: float, rule: str, scale: float):
-    """∂x of y = f(x)·γ, f the RMS normalisation. finite_difference: N·[f(x + γ⊙∂y/N) − f(x)]."""
-    g = gain * dy
+def rms_norm_backward(x, gain, dy, eps: float, rule: str, scale: float, heads: int = 1):
+    """∂x of y = f(x)·γ, f the RMS normalisation (of each part: γ repeated over the `heads` parts).
+    finite_difference: N·[f(x + γ⊙∂y/N) − f(x)]."""
+    g = gain.repeat(heads) * dy
     if rule == "finite_difference":
-        return scale * (rms_normalise(x + g * (1.0 / scale), eps) - rms_normalise(x, eps))
-    return torch.func.vjp(lambda v: rms_normalise(v, eps), x)[1](g)[0]
+        return scale * (rms_normalise(x + g * (1.0 / scale), eps, heads) - rms_normalise(x, eps, heads))
+    return torch.func.vjp(lambda v: rms_normalise(v, eps, heads), x)[1](g)[0]
 
 
 def rope_cos_sin(length: int, rotary_dim: int, theta: float, dtype):

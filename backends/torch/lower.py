@@ -16,6 +16,7 @@ settings), so identical keys share one module; nothing here reads an aux weight.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable
 
@@ -185,12 +186,14 @@ class _Lowering(BackwardLowering, LlamaLowering):
 
     def _product(self, a: Field, b: Field, group: int | None = None, factor: float = 1.0) -> Field:
         """factor·a ⊙ b chunk by chunk (`group` overrides the op's group width); a of width 1 is broadcast
-        over b."""
+        over b, a narrower a (a gain shared by b's heads) repeats along b."""
         g = group or self.group(b.width)
+        if 1 < a.width < b.width:
+            g = math.gcd(g, a.width)
         left = (lambda: torch.ones(g, 1, dtype=self.dtype)) if a.width == 1 else (lambda: self.eye(g))
         key = ("product", a.width == 1, g) + (() if factor == 1.0 else (repr(factor),))
         layer = self.layer(key, lambda: P.Gate(factor * left(), self.eye(g)))
-        a_chunks = [a] * (b.width // g) if a.width == 1 else a.chunks(g)
+        a_chunks = [a] * (b.width // g) if a.width == 1 else a.chunks(g) * (b.width // a.width)
         out, chunks = self.new(b.width, g)
         self.call(layer, [[(c,) for c in a_chunks], [(c,) for c in b.chunks(g)]], chunks)
         return out
@@ -364,14 +367,14 @@ class _Lowering(BackwardLowering, LlamaLowering):
         a = node.attrs
         block, version = self.block_of(node)
         x, dy = self.x(node, 0), self.x(node, 1)
-        d = x.width
-        g = self.group(d)
+        d = self.layout.blocks[block].d_out  # x's width, or one head's (a norm of each head: their sum)
+        g = math.gcd(self.group(x.width), d)
         values, targets = [], []
         for slot, at in (("gain", 0), ("bias", d)):
             if slot in node.weights:
                 value = self._product(dy, normalised(x, a["eps"])) if slot == "gain" else dy
                 values += value.chunks(g)
-                targets += [Field(at + i, g) for i in range(0, d, g)]
+                targets += [Field(at + i % d, g) for i in range(0, x.width, g)]
         one = torch.ones(1, 1, dtype=self.dtype)
         layer = self.layer(("norm_descent", g, repr(a["lr"])), lambda: P.Attention(
             one, one, -a["lr"] * self.eye(g), self.eye(g), softmax=False, mask="full"))

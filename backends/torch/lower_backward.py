@@ -80,45 +80,60 @@ class BackwardLowering:
         self.call(layer, [[tuple(values)]], [out])
         return out
 
-    def _divided_by_sigma(self, y: Field, w: Field, eps: float) -> Field:
+    def _divided_by_sigma(self, y: Field, w: Field, eps: float, heads: int = 1) -> Field:
         """w/σ, σ = sqrt(mean(y²) + eps) (layer norm: y = x − mean(x); RMSNorm: y = x), exactly: with the
         constant k = sqrt(D·eps/2) from the one, z = [y, −y, k, −k] has mean 0 and variance
         (|y|² + k²)/(D + 1); a layer norm with eps' = D·eps/(2(D + 1)) divides z by sqrt(D·σ²/(D + 1)), so
         its coordinate 2D is k·sqrt((D + 1)/D)/σ: σ's eps enters as a coordinate and the norm's own eps,
         not as an approximation (eps' > 0 keeps a position whose stream is 0, e.g. a prefix token of the
         standard view, finite). A product with w, scaled back by 1/(k·sqrt((D + 1)/D)), gives w/σ; the
-        error is rounding only, and every projection is a copy (O(D) per token)."""
+        error is rounding only, and every projection is a copy (O(D) per token). heads: each of y's equal
+        parts divided by its own σ (a norm of each head), one group per head."""
         if eps <= 0:
             raise BackendError(f"node %{self.node.name}: norm eps {eps!r}: the exact backward reads 1/σ off a "
                                "constant coordinate sqrt(D·eps/2); allowed: eps > 0, or the rule finite_difference")
-        d = y.width
+        d = y.width // heads
         k, norm_eps = math.sqrt(d * eps / 2), d * eps / (2 * (d + 1))
         zeros, column = torch.zeros(d, 1, dtype=self.dtype), torch.ones(1, 1, dtype=self.dtype)
         stack = torch.cat([torch.cat([self.eye(d), zeros], 1), torch.cat([-self.eye(d), zeros], 1),
                            torch.cat([zeros.T, k * column], 1), torch.cat([zeros.T, -k * column], 1)])
-        z = self._linear_of(f"sigma_stack_{k!r}", stack, [y, self.inputs["one"]])
-        normed = self.alloc(2 * d + 2)
-        self.call(self.layer(("norm", repr(norm_eps)), lambda: P.Norm(norm_eps)), [[(z,)]], [normed])
-        return self._product(normed.part(2 * d, 1), w, factor=1.0 / (k * math.sqrt((d + 1) / d)))
+        stack_layer = self.layer((f"sigma_stack_{k!r}", *stack.shape), lambda: P.Linear(stack))
+        z, z_heads = self.new((2 * d + 2) * heads, 2 * d + 2)
+        self.call(stack_layer, [[(part, self.inputs["one"]) for part in y.chunks(d)]], z_heads)
+        normed, normed_heads = self.new(z.width, 2 * d + 2)
+        self.call(self.layer(("norm", repr(norm_eps)), lambda: P.Norm(norm_eps)), [[(c,) for c in z_heads]],
+                  normed_heads)
+        factor = 1.0 / (k * math.sqrt((d + 1) / d))
+        if heads == 1:
+            return self._product(normed.part(2 * d, 1), w, factor=factor)
+        layer = self.layer(("product", True, d, repr(factor)), lambda: P.Gate(
+            factor * torch.ones(d, 1, dtype=self.dtype), self.eye(d)))
+        out, chunks = self.new(w.width, d)
+        self.call(layer, [[(c.part(2 * d, 1),) for c in normed_heads], [(c,) for c in w.chunks(d)]], chunks)
+        return out
 
     def _minus_times(self, s: Field, v: Field, base: Field) -> Field:
         """base − s·v, s one number per token, v as wide as base or the one (then base − s): a gated unit
-        (−s)⊙v + base whose projections are copies, O(D) per token where a linear map [I, −I, …] is dense."""
-        d, wide = base.width, v.width == base.width
+        (−s)⊙v + base whose projections are copies, O(D) per token where a linear map [I, −I, …] is dense.
+        s of H numbers: base's (and v's) H equal parts, each with its own s (a norm of each head)."""
+        heads, wide = s.width, v.width == base.width
+        d = base.width // heads
         column = torch.ones(d, 1, dtype=self.dtype)
         layer = self.layer(("minus_times", d, wide), lambda: P.Gate(-column, self.eye(d) if wide else column,
                                                                     self.eye(d)))
-        out = self.alloc(d)
-        self.call(layer, [[(s,)], [(v,)], [(base,)]], [out])
+        out, chunks = self.new(base.width, d)
+        self.call(layer, [[(c,) for c in s.chunks(1)], [(c,) for c in v.chunks(d)] if wide else [(v,)] * heads,
+                          [(c,) for c in base.chunks(d)]], chunks)
         return out
 
-    def _means(self, *values: Field) -> list[Field]:
-        """mean(v) of each value (one number per token): one linear map, a group per value."""
-        d = values[0].width
+    def _means(self, *values: Field, heads: int = 1) -> list[Field]:
+        """mean(v) of each value (one number per token; heads: one per equal part): one linear map, a group
+        per value (and part)."""
+        d = values[0].width // heads
         layer = self.layer(("mean", d), lambda: P.Linear(torch.full((1, d), 1.0 / d, dtype=self.dtype)))
-        _, means = self.new(len(values), 1)
-        self.call(layer, [[(v,) for v in values]], means)
-        return means
+        means, _ = self.new(len(values) * heads, 1)
+        self.call(layer, [[(c,) for v in values for c in v.chunks(d)]], means.chunks(1))
+        return [means.part(i * heads, heads) for i in range(len(values))]
 
     def lower_activation_backward(self, node):
         """finite_difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: an MLP with hidden [x + ∂y/N; x] per chunk.

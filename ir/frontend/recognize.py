@@ -25,8 +25,8 @@ from torch import fx
 from ir.errors import FrontendError
 
 from ..graph import Graph, WeightRef
-from .values import (BOOKKEEPING, COMPOSITES, LAYOUT, Const, Fused, Ids, Rope, Val, feeds_split, module_of, op_name,
-                     reaches_attention, source_of)
+from .values import (BOOKKEEPING, COMPOSITES, LAYOUT, Const, Fused, Ids, Rope, Val, feeds_split, module_of,
+                     normalised_width, op_name, reaches_attention, source_of)
 
 class Recognizer:
     def __init__(self, adapter, model, program: torch.export.ExportedProgram, name: str):
@@ -254,6 +254,9 @@ class Recognizer:
             gains = [a for a in external if a.name in self.param_of]
             eps = next(n.args[1] for n in run if op_name(n) == "add")
             extra = {"upcast": upcast} if upcast else {}
+            per = normalised_width(run)  # Qwen3's q_norm: each head of x, one gain of the head width
+            if per != self.width(x):
+                extra["heads"] = self.width(x) // per
             self.values[last] = self._norm(first, "rms_norm", x, module, {"gain": self.param(gains[0])}, float(eps),
                                            **extra)
         else:

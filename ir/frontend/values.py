@@ -112,3 +112,9 @@ def feeds_split(node: fx.Node) -> bool:
         if op_name(user) in LAYOUT:
             frontier += list(user.users)
     return False
+
+
+def normalised_width(run: list[fx.Node]) -> int:
+    """The width a norm's mean runs over: its input's last axis, which a view may have cut into heads."""
+    mean = next(n for n in run if op_name(n) == "mean")
+    return int(mean.args[0].meta["val"].shape[-1])

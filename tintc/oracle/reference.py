@@ -101,18 +101,18 @@ class FiniteDifferenceRMSNorm(torch.autograd.Function):
     ∂x ≈ N·[f(x + γ⊙∂y/N) − f(x)] in the working dtype."""
 
     @staticmethod
-    def forward(ctx, x, gain, eps, upcast, scale):
-        xhat = rules.rms_normalise_as(x, eps, upcast)
+    def forward(ctx, x, gain, eps, upcast, scale, heads):
+        xhat = rules.rms_normalise_as(x, eps, upcast, heads)
         ctx.save_for_backward(x, xhat, gain)
-        ctx.eps, ctx.scale = eps, scale
-        return gain * xhat
+        ctx.eps, ctx.scale, ctx.heads = eps, scale, heads
+        return gain.repeat(heads) * xhat
 
     @staticmethod
     def backward(ctx, dy):
         x, xhat, gain = ctx.saved_tensors
-        dx = rules.rms_norm_backward(x, gain, dy, ctx.eps, "finite_difference", ctx.scale)
-        dgain = (dy * xhat).reshape(-1, dy.shape[-1]).sum(0)
-        return dx, dgain, None, None, None
+        dx = rules.rms_norm_backward(x, gain, dy, ctx.eps, "finite_difference", ctx.scale, ctx.heads)
+        dgain = (dy * xhat).reshape(-1, gain.shape[-1]).sum(0)  # heads: every part's sum
+        return dx, dgain, None, None, None, None
 
 
 class FiniteDifferenceActivation(torch.autograd.Function):
@@ -148,10 +148,10 @@ class ApproxInterpreter(Interpreter):
             return FiniteDifferenceLayerNorm.apply(x, gain, bias, eps, self.approx.scale)
         return super().layer_norm(x, gain, bias, eps)
 
-    def rms_norm(self, x, gain, eps, upcast=None):  # the layer_norm rule covers every normalisation
+    def rms_norm(self, x, gain, eps, upcast=None, heads=1):  # the layer_norm rule covers every normalisation
         if self.approx.layer_norm == "finite_difference":
-            return FiniteDifferenceRMSNorm.apply(x, gain, eps, upcast, self.approx.scale)
-        return super().rms_norm(x, gain, eps, upcast)
+            return FiniteDifferenceRMSNorm.apply(x, gain, eps, upcast, self.approx.scale, heads)
+        return super().rms_norm(x, gain, eps, upcast, heads)
 
     def activation(self, x, fn):
         if self.approx.activation == "finite_difference":
