@@ -21,9 +21,10 @@ T = "T"
 COMMON_ATTRS = {"module": str, "layer": int, "role": str, "train": str, "prefixes": int, "head_width": int,
                 "group_width": int}
 
-ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")  # gelu_tanh = GPT-2's gelu_new
-# none: absolute positions are added by pos_embed; rope: q and k are rotated inside attention
-POSITION_SCHEMES = ("none", "rope")
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu", "gelu_bloom")  # gelu_tanh = GPT-2's gelu_new
+# none: absolute positions are added by pos_embed; rope: q and k are rotated inside attention;
+# alibi: each head's scores get m_h·j for key j (BLOOM; rules.alibi_bias)
+POSITION_SCHEMES = ("none", "rope", "alibi")
 MASKS = ("train", "label")
 BACKWARD_RULES = ("finite_difference", "exact")  # layer norm and activation backward
 ATTENTION_RULES = ("stop_gradient", "exact")  # attention backward: scores constant, or differentiated
@@ -229,8 +230,10 @@ _specs = [
            "multi-head softmax attention of (q, k, v), scores scaled by `scale`; with kv_heads < heads "
            "(grouped-query) query head h reads k/v head h // (heads / kv_heads); positions='rope' rotates "
            "the first rotary_dim coordinates of every q and k head by position·rope_theta^(-2i/rotary_dim) "
-           "(halves layout); window: query t sees keys j with t − j < window",
-           optional_attrs={"kv_heads": int, "rope_theta": float, "rotary_dim": int, "window": int}),
+           "(halves layout); positions='alibi' adds m_h·j to head h's score of key j (ALiBi, BLOOM's slopes); "
+           "window: query t sees keys j with t − j < window; upcast='float32': the softmax in float32, as HF's "
+           "eager attention computes it",
+           optional_attrs={"kv_heads": int, "rope_theta": float, "rotary_dim": int, "window": int, "upcast": str}),
     OpSpec("lm_head", 1, {}, ("weight",), _lm_head, "logits = x @ weight.T (weight [vocab, D])"),
     OpSpec("output", 1, {}, (), _output, "marks the graph's result (the logits)"),
     # training graph: inputs, the loss gradient, backward and descent ops

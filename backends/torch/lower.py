@@ -275,17 +275,16 @@ class _Lowering(BackwardLowering, LlamaLowering):
         return out
 
     def lower_attention(self, node):
-        """Softmax attention per query head; with rope it reads the rotated q and k, and query head h
-        reads k/v head h // (heads/kv_heads) (grouped-query)."""
+        """Softmax attention per query head; with rope it reads the rotated q and k, with alibi q and k
+        with one more coordinate each, and query head h reads k/v head h // (heads/kv_heads) (grouped-query)."""
         a = node.attrs
         hd = a["head_dim"]
-        q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
+        queries, keys, w_q, w_k, suffix = self._score_inputs(node)  # rope, alibi
         v = self.x(node, 2).chunks(hd)
-        kv = [self._kv_head(a, h) for h in range(len(q))]
-        layer = self.layer(("attention", hd, repr(a["scale"])), lambda: P.Attention(
-            a["scale"] * self.eye(hd), self.eye(hd), self.eye(hd), self.eye(hd), softmax=True, mask="causal"))
+        layer = self.layer(("attention", hd, repr(a["scale"])) + suffix, lambda: P.Attention(
+            w_q, w_k, self.eye(hd), self.eye(hd), softmax=True, mask="causal"))
         out, chunks = self.new(self.x(node).width, hd)
-        self.call(layer, [[(c,) for c in q], [(k[j],) for j in kv], [(v[j],) for j in kv]], chunks)
+        self.call(layer, [queries, keys, [(v[self._kv_head(a, h)],) for h in range(len(queries))]], chunks)
         self.fields[node.name] = out
 
     def lower_lm_head(self, node):

@@ -20,7 +20,8 @@ from . import runtime as P
 from .program import Field
 
 EXACT_DERIVATIVES = {"gelu_tanh": "_gelu_tanh_derivative", "gelu": "_gelu_derivative", "relu": "_relu_derivative",
-                     "silu": "_silu_derivative"}  # exact σ'⊙∂y
+                     "silu": "_silu_derivative", "gelu_bloom": "_gelu_bloom_derivative"}  # exact σ'⊙∂y
+BLOOM_GELU_K = 0.79788456  # BLOOM's √(2/π) (ir/activations.py: gelu_bloom)
 GELU_STEP = {torch.float64: 2.0 ** -10, torch.float32: 2.0 ** -4}  # _gelu_derivative's h, per dtype
 
 
@@ -157,19 +158,23 @@ class BackwardLowering:
         self.call(layer, [list(zip(x.chunks(g), scaled.chunks(g)))], chunks)
         self.fields[node.name] = self._scaled(change, a["scale"])
 
-    def _gelu_tanh_derivative(self, x: Field, v: Field) -> Field:
+    def _gelu_bloom_derivative(self, x: Field, v: Field) -> Field:
+        """BLOOM's GELU is gelu_tanh with k = 0.79788456: the same construction with that k."""
+        return self._gelu_tanh_derivative(x, v, BLOOM_GELU_K)
+
+    def _gelu_tanh_derivative(self, x: Field, v: Field, k: float | None = None) -> Field:
         """gelu_tanh'(x)⊙v with T = tanh(k(x + a·x³)), k = √(2/π), a = 0.044715:
         0.5·v + 0.5·T⊙v + 0.5·k·(p − T²⊙p), p = (x + 3a·x³)⊙v. Exact: products, linear maps and a
-        tanh unit (a GTU)."""
-        k, c = (2.0 / math.pi) ** 0.5, 0.044715
+        tanh unit (a GTU). Another k (BLOOM's) names its layers."""
+        tag = "" if k is None else f"_{k!r}"
+        k, c = k or (2.0 / math.pi) ** 0.5, 0.044715
         x3 = self._product(self._product(x, x), x)
-        t = self._activated(self._chunked_linear("tanh_argument", lambda g: torch.cat([k * self.eye(g),
-                                                                                        k * c * self.eye(g)], 1),
-                                                 x, x3), "tanh")
+        t = self._activated(self._chunked_linear("tanh_argument" + tag, lambda g: torch.cat(
+            [k * self.eye(g), k * c * self.eye(g)], 1), x, x3), "tanh")
         p = self._chunked_linear("gelu_tanh_p", lambda g: torch.cat([self.eye(g), 3 * c * self.eye(g)], 1),
                                  self._product(x, v), self._product(x3, v))
         t2p = self._product(self._product(t, t), p)
-        return self._chunked_linear("gelu_tanh_derivative", lambda g: torch.cat(
+        return self._chunked_linear("gelu_tanh_derivative" + tag, lambda g: torch.cat(
             [0.5 * self.eye(g), 0.5 * self.eye(g), 0.5 * k * self.eye(g), -0.5 * k * self.eye(g)], 1),
             v, self._product(t, v), p, t2p)
 
@@ -209,13 +214,12 @@ class BackwardLowering:
         a = node.attrs
         hd, h, n = a["head_dim"], a["heads"], self.tmax
         key = ("attention_rows", self.x(node, 0), self.x(node, 1))
-        if key not in self.memo:  # rope: the rotated q and k; query head i reads k head _kv_head(i)
-            q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
-            k = [k[self._kv_head(a, i)] for i in range(h)]
-            layer = self.layer(("attention_rows", hd, n, repr(a["scale"])), lambda: P.Attention(
-                a["scale"] * self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=True, mask="causal"))
+        if key not in self.memo:  # the scores as attention computes them (rope, alibi, grouped-query)
+            queries, keys, w_q, w_k, suffix = self._score_inputs(node)
+            layer = self.layer(("attention_rows", hd, n, repr(a["scale"])) + suffix, lambda: P.Attention(
+                w_q, w_k, self.eye(n), self.eye(n), softmax=True, mask="causal"))
             rows, row_chunks = self.new(h * n, n)
-            self.call(layer, [[(c,) for c in q], [(c,) for c in k], [(self.inputs["positions"],)] * h], row_chunks)
+            self.call(layer, [queries, keys, [(self.inputs["positions"],)] * h], row_chunks)
             self.memo[key] = rows
         return self.memo[key]
 

@@ -123,6 +123,31 @@ class LlamaLowering:
             self.memo[key] = out
         return self.memo[key]
 
+    def _score_inputs(self, node) -> tuple[list, list, torch.Tensor, torch.Tensor, tuple]:
+        """Per query head, the q and k groups of a softmax head, its w_q and w_k and a key suffix, from the
+        node's inputs 0 and 1: rope rotates q and k; alibi appends a constant 1 to q and m_h·j to k (a key
+        feature of the one-hot position), so the score is scale·⟨q_t, k_j⟩ + m_h·j exactly. Query head i
+        reads k/v head _kv_head(i)."""
+        a = node.attrs
+        hd = a["head_dim"]
+        q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
+        k = [k[self._kv_head(a, i)] for i in range(len(q))]
+        if a.get("positions") != "alibi":
+            return [(c,) for c in q], [(c,) for c in k], a["scale"] * self.eye(hd), self.eye(hd), ()
+        bias = self._alibi_keys(a["heads"])
+        w_q = torch.diag(torch.tensor([a["scale"]] * hd + [1.0], dtype=self.dtype))
+        return ([(c, self.inputs["one"]) for c in q], [(c, bias.part(i, 1)) for i, c in enumerate(k)], w_q,
+                self.eye(hd + 1), ("alibi",))
+
+    def _alibi_keys(self, heads: int) -> Field:
+        """m_h·j of every head h at position j: a linear map of the one-hot position whose weight is ALiBi's
+        bias table (rules.alibi_bias, from the number of heads: a setting, not an aux weight)."""
+        key = ("alibi", heads)
+        if key not in self.memo:
+            table = rules.alibi_bias(heads, self.tmax, self.dtype)  # [H, T_max]
+            self.memo[key] = self._linear_of(f"alibi_table_{heads}", table, [self.inputs["positions"]])
+        return self.memo[key]
+
     def _group_sum(self, per_head: Field, hd: int, groups: int) -> Field:
         """Per k/v head j, the sum of query heads j·groups … (j+1)·groups − 1 (each hd wide)."""
         heads = per_head.chunks(hd)

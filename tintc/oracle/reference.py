@@ -130,10 +130,11 @@ class FiniteDifferenceActivation(torch.autograd.Function):
         return rules.activation_backward(x, dy, ctx.fn, "finite_difference", ctx.scale), None, None
 
 
-def stop_gradient_attention(q, k, v, scale: float, causal: bool, window: int | None = None):
+def stop_gradient_attention(q, k, v, scale: float, causal: bool, window: int | None = None, bias=None,
+                            upcast=None):
     """Softmax attention whose scores are constants for autograd: only v gets a gradient (with
     grouped-query attention, a k/v head's gradient sums over the query heads that share it)."""
-    return rules.attention_probs(q, k, scale, causal, window).detach() @ v
+    return rules.attention_probs(q, k, scale, causal, window, bias, upcast).detach() @ v
 
 
 class ApproxInterpreter(Interpreter):
@@ -158,10 +159,10 @@ class ApproxInterpreter(Interpreter):
             return FiniteDifferenceActivation.apply(x, fn, self.approx.scale)
         return super().activation(x, fn)
 
-    def attention(self, q, k, v, scale, causal, window=None):
+    def attention(self, q, k, v, scale, causal, window=None, bias=None, upcast=None):
         if self.approx.attention == "stop_gradient":
-            return stop_gradient_attention(q, k, v, scale, causal, window)
-        return super().attention(q, k, v, scale, causal, window)
+            return stop_gradient_attention(q, k, v, scale, causal, window, bias, upcast)
+        return super().attention(q, k, v, scale, causal, window, bias, upcast)
 
 
 # -- the SGD loop -----------------------------------------------------------------------
