@@ -17,11 +17,17 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
+def gelu_bloom(x):
+    """BLOOM's tanh GELU, its constant and op order: x·0.5·(1 + tanh(0.79788456·x·(1 + 0.044715·x·x)))
+    (0.79788456 is √(2/π) to 8 digits: it differs from gelu_tanh by ~1e-9 relative)."""
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
 def identity(x):
     return x
 
 
 # the aux models' activations (ir/ops.py's activation op) and the TinT's own units (identity: a
 # bilinear gated unit, tanh, sigmoid)
-ACTIVATIONS = {"identity": identity, "gelu_tanh": gelu_tanh, "gelu": F.gelu, "relu": F.relu, "silu": F.silu,
+ACTIVATIONS = {"identity": identity, "gelu_tanh": gelu_tanh, "gelu_bloom": gelu_bloom, "gelu": F.gelu, "relu": F.relu, "silu": F.silu,
                "tanh": torch.tanh, "sigmoid": torch.sigmoid}

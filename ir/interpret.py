@@ -101,7 +101,7 @@ class Interpreter:
         return self.layer_norm(args[0], w["gain"], w["bias"], node.attrs["eps"])
 
     def op_rms_norm(self, node, args, w):
-        return self.rms_norm(args[0], w["gain"], node.attrs["eps"], node.attrs.get("upcast"))
+        return self.rms_norm(args[0], w["gain"], node.attrs["eps"], node.attrs.get("upcast"), node.attrs.get("heads", 1))
 
     def op_linear(self, node, args, w):
         return F.linear(args[0], w["weight"], w.get("bias"))
@@ -122,7 +122,7 @@ class Interpreter:
             q, k = rules.apply_rope(q, cos, sin), rules.apply_rope(k, cos, sin)
         # grouped-query: each k/v head serves heads/kv_heads consecutive query heads
         k, v = (x.repeat_interleave(a["heads"] // kv_heads, dim=1) for x in (k, v))
-        return _merge(self.attention(q, k, v, a["scale"], a["causal"], a.get("window")))
+        return _merge(self.attention(q, k, v, a["scale"], a["causal"], a.get("window"), _bias(a, q), a.get("upcast")))
 
     def op_lm_head(self, node, args, w):
         return args[0] @ w["weight"].T
@@ -167,12 +167,13 @@ class Interpreter:
 
     def op_rms_norm_backward(self, node, args, w):
         a = node.attrs
-        return rules.rms_norm_backward(args[0], w["gain"], args[1], a["eps"], a["rule"], a["scale"])
+        return rules.rms_norm_backward(args[0], w["gain"], args[1], a["eps"], a["rule"], a["scale"], a.get("heads", 1))
 
     def op_rms_norm_descent(self, node, args, w):
         x, dy = args
-        xhat = rules.rms_normalise(x, node.attrs["eps"])
-        self._write(node, "gain", w["gain"] - node.attrs["lr"] * (dy * xhat).sum((0, 1)))
+        xhat = rules.rms_normalise(x, node.attrs["eps"], node.attrs.get("heads", 1))
+        per_part = (dy * xhat).reshape(-1, w["gain"].shape[-1])  # heads: every part's sum
+        self._write(node, "gain", w["gain"] - node.attrs["lr"] * per_part.sum(0))
 
     def op_attention_backward(self, node, args, w):
         a = node.attrs
@@ -183,7 +184,7 @@ class Interpreter:
             cos, sin = rules.rope_cos_sin(q.shape[-2], a["rotary_dim"], a["rope_theta"], q.dtype)
             q, k = rules.apply_rope(q, cos, sin), rules.apply_rope(k, cos, sin)
         k = k.repeat_interleave(heads // kv_heads, dim=1)
-        dv = rules.attention_backward_values(q, k, do, a["scale"], a["causal"])  # per query head
+        dv = rules.attention_backward_values(q, k, do, a["scale"], a["causal"], _bias(a, q))  # per query head
         b, _, t, hd = dv.shape
         return _merge(dv.view(b, kv_heads, heads // kv_heads, t, hd).sum(2))  # a k/v head: its query heads' sum
 
@@ -198,7 +199,7 @@ class Interpreter:
             q, k = rules.apply_rope(q, cos, sin), rules.apply_rope(k, cos, sin)
         groups = heads // kv_heads
         k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
-        dq, dk = rules.attention_backward_scores(q, k, v, do, a["scale"], a["causal"])  # wrt the rotated q, k
+        dq, dk = rules.attention_backward_scores(q, k, v, do, a["scale"], a["causal"], _bias(a, q))  # rotated q, k
         if a["wrt"] == "q":
             grad = dq
         else:  # a k/v head: the sum over its query heads
@@ -210,14 +211,21 @@ class Interpreter:
     def layer_norm(self, x, gain, bias, eps):
         return F.layer_norm(x, (x.shape[-1],), gain, bias, eps)
 
-    def rms_norm(self, x, gain, eps, upcast: str | None = None):
-        return gain * rules.rms_normalise_as(x, eps, upcast)
+    def rms_norm(self, x, gain, eps, upcast: str | None = None, heads: int = 1):
+        return gain.repeat(heads) * rules.rms_normalise_as(x, eps, upcast, heads)
 
     def activation(self, x, fn: str):
         return rules.ACTIVATION_FNS[fn](x)
 
-    def attention(self, q, k, v, scale: float, causal: bool, window: int | None = None):
-        return rules.attention_probs(q, k, scale, causal, window) @ v
+    def attention(self, q, k, v, scale: float, causal: bool, window: int | None = None, bias=None, upcast=None):
+        return rules.attention_probs(q, k, scale, causal, window, bias, upcast) @ v
+
+
+def _bias(attrs: dict, q):
+    """ALiBi's score bias [H, T] (positions='alibi'), else None; q: [B, H, T, hd]."""
+    if attrs.get("positions") != "alibi":
+        return None
+    return rules.alibi_bias(attrs["heads"], q.shape[-2], q.dtype)
 
 
 def _heads(x, heads: int):

@@ -21,9 +21,10 @@ T = "T"
 COMMON_ATTRS = {"module": str, "layer": int, "role": str, "train": str, "prefixes": int, "head_width": int,
                 "group_width": int}
 
-ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")  # gelu_tanh = GPT-2's gelu_new
-# none: absolute positions are added by pos_embed; rope: q and k are rotated inside attention
-POSITION_SCHEMES = ("none", "rope")
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu", "gelu_bloom")  # gelu_tanh = GPT-2's gelu_new
+# none: absolute positions are added by pos_embed; rope: q and k are rotated inside attention;
+# alibi: each head's scores get m_h·j for key j (BLOOM; rules.alibi_bias)
+POSITION_SCHEMES = ("none", "rope", "alibi")
 MASKS = ("train", "label")
 BACKWARD_RULES = ("finite_difference", "exact")  # layer norm and activation backward
 ATTENTION_RULES = ("stop_gradient", "exact")  # attention backward: scores constant, or differentiated
@@ -57,11 +58,22 @@ def _same(shapes, attrs, w):
     return a if a == b else f"input shapes differ: {list(a)} vs {list(b)}"
 
 
+def _norm_width(x, attrs) -> int | str:
+    """The width one normalisation runs over: the whole value, or each of `heads` equal parts."""
+    heads = attrs.get("heads", 1)
+    if heads < 1 or x[-1] % heads:
+        return f"heads={heads}; allowed: a divisor of the width {x[-1]}"
+    return x[-1] // heads
+
+
 def _layer_norm(shapes, attrs, w):
     (x,) = shapes
+    width = _norm_width(x, attrs)
+    if isinstance(width, str):
+        return width
     for slot in ("gain", "bias"):
-        if slot in w and w[slot] != (x[-1],):
-            return f"{slot} has shape {list(w[slot])}, expected [{x[-1]}]"
+        if slot in w and w[slot] != (width,):
+            return f"{slot} has shape {list(w[slot])}, expected [{width}]"
     return x
 
 
@@ -155,8 +167,9 @@ def _pointwise_backward(shapes, attrs, w):
     x, dy = shapes
     if x != dy:
         return f"x {list(x)} and ∂y {list(dy)} differ"
-    if "gain" in w and w["gain"] != (x[-1],):
-        return f"gain {list(w['gain'])} does not match width {x[-1]}"
+    width = _norm_width(x, attrs)
+    if isinstance(width, str) or ("gain" in w and w["gain"] != (width,)):
+        return width if isinstance(width, str) else f"gain {list(w['gain'])} does not match width {width}"
     if "fn" in attrs and attrs["fn"] not in ACTIVATIONS:
         return f"fn={attrs['fn']!r}; allowed: {', '.join(ACTIVATIONS)}"
     return _rule(attrs, BACKWARD_RULES) or x
@@ -166,8 +179,11 @@ def _layer_norm_descent(shapes, attrs, w):
     x, dy = shapes
     if not w:
         return "updates nothing: needs a gain or a bias slot"
-    bad = [s for s, shape in w.items() if shape != (x[-1],)]
-    return f"{bad} do not match width {x[-1]}" if bad or x != dy else ()
+    width = _norm_width(x, attrs)
+    if isinstance(width, str):
+        return width
+    bad = [s for s, shape in w.items() if shape != (width,)]
+    return f"{bad} do not match width {width}" if bad or x != dy else ()
 
 
 def _attention_backward(shapes, attrs, w):
@@ -202,8 +218,9 @@ _specs = [
            "(x - mean) / sqrt(var + eps) * gain + bias over the last axis"),
     OpSpec("rms_norm", 1, {"eps": float}, ("gain",), _layer_norm,
            "x / sqrt(mean(x²) + eps) * gain over the last axis (LLaMA's RMSNorm: no centring, no bias); "
-           "upcast='float32': the normalisation runs in float32 and is cast back before the gain, as HF does",
-           optional_attrs={"upcast": str}),
+           "upcast='float32': the normalisation runs in float32 and is cast back before the gain, as HF does; "
+           "heads=H: each of H equal parts of x normalised on its own, one gain shared by the parts (Qwen3's q/k norm)",
+           optional_attrs={"upcast": str, "heads": int}),
     OpSpec("linear", 1, {}, ("weight", "bias"), _linear,
            "x @ weight.T + bias with weight [out, in]; bias optional", ("bias",)),
     OpSpec("activation", 1, {"fn": str}, (), _activation, "elementwise activation fn(x)"),
@@ -213,8 +230,10 @@ _specs = [
            "multi-head softmax attention of (q, k, v), scores scaled by `scale`; with kv_heads < heads "
            "(grouped-query) query head h reads k/v head h // (heads / kv_heads); positions='rope' rotates "
            "the first rotary_dim coordinates of every q and k head by position·rope_theta^(-2i/rotary_dim) "
-           "(halves layout); window: query t sees keys j with t − j < window",
-           optional_attrs={"kv_heads": int, "rope_theta": float, "rotary_dim": int, "window": int}),
+           "(halves layout); positions='alibi' adds m_h·j to head h's score of key j (ALiBi, BLOOM's slopes); "
+           "window: query t sees keys j with t − j < window; upcast='float32': the softmax in float32, as HF's "
+           "eager attention computes it",
+           optional_attrs={"kv_heads": int, "rope_theta": float, "rotary_dim": int, "window": int, "upcast": str}),
     OpSpec("lm_head", 1, {}, ("weight",), _lm_head, "logits = x @ weight.T (weight [vocab, D])"),
     OpSpec("output", 1, {}, (), _output, "marks the graph's result (the logits)"),
     # training graph: inputs, the loss gradient, backward and descent ops
@@ -233,9 +252,11 @@ _specs = [
     OpSpec("activation_backward", 2, {"fn": str, "rule": str, "scale": float}, (), _pointwise_backward,
            "inputs (x, ∂y): ∂x; finite_difference: N·[σ(x + ∂y/N) − σ(x)]"),
     OpSpec("rms_norm_backward", 2, {"eps": float, "rule": str, "scale": float}, ("gain",), _pointwise_backward,
-           "inputs (x, ∂y): ∂x of RMSNorm; finite_difference: N·[f(x + gain⊙∂y/N) − f(x)], f = x/rms(x)"),
+           "inputs (x, ∂y): ∂x of RMSNorm; finite_difference: N·[f(x + gain⊙∂y/N) − f(x)], f = x/rms(x) "
+           "(heads: per part, as rms_norm)", optional_attrs={"heads": int}),
     OpSpec("rms_norm_descent", 2, {"eps": float, "lr": float}, ("gain",), _layer_norm_descent,
-           "inputs (x, ∂y): gain −= lr·Σ_t ∂y_t⊙f(x_t), f the RMS normalisation"),
+           "inputs (x, ∂y): gain −= lr·Σ_t ∂y_t⊙f(x_t), f the RMS normalisation (heads: summed over the parts)",
+           optional_attrs={"heads": int}),
     OpSpec("attention_backward", 3, {"heads": int, "head_dim": int, "causal": bool, "scale": float, "rule": str},
            (), _attention_backward, "inputs (q, k, ∂o): ∂v_j = Σ_t a_tj ∂o_t (the same under both rules), a from "
            "the rotated q, k (positions='rope'); with kv_heads < heads a k/v head sums over its query heads",

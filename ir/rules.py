@@ -7,6 +7,8 @@ the oracle (`tintc.oracle.reference`) uses the same formulas inside its autograd
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -18,24 +20,28 @@ def normalise(x, eps: float):
     return F.layer_norm(x, (x.shape[-1],), None, None, eps)
 
 
-def rms_normalise(x, eps: float):
-    """f(x) = x / sqrt(mean(x²) + eps) over the last axis (RMSNorm without gain), in HF's op order."""
+def rms_normalise(x, eps: float, heads: int = 1):
+    """f(x) = x / sqrt(mean(x²) + eps) over the last axis (RMSNorm without gain), in HF's op order;
+    heads > 1: over each of `heads` equal parts of it (Qwen3's q/k norm)."""
+    if heads > 1:
+        return rms_normalise(x.unflatten(-1, (heads, -1)), eps).flatten(-2)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def rms_normalise_as(x, eps: float, upcast: str | None):
+def rms_normalise_as(x, eps: float, upcast: str | None, heads: int = 1):
     """f(x), computed in `upcast` (a dtype name) and cast back when given: HF's precision."""
     if upcast is None:
-        return rms_normalise(x, eps)
-    return rms_normalise(x.to(getattr(torch, upcast)), eps).to(x.dtype)
+        return rms_normalise(x, eps, heads)
+    return rms_normalise(x.to(getattr(torch, upcast)), eps, heads).to(x.dtype)
 
 
-def rms_norm_backward(x, gain, dy, eps: float, rule: str, scale: float):
-    """∂x of y = f(x)·γ, f the RMS normalisation. finite_difference: N·[f(x + γ⊙∂y/N) − f(x)]."""
-    g = gain * dy
+def rms_norm_backward(x, gain, dy, eps: float, rule: str, scale: float, heads: int = 1):
+    """∂x of y = f(x)·γ, f the RMS normalisation (of each part: γ repeated over the `heads` parts).
+    finite_difference: N·[f(x + γ⊙∂y/N) − f(x)]."""
+    g = gain.repeat(heads) * dy
     if rule == "finite_difference":
-        return scale * (rms_normalise(x + g * (1.0 / scale), eps) - rms_normalise(x, eps))
-    return torch.func.vjp(lambda v: rms_normalise(v, eps), x)[1](g)[0]
+        return scale * (rms_normalise(x + g * (1.0 / scale), eps, heads) - rms_normalise(x, eps, heads))
+    return torch.func.vjp(lambda v: rms_normalise(v, eps, heads), x)[1](g)[0]
 
 
 def rope_cos_sin(length: int, rotary_dim: int, theta: float, dtype):
@@ -80,10 +86,31 @@ def activation_backward(x, dy, fn: str, rule: str, scale: float):
     return torch.func.vjp(sigma, x)[1](dy)[0]
 
 
-def attention_probs(q, k, scale: float, causal: bool, window: int | None = None):
-    """a[b, h, t, j] = softmax_j(scale·⟨q_t, k_j⟩) on [B, H, T, hd] tensors; with a window, query t
-    sees only keys j with t − j < window."""
+def alibi_slopes(heads: int):
+    """ALiBi's slope m_h of each head (BLOOM's): 2^(−8h/n) for h = 1..n, n the largest power of 2 ≤ heads,
+    and for the other heads the odd powers of the slopes of 2n heads; in float32, as Hugging Face builds them."""
+    n = 2 ** math.floor(math.log2(heads))
+    slopes = torch.tensor(2 ** (-(2 ** -(math.log2(n) - 3))), dtype=torch.float32) ** torch.arange(1, 1 + n)
+    if n != heads:
+        extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * n) - 3))), dtype=torch.float32)
+        slopes = torch.cat([slopes, extra ** torch.arange(1, 1 + 2 * min(n, heads - n), 2)])
+    return slopes
+
+
+def alibi_bias(heads: int, length: int, dtype):
+    """b[h, j] = m_h·j, ALiBi's score bias of key j in head h (the query's own m_h·t is a constant of its
+    softmax row, so HF adds only this), computed in float32 and cast to `dtype` as HF does."""
+    return (alibi_slopes(heads)[:, None] * torch.arange(length)).to(dtype)
+
+
+def attention_probs(q, k, scale: float, causal: bool, window: int | None = None, bias=None,
+                    upcast: str | None = None):
+    """a[b, h, t, j] = softmax_j(scale·⟨q_t, k_j⟩ + bias[h, j]) on [B, H, T, hd] tensors (bias: ALiBi's,
+    or none); with a window, query t sees only keys j with t − j < window; upcast: the softmax in that
+    dtype, cast back (HF's eager attention)."""
     scores = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias[:, None, :]
     t = q.shape[-2]
     hidden = torch.zeros(t, t, dtype=torch.bool, device=q.device)
     if causal:
@@ -92,18 +119,20 @@ def attention_probs(q, k, scale: float, causal: bool, window: int | None = None)
         hidden |= torch.ones_like(hidden).tril(-window)
     if hidden.any():
         scores = scores.masked_fill(hidden, float("-inf"))
+    if upcast is not None:
+        return scores.to(getattr(torch, upcast)).softmax(-1).to(q.dtype)
     return scores.softmax(-1)
 
 
-def attention_backward_values(q, k, do, scale: float, causal: bool):
+def attention_backward_values(q, k, do, scale: float, causal: bool, bias=None):
     """Stop-gradient rule: the scores are constants, so ∂v_j = Σ_t a_tj ∂o_t (heads [B, H, T, hd])."""
-    return attention_probs(q, k, scale, causal).transpose(-1, -2) @ do
+    return attention_probs(q, k, scale, causal, bias=bias).transpose(-1, -2) @ do
 
 
-def attention_backward_scores(q, k, v, do, scale: float, causal: bool):
+def attention_backward_scores(q, k, v, do, scale: float, causal: bool, bias=None):
     """The gradient through the scores (heads [B, H, T, hd]): g_tj = a_tj·(d_tj − Σ_j' a_tj' d_tj'),
-    d_tj = ⟨∂o_t, v_j⟩; returns (∂q, ∂k) = (scale·g·k, scale·gᵀ·q)."""
-    a = attention_probs(q, k, scale, causal)
+    d_tj = ⟨∂o_t, v_j⟩; returns (∂q, ∂k) = (scale·g·k, scale·gᵀ·q) (a constant bias has no gradient)."""
+    a = attention_probs(q, k, scale, causal, bias=bias)
     d = do @ v.transpose(-1, -2)
     g = a * (d - (a * d).sum(-1, keepdim=True))
     return scale * g @ k, scale * g.transpose(-1, -2) @ q

@@ -58,6 +58,18 @@ TINY: dict[str, dict] = {
         vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     ),
+    # Qwen3: RMSNorm of each q and k head (one gain of head_dim); head_dim 16, not hidden/heads = 8
+    "qwen3": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=64, max_position_embeddings=32, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ),
+    # BLOOM: ALiBi (no position embedding), a layer norm on the embeddings, q|k|v interleaved per head in
+    # one query_key_value, BLOOM's tanh GELU, a tied head
+    "bloom": dict(
+        hidden_size=32, n_layer=2, n_head=4, vocab_size=64,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ),
 }
 
 # Smaller still, for the standard view (backends/torch/standard.py), whose dense projections

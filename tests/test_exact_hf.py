@@ -44,6 +44,8 @@ CASES = {
     "gpt_neox-sequential": ("gpt_neox", {"use_parallel_residual": False}, 1.0),
     "phi3": ("phi3", {}, 1.0),
     "olmo2": ("olmo2", {}, 1.0),
+    "qwen3": ("qwen3", {}, 1.0),
+    "bloom": ("bloom", {}, 1.0),
     "gpt2-small-activations": ("gpt2", {}, 1e-3),
     "llama-small-activations": ("llama", {}, 1e-3),
     "qwen2-small-activations": ("qwen2", {}, 1e-3),

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 from torch import nn
-from transformers import BloomConfig, BloomForCausalLM
+from transformers import GPTJConfig, GPTJForCausalLM
 
 from ir.frontend import ADAPTERS, load_model, trace
 from ir.text import dump, parse
@@ -96,18 +96,21 @@ def test_unsupported_activation_is_refused():
 
 def test_unsupported_model_class_lists_the_supported_ones():
     torch.manual_seed(0)
-    bloom = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=1, n_head=4, vocab_size=64,
-                                         bos_token_id=0, eos_token_id=0, pad_token_id=0))
-    err = trace_error(bloom)
-    assert str(err) == ("frontend error: model class BloomForCausalLM is not supported; supported: "
+    gptj = GPTJForCausalLM(GPTJConfig(n_embd=32, n_layer=1, n_head=4, rotary_dim=4, vocab_size=64, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    err = trace_error(gptj)
+    assert str(err) == ("frontend error: model class GPTJForCausalLM is not supported; supported: "
                         "GPT2LMHeadModel, OPTForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, "
-                        "GPTNeoXForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM")
+                        "GPTNeoXForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM, "
+                        "Qwen3ForCausalLM, "
+                        "BloomForCausalLM")
 
 
 def test_unknown_family_is_refused():
-    with pytest.raises(FrontendError, match="model family 'bloom' is not supported; supported: gpt2, gpt_neox, "
-                                            "llama, mistral, olmo2, opt, phi3, qwen2"):
-        load_model("bloom", "/nonexistent")
+    with pytest.raises(FrontendError, match="model family 'gptj' is not supported; supported: bloom, gpt2, "
+                                            "gpt_neox, llama, mistral, olmo2, opt, phi3, qwen2, "
+                                            "qwen3"):
+        load_model("gptj", "/nonexistent")
 
 
 def test_extra_parameter_names_its_module():

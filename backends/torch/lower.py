@@ -16,6 +16,7 @@ settings), so identical keys share one module; nothing here reads an aux weight.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable
 
@@ -185,12 +186,14 @@ class _Lowering(BackwardLowering, LlamaLowering):
 
     def _product(self, a: Field, b: Field, group: int | None = None, factor: float = 1.0) -> Field:
         """factor·a ⊙ b chunk by chunk (`group` overrides the op's group width); a of width 1 is broadcast
-        over b."""
+        over b, a narrower a (a gain shared by b's heads) repeats along b."""
         g = group or self.group(b.width)
+        if 1 < a.width < b.width:
+            g = math.gcd(g, a.width)
         left = (lambda: torch.ones(g, 1, dtype=self.dtype)) if a.width == 1 else (lambda: self.eye(g))
         key = ("product", a.width == 1, g) + (() if factor == 1.0 else (repr(factor),))
         layer = self.layer(key, lambda: P.Gate(factor * left(), self.eye(g)))
-        a_chunks = [a] * (b.width // g) if a.width == 1 else a.chunks(g)
+        a_chunks = [a] * (b.width // g) if a.width == 1 else a.chunks(g) * (b.width // a.width)
         out, chunks = self.new(b.width, g)
         self.call(layer, [[(c,) for c in a_chunks], [(c,) for c in b.chunks(g)]], chunks)
         return out
@@ -272,17 +275,16 @@ class _Lowering(BackwardLowering, LlamaLowering):
         return out
 
     def lower_attention(self, node):
-        """Softmax attention per query head; with rope it reads the rotated q and k, and query head h
-        reads k/v head h // (heads/kv_heads) (grouped-query)."""
+        """Softmax attention per query head; with rope it reads the rotated q and k, with alibi q and k
+        with one more coordinate each, and query head h reads k/v head h // (heads/kv_heads) (grouped-query)."""
         a = node.attrs
         hd = a["head_dim"]
-        q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
+        queries, keys, w_q, w_k, suffix = self._score_inputs(node)  # rope, alibi
         v = self.x(node, 2).chunks(hd)
-        kv = [self._kv_head(a, h) for h in range(len(q))]
-        layer = self.layer(("attention", hd, repr(a["scale"])), lambda: P.Attention(
-            a["scale"] * self.eye(hd), self.eye(hd), self.eye(hd), self.eye(hd), softmax=True, mask="causal"))
+        layer = self.layer(("attention", hd, repr(a["scale"])) + suffix, lambda: P.Attention(
+            w_q, w_k, self.eye(hd), self.eye(hd), softmax=True, mask="causal"))
         out, chunks = self.new(self.x(node).width, hd)
-        self.call(layer, [[(c,) for c in q], [(k[j],) for j in kv], [(v[j],) for j in kv]], chunks)
+        self.call(layer, [queries, keys, [(v[self._kv_head(a, h)],) for h in range(len(queries))]], chunks)
         self.fields[node.name] = out
 
     def lower_lm_head(self, node):
@@ -364,14 +366,14 @@ class _Lowering(BackwardLowering, LlamaLowering):
         a = node.attrs
         block, version = self.block_of(node)
         x, dy = self.x(node, 0), self.x(node, 1)
-        d = x.width
-        g = self.group(d)
+        d = self.layout.blocks[block].d_out  # x's width, or one head's (a norm of each head: their sum)
+        g = math.gcd(self.group(x.width), d)
         values, targets = [], []
         for slot, at in (("gain", 0), ("bias", d)):
             if slot in node.weights:
                 value = self._product(dy, normalised(x, a["eps"])) if slot == "gain" else dy
                 values += value.chunks(g)
-                targets += [Field(at + i, g) for i in range(0, d, g)]
+                targets += [Field(at + i % d, g) for i in range(0, x.width, g)]
         one = torch.ones(1, 1, dtype=self.dtype)
         layer = self.layer(("norm_descent", g, repr(a["lr"])), lambda: P.Attention(
             one, one, -a["lr"] * self.eye(g), self.eye(g), softmax=False, mask="full"))

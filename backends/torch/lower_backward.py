@@ -20,7 +20,8 @@ from . import runtime as P
 from .program import Field
 
 EXACT_DERIVATIVES = {"gelu_tanh": "_gelu_tanh_derivative", "gelu": "_gelu_derivative", "relu": "_relu_derivative",
-                     "silu": "_silu_derivative"}  # exact σ'⊙∂y
+                     "silu": "_silu_derivative", "gelu_bloom": "_gelu_bloom_derivative"}  # exact σ'⊙∂y
+BLOOM_GELU_K = 0.79788456  # BLOOM's √(2/π) (ir/activations.py: gelu_bloom)
 GELU_STEP = {torch.float64: 2.0 ** -10, torch.float32: 2.0 ** -4}  # _gelu_derivative's h, per dtype
 
 
@@ -80,45 +81,60 @@ class BackwardLowering:
         self.call(layer, [[tuple(values)]], [out])
         return out
 
-    def _divided_by_sigma(self, y: Field, w: Field, eps: float) -> Field:
+    def _divided_by_sigma(self, y: Field, w: Field, eps: float, heads: int = 1) -> Field:
         """w/σ, σ = sqrt(mean(y²) + eps) (layer norm: y = x − mean(x); RMSNorm: y = x), exactly: with the
         constant k = sqrt(D·eps/2) from the one, z = [y, −y, k, −k] has mean 0 and variance
         (|y|² + k²)/(D + 1); a layer norm with eps' = D·eps/(2(D + 1)) divides z by sqrt(D·σ²/(D + 1)), so
         its coordinate 2D is k·sqrt((D + 1)/D)/σ: σ's eps enters as a coordinate and the norm's own eps,
         not as an approximation (eps' > 0 keeps a position whose stream is 0, e.g. a prefix token of the
         standard view, finite). A product with w, scaled back by 1/(k·sqrt((D + 1)/D)), gives w/σ; the
-        error is rounding only, and every projection is a copy (O(D) per token)."""
+        error is rounding only, and every projection is a copy (O(D) per token). heads: each of y's equal
+        parts divided by its own σ (a norm of each head), one group per head."""
         if eps <= 0:
             raise BackendError(f"node %{self.node.name}: norm eps {eps!r}: the exact backward reads 1/σ off a "
                                "constant coordinate sqrt(D·eps/2); allowed: eps > 0, or the rule finite_difference")
-        d = y.width
+        d = y.width // heads
         k, norm_eps = math.sqrt(d * eps / 2), d * eps / (2 * (d + 1))
         zeros, column = torch.zeros(d, 1, dtype=self.dtype), torch.ones(1, 1, dtype=self.dtype)
         stack = torch.cat([torch.cat([self.eye(d), zeros], 1), torch.cat([-self.eye(d), zeros], 1),
                            torch.cat([zeros.T, k * column], 1), torch.cat([zeros.T, -k * column], 1)])
-        z = self._linear_of(f"sigma_stack_{k!r}", stack, [y, self.inputs["one"]])
-        normed = self.alloc(2 * d + 2)
-        self.call(self.layer(("norm", repr(norm_eps)), lambda: P.Norm(norm_eps)), [[(z,)]], [normed])
-        return self._product(normed.part(2 * d, 1), w, factor=1.0 / (k * math.sqrt((d + 1) / d)))
+        stack_layer = self.layer((f"sigma_stack_{k!r}", *stack.shape), lambda: P.Linear(stack))
+        z, z_heads = self.new((2 * d + 2) * heads, 2 * d + 2)
+        self.call(stack_layer, [[(part, self.inputs["one"]) for part in y.chunks(d)]], z_heads)
+        normed, normed_heads = self.new(z.width, 2 * d + 2)
+        self.call(self.layer(("norm", repr(norm_eps)), lambda: P.Norm(norm_eps)), [[(c,) for c in z_heads]],
+                  normed_heads)
+        factor = 1.0 / (k * math.sqrt((d + 1) / d))
+        if heads == 1:
+            return self._product(normed.part(2 * d, 1), w, factor=factor)
+        layer = self.layer(("product", True, d, repr(factor)), lambda: P.Gate(
+            factor * torch.ones(d, 1, dtype=self.dtype), self.eye(d)))
+        out, chunks = self.new(w.width, d)
+        self.call(layer, [[(c.part(2 * d, 1),) for c in normed_heads], [(c,) for c in w.chunks(d)]], chunks)
+        return out
 
     def _minus_times(self, s: Field, v: Field, base: Field) -> Field:
         """base − s·v, s one number per token, v as wide as base or the one (then base − s): a gated unit
-        (−s)⊙v + base whose projections are copies, O(D) per token where a linear map [I, −I, …] is dense."""
-        d, wide = base.width, v.width == base.width
+        (−s)⊙v + base whose projections are copies, O(D) per token where a linear map [I, −I, …] is dense.
+        s of H numbers: base's (and v's) H equal parts, each with its own s (a norm of each head)."""
+        heads, wide = s.width, v.width == base.width
+        d = base.width // heads
         column = torch.ones(d, 1, dtype=self.dtype)
         layer = self.layer(("minus_times", d, wide), lambda: P.Gate(-column, self.eye(d) if wide else column,
                                                                     self.eye(d)))
-        out = self.alloc(d)
-        self.call(layer, [[(s,)], [(v,)], [(base,)]], [out])
+        out, chunks = self.new(base.width, d)
+        self.call(layer, [[(c,) for c in s.chunks(1)], [(c,) for c in v.chunks(d)] if wide else [(v,)] * heads,
+                          [(c,) for c in base.chunks(d)]], chunks)
         return out
 
-    def _means(self, *values: Field) -> list[Field]:
-        """mean(v) of each value (one number per token): one linear map, a group per value."""
-        d = values[0].width
+    def _means(self, *values: Field, heads: int = 1) -> list[Field]:
+        """mean(v) of each value (one number per token; heads: one per equal part): one linear map, a group
+        per value (and part)."""
+        d = values[0].width // heads
         layer = self.layer(("mean", d), lambda: P.Linear(torch.full((1, d), 1.0 / d, dtype=self.dtype)))
-        _, means = self.new(len(values), 1)
-        self.call(layer, [[(v,) for v in values]], means)
-        return means
+        means, _ = self.new(len(values) * heads, 1)
+        self.call(layer, [[(c,) for v in values for c in v.chunks(d)]], means.chunks(1))
+        return [means.part(i * heads, heads) for i in range(len(values))]
 
     def lower_activation_backward(self, node):
         """finite_difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: an MLP with hidden [x + ∂y/N; x] per chunk.
@@ -142,19 +158,23 @@ class BackwardLowering:
         self.call(layer, [list(zip(x.chunks(g), scaled.chunks(g)))], chunks)
         self.fields[node.name] = self._scaled(change, a["scale"])
 
-    def _gelu_tanh_derivative(self, x: Field, v: Field) -> Field:
+    def _gelu_bloom_derivative(self, x: Field, v: Field) -> Field:
+        """BLOOM's GELU is gelu_tanh with k = 0.79788456: the same construction with that k."""
+        return self._gelu_tanh_derivative(x, v, BLOOM_GELU_K)
+
+    def _gelu_tanh_derivative(self, x: Field, v: Field, k: float | None = None) -> Field:
         """gelu_tanh'(x)⊙v with T = tanh(k(x + a·x³)), k = √(2/π), a = 0.044715:
         0.5·v + 0.5·T⊙v + 0.5·k·(p − T²⊙p), p = (x + 3a·x³)⊙v. Exact: products, linear maps and a
-        tanh unit (a GTU)."""
-        k, c = (2.0 / math.pi) ** 0.5, 0.044715
+        tanh unit (a GTU). Another k (BLOOM's) names its layers."""
+        tag = "" if k is None else f"_{k!r}"
+        k, c = k or (2.0 / math.pi) ** 0.5, 0.044715
         x3 = self._product(self._product(x, x), x)
-        t = self._activated(self._chunked_linear("tanh_argument", lambda g: torch.cat([k * self.eye(g),
-                                                                                        k * c * self.eye(g)], 1),
-                                                 x, x3), "tanh")
+        t = self._activated(self._chunked_linear("tanh_argument" + tag, lambda g: torch.cat(
+            [k * self.eye(g), k * c * self.eye(g)], 1), x, x3), "tanh")
         p = self._chunked_linear("gelu_tanh_p", lambda g: torch.cat([self.eye(g), 3 * c * self.eye(g)], 1),
                                  self._product(x, v), self._product(x3, v))
         t2p = self._product(self._product(t, t), p)
-        return self._chunked_linear("gelu_tanh_derivative", lambda g: torch.cat(
+        return self._chunked_linear("gelu_tanh_derivative" + tag, lambda g: torch.cat(
             [0.5 * self.eye(g), 0.5 * self.eye(g), 0.5 * k * self.eye(g), -0.5 * k * self.eye(g)], 1),
             v, self._product(t, v), p, t2p)
 
@@ -194,13 +214,12 @@ class BackwardLowering:
         a = node.attrs
         hd, h, n = a["head_dim"], a["heads"], self.tmax
         key = ("attention_rows", self.x(node, 0), self.x(node, 1))
-        if key not in self.memo:  # rope: the rotated q and k; query head i reads k head _kv_head(i)
-            q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
-            k = [k[self._kv_head(a, i)] for i in range(h)]
-            layer = self.layer(("attention_rows", hd, n, repr(a["scale"])), lambda: P.Attention(
-                a["scale"] * self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=True, mask="causal"))
+        if key not in self.memo:  # the scores as attention computes them (rope, alibi, grouped-query)
+            queries, keys, w_q, w_k, suffix = self._score_inputs(node)
+            layer = self.layer(("attention_rows", hd, n, repr(a["scale"])) + suffix, lambda: P.Attention(
+                w_q, w_k, self.eye(n), self.eye(n), softmax=True, mask="causal"))
             rows, row_chunks = self.new(h * n, n)
-            self.call(layer, [[(c,) for c in q], [(c,) for c in k], [(self.inputs["positions"],)] * h], row_chunks)
+            self.call(layer, [queries, keys, [(self.inputs["positions"],)] * h], row_chunks)
             self.memo[key] = rows
         return self.memo[key]
 

@@ -20,36 +20,56 @@ from .program import Field
 
 class LlamaLowering:
     # -- RMSNorm ---------------------------------------------------------------------------
-    def _rms_normalised(self, x: Field, eps: float) -> Field:
-        """x / sqrt(mean(x²) + eps): the layer norm of [x, −x], first half; once per (x, eps)."""
-        key = ("rms_normalised", x, eps)
+    def _rms_normalised(self, x: Field, eps: float, heads: int = 1) -> Field:
+        """x / sqrt(mean(x²) + eps): the layer norm of [x, −x], first half; once per (x, eps). heads: each of
+        x's equal parts on its own (a norm of each head), a group per part, then their first halves side
+        by side."""
+        key = ("rms_normalised", x, eps) + (() if heads == 1 else (heads,))
         if key not in self.memo:
-            d = x.width
-            mirrored = self._linear_of("mirror", torch.cat([self.eye(d), -self.eye(d)]), [x])
-            normed = self.alloc(2 * d)
-            self.call(self.layer(("norm", repr(eps)), lambda: P.Norm(eps)), [[(mirrored,)]], [normed])
-            self.memo[key] = normed.part(0, d)
+            d = x.width // heads
+            if heads == 1:
+                mirrored = self._linear_of("mirror", torch.cat([self.eye(d), -self.eye(d)]), [x])
+                normed = self.alloc(2 * d)
+                self.call(self.layer(("norm", repr(eps)), lambda: P.Norm(eps)), [[(mirrored,)]], [normed])
+                self.memo[key] = normed.part(0, d)
+                return self.memo[key]
+            mirror = self.layer(("mirror", 2 * d, d), lambda: P.Linear(torch.cat([self.eye(d), -self.eye(d)])))
+            _, mirrored = self.new(2 * x.width, 2 * d)
+            self.call(mirror, [[(c,) for c in x.chunks(d)]], mirrored)
+            _, normed = self.new(2 * x.width, 2 * d)
+            self.call(self.layer(("norm", repr(eps)), lambda: P.Norm(eps)), [[(c,) for c in mirrored]], normed)
+            first = self.layer(("first_half", d), lambda: P.Linear(torch.cat([self.eye(d), 0 * self.eye(d)], 1)))
+            out, chunks = self.new(x.width, d)
+            self.call(first, [[(c,) for c in normed]], chunks)
+            self.memo[key] = out
         return self.memo[key]
+
+    def _rms_normalise_of(self, node):
+        """f of this node's norm: of the whole value, or of each head (attribute `heads`)."""
+        heads = node.attrs.get("heads", 1)
+        return lambda x, eps: self._rms_normalised(x, eps, heads)
 
     def lower_rms_norm(self, node):
         block, version = self.block_of(node)
-        gamma, _ = self._norm_params(block, version)  # the block's β is 0 and unused
-        self.fields[node.name] = self._product(gamma, self._rms_normalised(self.x(node), node.attrs["eps"]))
+        gamma, _ = self._norm_params(block, version)  # the block's β is 0 and unused; heads: γ repeats
+        self.fields[node.name] = self._product(gamma, self._rms_normalise_of(node)(self.x(node), node.attrs["eps"]))
 
     def lower_rms_norm_backward(self, node):
         """finite_difference: N·[f(x + (γ⊙∂y)·(1/N)) − f(x)], f the RMS normalisation, as the rule computes it.
-        exact: ∂x = (u − f·mean(f⊙u))/rms(x), u = γ⊙∂y, the division by _divided_by_sigma with y = x."""
+        exact: ∂x = (u − f·mean(f⊙u))/rms(x), u = γ⊙∂y, the division by _divided_by_sigma with y = x.
+        heads: per head, the means and σ of each head."""
         a = node.attrs
+        heads = a.get("heads", 1)
         x, u = self._norm_backward_inputs(node, "RMSNorm")
         if a["rule"] == "exact":
-            f = self._rms_normalised(x, a["eps"])
-            (mean_fu,) = self._means(self._product(f, u))
-            self.fields[node.name] = self._divided_by_sigma(x, self._minus_times(mean_fu, f, u), a["eps"])
+            f = self._rms_normalised(x, a["eps"], heads)
+            (mean_fu,) = self._means(self._product(f, u), heads=heads)
+            self.fields[node.name] = self._divided_by_sigma(x, self._minus_times(mean_fu, f, u), a["eps"], heads)
             return
-        self._finite_difference_backward(node, x, u, self._rms_normalised)
+        self._finite_difference_backward(node, x, u, self._rms_normalise_of(node))
 
     def lower_rms_norm_descent(self, node):
-        self._norm_descent(node, self._rms_normalised)
+        self._norm_descent(node, self._rms_normalise_of(node))
 
     # -- the gated MLP's product -------------------------------------------------------------
     def lower_mul(self, node):
@@ -101,6 +121,31 @@ class LlamaLowering:
             out, chunks = self.new(x.width, hd)
             self.call(turn, [[(c,) for c in heads], [(sin,)] * len(heads), [(c,) for c in by_cos_chunks]], chunks)
             self.memo[key] = out
+        return self.memo[key]
+
+    def _score_inputs(self, node) -> tuple[list, list, torch.Tensor, torch.Tensor, tuple]:
+        """Per query head, the q and k groups of a softmax head, its w_q and w_k and a key suffix, from the
+        node's inputs 0 and 1: rope rotates q and k; alibi appends a constant 1 to q and m_h·j to k (a key
+        feature of the one-hot position), so the score is scale·⟨q_t, k_j⟩ + m_h·j exactly. Query head i
+        reads k/v head _kv_head(i)."""
+        a = node.attrs
+        hd = a["head_dim"]
+        q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
+        k = [k[self._kv_head(a, i)] for i in range(len(q))]
+        if a.get("positions") != "alibi":
+            return [(c,) for c in q], [(c,) for c in k], a["scale"] * self.eye(hd), self.eye(hd), ()
+        bias = self._alibi_keys(a["heads"])
+        w_q = torch.diag(torch.tensor([a["scale"]] * hd + [1.0], dtype=self.dtype))
+        return ([(c, self.inputs["one"]) for c in q], [(c, bias.part(i, 1)) for i, c in enumerate(k)], w_q,
+                self.eye(hd + 1), ("alibi",))
+
+    def _alibi_keys(self, heads: int) -> Field:
+        """m_h·j of every head h at position j: a linear map of the one-hot position whose weight is ALiBi's
+        bias table (rules.alibi_bias, from the number of heads: a setting, not an aux weight)."""
+        key = ("alibi", heads)
+        if key not in self.memo:
+            table = rules.alibi_bias(heads, self.tmax, self.dtype)  # [H, T_max]
+            self.memo[key] = self._linear_of(f"alibi_table_{heads}", table, [self.inputs["positions"]])
         return self.memo[key]
 
     def _group_sum(self, per_head: Field, hd: int, groups: int) -> Field:

@@ -20,6 +20,7 @@ from ..graph import Graph
 from ..interpret import Interpreter
 from ..verify import verify
 from .adapter import Adapter
+from .bloom import BloomAdapter
 from .gpt2 import GPT2Adapter
 from .gpt_neox import GPTNeoXAdapter
 from .llama import LlamaAdapter
@@ -28,12 +29,15 @@ from .olmo2 import Olmo2Adapter
 from .opt import OPTAdapter
 from .phi3 import Phi3Adapter
 from .qwen2 import Qwen2Adapter
+from .qwen3 import Qwen3Adapter
 from . import repeat
 from .recognize import Recognizer
 
 ADAPTERS: dict[str, Adapter] = {
     a.family: a for a in (GPT2Adapter(), OPTAdapter(), LlamaAdapter(), Qwen2Adapter(), MistralAdapter(),
-                          GPTNeoXAdapter(), Phi3Adapter(), Olmo2Adapter())}
+                          GPTNeoXAdapter(), Phi3Adapter(), Olmo2Adapter(),
+                          Qwen3Adapter(),
+                          BloomAdapter())}
 EXPORT_LENGTH = 8  # tokens in the example input of the export (graphs are shape-specialised)
 
 

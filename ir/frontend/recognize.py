@@ -25,10 +25,12 @@ from torch import fx
 from ir.errors import FrontendError
 
 from ..graph import Graph, WeightRef
-from .values import (BOOKKEEPING, COMPOSITES, LAYOUT, Const, Fused, Ids, Rope, Val, feeds_split, module_of, op_name,
-                     reaches_attention, source_of)
+from .eager_attention import EagerAttention
+from .fused import FusedProjections
+from .values import (BOOKKEEPING, COMPOSITES, LAYOUT, Const, Fused, Ids, Rope, Val, feeds_split, module_of,
+                     normalised_width, op_name, reaches_attention, source_of)
 
-class Recognizer:
+class Recognizer(FusedProjections, EagerAttention):
     def __init__(self, adapter, model, program: torch.export.ExportedProgram, name: str):
         self.adapter, self.model, self.program = adapter, model, program
         self.params = dict(model.named_parameters())  # tied tensors are listed once, under their first name
@@ -177,52 +179,6 @@ class Recognizer:
         out = weight.shape(self.params[weight.name].shape)[0]
         return self.emit(role, "linear", [x], out, module, role, weights)
 
-    def op_split(self, node, fused, size, dim=0):
-        return self._parts(node, fused, size, dim)
-
-    def op_chunk(self, node, fused, chunks, dim=0):
-        return self._parts(node, fused, node.args[0].meta["val"].shape[-1] // chunks, dim)
-
-    def _parts(self, node, fused, size: int, dim: int) -> list:
-        """The parts of a fused projection cut on its last axis. When views have cut that axis into
-        groups (GPT-NeoX: heads × [q|k|v]), a part takes its rows from every group: a period."""
-        value = self.values[fused]
-        if not isinstance(value, Fused) or dim not in (-1, node.args[0].meta["val"].dim() - 1):
-            self.fail(node, "only a fused projection may be split, on its last axis")
-        total = value.weight.shape(self.params[value.weight.name].shape)[0]
-        period = int(node.args[0].meta["val"].shape[-1])
-        if total % period:
-            self.fail(node, f"the split axis ({period}) does not divide the projection's {total} outputs")
-        return [replace(value, rows=(s, min(s + size, period)), period=period if period < total else None)
-                for s in range(0, period, size)]
-
-    def op_getitem(self, node, parts, index):
-        part = self.values[parts][index] if isinstance(self.values[parts], list) else None
-        if isinstance(part, Fused):
-            return self._part(node, part, index)
-        return Const()  # an element of a constant tuple (rotary cos, sin)
-
-    def _part(self, node, part: Fused, index: int) -> Val:
-        """The linear of one part (rows) of a fused projection; `index`: its place in the adapter's roles."""
-        rows = part.rows
-        weight = WeightRef(part.weight.name, part.weight.transpose, rows, period=part.period)
-        weights = {"weight": weight}
-        if part.bias is not None:
-            weights["bias"] = WeightRef(part.bias.name, rows=rows, period=part.period)
-        role = self.role(node, part.module, index)
-        out = weight.shape(self.params[weight.name].shape)[0]
-        return self.emit(role, "linear", [part.x], out, part.module, role, weights)
-
-    def _sliced_part(self, node, fused: Fused, dim: int, start: int, stop: int, step: int) -> Val:
-        """A part of a fused projection cut by a slice of its output's last axis (Phi-3's q|k|v).
-        Its role is its place among the slices of that output, ordered by where they start."""
-        if dim not in (-1, node.args[0].meta["val"].dim() - 1) or step != 1:
-            self.fail(node, "a fused projection may be sliced only on its last axis, in consecutive rows")
-        total = fused.weight.shape(self.params[fused.weight.name].shape)[0]
-        slices = [u for u in node.args[0].users if op_name(u) == "slice"]
-        starts = sorted({(u.args[2] if len(u.args) > 2 else None) or 0 for u in slices})  # slice(x, dim, start..)
-        return self._part(node, replace(fused, rows=(start, min(stop, total))), starts.index(start))
-
     def op_layer_norm(self, node, x, shape, weight=None, bias=None, eps=1e-5, *rest):
         if weight is None or bias is None:
             self.fail(node, "a layer norm without gain or bias; allowed: both")
@@ -231,7 +187,7 @@ class Recognizer:
 
     def _norm(self, node, kind, x: Val, module: str, weights, eps: float, **attrs) -> Val:
         layer, _ = self.where(module)
-        role = self.role(node, module) if layer >= 0 else "ln_final"
+        role = self.role(node, module) if layer >= 0 else self.adapter.outer_roles.get(module, "ln_final")
         return self.emit(role, kind, [x], self.width(x), module, role, weights, eps=eps, **attrs)
 
     def _composite(self, kind: str, run: list[fx.Node]) -> None:
@@ -254,6 +210,9 @@ class Recognizer:
             gains = [a for a in external if a.name in self.param_of]
             eps = next(n.args[1] for n in run if op_name(n) == "add")
             extra = {"upcast": upcast} if upcast else {}
+            per = normalised_width(run)  # Qwen3's q_norm: each head of x, one gain of the head width
+            if per != self.width(x):
+                extra["heads"] = self.width(x) // per
             self.values[last] = self._norm(first, "rms_norm", x, module, {"gain": self.param(gains[0])}, float(eps),
                                            **extra)
         else:
@@ -276,6 +235,8 @@ class Recognizer:
         va, vb = (self.values.get(v) if isinstance(v, fx.Node) else v for v in (a, b))
         if isinstance(va, Rope) and isinstance(vb, Rope):
             return self._rope(node, va, vb)
+        if self.scores_plus_constant(va, vb):
+            return va
         if isinstance(va, Val) and isinstance(vb, Val):
             module = module_of(node)
             layer, _ = self.where(module)

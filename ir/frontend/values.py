@@ -22,6 +22,7 @@ BOOKKEEPING = {"_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_con
 COMPOSITES = {
     ("pow", "mean", "add", "rsqrt", "mul", "mul"): "rms_norm",
     ("mul", "pow", "mul", "add", "mul", "tanh", "add", "mul"): "gelu_tanh",
+    ("mul", "mul", "mul", "mul", "add", "mul", "tanh", "add", "mul"): "gelu_bloom",
 }
 
 
@@ -55,6 +56,18 @@ class Fused:
     bias: WeightRef | None
     rows: tuple[int, int] | None = None
     period: int | None = None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Attention written out op by op (BLOOM's eager attention): the scores scale·q·kᵀ plus constants
+    (ALiBi's bias, the causal mask), or after the softmax (`probs`) its weights, waiting for v."""
+
+    q: Val
+    k: Val
+    scale: float
+    probs: bool = False
+    upcast: str | None = None  # the softmax's dtype where it is not the scores' (HF: float32)
 
 
 @dataclass(frozen=True)
@@ -107,8 +120,14 @@ def feeds_split(node: fx.Node) -> bool:
     frontier = list(node.users)
     while frontier:
         user = frontier.pop()
-        if op_name(user) in ("split", "chunk"):
+        if op_name(user) in ("split", "chunk", "select"):  # select: BLOOM's [heads, 3, head_dim] view
             return True
         if op_name(user) in LAYOUT:
             frontier += list(user.users)
     return False
+
+
+def normalised_width(run: list[fx.Node]) -> int:
+    """The width a norm's mean runs over: its input's last axis, which a view may have cut into heads."""
+    mean = next(n for n in run if op_name(n) == "mean")
+    return int(mean.args[0].meta["val"].shape[-1])

@@ -124,7 +124,7 @@ class _Builder:
             self._add(f"{node.name}.descent@{step}", "linear_descent", [x, dy], (), node, weights, lr=self.lr)
         elif node.kind in ("layer_norm", "rms_norm"):
             self._add(f"{node.name}.descent@{step}", f"{node.kind}_descent", [x, dy], (), node, weights,
-                      eps=node.attrs["eps"], lr=self.lr)
+                      eps=node.attrs["eps"], lr=self.lr, **_heads(node))
         else:
             raise PassError(f"node %{node.name}: {node.kind} ops have no trainable weights")
         return [list(weights.values())]
@@ -145,7 +145,7 @@ class _Builder:
                 return []
             return [(x, self._add(name, f"{node.kind}_backward", [self.value[x], dy], node.shape, node,
                                   {"gain": self._current(node.weights["gain"])}, eps=node.attrs["eps"],
-                                  rule=self.rules["layer_norm"], scale=self.rules["scale"]))]
+                                  rule=self.rules["layer_norm"], scale=self.rules["scale"], **_heads(node)))]
         if node.kind == "activation":
             return [(x, self._add(name, "activation_backward", [self.value[x], dy], node.shape, node,
                                   fn=node.attrs["fn"], rule=self.rules["activation"], scale=self.rules["scale"]))]
@@ -168,3 +168,8 @@ class _Builder:
                         for x, wrt in ((q, "q"), (k, "k")) if x in self.carries_grad]
             return out
         return []  # embeddings: nothing below them trains
+
+
+def _heads(node: Node) -> dict:
+    """A norm of each head (Qwen3's q/k norm): its backward and descent work per head too."""
+    return {"heads": node.attrs["heads"]} if "heads" in node.attrs else {}

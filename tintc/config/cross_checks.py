@@ -138,6 +138,8 @@ def _shape_checks(data: dict, hf, from_kwargs: bool) -> list[tuple[Loc, str]]:
              ("num_hidden_layers", layers, 1, MAX_LAYERS), ("vocab_size", getattr(hf, "vocab_size", None), 1, MAX_VOCAB),
              ("max_position_embeddings", getattr(hf, "max_position_embeddings", None), 2, 1 << 20))
     for canonical, value, low, high in sizes:
+        if canonical == "max_position_embeddings" and value is None and not hasattr(hf, canonical):
+            continue  # BLOOM (ALiBi): no position table, no limit to check
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             problems.append((where(canonical), f"got {value!r}; allowed: an integer from {low} to {high}"))
     for name, value in hf.to_dict().items():

@@ -101,18 +101,18 @@ class FiniteDifferenceRMSNorm(torch.autograd.Function):
     ∂x ≈ N·[f(x + γ⊙∂y/N) − f(x)] in the working dtype."""
 
     @staticmethod
-    def forward(ctx, x, gain, eps, upcast, scale):
-        xhat = rules.rms_normalise_as(x, eps, upcast)
+    def forward(ctx, x, gain, eps, upcast, scale, heads):
+        xhat = rules.rms_normalise_as(x, eps, upcast, heads)
         ctx.save_for_backward(x, xhat, gain)
-        ctx.eps, ctx.scale = eps, scale
-        return gain * xhat
+        ctx.eps, ctx.scale, ctx.heads = eps, scale, heads
+        return gain.repeat(heads) * xhat
 
     @staticmethod
     def backward(ctx, dy):
         x, xhat, gain = ctx.saved_tensors
-        dx = rules.rms_norm_backward(x, gain, dy, ctx.eps, "finite_difference", ctx.scale)
-        dgain = (dy * xhat).reshape(-1, dy.shape[-1]).sum(0)
-        return dx, dgain, None, None, None
+        dx = rules.rms_norm_backward(x, gain, dy, ctx.eps, "finite_difference", ctx.scale, ctx.heads)
+        dgain = (dy * xhat).reshape(-1, gain.shape[-1]).sum(0)  # heads: every part's sum
+        return dx, dgain, None, None, None, None
 
 
 class FiniteDifferenceActivation(torch.autograd.Function):
@@ -130,10 +130,11 @@ class FiniteDifferenceActivation(torch.autograd.Function):
         return rules.activation_backward(x, dy, ctx.fn, "finite_difference", ctx.scale), None, None
 
 
-def stop_gradient_attention(q, k, v, scale: float, causal: bool, window: int | None = None):
+def stop_gradient_attention(q, k, v, scale: float, causal: bool, window: int | None = None, bias=None,
+                            upcast=None):
     """Softmax attention whose scores are constants for autograd: only v gets a gradient (with
     grouped-query attention, a k/v head's gradient sums over the query heads that share it)."""
-    return rules.attention_probs(q, k, scale, causal, window).detach() @ v
+    return rules.attention_probs(q, k, scale, causal, window, bias, upcast).detach() @ v
 
 
 class ApproxInterpreter(Interpreter):
@@ -148,20 +149,20 @@ class ApproxInterpreter(Interpreter):
             return FiniteDifferenceLayerNorm.apply(x, gain, bias, eps, self.approx.scale)
         return super().layer_norm(x, gain, bias, eps)
 
-    def rms_norm(self, x, gain, eps, upcast=None):  # the layer_norm rule covers every normalisation
+    def rms_norm(self, x, gain, eps, upcast=None, heads=1):  # the layer_norm rule covers every normalisation
         if self.approx.layer_norm == "finite_difference":
-            return FiniteDifferenceRMSNorm.apply(x, gain, eps, upcast, self.approx.scale)
-        return super().rms_norm(x, gain, eps, upcast)
+            return FiniteDifferenceRMSNorm.apply(x, gain, eps, upcast, self.approx.scale, heads)
+        return super().rms_norm(x, gain, eps, upcast, heads)
 
     def activation(self, x, fn):
         if self.approx.activation == "finite_difference":
             return FiniteDifferenceActivation.apply(x, fn, self.approx.scale)
         return super().activation(x, fn)
 
-    def attention(self, q, k, v, scale, causal, window=None):
+    def attention(self, q, k, v, scale, causal, window=None, bias=None, upcast=None):
         if self.approx.attention == "stop_gradient":
-            return stop_gradient_attention(q, k, v, scale, causal, window)
-        return super().attention(q, k, v, scale, causal, window)
+            return stop_gradient_attention(q, k, v, scale, causal, window, bias, upcast)
+        return super().attention(q, k, v, scale, causal, window, bias, upcast)
 
 
 # -- the SGD loop -----------------------------------------------------------------------
