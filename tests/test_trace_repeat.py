@@ -177,7 +177,8 @@ def test_the_graph_from_the_config_alone_is_the_trace_of_the_model(family, overr
     model = deep_model(family, n_layer=5, **overrides)
     built = []
     random_model = ir.frontend.random_model
-    monkeypatch.setattr(ir.frontend, "random_model", lambda *a, **k: built.append(k.get("layers")) or random_model(*a, **k))
+    monkeypatch.setattr(ir.frontend, "random_model",
+                        lambda *a, **k: built.append(k.get("layers")) or random_model(*a, **k))
     from_config = ir.frontend.trace_from_config(family, model.config, dtype=model.dtype, name="deep")
     assert built == [repeat.MIN_LAYERS]  # one shallow model, never the whole one
     assert dump(from_config) == dump(trace(model, "deep"))
