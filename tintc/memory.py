@@ -29,7 +29,7 @@ BUDGET = 24 * 2**30  # bytes: the machine tintc is sized for
 EXPORT_BYTES = 34 * MIB  # torch.export's modules and caches, loaded at the first export
 SHALLOW_COPIES = 1.5  # the shallow model's parameters, and the copies its init and logit check make
 PROGRAM_BYTES = 1500  # the program (calls, wiring, JSON form) per unit of n_layer·d_model²/K, per step
-STREAM_COPIES = 3  # the stream, a write's full-width scratch, a gathered input as wide
+STREAM_COPIES = 2  # the stream and the full-width scratch of a write with many runs (calls.py)
 
 
 def resident_bytes() -> int:
