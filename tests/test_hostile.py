@@ -351,13 +351,16 @@ def test_a_corrupt_model_path_is_a_clear_error(tmp_path, case):
 
 
 def test_a_compile_that_would_not_fit_is_refused_before_it_starts(monkeypatch):
-    model = tiny_model("gpt2")
-    fits = tiny_config("gpt2", steps=64)  # block sharing on: the TinT does not grow with steps
-    pipeline.check_memory(fits, model)
-    monkeypatch.setattr(pipeline, "MEMORY_BUDGET", pipeline.estimated_bytes(fits, model) + 2**20)  # a small machine
-    unshared = tiny_config("gpt2", steps=64, passes={"block_sharing": {"enabled": False}})
-    with pytest.raises(ConfigError, match="tint.train.steps, tint.passes.block_sharing: the compile would need"):
-        pipeline.compile_tint(unshared, model)
+    fits = tiny_config("gpt2", table={"gpt2": dict(TINY["gpt2"], n_embd=256, n_head=4)}, steps=1, prefixes=8)
+    predicted = pipeline.check_memory(fits, pipeline.aux_config(fits)).total
+    monkeypatch.setattr(pipeline, "MEMORY_BUDGET", predicted + 16 * 2**20)  # a small machine
+    steps = tiny_config("gpt2", table={"gpt2": dict(TINY["gpt2"], n_embd=256, n_head=4)}, steps=64, prefixes=8)
+    traced = []
+    monkeypatch.setattr(pipeline, "trace_from_config", lambda *a: traced.append(a))
+    with pytest.raises(ConfigError, match=r"tint.train.steps, tint.passes.block_sharing: the compile would need "
+                                          r"about [\d.]+ GiB, program [\d.]+ GiB the largest"):
+        pipeline.compile_tint(steps)  # each step's calls carry their own wiring
+    assert not traced  # refused before the work started
 
 
 def test_a_config_that_is_not_utf8(tmp_path):

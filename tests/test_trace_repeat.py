@@ -162,3 +162,40 @@ def test_an_error_in_the_exported_layers_is_reported_by_the_whole_trace(monkeypa
         ir.frontend.trace(model)
     assert info.value.problems[0].startswith("model.layers.0.mlp: aten.mul (")
     assert "modeling_llama.py:" in info.value.problems[0]  # the lean export records no source lines
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("gpt2", {}),
+    ("opt", dict(do_layer_norm_before=False, word_embed_proj_dim=16)),  # post-LN, project_in/out
+    ("llama", dict(tie_word_embeddings=False, dtype=torch.float64)),
+    ("qwen2", {}),
+    ("gpt_neox", {}),
+    ("phi3", {}),
+    ("olmo2", {}),
+], ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v[k]}" for k in v) or "default")
+def test_the_graph_from_the_config_alone_is_the_trace_of_the_model(family, overrides, monkeypatch):
+    model = deep_model(family, n_layer=5, **overrides)
+    built = []
+    random_model = ir.frontend.random_model
+    monkeypatch.setattr(ir.frontend, "random_model",
+                        lambda *a, **k: built.append(k.get("layers")) or random_model(*a, **k))
+    from_config = ir.frontend.trace_from_config(family, model.config, dtype=model.dtype, name="deep")
+    assert built == [repeat.MIN_LAYERS]  # one shallow model, never the whole one
+    assert dump(from_config) == dump(trace(model, "deep"))
+    assert from_config.attrs == trace(model, "deep").attrs and from_config.attrs["n_layer"] == 5
+
+
+def test_a_config_whose_layers_differ_is_not_traced_from_shapes():
+    model = deep_model("qwen2", n_layer=5, layer_types=["full_attention"] * 4 + ["sliding_attention"])
+    with pytest.raises(repeat.NotRepeatable, match=r"config.layer_types holds several types"):
+        ir.frontend.trace_from_config("qwen2", model.config)
+    with pytest.raises(repeat.NotRepeatable, match="3 layers"):  # no deeper than the shallow model
+        ir.frontend.trace_from_config("gpt2", deep_model("gpt2", n_layer=3).config)
+
+
+def test_a_deep_layer_with_another_module_is_found_on_the_meta_device():
+    config = deep_model("gpt2", n_layer=5).config
+    whole = ir.frontend.meta_model("gpt2", config)
+    whole.transformer.h[4].mlp.extra = nn.Linear(2, 2, device="meta")  # a deep layer's own module
+    with pytest.raises(repeat.NotRepeatable, match="transformer.h.4 has other submodules than transformer.h.0"):
+        repeat.unlike_layers(whole, "transformer.h")

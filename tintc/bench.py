@@ -100,15 +100,17 @@ def table(result: dict):
     title = (f"{result['config']}: TinT forward vs direct autograd (exact_gd), {result['dtype']}, batch 1, "
              f"{result['threads']} threads")
     t = Table(title=title)
-    for column in ("T", "TinT s", "direct s", "time ×", "TinT peak MiB", "direct peak MiB", "memory ×", "runs"):
+    for column in ("T", "TinT s", "direct s", "time ×", "TinT peak MiB", "predicted", "direct peak MiB", "memory ×",
+                   "runs"):
         t.add_column(column, justify="right")
     for row in result["runs"]:
         tint, direct = row["tint"], row["direct"]
         if "error" in tint or "error" in direct:
-            t.add_row(str(row["length"]), *(["failed"] * 6), "", style="red")
+            t.add_row(str(row["length"]), *(["failed"] * 7), "", style="red")
             continue
         t.add_row(str(row["length"]), f"{tint['seconds']:.4g}", f"{direct['seconds']:.4g}", f"{row['time_ratio']:.1f}",
-                  f"{tint['peak_mib']:,.0f}", f"{direct['peak_mib']:,.0f}", f"{row['memory_ratio']:.2f}",
+                  f"{tint['peak_mib']:,.0f}", f"{tint['predicted_peak_mib']:,.0f}", f"{direct['peak_mib']:,.0f}",
+                  f"{row['memory_ratio']:.2f}",
                   f"{tint['runs']}/{direct['runs']}")
     return t
 
@@ -117,7 +119,8 @@ def notes(result: dict) -> list[str]:
     """What the table does not show: the compile, skipped lengths, failures."""
     c = result["compile"]
     lines = [f"compile: {c['compile_seconds']:.2f} s (trace, passes, lowering), package written in "
-             f"{c['emit_seconds']:.2f} s, peak {c['peak_mib']:,.0f} MiB; TinT width {c['width']}, {c['calls']} calls, "
+             f"{c['emit_seconds']:.2f} s, peak {c['peak_mib']:,.0f} MiB (predicted {c['predicted_peak_mib']:,.0f}); "
+             f"TinT width {c['width']}, {c['calls']} calls, "
              f"{c['parameters']:,} parameters, max_length {c['max_length']}"]
     lines += [f"skipped T={s['length']}: {s['reason']}" for s in result["skipped"]]
     for row in result["runs"]:
@@ -214,26 +217,27 @@ def measure_compile(config: str, work: Path, force: bool = False) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from tintc import pipeline
+    from tintc import memory, pipeline
     from tintc.config import load_config
 
     cfg = load_config(config)
-    model = pipeline.load_aux_model(cfg)
-    compiled = pipeline.compile_tint(cfg, model)
+    compiled = pipeline.compile_tint(cfg)  # from the config alone: the peak below is the compile's
     start = time.perf_counter()
     pipeline.save(compiled, cfg, force=force)
     emit_seconds = time.perf_counter() - start
     program = compiled.tint.program
     result = {"compile_seconds": compiled.seconds, "emit_seconds": emit_seconds, "peak_mib": _peak_mib(),
+              "predicted_peak_mib": compiled.predicted.total / 2**20,
               "width": program.width, "calls": len(program.calls), "primitives": len(program.layers),
               "parameters": sum(p.numel() for p in compiled.tint.parameters()), "max_length": program.max_length,
               "threads": torch.get_num_threads()}
     # for the TinT runs: θ as prefixes, and what they need to know without reading the config
+    model = compiled.model
     params = {n: p.detach() for n, p in model.named_parameters()}
     prefixes = {k: v.contiguous() for k, v in compiled.tint.encode(params).items()}
     save_file(prefixes, str(work / "prefixes.safetensors"))
     run = {"package": str(cfg.resolved_output), "vocab": model.config.vocab_size, "seed": cfg.model.seed,
-           "label_only": cfg.tint.train.loss == "label_only"}
+           "label_only": cfg.tint.train.loss == "label_only", "shape": memory.run_shape(program)}
     (work / "run.json").write_text(json.dumps(run))
     return result
 
@@ -250,8 +254,10 @@ def measure_tint(work: Path, length: int, repeats: int | None) -> dict:
     from safetensors.torch import load_file
 
     from backends.torch.emit import import_package
+    from tintc import memory
 
     run = json.loads((work / "run.json").read_text())
+    predicted = memory.run_prediction(run["shape"], length, holds_package=False)  # before anything is loaded
     package = import_package(run["package"])
     tint = package.load(run["package"])
     prefixes = load_file(str(work / "prefixes.safetensors"))
@@ -262,7 +268,8 @@ def measure_tint(work: Path, length: int, repeats: int | None) -> dict:
         with torch.no_grad():
             tint(ids, train, prefixes, labels)
 
-    return {**_timed(forward, repeats), "peak_mib": _peak_mib(), "base_mib": base, "threads": torch.get_num_threads()}
+    return {**_timed(forward, repeats), "peak_mib": _peak_mib(), "predicted_peak_mib": predicted.total / 2**20,
+            "base_mib": base, "threads": torch.get_num_threads()}
 
 
 def measure_direct(config: str, work: Path, length: int, repeats: int | None) -> dict:

@@ -84,6 +84,11 @@ def main() -> None:
         sys.exit(2)
 
 
+def _announce(line: str) -> None:
+    """A predicted peak (tintc/memory.py), printed before the work it predicts starts."""
+    err.print(line, style="dim", markup=False)
+
+
 def _fail(error: TintcError) -> typer.Exit:
     err.print(str(error), style="red", markup=False)
     return typer.Exit(code=2)
@@ -172,7 +177,7 @@ def report(config: Path = ConfigArg, force: bool = ForceOption,
     try:
         cfg = load_config(config)
         compiled = pipeline.compile_tint(cfg)
-        cost = cost_of_exactness(cfg, compiled.model, progress=lambda m: err.print(m, style="dim")) \
+        cost = cost_of_exactness(cfg, progress=lambda m: err.print(m, style="dim")) \
             if exactness else None
     except TintcError as error:
         raise _fail(error) from None
@@ -197,7 +202,7 @@ def compile(config: Path = ConfigArg, force: bool = ForceOption) -> None:
     _quiet_transformers()
     try:
         cfg = load_config(config)
-        compiled = pipeline.compile_tint(cfg)
+        compiled = pipeline.compile_tint(cfg, announce=_announce)
         counts = parameter_report(compiled)
         paths = pipeline.save(compiled, cfg, force=force, report=counts)
     except TintcError as error:
@@ -234,8 +239,8 @@ def verify(
             group = Group.from_environment("cpu")
             pipeline_stages.check_stages(stages, group)
             forward = pipeline_stages.staged_forward(group, stages)
-        compiled = pipeline.compile_tint(cfg)
-        result = pipeline.verify_on(cfg, compiled, length, batch, text, forward)
+        compiled = pipeline.compile_tint(cfg, announce=_announce)
+        result = pipeline.verify_on(cfg, compiled, length, batch, text, forward, announce=_announce)
     except TintcError as error:
         raise _fail(error) from None
     finally:
@@ -315,7 +320,7 @@ def eval_(
     labelled data set (--task classify), few-shot accuracy. Rows: the base model, exact SGD, the ĝ
     oracle and the TinT (loaded from its package). Runs data-parallel under torchrun."""
     from tintc.config import load_config
-    from tintc import options
+    from tintc import options, pipeline
     from tintc.eval import classify, classify_render
     from tintc.eval import render as eval_render
     from tintc.eval import run as protocol
@@ -332,6 +337,7 @@ def eval_(
                                           "--stages": stages if stages > 1 else None})
         else:
             source, chunks = options.check_lm(data, text, dataset, chunks)
+        pipeline.check_memory(cfg, pipeline.aux_config(cfg), announce=_announce)  # each lr's compile
         group = Group.from_environment(device)
         out_dir = protocol.check_outputs(output or cfg.resolved_output / "eval", learning_rates or (cfg.tint.train.lr,))
         if task is Task.classify:

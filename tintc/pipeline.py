@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
 import torch  # noqa: E402
 
 import ir.frontend  # noqa: E402
-from ir.errors import ConfigError  # noqa: E402
+from ir.errors import ConfigError, FrontendError  # noqa: E402
+from ir.frontend.repeat import NotRepeatable  # noqa: E402
 from backends.torch.allocate import allocate  # noqa: E402
 from backends.torch.lint import lint  # noqa: E402
 from backends.torch.emit import package_files  # noqa: E402
@@ -36,7 +37,7 @@ from ir.passes.select_train import select_train  # noqa: E402
 from ir.passes.sub_mlp import sub_mlp  # noqa: E402
 from ir.text import dump  # noqa: E402
 
-from tintc import __version__  # noqa: E402
+from tintc import __version__, memory  # noqa: E402
 from tintc.config import TintcConfig  # noqa: E402
 from tintc.files import write_files  # noqa: E402
 from tintc.eval import text_source  # noqa: E402
@@ -56,8 +57,30 @@ def load_aux_model(cfg: TintcConfig):
     return ir.frontend.build_model(cfg.model.family, cfg.model.config or {}, cfg.model.seed, cfg.torch_dtype)
 
 
+def aux_config(cfg: TintcConfig):
+    """The aux model's HF config: from `model.config`, or `model.path`'s config.json (no weights read)."""
+    return ir.frontend.config_of(cfg.model.family, cfg.model.config, cfg.resolved_model_path)
+
+
 def trace(cfg: TintcConfig, model) -> Graph:
-    graph = ir.frontend.trace(model, name=cfg.name)
+    return _settled(cfg, ir.frontend.trace(model, name=cfg.name))
+
+
+def trace_from_config(cfg: TintcConfig, config) -> Graph:
+    """The aux model's graph from its HF config alone (ir.frontend.trace_from_config: one layer traced
+    and repeated). A model of MIN_LAYERS layers or fewer, or whose layers are not alike, or where the
+    shallow path fails, is built whole with random weights and traced (that trace decides)."""
+    family, seed, dtype = cfg.model.family, cfg.model.seed, cfg.torch_dtype
+    try:
+        graph = ir.frontend.trace_from_config(family, config, seed, dtype, name=cfg.name)
+    except (NotRepeatable, FrontendError):
+        check_memory(cfg, config, whole=True)
+        graph = ir.frontend.trace(ir.frontend.random_model(family, config, seed, dtype), name=cfg.name)
+    return _settled(cfg, graph)
+
+
+def _settled(cfg: TintcConfig, graph: Graph) -> Graph:
+    """The traced graph checked against the TinT's settings, and HF's upcasts the TinT does not make."""
     length = cfg.max_length(graph.attrs["max_positions"])
     windows = sorted({n.attrs["window"] for n in graph.nodes() if "window" in n.attrs})
     if windows and windows[0] < length:  # the TinT's attention sees every earlier token
@@ -94,49 +117,67 @@ def summary(graph: Graph) -> dict[str, int]:
     return dict(Counter(node.kind for node in graph.nodes()))
 
 
-@dataclass
 class Compiled:
-    model: object  # the aux HF model
-    graph: Graph  # traced
-    train_graph: Graph
-    tint: TinT
-    seconds: float  # compile time: trace, passes and lowering
+    """A compiled TinT, its graphs and compile time, and the aux model it was compiled for: its HF
+    config and parameter count (from shapes), and `model`, the aux model with its weights, loaded at
+    first use (verify, eval, encoding the prefixes): a compile itself never reads them."""
+
+    def __init__(self, graph: Graph, train_graph: Graph, tint: TinT, seconds: float, aux_config,
+                 aux_parameters: int, load_model, model=None):
+        self.graph, self.train_graph, self.tint = graph, train_graph, tint
+        self.seconds = seconds  # compile time: trace, passes and lowering
+        self.aux_config, self.aux_parameters = aux_config, aux_parameters  # tied tensors counted once
+        self._load_model, self._model = load_model, model
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self._load_model()
+        return self._model
 
 
-# A compile that would not fit is refused before it starts. Its peak is about 9× the aux
-# model's parameters with block sharing (full-size GPT-2: 4.3 GB; the primitives do not grow with
-# layers or steps), plus 7·steps × without (each step's calls store their own); the graphs take about
-# 0.5 MiB per layer and step. Measured on GPT-2 of width 64-256 (issue 13's closing note).
-MEMORY_BUDGET = 24 * 2**30  # bytes: the machine tintc is sized for
+# A compile or a run that would not fit is refused before it starts (tintc/memory.py predicts both).
+MEMORY_BUDGET = memory.BUDGET
 
 
-def estimated_bytes(cfg: TintcConfig, model) -> int:
-    aux = sum(p.numel() for p in model.parameters()) * cfg.torch_dtype.itemsize
-    steps, layers = cfg.tint.train.steps, getattr(model.config, "num_hidden_layers", 1)
-    factor = 8 if cfg.tint.passes.block_sharing.enabled else 8 + 7 * steps
-    return aux * (1 + factor) + layers * steps * 2**19
+def check_memory(cfg: TintcConfig, config, whole: bool = False, announce=lambda line: None) -> memory.Prediction:
+    """The compile's predicted peak (tintc/memory.py), announced; refused above MEMORY_BUDGET."""
+    prediction = memory.compile_prediction(cfg, config, whole)
+    announce(prediction.line())
+    memory.refuse_above(prediction, "tint.train.steps, tint.passes.block_sharing",
+                        f"fewer steps, block sharing on, or a smaller model (steps {cfg.tint.train.steps}, block "
+                        f"sharing {'on' if cfg.tint.passes.block_sharing.enabled else 'off'})", MEMORY_BUDGET)
+    return prediction
 
 
-def check_memory(cfg: TintcConfig, model) -> None:
-    need = estimated_bytes(cfg, model)
-    if need > MEMORY_BUDGET:
-        raise ConfigError(f"tint.train.steps, tint.passes.block_sharing: the compile would need about "
-                          f"{need / 2**30:.1f} GiB (steps {cfg.tint.train.steps}, block sharing "
-                          f"{'on' if cfg.tint.passes.block_sharing.enabled else 'off'}); allowed: at most "
-                          f"{MEMORY_BUDGET / 2**30:.0f} GiB: fewer steps, block sharing on, or a smaller model")
+def check_run(compiled: Compiled, length: int, batch: int = 1, announce=lambda line: None) -> memory.Prediction:
+    """The predicted peak of one TinT forward on [batch, length] tokens, announced; refused above MEMORY_BUDGET."""
+    shape = memory.run_shape(compiled.tint.program)
+    prediction = memory.run_prediction(shape, length, batch, holds_package=False)
+    announce(prediction.line())
+    memory.refuse_above(prediction, "--length, --batch", "shorter or fewer sequences", MEMORY_BUDGET)
+    return prediction
 
 
-def compile_tint(cfg: TintcConfig, model=None) -> Compiled:
-    model = model if model is not None else load_aux_model(cfg)
-    check_memory(cfg, model)
+def compile_tint(cfg: TintcConfig, model=None, announce=lambda line: None) -> Compiled:
+    """The TinT of `cfg`'s aux model, from its config alone (the weights are read only when
+    `Compiled.model` is first used); or, with `model`, traced from that model. `announce` gets the
+    predicted peak before the work starts."""
+    config = model.config if model is not None else aux_config(cfg)
+    predicted = check_memory(cfg, config, announce=announce)
     start = time.perf_counter()
-    graph = trace(cfg, model)
+    graph = trace(cfg, model) if model is not None else trace_from_config(cfg, config)
     tg = train_graph(cfg, graph)
     layout = plan(tg)
     program = allocate(lower(tg, layout, cfg.max_length(graph.attrs["max_positions"]), cfg.torch_dtype))
     lint(program)  # the allocated program's invariants (backends/torch/lint.py)
     tint = TinT(program, label_only=cfg.tint.train.loss == "label_only").eval()
-    return Compiled(model, graph, tg, tint, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    shapes = model if model is not None else ir.frontend.meta_model(cfg.model.family, config, cfg.torch_dtype)
+    parameters = sum(p.numel() for p in shapes.parameters())
+    compiled = Compiled(graph, tg, tint, seconds, config, parameters, lambda: load_aux_model(cfg), model)
+    compiled.predicted = predicted  # the compile's peak as predicted before it started
+    return compiled
 
 
 def emit(compiled_or_tint, cfg: TintcConfig | None, directory, force: bool = False) -> list:
@@ -201,13 +242,16 @@ def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_ma
 
 
 def verify_on(cfg: TintcConfig, compiled: Compiled, length: int | None = None, batch: int = 1,
-              text=None, forward=None) -> Verification | None:
+              text=None, forward=None, announce=lambda line: None) -> Verification | None:
     """`tintc verify`: verify on `batch` seeded random inputs of `length` tokens (default: the TinT's max
-    length, at most 64), or on the start of a text file (`forward`: as for verify)."""
+    length, at most 64), or on the start of a text file (`forward`: as for verify). `announce` gets the
+    TinT run's predicted peak."""
     max_length = compiled.tint.program.max_length
     check_length("--length", length, most=max_length, what=", the TinT's max length")
-    return verify(cfg, compiled, *example_or_text(cfg, compiled.graph, length or min(64, max_length), batch, text),
-                  forward=forward)
+    length = length or min(64, max_length)
+    compiled.model  # noqa: B018 - the aux weights, loaded here so that the prediction counts them as held
+    check_run(compiled, length, batch, announce)
+    return verify(cfg, compiled, *example_or_text(cfg, compiled.graph, length, batch, text), forward=forward)
 
 
 def _errors(run, ref, params, evaluated) -> dict[str, float]:
@@ -249,3 +293,4 @@ def reference_table(cfg: TintcConfig, length: int | None = None, batch: int = 1,
     title = (f"{cfg.name}: {t.steps} step(s) of SGD, lr {t.lr:g}, layers {t.layers}, kinds {','.join(t.kinds)}, "
              f"loss {t.loss}, {cfg.tint.dtype}, T={input_ids.shape[1]} (first half train)")
     return render(rows, title)
+

@@ -3,13 +3,16 @@
 `trace` exports the model (`use_cache=False`, the default attention), recognises IR
 ops in the exported ATen graph (recognize.py), verifies the graph and checks it
 numerically: the IR interpreter must reproduce the HF logits. A model of three or more
-alike layers is exported as layer 0 and a relay, layer 0 repeated (repeat.py). An
+alike layers is exported as layer 0 and a relay, layer 0 repeated (repeat.py); `trace_from_config`
+does the same from the model's config alone: a shallow random model of MIN_LAYERS layers is
+exported and checked, and its layer repeated to the config's depth (no aux-sized tensor). An
 adapter per family (one small file each, registered in ADAPTERS) adds what the graph
 cannot give: module roles, config settings, and the settings it refuses.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -51,11 +54,38 @@ def adapter_for(family: str) -> Adapter:
 
 def build_model(family: str, config_kwargs: dict, seed: int = 0, dtype=torch.float32):
     """A randomly initialised HF model of `family` built from config kwargs (no download)."""
+    return random_model(family, config_of(family, config_kwargs), seed, dtype)
+
+
+def config_of(family: str, config_kwargs: dict | None = None, path=None):
+    """The HF config of `family`: from kwargs, or the config.json of a local `save_pretrained` directory."""
     adapter = adapter_for(family)
-    config = adapter.config_class(**config_kwargs)
+    if path is None:
+        return adapter.config_class(**(config_kwargs or {}))
+    try:
+        return adapter.config_class.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - a bad config.json fails anywhere in transformers
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FrontendError(f"model.path {str(path)!r}: cannot read its config.json ({reason}); allowed: a "
+                            "directory written by save_pretrained") from None
+
+
+def meta_model(family: str, config, dtype=torch.float32):
+    """The model of `config` on the meta device: its modules, settings and parameter shapes, no storage."""
+    with torch.device("meta"):
+        return adapter_for(family).model_class(config).to(dtype).eval()
+
+
+def random_model(family: str, config, seed: int = 0, dtype=torch.float32, layers: int | None = None):
+    """The model of `config`, randomly initialised; with `layers`, only the first that many decoder layers
+    (`layer_types` cut to match), the rest of the config unchanged."""
+    if layers is not None:
+        config = copy.deepcopy(config)
+        config.num_hidden_layers = layers  # every family's config maps this name to its own
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:layers]
     torch.manual_seed(seed)
-    model = adapter.model_class(config).to(dtype)
-    return model.eval()
+    return adapter_for(family).model_class(config).to(dtype).eval()
 
 
 def load_model(family: str, path: str | os.PathLike, dtype=torch.float32):
@@ -110,13 +140,41 @@ def trace_repeated(model, name: str | None = None) -> Graph:
     if n_layer < repeat.MIN_LAYERS:
         raise repeat.NotRepeatable(f"{n_layer} layers: the whole trace costs about the same")
     repeat.unlike_layers(model, adapter.layers)
+    small, exit_ = _layer_graph(adapter, model, headline, name)
+    return _checked(repeat.repeat_layers(small, n_layer, adapter.layers, exit_), adapter, model, headline)
+
+
+def trace_from_config(family: str, config, seed: int = 0, dtype=torch.float32, name: str | None = None) -> Graph:
+    """The graph `trace_repeated` gives for the model of `config`, without building that model: its
+    layers are compared on the meta device (settings and shapes), a shallow random model of
+    MIN_LAYERS layers is exported and checked against its HF logits, and its layer 0 is repeated to
+    the config's depth, whose parameter names and shapes the graph must match. Memory and time grow
+    with one layer. Raises NotRepeatable where the layers are not alike or the depth is MIN_LAYERS or
+    less (then trace the model itself). The logit check runs on the shallow model's layers only:
+    forward code that branches on a layer index past MIN_LAYERS is not seen (nor by `unlike_layers`)."""
+    whole = meta_model(family, config, dtype)
+    adapter, headline = _supported(whole)
+    n_layer = len(repeat.layer_list(whole, adapter.layers))
+    if n_layer <= repeat.MIN_LAYERS:
+        raise repeat.NotRepeatable(f"{n_layer} layers: the model itself is as small as a shallow one")
+    repeat.unlike_layers(whole, adapter.layers)
+    shallow = random_model(family, config, seed, dtype, layers=repeat.MIN_LAYERS)
+    small, exit_ = _layer_graph(adapter, shallow, headline, name)
+    _checked(repeat.repeat_layers(small, repeat.MIN_LAYERS, adapter.layers, exit_), adapter, shallow, headline)
+    graph = repeat.repeat_layers(small, n_layer, adapter.layers, exit_)
+    _describe(graph, adapter, whole, headline)
+    _check_weights(graph, adapter, dict(whole.named_parameters()), headline)
+    return graph
+
+
+def _layer_graph(adapter: Adapter, model, headline: str, name: str | None) -> tuple[Graph, str]:
+    """The graph of the view [layer 0, relay] of `model`, and the node layer 0 hands to the next layer."""
     view = repeat.relayed(model, adapter.layers)
     with repeat.lean_export():
         program = _export(adapter, view, model, headline)
     recognizer = Recognizer(adapter, view, program, name or adapter.family)
     small = recognizer.run()
-    exit_ = repeat.relay_input(program, recognizer.values, adapter.layers)
-    return _checked(repeat.repeat_layers(small, n_layer, adapter.layers, exit_), adapter, model, headline)
+    return small, repeat.relay_input(program, recognizer.values, adapter.layers)
 
 
 def _supported(model) -> tuple[Adapter, str]:
@@ -134,14 +192,19 @@ def _checked(graph: Graph, adapter: Adapter, model, headline: str) -> Graph:
     reproducing the HF logits."""
     _describe(graph, adapter, model, headline)
     params = dict(model.named_parameters())
+    _check_weights(graph, adapter, params, headline)
+    _check_logits(graph, model, params, headline)
+    return graph
+
+
+def _check_weights(graph: Graph, adapter: Adapter, params: dict, headline: str) -> None:
+    """The graph is sound, its weights are `params` by name and shape, and it reads every one."""
     verify(graph, params)
     unread = [n for n in params if n not in graph.weight_shapes]
     if unread:
         raise FrontendError(
             [f"{n}: module {n.rsplit('.', 1)[0]} holds a parameter that no op of the {adapter.family} adapter "
              "reads; this module is not supported" for n in unread], headline)
-    _check_logits(graph, model, params, headline)
-    return graph
 
 
 def _export(adapter: Adapter, module, model, headline: str) -> torch.export.ExportedProgram:

@@ -149,9 +149,7 @@ class Rows:
         the seconds and the in-memory TinT."""
         cfg = with_lr(self.cfg, lr)
         start = time.perf_counter()
-        # the TinT depends on the architecture only; trace a CPU copy when θ lives on an accelerator
-        model = self.model if self.device.type == "cpu" else pipeline.load_aux_model(cfg)
-        compiled = pipeline.compile_tint(cfg, model)
+        compiled = pipeline.compile_tint(cfg)  # from the config alone: the TinT depends on the architecture only
         if directory is not None:
             pipeline.emit(compiled, cfg, directory)
         return time.perf_counter() - start, compiled.tint

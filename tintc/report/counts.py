@@ -114,7 +114,7 @@ def _ref_numel(ref, shapes) -> int:
 
 def parameter_report(compiled) -> dict:
     """Counts of the compiled TinT's stored tensors (see the module docstring); a JSON-able dict."""
-    tint, graph, train_graph, model = compiled.tint, compiled.graph, compiled.train_graph, compiled.model
+    tint, graph, train_graph = compiled.tint, compiled.graph, compiled.train_graph
     program = tint.program
     layout = program.layout
 
@@ -167,7 +167,7 @@ def parameter_report(compiled) -> dict:
         _add(unique_by_phase[STORED_OUTSIDE_CALLS], outside, calls=0)
 
     # the aux model, its embedding tables, and the prefix tokens
-    aux_parameters = sum(p.numel() for _, p in model.named_parameters())  # tied tensors listed once
+    aux_parameters = compiled.aux_parameters  # tied tensors listed once
     tables = {"vocab": _ref_numel(layout.vocab, layout.shapes)}
     if layout.positions is not None:  # rotary models have no position table
         tables["positions"] = _ref_numel(layout.positions, layout.shapes)
@@ -250,7 +250,7 @@ def parameter_report(compiled) -> dict:
     report["standard_view"] = dense_counts(program, tint.layers)
     report["reference"] = _reference(report)
     report["low_rank"] = program.low_rank  # empty unless tint.passes.low_rank is on
-    report["reference_counts"] = like_with_like(report, model.config)  # the reference beside ours, like with like
+    report["reference_counts"] = like_with_like(report, compiled.aux_config)  # the reference beside ours, like with like
     return report
 
 

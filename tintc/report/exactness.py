@@ -82,7 +82,6 @@ def cost_of_exactness(cfg: TintcConfig, model=None, length: int | None = None, r
     also the forward time at min(length, the TinT's max length)."""
     from tintc import pipeline
 
-    model = model if model is not None else pipeline.load_aux_model(cfg)
     rows, timed_length = [], None
     for name, exact in VARIANTS:
         progress(f"cost of exactness: {name}")
@@ -99,6 +98,7 @@ def cost_of_exactness(cfg: TintcConfig, model=None, length: int | None = None, r
         row.update(costs(compiled), compile_seconds=compiled.seconds)
         if length is not None:
             timed_length = min(length, compiled.tint.program.max_length)
+            model = compiled.model  # the aux weights for the prefixes: read at the first timing, then kept
             row["forward_seconds"] = forward_seconds(compiled, timed_length, repeats)
         del compiled
         rows.append(row)

@@ -1,0 +1,132 @@
+"""Peak memory of a compile and of a TinT run, predicted from shapes before the work starts.
+
+Each prediction is the resident size of the process when it is asked (the interpreter, torch and
+whatever the process holds already: measured, /proc/self/statm) plus what the work adds, from shapes:
+
+- a compile (`tintc compile`: pipeline.compile_tint from the config, the report and the package)
+  peaks in one of two stages: the trace (the shallow random aux model, its embedding tables and
+  MIN_LAYERS decoder layers, or the whole model where the layers cannot be repeated, SHALLOW_COPIES
+  times; what torch.export loads on first use), or the program and its JSON form, whose wiring grows
+  with the prefix rows each layer's linear maps stack: n_layer·d_model²/K per step;
+- a TinT run (one forward of B sequences of T tokens): the TinT's weights, the prefixes (θ's blocks
+  and embedding tables, unless the caller holds them already), STREAM_COPIES token streams of
+  B·T·width, the new versions of the trained blocks, and the logits.
+
+The constants were fitted on GPT-2 (256 and 768 wide) and SmolLM2-135M/360M shapes (the figures are
+in the bench's rows); tests/test_memory.py holds both predictions to ±20% of the peak measured in a
+fresh process (getrusage's ru_maxrss). Block sharing off is not fitted (its primitives are not counted).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ir.errors import ConfigError
+
+MIB = 2**20
+BUDGET = 24 * 2**30  # bytes: the machine tintc is sized for
+EXPORT_BYTES = 34 * MIB  # torch.export's modules and caches, loaded at the first export
+SHALLOW_COPIES = 1.5  # the shallow model's parameters, and the copies its init and logit check make
+PROGRAM_BYTES = 1500  # the program (calls, wiring, JSON form) per unit of n_layer·d_model²/K, per step
+STREAM_COPIES = 2  # the stream and the full-width scratch of a write with many runs (calls.py)
+
+
+def resident_bytes() -> int:
+    """This process's resident size now (0 where /proc is not there)."""
+    try:
+        pages = int(open("/proc/self/statm").read().split()[1])
+    except OSError:
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Prediction:
+    what: str  # "compile" or "run"
+    terms: dict[str, int]  # bytes, by what holds them
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+    def line(self) -> str:
+        terms = ", ".join(f"{name} {size / MIB:,.0f}" for name, size in self.terms.items())
+        return f"predicted peak of the {self.what}: {self.total / MIB:,.0f} MiB ({terms} MiB)"
+
+
+def aux_bytes(meta_model, layers_path: str, layers: int | None, itemsize: int) -> int:
+    """Bytes of the aux model's parameters with only `layers` of its decoder layers (all with None)."""
+    stack = meta_model.get_submodule(layers_path)
+    per_layer = sum(p.numel() for p in stack[0].parameters()) if len(stack) else 0
+    outer = sum(p.numel() for p in meta_model.parameters()) - per_layer * len(stack)
+    return (outer + per_layer * (len(stack) if layers is None else min(layers, len(stack)))) * itemsize
+
+
+def compile_prediction(cfg, config, whole: bool = False) -> Prediction:
+    """The peak of `tintc compile` (compile, report, package) of `cfg`, whose aux HF config is `config`;
+    `whole`: the model is built with all its layers (its layers cannot be repeated). The larger stage."""
+    import ir.frontend
+    from ir.frontend.repeat import MIN_LAYERS
+
+    family, itemsize = cfg.model.family, cfg.torch_dtype.itemsize
+    meta = ir.frontend.meta_model(family, config, cfg.torch_dtype)
+    path = ir.frontend.adapter_for(family).layers
+    n_layer, d_model = len(meta.get_submodule(path)), config.hidden_size
+    built = n_layer if whole else min(MIN_LAYERS, n_layer)
+    trace = {"torch.export": EXPORT_BYTES,
+             f"aux model ({built} layers, random)": int(SHALLOW_COPIES * aux_bytes(meta, path, built, itemsize))}
+    program = {"program": int(PROGRAM_BYTES * n_layer * d_model**2 / cfg.tint.prefixes * cfg.tint.train.steps)}
+    stage = trace if sum(trace.values()) >= sum(program.values()) else program
+    return Prediction("compile", {"process now": resident_bytes(), **stage})
+
+
+def run_shape(program) -> dict[str, int]:
+    """What a run's prediction needs of a compiled TinT (JSON-able, for a process that holds only its
+    package): the stream's width, the vocabulary, the itemsize, the elements of the trained blocks (each
+    gets a new version), and the bytes of the TinT's weights (each shared tensor once) and of θ's prefixes
+    (its blocks and embedding tables)."""
+    from backends.torch.stream_io import block_stream
+
+    layout, tensors = program.layout, {}
+    for module in program.layers.values():
+        tensors.update({id(t): t for t in [*module.parameters(), *module.buffers()]})
+    itemsize = next(t for m in program.layers.values() for t in m.parameters()).element_size()
+    tables = {layout.vocab.name, layout.unembed.name} | ({layout.positions.name} if layout.positions else set())
+    prefixes = sum(b.tokens * b.width for b in layout.blocks.values()) + sum(_numel(layout.shapes[n]) for n in tables)
+    updated = sum(layout.blocks[b].tokens * layout.blocks[b].width for b, stream in program.final_blocks.items()
+                  if stream != block_stream(b, 0))
+    return {"width": program.width, "vocab": layout.shapes[layout.vocab.name][0], "itemsize": itemsize,
+            "updated_numel": updated, "weights_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+            "prefix_bytes": prefixes * itemsize}
+
+
+def run_prediction(shape: dict, length: int, batch: int = 1, holds_package: bool = True) -> Prediction:
+    """The peak of one TinT forward of `batch` sequences of `length` tokens (`shape`: run_shape's);
+    `holds_package`: the process holds the TinT and θ's prefixes already (else they are counted)."""
+    terms = {"process now": resident_bytes()}
+    if not holds_package:
+        terms["TinT weights"] = shape["weights_bytes"]
+        terms["prefixes"] = shape["prefix_bytes"]
+    tokens, itemsize = batch * length, shape["itemsize"]
+    terms |= {"token streams": STREAM_COPIES * tokens * shape["width"] * itemsize,
+              "trained blocks' new versions": shape["updated_numel"] * itemsize,
+              "logits": tokens * shape["vocab"] * itemsize}
+    return Prediction(f"TinT run (T={length}, batch {batch})", terms)
+
+
+def refuse_above(prediction: Prediction, keys: str, advice: str, budget: int | None = None) -> None:
+    """Raise ConfigError naming `keys` and the largest term when the prediction exceeds the budget."""
+    budget = BUDGET if budget is None else budget
+    if prediction.total > budget:
+        largest = max(prediction.terms, key=prediction.terms.get)
+        raise ConfigError(f"{keys}: the {prediction.what} would need about {prediction.total / 2**30:.1f} GiB, "
+                          f"{largest} {prediction.terms[largest] / 2**30:.1f} GiB the largest; allowed: at most "
+                          f"{budget / 2**30:.0f} GiB: {advice}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
