@@ -155,3 +155,30 @@ def test_the_package_and_the_standard_view_take_the_learning_rate(tmp_path):
             assert rel_err(view(ids, train, prefixes, lr=lr)[0], ours) <= 1e-9
         assert torch.equal(package(ids, train, prefixes)[0], compiled.tint(ids, train, prefixes, lr=cfg.tint.train.lr)[0])
         assert rel_err(compiled.tint(ids, train, prefixes, lr=0.2)[0], compiled.tint(ids, train, prefixes)[0]) > 1e-4
+
+
+def test_verify_runs_at_the_learning_rate_it_is_given(tmp_path):
+    """`tintc verify --lr`: the TinT (compiled at the config's lr) and the oracles at another η."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tintc.cli import app
+    from tests.models import TINY
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"model": {"family": "gpt2", "config": TINY["gpt2"]},
+                                  "tint": {"prefixes": 8, "max_length": 16, "dtype": "float64",
+                                           "train": {"lr": 0.05}}, "output": "out"}))
+    result = CliRunner().invoke(app, ["verify", str(config), "--lr", "0.2"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "float64, lr 0.2, TinT forward" in result.output
+    rows = {line.split("│")[1].strip(): float(line.split("│")[2]) for line in result.output.splitlines()
+            if line.count("│") > 3 and "e-" in line}
+    assert rows["construction: TinT vs ĝ oracle"] <= 1e-9
+    cfg = tiny_config("gpt2", dtype="float64", max_length=16)
+    compiled = pipeline.compile_tint(cfg, tiny_model("gpt2", dtype=torch.float64))
+    at_default, at_other = (pipeline.verify_on(cfg, compiled, lr=lr) for lr in (None, 0.2))
+    assert (at_default.lr, at_other.lr) == (0.05, 0.2)
+    assert at_other.construction["logits_rel"] <= 1e-9
+    assert at_other.approximation["delta_rel_err"] != at_default.approximation["delta_rel_err"]

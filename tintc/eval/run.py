@@ -10,8 +10,8 @@ pooled over all chunks. Every chunk starts from the original weights θ. Rows, o
     ĝ                     the same with the configured approximate backward rules (approx_gd)
     TinT                  the emitted package, loaded from its directory as a user would
 
-The TinT reads η from its config, so every learning rate of a sweep is its own compile. Chunks
-are independent: under torchrun each rank takes every world-th chunk and rank 0 gathers.
+The TinT takes η as an input, so one compile (one package, out/tint/) serves every learning rate
+of a sweep. Chunks are independent: under torchrun each rank takes every world-th chunk and rank 0 gathers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from ir.errors import ConfigError, TintcError
 from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
 from tintc.eval.text_source import Text, chunk_starts, tokenize
 from tintc.files import check_output
-from tintc.options import lr_dir, lr_name
+from tintc.options import lr_name
 
 BASE, EXACT, G_HAT, TINT = "base", "dynamic eval (exact)", "ĝ", "TinT"
 G_HAT64 = "ĝ (float64)"  # optional, for float32 configs: how far rounding alone moves ĝ (the fp32 floor)
@@ -76,7 +76,7 @@ class EvalResult:
     predictions: int  # test predictions per chunk
     base: list[ChunkValues]
     runs: dict[float, dict[str, list[ChunkValues]]]  # lr -> row -> per chunk
-    compile_seconds: dict[float, float] = field(default_factory=dict)
+    compile_seconds: float = 0.0  # the one compile that serves every learning rate
 
     def perplexity(self, values: list[ChunkValues]) -> float:
         """exp of the mean CE over every test prediction of every chunk."""
@@ -119,7 +119,7 @@ def with_lr(cfg: TintcConfig, lr: float) -> TintcConfig:
 
 
 class Rows:
-    """The model, its traced graph and θ on the device; per lr, the oracles' settings and the TinT."""
+    """The model, its traced graph and θ on the device; the TinT (every lr) and, per lr, the oracles' settings."""
 
     def __init__(self, cfg: TintcConfig, device: str, float64_reference: bool = False, loss: str = "context"):
         if cfg.tint.train.loss != loss:
@@ -130,7 +130,7 @@ class Rows:
         self.graph = pipeline.trace(cfg, self.model)
         self.params = {n: p.detach() for n, p in self.model.named_parameters()}
         self.settings: dict[float, TrainSettings] = {}
-        self.tints: dict[float, tuple] = {}  # lr -> (TinT module, prefixes of θ)
+        self.tint: tuple | None = None  # (TinT module, prefixes of θ): η is its input
         self.float64 = None  # (graph, θ) in float64 for the G_HAT64 row
         if float64_reference:
             if cfg.tint.dtype != "float32":
@@ -143,21 +143,21 @@ class Rows:
     def trained_rows(self) -> tuple[str, ...]:
         return TRAINED_ROWS + ((G_HAT64,) if self.float64 else ())
 
-    def compile(self, lr: float, directory: Path) -> float:
-        """Compile the TinT for `lr` and write its package into `directory`; return the seconds."""
-        cfg = with_lr(self.cfg, lr)
+    def compile(self, directory: Path) -> float:
+        """Compile the TinT (the config's lr is only its default η) and write its package into `directory`;
+        return the seconds."""
         start = time.perf_counter()
         # the TinT depends on the architecture only; trace a CPU copy when θ lives on an accelerator
-        model = self.model if self.device.type == "cpu" else pipeline.load_aux_model(cfg)
-        compiled = pipeline.compile_tint(cfg, model)
-        pipeline.emit(compiled, cfg, directory)
+        model = self.model if self.device.type == "cpu" else pipeline.load_aux_model(self.cfg)
+        compiled = pipeline.compile_tint(self.cfg, model)
+        pipeline.emit(compiled, self.cfg, directory)
         return time.perf_counter() - start
 
-    def load(self, lr: float, directory: Path) -> None:
-        """The oracles' settings for `lr`, and the TinT as a user loads it: from its package."""
-        self.settings[lr] = TrainSettings.from_config(with_lr(self.cfg, lr), self.graph.attrs["n_layer"])
+    def load(self, lrs, directory: Path) -> None:
+        """The oracles' settings for each of `lrs`, and the TinT as a user loads it: from its package."""
+        self.settings = {lr: TrainSettings.from_config(with_lr(self.cfg, lr), self.graph.attrs["n_layer"]) for lr in lrs}
         tint = import_package(directory).load(directory, device=self.device)
-        self.tints[lr] = (tint, tint.encode(self.params))
+        self.tint = (tint, tint.encode(self.params))
 
     def logits(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor,
                labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,8 +167,8 @@ class Rows:
             if row == BASE:
                 return self.model(ids, use_cache=False).logits
             if row == TINT:
-                tint, prefixes = self.tints[lr]
-                return tint(ids, train, prefixes, labels)[0]
+                tint, prefixes = self.tint
+                return tint(ids, train, prefixes, labels, lr=lr)[0]
         if row == EXACT:
             return exact_gd(self.model, self.graph, ids, train, self.settings[lr], labels, before=False).logits
         if row == G_HAT64:
@@ -187,17 +187,14 @@ class Rows:
         logits, seconds = self.timed(row, lr, ids, train)
         return ChunkValues(test_ce(require_finite(logits, row, lr, where), ids, train), seconds)
 
-    def compile_all(self, lrs, out: Path, group, progress, total: int) -> dict[float, float]:
-        """Per lr, rank 0 compiles the TinT into out/lr-<lr>/ and every rank loads it; the seconds."""
-        compile_seconds = {}
-        for lr in lrs:
-            directory = out / lr_dir(lr)
-            progress(0, total, f"compiling the TinT for lr {lr:g}")
-            if group.rank == 0:  # one writer; the others wait and load the same files
-                compile_seconds[lr] = self.compile(lr, directory)
-            group.barrier()
-            self.load(lr, directory)
-        return compile_seconds
+    def compile_all(self, lrs, out: Path, group, progress, total: int) -> float:
+        """Rank 0 compiles the TinT into out/tint/ once and every rank loads it (it takes each lr as an
+        input); the compile's seconds (0 on the other ranks)."""
+        progress(0, total, "compiling the TinT (every learning rate)")
+        seconds = self.compile(out / PACKAGE_DIR) if group.rank == 0 else 0.0  # one writer; the others wait
+        group.barrier()
+        self.load(lrs, out / PACKAGE_DIR)
+        return seconds
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -207,14 +204,14 @@ class Rows:
 # -- the outputs -----------------------------------------------------------------------------
 RESULT_FILES = ("eval.json", "eval.md", "eval.png")  # eval/render.py and eval/classify_render.py write these
 PACKAGE_FILES = ("tint_model.py", "weights.safetensors", "tint_config.json")  # backends/torch/emit.py's package
+PACKAGE_DIR = "tint"  # under the output folder: the one package every learning rate runs
 
 
-def check_outputs(out: Path, lrs: tuple[float, ...]) -> Path:
-    """Before the first compile or chunk: the output folder (links resolved whole) and each
-    learning rate's package folder must take what eval will write; returns the resolved folder."""
+def check_outputs(out: Path) -> Path:
+    """Before the compile or the first chunk: the output folder (links resolved whole) and the package
+    folder must take what eval will write; returns the resolved folder."""
     out = check_output(out, RESULT_FILES)
-    for lr in lrs:
-        check_output(out / lr_dir(lr), PACKAGE_FILES)
+    check_output(out / PACKAGE_DIR, PACKAGE_FILES)
     return out
 
 
@@ -223,7 +220,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
              progress=None) -> EvalResult | None:
     """Run every row on the chunks (this process's share under `group`, a tintc.distributed.Group);
     return the result on rank 0 (None elsewhere). `progress(advance, total, what)` is called as work is
-    done. The TinT packages are written under out/lr-<lr>/."""
+    done. The TinT package is written under out/tint/."""
     from tintc.eval import distributed
 
     group = group or distributed.Group.single()
