@@ -3,7 +3,7 @@ with one check of its result (beside tests/models.py, the table of tiny configs)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -61,18 +61,21 @@ class Round:
     decoded: dict  # θ after the steps, decoded from the TinT's new prefixes
 
 
-def run_round(cfg, model, compiled, against: str = "g_hat", length: int = 16, batch: int = 2) -> Round:
-    """Run the compiled TinT and the reference on a seeded input (a label mask for label_only)."""
+def run_round(cfg, model, compiled, against: str = "g_hat", length: int = 16, batch: int = 2,
+              lr: float | None = None) -> Round:
+    """Run the compiled TinT and the reference on a seeded input (a label mask for label_only), both at
+    learning rate `lr` (None: the config's; the TinT takes η as an input)."""
     ids, train, labels = example_input(model.config.vocab_size, length, batch, seed=1)
     labels = labels if cfg.tint.train.loss == "label_only" else None
     params = params_of(model)
     settings = TrainSettings.from_config(cfg, compiled.graph.attrs["n_layer"])
+    settings = settings if lr is None else replace(settings, lr=lr)
     if against == "exact":  # autograd through the HF model
         reference = exact_gd(model, compiled.graph, ids, train, settings, labels)
     else:
         reference = approx_gd(compiled.graph, params, ids, train, settings, labels)
     with torch.no_grad():
-        logits, prefixes = compiled.tint(ids, train, compiled.tint.encode(params), labels)
+        logits, prefixes = compiled.tint(ids, train, compiled.tint.encode(params), labels, lr=lr)
     return Round(cfg, model, compiled, ids, train, labels, params, reference, logits, compiled.tint.decode(prefixes))
 
 

@@ -126,7 +126,7 @@ def test_g_hat_is_the_oracle_and_the_tint_equals_it(tmp_path):
         logits = approx_gd(graph, params, ids, train, settings, labels).logits[0, -1, LABEL_IDS]
         assert scores.logits == pytest.approx(logits.tolist(), abs=1e-12)
     assert worst_vs_g_hat(result, 0.05, TINT) < 1e-10
-    assert (tmp_path / "eval" / "lr-0.05" / "tint_model.py").is_file()  # the TinT came from its package
+    assert (tmp_path / "eval" / "tint" / "tint_model.py").is_file()  # the TinT came from its package
 
 
 def test_a_label_word_of_several_tokenizer_tokens_is_refused(tmp_path):

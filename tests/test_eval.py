@@ -131,12 +131,17 @@ def test_g_hat_row_is_the_oracle_on_each_chunk(tmp_path):
         assert rel_err(values.ce, ce) < 1e-12
 
 
-def test_tint_row_equals_g_hat_per_chunk_in_float64(tmp_path):
-    _, result = _evaluate(tmp_path, chunks=4, dtype="float64")
-    runs = result.runs[0.05]
-    tint, g_hat = result.chunk_perplexities(runs[TINT]), result.chunk_perplexities(runs[G_HAT])
-    assert max(rel_err(t, g) for t, g in zip(tint, g_hat)) < 1e-10  # to rounding
-    assert (tmp_path / "eval" / "lr-0.05" / "tint_model.py").is_file()  # the TinT came from its package
+def test_tint_row_equals_g_hat_per_chunk_in_float64_at_every_lr_from_one_compile(tmp_path):
+    """One package serves the sweep (η is the TinT's input): at the config's lr (0.05) and at two others."""
+    _, result = _evaluate(tmp_path, chunks=4, lrs=(0.01, 0.05, 0.2), dtype="float64")
+    for lr, runs in result.runs.items():
+        tint, g_hat = result.chunk_perplexities(runs[TINT]), result.chunk_perplexities(runs[G_HAT])
+        assert max(rel_err(t, g) for t, g in zip(tint, g_hat)) < 1e-10, lr  # to rounding
+    assert len({result.perplexity(runs[TINT]) for runs in result.runs.values()}) == 3
+    assert (tmp_path / "eval" / "tint" / "tint_model.py").is_file()  # the TinT came from its package
+    folders = sorted(p.name for p in (tmp_path / "eval").iterdir() if not p.name.startswith("."))  # not the lock
+    assert folders == ["tint"]  # one package, no folder per lr
+    assert result.compile_seconds > 0
 
 
 def test_float32_tint_row_is_at_the_float32_floor_per_chunk(tmp_path):

@@ -536,6 +536,8 @@ CLI_CASES = {
     "verify --length 1": (["verify", "{yaml}", "--length", "1"], "--length"),
     "verify --batch 0": (["verify", "{yaml}", "--batch", "0"], "--batch"),
     "verify --text missing": (["verify", "{yaml}", "--text", "{tmp}/missing.txt"], "missing.txt"),
+    "verify --lr 0": (["verify", "{yaml}", "--lr", "0"], "--lr: got 0.0"),
+    "verify --lr nan": (["verify", "{yaml}", "--lr", "nan"], "--lr: got nan"),
     "compile into a file": (["compile", "{tmp}/as-file.yaml"], "exists and is not a directory"),
     "a config that is not UTF-8": (["compile", "{tmp}/latin1.yaml"], "not UTF-8"),
     "a config file that is missing": (["compile", "{tmp}/nope.yaml"], "nope.yaml"),

@@ -94,10 +94,10 @@ def test_a_bad_option_is_refused_by_name_before_any_compile(tmp_path, tiny_yaml,
     assert not (tmp_path / "out").exists()
 
 
-def test_two_learning_rates_never_share_a_folder_or_a_key():
+def test_two_learning_rates_never_share_a_key():
     near = math.nextafter(1e-3, 1)
-    assert options.lr_dir(1e-3) == "lr-0.001"  # the usual spelling stays as it was
-    assert options.lr_dir(near) == f"lr-{near!r}" != options.lr_dir(1e-3)
+    assert options.lr_name(1e-3) == "0.001"  # the usual spelling stays as it was
+    assert options.lr_name(near) == repr(near) != options.lr_name(1e-3)
     assert options.eval_numbers(None, None, None, None, f"1e-3,{near!r}") == (1e-3, near)
 
 
@@ -234,21 +234,21 @@ def test_an_existing_foreign_result_is_refused_before_the_first_compile(tmp_path
 
 
 def test_a_foreign_package_file_is_refused_before_the_first_compile(tmp_path):
-    (tmp_path / "out" / "lr-0.001").mkdir(parents=True)
-    (tmp_path / "out" / "lr-0.001" / "weights.safetensors").write_text("the user's")
+    (tmp_path / "out" / "tint").mkdir(parents=True)
+    (tmp_path / "out" / "tint" / "weights.safetensors").write_text("the user's")
     with pytest.raises(OutputError, match="would overwrite weights.safetensors"):
-        protocol.check_outputs(tmp_path / "out", (1e-3,))
+        protocol.check_outputs(tmp_path / "out")
 
 
 def test_a_linked_out_is_resolved_whole(tmp_path):
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "link").symlink_to(real)
-    assert protocol.check_outputs(tmp_path / "link" / "eval", (1e-3,)) == real.resolve() / "eval"
+    assert protocol.check_outputs(tmp_path / "link" / "eval") == real.resolve() / "eval"
     (tmp_path / "file").write_text("x")
     (tmp_path / "to-file").symlink_to(tmp_path / "file")
     with pytest.raises(OutputError, match="exists and is not a directory"):
-        protocol.check_outputs(tmp_path / "to-file", (1e-3,))
+        protocol.check_outputs(tmp_path / "to-file")
 
 
 # -- the emitted package: ids, prefixes, weights header, standard view size --------------------

@@ -222,6 +222,8 @@ def verify(
     batch: int = typer.Option(1, "--batch", min=1, max=64, help="independent sequences"),
     text: Path = typer.Option(None, "--text", help="a text file to use as the input instead of random ids"),
     stages: int = StagesOption,
+    lr: float = typer.Option(None, "--lr", help="the learning rate η the TinT and the oracles run at (default: "
+                                                "the config's; the TinT takes it as an input)"),
 ) -> None:
     """Compile, run the TinT and the oracles on one input (first half train), and print both errors."""
     from tintc import pipeline
@@ -235,12 +237,13 @@ def verify(
     try:
         cfg = load_config(config)
         options.check_length("--length", length)  # the range before the compile; the TinT's maximum after it
+        options.check_lr("--lr", lr)
         if stages > 1:  # each process runs one stage; the last prints
             group = Group.from_environment("cpu")
             pipeline_stages.check_stages(stages, group)
             forward = pipeline_stages.staged_forward(group, stages)
         compiled = pipeline.compile_tint(cfg, announce=_announce)
-        result = pipeline.verify_on(cfg, compiled, length, batch, text, forward, announce=_announce)
+        result = pipeline.verify_on(cfg, compiled, length, batch, text, forward, lr, announce=_announce)
     except TintcError as error:
         raise _fail(error) from None
     finally:
@@ -305,7 +308,7 @@ def eval_(
     chunks: int = typer.Option(None, "--chunks", help="lm: chunks drawn from the text (default 16; 0: all of them)"),
     seed: int = typer.Option(None, "--seed", help="lm: which chunks are drawn (default 0)"),
     lrs: str = typer.Option(None, "--lrs", help="comma-separated learning rates (default: the config's); "
-                                                 "each is its own TinT compile"),
+                                                 "one TinT compile serves them all"),
     text: Path = typer.Option(None, "--text", help="a UTF-8 text file (default: Python's pydoc topics)"),
     dataset: Path = typer.Option(None, "--dataset", help="a Hugging Face dataset saved with save_to_disk "
                                                          "(its 'text' column; needs the datasets package)"),
@@ -339,7 +342,7 @@ def eval_(
             source, chunks = options.check_lm(data, text, dataset, chunks)
         pipeline.check_memory(cfg, pipeline.aux_config(cfg), announce=_announce)  # each lr's compile
         group = Group.from_environment(device)
-        out_dir = protocol.check_outputs(output or cfg.resolved_output / "eval", learning_rates or (cfg.tint.train.lr,))
+        out_dir = protocol.check_outputs(output or cfg.resolved_output / "eval")
         if task is Task.classify:
             settings = classify.ClassifySettings(data=data, lrs=learning_rates, float64_reference=float64_reference,
                                                  device=group.device(device))

@@ -1,6 +1,6 @@
 """Command-line numbers, checked by the same pydantic field as the config key they override.
 
-`--lrs` is tint.train.lr, `--length` is tint.max_length, `--seed` is model.seed (eval.classify.seed
+`--lrs` (eval) and `--lr` (verify) are tint.train.lr, `--length` is tint.max_length, `--seed` is model.seed (eval.classify.seed
 has the same range), `--lengths` of bench are lengths as tint.max_length; the numbers with no config
 key (`--train-fraction`, `--chunks`, `--batch`) have their field in `CommandOptions` below. Every
 problem of one command is reported at once, as `--option: got VALUE; allowed: WHAT (config key)`.
@@ -80,14 +80,10 @@ def parse_numbers(option: str, text: str, convert) -> tuple:
 
 
 def lr_name(lr: float) -> str:
-    """A learning rate as folder names and JSON keys show it: short where that names it exactly,
+    """A learning rate as tables and JSON keys show it: short where that names it exactly,
     else all of repr's digits (so that two learning rates never share a name)."""
     short = f"{lr:g}"
     return short if float(short) == lr else repr(lr)
-
-
-def lr_dir(lr: float) -> str:
-    return f"lr-{lr_name(lr)}"
 
 
 def eval_numbers(length: int | None, train_fraction: float | None, chunks: int | None, seed: int | None,
@@ -99,10 +95,9 @@ def eval_numbers(length: int | None, train_fraction: float | None, chunks: int |
     problems = [problem(option, value, spec) for option, value, spec in given if value is not None]
     problems.append(problem("--length", length, LENGTH, LENGTH_ALLOWED) if length is not None else None)
     problems += [problem("--lrs", lr, LR) for lr in learning_rates or ()]
-    names = [lr_dir(lr) for lr in learning_rates or ()]
+    names = [lr_name(lr) for lr in learning_rates or ()]
     if len(set(names)) != len(names):
-        problems.append(f"--lrs: got {lrs!r}; allowed: distinct learning rates (each is its own compile and "
-                        "folder)")
+        problems.append(f"--lrs: got {lrs!r}; allowed: distinct learning rates (each is its own row)")
     _raise(problems)
     return learning_rates
 
@@ -153,3 +148,9 @@ def check_lm(data: Path | None, text: Path | None, dataset: Path | None,
     source = (text_source.file_text(text) if text is not None else
               text_source.dataset_text(dataset) if dataset is not None else text_source.default_text())
     return source, chunks or None
+
+
+def check_lr(option: str, lr: float | None) -> None:
+    """A learning rate of verify: tint.train.lr's range."""
+    if lr is not None:
+        _raise([problem(option, lr, LR)])

@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
 
@@ -209,20 +209,24 @@ class Verification:
     rounding: dict[str, float] | None = None
     construction_vs_float64: dict[str, float] | None = None
     input_shape: tuple[int, int] = (0, 0)  # [B, T] of the input
+    lr: float = 0.0  # the learning rate the TinT and the oracles ran at
 
 
 def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_mask=None,
-           forward=None) -> Verification | None:
-    """Run the TinT and the oracles on one input; measure the two errors of DESIGN §1. `forward(tint,
-    ids, train, prefixes, labels)` runs the TinT (default: its forward); one that returns None (a
-    pipeline stage that is not the last, tintc/eval/stages.py) makes verify return None."""
+           forward=None, lr: float | None = None) -> Verification | None:
+    """Run the TinT and the oracles on one input at learning rate `lr` (None: the config's; the TinT
+    takes it as an input); measure the two errors of DESIGN §1. `forward(tint, ids, train, prefixes,
+    labels, lr=)` runs the TinT (default: its forward); one that returns None (a pipeline stage that is
+    not the last, tintc/eval/stages.py) makes verify return None."""
     model, graph, tint = compiled.model, compiled.graph, compiled.tint
-    settings = TrainSettings.from_config(cfg, graph.attrs["n_layer"])
+    lr = cfg.tint.train.lr if lr is None else lr
+    settings = replace(TrainSettings.from_config(cfg, graph.attrs["n_layer"]), lr=lr)
     labels = label_mask if cfg.tint.train.loss == "label_only" else None
     params = {n: p.detach() for n, p in model.named_parameters()}
     start = time.perf_counter()
     with torch.no_grad():
-        out = (forward or (lambda t, *inputs: t(*inputs)))(tint, input_ids, train_mask, tint.encode(params), labels)
+        out = (forward or (lambda t, *inputs, lr: t(*inputs, lr=lr)))(tint, input_ids, train_mask,
+                                                                      tint.encode(params), labels, lr=lr)
     seconds = time.perf_counter() - start
     if out is None:
         return None
@@ -232,7 +236,7 @@ def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_ma
     tint_run = GDResult(tint.decode(prefixes), logits, g_hat.logits_before, g_hat.trained)
     evaluated = metrics.eval_mask(train_mask)
     result = Verification(_errors(tint_run, g_hat, params, evaluated), _errors(g_hat, exact, params, evaluated),
-                          seconds, input_shape=tuple(input_ids.shape))
+                          seconds, input_shape=tuple(input_ids.shape), lr=lr)
     if g_hat.logits.dtype == torch.float32:
         params64 = {n: p.double() for n, p in params.items()}
         g_hat64 = approx_gd(graph, params64, input_ids, train_mask, settings, labels)
@@ -242,16 +246,17 @@ def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_ma
 
 
 def verify_on(cfg: TintcConfig, compiled: Compiled, length: int | None = None, batch: int = 1,
-              text=None, forward=None, announce=lambda line: None) -> Verification | None:
+              text=None, forward=None, lr: float | None = None,
+              announce=lambda line: None) -> Verification | None:
     """`tintc verify`: verify on `batch` seeded random inputs of `length` tokens (default: the TinT's max
-    length, at most 64), or on the start of a text file (`forward`: as for verify). `announce` gets the
-    TinT run's predicted peak."""
+    length, at most 64), or on the start of a text file, at learning rate `lr` (default: the config's;
+    `forward`: as for verify). `announce` gets the TinT run's predicted peak."""
     max_length = compiled.tint.program.max_length
     check_length("--length", length, most=max_length, what=", the TinT's max length")
     length = length or min(64, max_length)
     compiled.model  # noqa: B018 - the aux weights, loaded here so that the prediction counts them as held
     check_run(compiled, length, batch, announce)
-    return verify(cfg, compiled, *example_or_text(cfg, compiled.graph, length, batch, text), forward=forward)
+    return verify(cfg, compiled, *example_or_text(cfg, compiled.graph, length, batch, text), forward=forward, lr=lr)
 
 
 def _errors(run, ref, params, evaluated) -> dict[str, float]:

@@ -36,7 +36,7 @@ def compiled_line(compiled) -> str:
 def verification_table(cfg, result) -> Table:
     """`tintc verify`: the two errors of DESIGN §1 (a pipeline.Verification), and in float32 the floor."""
     table = Table(title=f"{cfg.name}: T={result.input_shape[1]}, batch {result.input_shape[0]}, {cfg.tint.dtype}, "
-                        f"TinT forward {result.tint_seconds:.2f} s")
+                        f"lr {result.lr:g}, TinT forward {result.tint_seconds:.2f} s")
     for column in ("error", "‖logits−ref‖/‖ref‖", "‖Δ−Δref‖/‖Δref‖", "cos(Δ,Δref)", "max|logits−ref|",
                    "worst update rel err"):
         table.add_column(column, justify="left" if column == "error" else "right")

@@ -163,6 +163,20 @@ def check_inputs(expected: dict, input_ids, train_mask, label_mask, prefixes) ->
         _check_mask_values("label_mask", label_mask)
 
 
+def check_lr(lr, batch: int) -> None:
+    """forward's η: a real number, or a float tensor of shape [] (every sequence) or [B] (one per
+    sequence); finite. Its sign is not checked (η = 0 leaves θ as it is)."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+        raise TypeError(f"lr: got {_got(lr)}; allowed: a real number, or a float tensor of shape [] or [B] (one "
+                        "learning rate per sequence)")
+    if isinstance(lr, torch.Tensor) and (not lr.is_floating_point() or tuple(lr.shape) not in ((), (batch,))):
+        raise TypeError(f"lr: got {_got(lr)}; allowed: a float tensor of shape [] or [{batch}] (one learning rate "
+                        "per sequence of input_ids)")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(torch.as_tensor(lr)).all()):
+        raise ValueError(f"lr: got {lr.tolist() if isinstance(lr, torch.Tensor) else lr}; allowed: finite "
+                         "learning rates")
+
+
 def check_state_dict(layout: dict, params) -> None:
     """encode's θ: every aux parameter of the layout, with its shape and one floating dtype
     (extra entries, such as buffers of a full state dict, are ignored)."""

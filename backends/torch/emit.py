@@ -160,7 +160,8 @@ def _summary(cfg) -> str:
     t, a = cfg.tint.train, cfg.tint.approximations
     return "\n".join([
         f"Compiled from config {_str(cfg.name)} ({cfg.model.family}, {cfg.tint.dtype}, K = {cfg.tint.prefixes}):",
-        f"    training   {t.steps} SGD step(s), lr {t.lr:g}, layers {t.layers}, loss {t.loss}",
+        f"    training   {t.steps} SGD step(s), lr {t.lr:g} unless forward is given another, layers {t.layers}, "
+        f"loss {t.loss}",
         f"    kinds      {', '.join(t.kinds)}",
         f"    backward   attention {a.attention}, layer norm {a.layer_norm}, activation {a.activation}, "
         f"scale {a.scale:g}",

@@ -61,7 +61,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
         self.block_version: dict[str, int] = {b: 0 for b in layout.blocks}
         # the tables' widths: OPT-350m's embeddings (and head) are narrower than its stream
         width = lambda ref: ref.shape(graph.weight_shapes[ref.name])[1]  # noqa: E731
-        widths = {"one": 1, "zero": 1, "positions": max_length, "train": 1, "label": 1,
+        widths = {"one": 1, "zero": 1, "positions": max_length, "train": 1, "label": 1, "lr": 1,
                   "token_embed": width(layout.vocab)}
         if layout.positions is not None:
             widths["pos_embed"] = width(layout.positions)
@@ -145,7 +145,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
             method(node)
         final = {b: block_stream(b, v) for b, v in self.block_version.items()}
         return Program(self.width, self.tmax, self.inputs, self.calls, self.layers, self.logits, final, self.layout,
-                       self.values, self.low_rank_log, self.rank is not None)
+                       self.values, self.low_rank_log, self.rank is not None, self.graph.attrs["lr"])
 
     def x(self, node: Node, i: int = 0) -> Field:
         return self.fields[node.inputs[i]]
@@ -337,24 +337,39 @@ class _Lowering(BackwardLowering, LlamaLowering):
         self.block_version[block] = version + 1
         return block_stream(block, version), version + 1
 
+    def _times_lr(self, f: Field) -> Field:
+        """η⊙f, η the learning rate the input layer writes at every token (one gated unit per coordinate);
+        computed once per value, as descents that read the same x share it."""
+        key = ("times_lr", f)
+        if key not in self.memo:
+            self.memo[key] = self._product(self.inputs["lr"], f)
+        return self.memo[key]
+
     def lower_linear_descent(self, node):
         """W[r] −= η Σ_t ∂y_t[r]·x_t, b[r] −= η Σ_t ∂y_t[r]: the K prefix tokens query the tokens;
-        head (s, ch) scores ∂y_t[sK+j] and adds −η·[x_t,ch; 1 or 0] to unit (s, ch)."""
+        head (s, ch) scores ∂y_t[sK+j] and adds −[x_t,ch; 1 or 0] to unit (s, ch). η is an input
+        (stream_io.input_layer), so one factor carries it: η⊙x and the bias slot's η, or η⊙∂y, whichever
+        is narrower (η⊙x is free where another descent already made it: q, k and v read one x)."""
         block, version = self.block_of(node)
         b = self.layout.blocks[block]
         S, K, C, c = b.rows, b.tokens, b.chunks, b.chunk
-        lr, has_w, has_b = node.attrs["lr"], "weight" in node.weights, "bias" in node.weights
+        has_w, has_b = "weight" in node.weights, "bias" in node.weights
         x, dy = self.x(node, 0), self.x(node, 1)
+        if not has_w or ("times_lr", x) in self.memo or x.width <= dy.width:
+            x = self._times_lr(x) if has_w else x  # without W the x part is multiplied by 0 (keep)
+            one = self.inputs["lr"]
+        else:
+            dy, one = self._times_lr(dy), self.inputs["one"]
         keep = torch.tensor([1.0 if has_w else 0.0] * c + [1.0 if has_b else 0.0], dtype=self.dtype)
-        layer = self.layer(("linear_descent", c, K, repr(lr), has_w, has_b), lambda: P.Attention(
-            self.eye(K), self.eye(K), -lr * torch.diag(keep), self.eye(c + 1), softmax=False, mask="full"))
+        layer = self.layer(("linear_descent", c, K, has_w, has_b), lambda: P.Attention(
+            self.eye(K), self.eye(K), -torch.diag(keep), self.eye(c + 1), softmax=False, mask="full"))
         heads = [(s, ch) for s in range(S) for ch in range(C)]
         base, new = self._next_version(block, version)
         units = [b.unit(s, ch) for s, ch in heads]
         self.call(layer, [
             self.block_read(block, version, [b.onehot] * len(heads)),
             [(dy.part(s * K, K),) for s, ch in heads],
-            [(x.part(ch * c, c), self._one_or_zero(ch)) for s, ch in heads]],
+            [(x.part(ch * c, c), one if ch == 0 else self.inputs["zero"]) for s, ch in heads]],
             Write(block_stream(block, new), tuple(Field(u.start, len(u)) for u in units), base))
 
     def lower_layer_norm_descent(self, node):
@@ -362,7 +377,8 @@ class _Lowering(BackwardLowering, LlamaLowering):
 
     def _norm_descent(self, node, normalised):
         """γ −= η Σ_t ∂y_t⊙x̂_t, β −= η Σ_t ∂y_t (x̂ = normalised(x, ε)): the norm's prefix token attends
-        to every token with score 1 and adds −η times their values, one head per chunk."""
+        to every token with score η (its constant 1 against the tokens' η) and adds −1 times their
+        values, one head per chunk."""
         a = node.attrs
         block, version = self.block_of(node)
         x, dy = self.x(node, 0), self.x(node, 1)
@@ -375,10 +391,10 @@ class _Lowering(BackwardLowering, LlamaLowering):
                 values += value.chunks(g)
                 targets += [Field(at + i % d, g) for i in range(0, x.width, g)]
         one = torch.ones(1, 1, dtype=self.dtype)
-        layer = self.layer(("norm_descent", g, repr(a["lr"])), lambda: P.Attention(
-            one, one, -a["lr"] * self.eye(g), self.eye(g), softmax=False, mask="full"))
+        layer = self.layer(("norm_descent", g), lambda: P.Attention(
+            one, one, -self.eye(g), self.eye(g), softmax=False, mask="full"))
         base, new = self._next_version(block, version)
         heads = len(values)
         self.call(layer, [self.block_read(block, version, [range(2 * d, 2 * d + 1)] * heads),
-                          [(self.inputs["one"],)] * heads, [(v,) for v in values]],
+                          [(self.inputs["lr"],)] * heads, [(v,) for v in values]],
                   Write(block_stream(block, new), tuple(targets), base))

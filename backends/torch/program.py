@@ -98,6 +98,7 @@ class Program:
     values: list[Value]  # every token value, in allocation order
     low_rank: list[dict]  # with tint.passes.low_rank: each projection, its rank, factorised or not
     factored: bool = False  # tint.passes.low_rank: the standard view factorises its projections too
+    lr: float = 1e-3  # η where forward is given none (the config's tint.train.lr); an input, not in any weight
 
 
 def lives(program: Program) -> list[Value]:
@@ -148,4 +149,5 @@ def program_json(program: Program) -> dict:
         "layout": layout_json(program.layout),
         "calls": [call_json(c) for c in program.calls],
         "low_rank": program.factored,
+        "lr": program.lr,
     }

@@ -174,7 +174,7 @@ class Stack(nn.Module):
 
 
 class StandardTinT(nn.Module):
-    """The standard view as a module: forward(input_ids, train_mask, prefixes, label_mask=None)
+    """The standard view as a module: forward(input_ids, train_mask, prefixes, label_mask=None, lr=None)
     -> (logits, new prefixes), the same contract as the fast TinT. `embed` builds the stream,
     `stack` is the transformer, `masks(T)` its fixed attention masks, `read_out` the output head."""
 
@@ -212,12 +212,13 @@ class StandardTinT(nn.Module):
             out.append(~allowed)
         return torch.stack(out) if out else torch.zeros(0, len(pos), len(pos), dtype=torch.bool, device=device)
 
-    def embed(self, input_ids, train_mask, prefixes, label_mask=None) -> torch.Tensor:
-        """The stream h0 [B, P, D_sim]: the fast executor's input layer at the tokens, the vocabulary
-        rows and the prefix blocks at theirs."""
+    def embed(self, input_ids, train_mask, prefixes, label_mask=None, lr=None) -> torch.Tensor:
+        """The stream h0 [B, P, D_sim]: the fast executor's input layer at the tokens (η among its
+        inputs; None: the config's), the vocabulary rows and the prefix blocks at theirs."""
         c, layout = self.config, self.config["layout"]
         tokens, unembed, blocks = begin(c["inputs"], c["width"], c["max_length"], layout["position_offset"],
-                                        layout["blocks"], input_ids, train_mask, label_mask, prefixes, self.contract)
+                                        layout["blocks"], input_ids, train_mask, label_mask, prefixes, self.contract,
+                                        c["lr"] if lr is None else lr)
         batch, length = input_ids.shape
         parts = [torch.zeros(batch, 1, self.plan.d_sim, dtype=tokens.dtype, device=tokens.device)]
         for rows in [unembed] + [blocks[f"{name}@0"] for name in layout["blocks"]]:
@@ -238,8 +239,8 @@ class StandardTinT(nn.Module):
         unembed = unembed if unembed.dim() == 3 else unembed.expand(h.shape[0], -1, -1)
         return finish(h[:, len(pos) :, :width], self.config["logits"], unembed, prefixes, blocks)
 
-    def forward(self, input_ids, train_mask, prefixes, label_mask=None):
-        h = self.embed(input_ids, train_mask, prefixes, label_mask)
+    def forward(self, input_ids, train_mask, prefixes, label_mask=None, lr=None):
+        h = self.embed(input_ids, train_mask, prefixes, label_mask, lr)
         h = self.stack(h, self.masks(input_ids.shape[1], h.device))
         return self.read_out(h, prefixes)
 

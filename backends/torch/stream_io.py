@@ -8,7 +8,7 @@ backends/torch/program.py's Stream is the typed form every compiler module uses.
 
 import torch
 
-from .checks import FINGERPRINT, check_inputs
+from .checks import FINGERPRINT, check_inputs, check_lr
 
 
 def block_stream(block: str, version: int) -> str:
@@ -17,17 +17,18 @@ def block_stream(block: str, version: int) -> str:
 
 
 def begin(fields: dict, width: int, max_length: int, position_offset: int, blocks, input_ids, train_mask,
-          label_mask, prefixes: dict, contract: dict):
+          label_mask, prefixes: dict, contract: dict, lr):
     """Check the input against the TinT's contract (checks.py), let every input hold one checkpoint
     for all sequences or one per sequence, and return the token stream after the input layer, the
-    unembedding and the prefix streams at version 0."""
+    unembedding and the prefix streams at version 0. `lr`: η, one for all sequences or one each."""
     check_inputs(contract, input_ids, train_mask, label_mask, prefixes)
     batch, length = input_ids.shape
+    check_lr(lr, batch)
     batched = {name: t if t.dim() == 3 else t.expand(batch, -1, -1)
                for name, t in prefixes.items() if name != FINGERPRINT}
     unembed = batched.get("unembed", batched["vocab"])
     h = input_layer(fields, width, position_offset, input_ids, train_mask, label_mask, batched.get("positions"),
-                    batched["vocab"], unembed)  # [B, T, width]
+                    batched["vocab"], unembed, lr)  # [B, T, width]
     return h, unembed, {block_stream(block, 0): batched[block] for block in blocks}
 
 
@@ -41,9 +42,11 @@ def finish(h, logits_field, unembed, prefixes: dict, final_blocks: dict):
 
 
 def input_layer(fields: dict, width: int, position_offset: int, input_ids, train_mask, label_mask,
-                positions, vocab, unembed):
+                positions, vocab, unembed, lr):
     """The TinT's embedding [B, T, width]: token and position rows of the aux tables, constants one
-    and zero, one-hot positions, and the train and label masks, each in its field (start, width)."""
+    and zero, one-hot positions, the train and label masks, and the learning rate η (a float or one
+    per sequence, [B]) at every token, each in its field (start, width). η is an input like the masks,
+    so the TinT's weights do not depend on it: the descents multiply it in."""
     batch, length = input_ids.shape
     h = torch.zeros(batch, length, width, dtype=vocab.dtype, device=vocab.device)
 
@@ -62,6 +65,7 @@ def input_layer(fields: dict, width: int, position_offset: int, input_ids, train
     h[..., start : start + length] = torch.eye(length, dtype=h.dtype, device=h.device)
     h[..., fields["train"][0]] = train_mask.to(h.dtype)
     h[..., fields["label"][0]] = 1.0 if label_mask is None else label_mask.to(h.dtype)
+    h[..., fields["lr"][0]] = lr.reshape(-1, 1).to(h) if isinstance(lr, torch.Tensor) else lr
     return h
 
 

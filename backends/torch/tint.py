@@ -1,10 +1,10 @@
 """The TinT as an nn.Module: an input layer, a list of calls of shared primitives, an output head.
 
-    forward(input_ids [B, T], train_mask [B, T], prefixes) -> (logits [B, T, V], new prefixes)
+    forward(input_ids [B, T], train_mask [B, T], prefixes, lr=None) -> (logits [B, T, V], new prefixes)
 
 `prefixes` is what `encode(aux_state_dict)` returns; the module's own weights were
 constructed from shapes and settings alone, so one TinT serves every checkpoint of
-its architecture. The computation itself is in backends/torch/runtime.py, which the
+its architecture, and every learning rate η (an input, like the train mask). The computation itself is in backends/torch/runtime.py, which the
 emitted package carries too.
 """
 
@@ -42,18 +42,19 @@ class TinT(nn.Module):
     def decode(self, prefixes):
         return runtime.decode(self.layout, prefixes)
 
-    def forward(self, input_ids, train_mask, prefixes, label_mask=None):
-        streams = self.begin(input_ids, train_mask, prefixes, label_mask)
+    def forward(self, input_ids, train_mask, prefixes, label_mask=None, lr=None):
+        """lr: η for the SGD steps (a number, or [B]: one per sequence); None: the config's."""
+        streams = self.begin(input_ids, train_mask, prefixes, label_mask, lr)
         self.run(streams, 0, len(self.program.calls))
         return self.finish(streams, prefixes)
 
     # forward in three parts, so that a pipeline stage (tintc/eval/stages.py) runs a range of calls
-    def begin(self, input_ids, train_mask, prefixes, label_mask=None) -> dict:
+    def begin(self, input_ids, train_mask, prefixes, label_mask=None, lr=None) -> dict:
         """The input layer: the streams by name (tokens, unembed, each prefix block at version 0)."""
         p = self.program
         h, unembed, blocks = runtime.begin(self.fields, p.width, p.max_length, p.layout.position_offset,
                                            p.layout.blocks, input_ids, train_mask, label_mask, prefixes,
-                                           self.contract)
+                                           self.contract, p.lr if lr is None else lr)
         return {TOKENS: h, "unembed": unembed, **blocks}
 
     def run(self, streams: dict, start: int, stop: int) -> None:

@@ -9,7 +9,7 @@ from . import PassResult
 from .annotate import annotate
 
 ELEMENTWISE_OPS = ("add", "layer_norm", "activation", "activation_backward", "layer_norm_backward",
-                   "layer_norm_descent", "loss_grad")
+                   "layer_norm_descent", "linear_descent", "loss_grad")  # a linear descent: its product with η
 
 
 def sub_mlp(graph: Graph, width: int | None) -> PassResult:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,7 +67,7 @@ class ClassifyResult:
     zero_shot: list[Scores]
     base: list[Scores]
     runs: dict[float, dict[str, list[Scores]]]  # lr -> row -> per test example
-    compile_seconds: dict[float, float] = field(default_factory=dict)
+    compile_seconds: float = 0.0  # the one compile that serves every learning rate
 
     def accuracy(self, scores: list[Scores]) -> float:
         return sum(s.prediction == g for s, g in zip(scores, self.gold)) / len(self.gold)
@@ -168,7 +168,7 @@ class ClassifySettings:
 def evaluate(cfg: TintcConfig, settings: ClassifySettings, out: Path, group=None,
              progress=None) -> ClassifyResult | None:
     """Every row on every test example (this process's share under `group`); the result on rank 0
-    (None elsewhere). The TinT packages are written under out/lr-<lr>/."""
+    (None elsewhere). The TinT package is written under out/tint/."""
     from tintc.eval import distributed
 
     spec = cfg.eval.classify if cfg.eval is not None else None

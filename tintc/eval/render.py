@@ -53,8 +53,7 @@ def notes(result: EvalResult) -> list[str]:
     return [f"text: {i['text']}", f"tokens: {i['tokens']:,} ({i['tokenizer']})",
             f"trained: layers {i['layers']}, kinds {' '.join(i['kinds'])}; backward rules "
             + ", ".join(f"{k} {v}" for k, v in i["approximations"].items()),
-            "the TinT reads η from its config: one compile per learning rate ("
-            + ", ".join(f"lr {lr_name(lr)}: {s:.1f} s" for lr, s in result.compile_seconds.items()) + ")"] + (
+            f"the TinT takes η as an input: one compile ({result.compile_seconds:.1f} s) serves every learning rate"] + (
         [f"{G_HAT64}: the ĝ oracle in float64; its difference from ĝ is float32 rounding alone, the floor "
          "for the TinT's"] if any(G_HAT64 in rows for rows in result.runs.values()) else [])
 
@@ -97,7 +96,7 @@ def to_json(result: EvalResult) -> dict:
 
     return {
         "info": result.info, "chunk_starts": result.starts, "test_predictions_per_chunk": result.predictions,
-        "compile_seconds": {lr_name(lr): s for lr, s in result.compile_seconds.items()},
+        "compile_seconds": result.compile_seconds,
         "base": values(result.base),
         "runs": [{"lr": lr, "rows": {row: values(rows[row]) for row in rows},
                   "worst_chunk_vs_g_hat": {row: worst_vs_g_hat(result, lr, row) for row in COMPARED if row in rows}}

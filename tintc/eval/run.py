@@ -10,8 +10,8 @@ pooled over all chunks. Every chunk starts from the original weights θ. Rows, o
     ĝ                     the same with the configured approximate backward rules (approx_gd)
     TinT                  the emitted package, loaded from its directory as a user would
 
-The TinT reads η from its config, so every learning rate of a sweep is its own compile. Chunks
-are independent: under torchrun each rank takes every world-th chunk and rank 0 gathers.
+The TinT takes η as an input, so one compile (one package, out/tint/) serves every learning rate
+of a sweep. Chunks are independent: under torchrun each rank takes every world-th chunk and rank 0 gathers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ from ir.errors import ConfigError, TintcError
 from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
 from tintc.eval.text_source import Text, chunk_starts, tokenize
 from tintc.files import check_output
-from tintc.options import lr_dir, lr_name
+from tintc.options import lr_name
 
 BASE, EXACT, G_HAT, TINT = "base", "dynamic eval (exact)", "ĝ", "TinT"
 G_HAT64 = "ĝ (float64)"  # optional, for float32 configs: how far rounding alone moves ĝ (the fp32 floor)
@@ -77,7 +77,7 @@ class EvalResult:
     predictions: int  # test predictions per chunk
     base: list[ChunkValues]
     runs: dict[float, dict[str, list[ChunkValues]]]  # lr -> row -> per chunk
-    compile_seconds: dict[float, float] = field(default_factory=dict)
+    compile_seconds: float = 0.0  # the one compile that serves every learning rate
 
     def perplexity(self, values: list[ChunkValues]) -> float:
         """exp of the mean CE over every test prediction of every chunk."""
@@ -120,7 +120,7 @@ def with_lr(cfg: TintcConfig, lr: float) -> TintcConfig:
 
 
 class Rows:
-    """The model, its traced graph and θ on the device; per lr, the oracles' settings and the TinT."""
+    """The model, its traced graph and θ on the device; the TinT (every lr) and, per lr, the oracles' settings."""
 
     def __init__(self, cfg: TintcConfig, device: str, float64_reference: bool = False, loss: str = "context"):
         if cfg.tint.train.loss != loss:
@@ -131,7 +131,7 @@ class Rows:
         self.graph = pipeline.trace(cfg, self.model)
         self.params = {n: p.detach() for n, p in self.model.named_parameters()}
         self.settings: dict[float, TrainSettings] = {}
-        self.tints: dict[float, tuple] = {}  # lr -> (TinT module, prefixes of θ)
+        self.tint: tuple | None = None  # (TinT module, prefixes of θ): η is its input
         self.float64 = None  # (graph, θ) in float64 for the G_HAT64 row
         if float64_reference:
             if cfg.tint.dtype != "float32":
@@ -144,21 +144,20 @@ class Rows:
     def trained_rows(self) -> tuple[str, ...]:
         return TRAINED_ROWS + ((G_HAT64,) if self.float64 else ())
 
-    def compile(self, lr: float, directory: Path | None):
-        """Compile the TinT for `lr` and write its package into `directory` (None: no package); return
-        the seconds and the in-memory TinT."""
-        cfg = with_lr(self.cfg, lr)
+    def compile(self, directory: Path | None):
+        """Compile the TinT (the config's lr is only its default η) and write its package into `directory`
+        (None: no package); return the seconds and the in-memory TinT."""
         start = time.perf_counter()
-        compiled = pipeline.compile_tint(cfg)  # from the config alone: the TinT depends on the architecture only
+        compiled = pipeline.compile_tint(self.cfg)  # from the config alone: the TinT depends on the architecture only
         if directory is not None:
-            pipeline.emit(compiled, cfg, directory)
+            pipeline.emit(compiled, self.cfg, directory)
         return time.perf_counter() - start, compiled.tint
 
-    def load(self, lr: float, directory: Path) -> None:
-        """The oracles' settings for `lr`, and the TinT as a user loads it: from its package."""
-        self.settings[lr] = TrainSettings.from_config(with_lr(self.cfg, lr), self.graph.attrs["n_layer"])
+    def load(self, lrs, directory: Path) -> None:
+        """The oracles' settings for each of `lrs`, and the TinT as a user loads it: from its package."""
+        self.settings = {lr: TrainSettings.from_config(with_lr(self.cfg, lr), self.graph.attrs["n_layer"]) for lr in lrs}
         tint = import_package(directory).load(directory, device=self.device)
-        self.tints[lr] = (tint, tint.encode(self.params))
+        self.tint = (tint, tint.encode(self.params))
 
     def logits(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor,
                labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,8 +167,8 @@ class Rows:
             if row == BASE:
                 return self.model(ids, use_cache=False).logits
             if row == TINT:
-                tint, prefixes = self.tints[lr]
-                return tint(ids, train, prefixes, labels)[0]
+                tint, prefixes = self.tint
+                return tint(ids, train, prefixes, labels, lr=lr)[0]
         if row == EXACT:
             return exact_gd(self.model, self.graph, ids, train, self.settings[lr], labels, before=False).logits
         if row == G_HAT64:
@@ -188,23 +187,19 @@ class Rows:
         logits, seconds = self.timed(row, lr, ids, train)
         return ChunkValues(test_ce(require_finite(logits, row, lr, where), ids, train), seconds)
 
-    def compile_all(self, lrs, out: Path, group, progress, total: int, staged: bool = False) -> dict[float, float]:
-        """Per lr, rank 0 compiles the TinT into out/lr-<lr>/ and every rank loads it; the seconds.
-        Staged, every rank keeps its own in-memory compile (the same TinT) to run its stage of."""
-        compile_seconds = {}
-        for lr in lrs:
-            directory = out / lr_dir(lr)
-            progress(0, total, f"compiling the TinT for lr {lr:g}")
-            if group.rank == 0 or staged:  # one package writer; the others load its files (staged: their own compile)
-                seconds, tint = self.compile(lr, directory if group.rank == 0 else None)
-                compile_seconds[lr] = seconds
-            group.barrier()
-            if staged:
-                self.settings[lr] = TrainSettings.from_config(with_lr(self.cfg, lr), self.graph.attrs["n_layer"])
-                self.tints[lr] = (tint.to(self.device), tint.encode(self.params))
-            else:
-                self.load(lr, directory)
-        return compile_seconds
+    def compile_all(self, lrs, out: Path, group, progress, total: int, staged: bool = False) -> float:
+        """Rank 0 compiles the TinT into out/tint/ once and every rank loads it (it takes each lr as an
+        input); the compile's seconds (0 on the other ranks). Staged, every rank keeps its own in-memory
+        compile (the same TinT) to run its stage of."""
+        progress(0, total, "compiling the TinT (every learning rate)")
+        seconds, tint = 0.0, None
+        if group.rank == 0 or staged:  # one package writer; the others wait (staged: their own compile)
+            seconds, tint = self.compile(out / PACKAGE_DIR if group.rank == 0 else None)
+        group.barrier()
+        self.load(lrs, out / PACKAGE_DIR)
+        if staged:
+            self.tint = (tint.to(self.device), tint.encode(self.params))
+        return seconds if group.rank == 0 else 0.0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -214,14 +209,14 @@ class Rows:
 # -- the outputs -----------------------------------------------------------------------------
 RESULT_FILES = ("eval.json", "eval.md", "eval.png")  # eval/render.py and eval/classify_render.py write these
 PACKAGE_FILES = ("tint_model.py", "weights.safetensors", "tint_config.json")  # backends/torch/emit.py's package
+PACKAGE_DIR = "tint"  # under the output folder: the one package every learning rate runs
 
 
-def check_outputs(out: Path, lrs: tuple[float, ...]) -> Path:
-    """Before the first compile or chunk: the output folder (links resolved whole) and each
-    learning rate's package folder must take what eval will write; returns the resolved folder."""
+def check_outputs(out: Path) -> Path:
+    """Before the compile or the first chunk: the output folder (links resolved whole) and the package
+    folder must take what eval will write; returns the resolved folder."""
     out = check_output(out, RESULT_FILES)
-    for lr in lrs:
-        check_output(out / lr_dir(lr), PACKAGE_FILES)
+    check_output(out / PACKAGE_DIR, PACKAGE_FILES)
     return out
 
 
@@ -230,7 +225,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
              progress=None) -> EvalResult | None:
     """Run every row on the chunks (this process's share under `group`, a tintc.distributed.Group);
     return the result on rank 0 (None elsewhere). `progress(advance, total, what)` is called as work is
-    done. The TinT packages are written under out/lr-<lr>/."""
+    done. The TinT package is written under out/tint/."""
     from tintc.eval import distributed, stages
 
     group = group or distributed.Group.single()
@@ -270,9 +265,9 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     stage_times = []
     for lr in lrs if staged else ():  # every chunk a micro-batch through the stages
         chunks = [tokens.ids[start : start + settings.length][None].to(rows.device) for start in starts]
-        tint, prefixes = rows.tints[lr]
+        tint, prefixes = rows.tint
         outputs, times = stages.Pipeline(tint, group, settings.stages, settings.length).run(
-            [(ids, train, None) for ids in chunks], prefixes)
+            [(ids, train, None) for ids in chunks], prefixes, lr)
         stage_times.append({"lr": lr, **vars(times)})
         for i, (ids, (logits, _)) in enumerate(zip(chunks, outputs or ())):  # the last rank has the logits
             where = f"chunk {i + 1}/{len(starts)} (tokens {starts[i]}+)"

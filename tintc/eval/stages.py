@@ -69,9 +69,10 @@ class Pipeline:
     def last(self) -> bool:
         return self.plan.owner[-1] == self.group.rank
 
-    def run(self, micro_batches, prefixes) -> tuple[list | None, StageTimes]:
-        """Every micro-batch (input_ids, train_mask, label_mask) through this rank's segments; on the
-        last rank each one's (logits, new prefixes), None elsewhere; and this rank's times."""
+    def run(self, micro_batches, prefixes, lr=None) -> tuple[list | None, StageTimes]:
+        """Every micro-batch (input_ids, train_mask, label_mask) through this rank's segments at learning
+        rate `lr` (None: the config's); on the last rank each one's (logits, new prefixes), None elsewhere;
+        and this rank's times."""
         rank, plan, streams, sends = self.group.rank, self.plan, {}, []
         start = time.perf_counter()
         with torch.no_grad():
@@ -80,7 +81,7 @@ class Pipeline:
                     continue
                 for m, (ids, train, labels) in enumerate(micro_batches):
                     if m not in streams:
-                        streams[m] = self.tint.begin(ids, train, prefixes, labels)
+                        streams[m] = self.tint.begin(ids, train, prefixes, labels, lr)
                 early, late = self._due(k)
                 for message in early:  # all micro-batches, in the order the sender sent them
                     for m in range(len(micro_batches)):
@@ -159,11 +160,11 @@ def _index(message: stage_plan.Message, device) -> torch.Tensor:
 def staged_forward(group, stages: int):
     """A forward for pipeline.verify: the batch's sequences as micro-batches through the stages; the
     logits and new prefixes of the whole batch on the last rank, None on the others."""
-    def forward(tint, input_ids, train_mask, prefixes, labels):
+    def forward(tint, input_ids, train_mask, prefixes, labels, lr=None):
         rows = range(input_ids.shape[0])
         outputs, _ = Pipeline(tint, group, stages, input_ids.shape[1]).run(
             [(input_ids[b : b + 1], train_mask[b : b + 1], None if labels is None else labels[b : b + 1])
-             for b in rows], prefixes)
+             for b in rows], prefixes, lr)
         if outputs is None:
             return None
         blocks = tint.program.layout.blocks  # each micro-batch's blocks are [1, K, width]: one batch of them
