@@ -10,8 +10,13 @@ pooled over all chunks. Every chunk starts from the original weights θ. Rows, o
     ĝ                     the same with the configured approximate backward rules (approx_gd)
     TinT                  the emitted package, loaded from its directory as a user would
 
+With named rule sets (`rules`, e.g. exact and paper: `tintc eval`'s default) each set is its own
+compile and its rows are named after it: `TinT (exact)`, measured against exact dynamic evaluation,
+and for a set with approximations `ĝ (paper)` and `TinT (paper)`, measured against that ĝ.
+
 The TinT reads η from its config, so every learning rate of a sweep is its own compile. Chunks
-are independent: under torchrun each rank takes every world-th chunk and rank 0 gathers.
+are independent (each starts from θ and trains its own copy, in a batch too): under torchrun each
+rank takes every world-th chunk and rank 0 gathers.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from tintc.oracle import metrics
 
 from tintc import pipeline
 from tintc.config import TintcConfig
+from tintc.config.schema import RULE_SETS
 from ir.errors import ConfigError, TintcError
 from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
 from tintc.eval.text_source import Text, chunk_starts, tokenize
@@ -42,6 +48,30 @@ G_HAT64 = "ĝ (float64)"  # optional, for float32 configs: how far rounding alon
 TRAINED_ROWS = (EXACT, G_HAT, TINT)  # the rows that depend on the learning rate
 
 
+def row_plan(rule_sets: tuple[str, ...] | None, float64: bool) -> tuple[dict, dict]:
+    """The trained rows: name -> (what runs: exact, g_hat, tint or g_hat64; rule set, None for the
+    config's own), and each compared row's reference row (its agreement is measured against it).
+    None: the config's rules alone (rows EXACT, G_HAT, TINT). A set of exact rules has no ĝ row: its ĝ
+    is exact GD, so its TinT is measured against dynamic evaluation itself."""
+    if rule_sets is None:
+        plan = {EXACT: ("exact", None), G_HAT: ("g_hat", None), TINT: ("tint", None)}
+        references = {TINT: G_HAT}
+        last, g_hat = None, G_HAT
+    else:
+        plan, references = {EXACT: ("exact", None)}, {}
+        for name in rule_sets:
+            g_hat = EXACT if name == "exact" else f"{G_HAT} ({name})"
+            if name != "exact":
+                plan[g_hat] = ("g_hat", name)
+            plan[f"{TINT} ({name})"] = ("tint", name)
+            references[f"{TINT} ({name})"] = g_hat
+        last = rule_sets[-1]
+    if float64:
+        row = G_HAT64 if last is None else f"{G_HAT} ({last}, float64)"
+        plan[row], references[row] = ("g_hat64", last), g_hat
+    return plan, references
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     length: int | None = None  # T, tokens per chunk (None: the TinT's max length, at most 256)
@@ -51,6 +81,8 @@ class EvalSettings:
     lrs: tuple[float, ...] | None = None  # None: the config's
     device: str = "cpu"
     float64_reference: bool = False  # add the G_HAT64 row (float32 configs)
+    rules: tuple[str, ...] | None = None  # named rule sets (RULE_SETS), each its own compile; None: the config's
+    batch: int = 1  # chunks run together (each its own context)
 
     def split(self) -> int:
         """Tokens in the train segment; at least 2 (one prediction to train on) and one test token."""
@@ -76,7 +108,8 @@ class EvalResult:
     predictions: int  # test predictions per chunk
     base: list[ChunkValues]
     runs: dict[float, dict[str, list[ChunkValues]]]  # lr -> row -> per chunk
-    compile_seconds: dict[float, float] = field(default_factory=dict)
+    compile_seconds: dict[float, float] = field(default_factory=dict)  # per lr, every rule set's compiles
+    references: dict[str, str] = field(default_factory=lambda: {TINT: G_HAT})  # compared row -> its reference
 
     def perplexity(self, values: list[ChunkValues]) -> float:
         """exp of the mean CE over every test prediction of every chunk."""
@@ -87,17 +120,18 @@ class EvalResult:
 
 
 # -- the loss on one chunk -------------------------------------------------------------------
-def train_mask(length: int, n_train: int, device="cpu") -> torch.Tensor:
-    mask = torch.zeros(1, length, dtype=torch.bool, device=device)
+def train_mask(length: int, n_train: int, device="cpu", batch: int = 1) -> torch.Tensor:
+    mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
     mask[:, :n_train] = True
     return mask
 
 
-def test_ce(logits: torch.Tensor, ids: torch.Tensor, train: torch.Tensor) -> float:
-    """Summed next-token CE (float64) over the positions whose next token is a test token."""
+def test_ces(logits: torch.Tensor, ids: torch.Tensor, train: torch.Tensor) -> list[float]:
+    """Per sequence, the summed next-token CE (float64) over the positions whose next token is a test token."""
     evaluated = metrics.eval_mask(train)[:, :-1]
     ce = F.cross_entropy(logits[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
-    return ce[evaluated].sum().item()
+    return (ce * evaluated).sum(-1).tolist()
+
 
 
 def require_finite(logits: torch.Tensor, row: str, lr: float | None, where: str) -> torch.Tensor:
@@ -119,9 +153,11 @@ def with_lr(cfg: TintcConfig, lr: float) -> TintcConfig:
 
 
 class Rows:
-    """The model, its traced graph and θ on the device; per lr, the oracles' settings and the TinT."""
+    """The model, its traced graph and θ on the device; per lr and rule set, the oracles' settings and the
+    TinT. `rule_sets`: named rule sets (row_plan); None: the config's own rules."""
 
-    def __init__(self, cfg: TintcConfig, device: str, float64_reference: bool = False, loss: str = "context"):
+    def __init__(self, cfg: TintcConfig, device: str, float64_reference: bool = False, loss: str = "context",
+                 rule_sets: tuple[str, ...] | None = None):
         if cfg.tint.train.loss != loss:
             task = "the language-modelling protocol" if loss == "context" else "--task classify"
             raise ConfigError(f"tint.train.loss: got {cfg.tint.train.loss!r}; allowed: {loss!r} for {task}")
@@ -129,8 +165,10 @@ class Rows:
         self.model = pipeline.load_aux_model(cfg).to(self.device)
         self.graph = pipeline.trace(cfg, self.model)
         self.params = {n: p.detach() for n, p in self.model.named_parameters()}
-        self.settings: dict[float, TrainSettings] = {}
-        self.tints: dict[float, tuple] = {}  # lr -> (TinT module, prefixes of θ)
+        self.plan, self.references = row_plan(rule_sets, float64_reference)
+        self.rule_sets = (None,) if rule_sets is None else tuple(rule_sets)
+        self.settings: dict[tuple, TrainSettings] = {}  # (lr, rule set) -> the oracles' settings
+        self.tints: dict[tuple, tuple] = {}  # (lr, rule set) -> (TinT module, prefixes of θ)
         self.float64 = None  # (graph, θ) in float64 for the G_HAT64 row
         if float64_reference:
             if cfg.tint.dtype != "float32":
@@ -141,11 +179,19 @@ class Rows:
 
     @property
     def trained_rows(self) -> tuple[str, ...]:
-        return TRAINED_ROWS + ((G_HAT64,) if self.float64 else ())
+        return tuple(self.plan)
 
-    def compile(self, lr: float, directory: Path) -> float:
-        """Compile the TinT for `lr` and write its package into `directory`; return the seconds."""
+    def config(self, lr: float, rule_set: str | None) -> TintcConfig:
+        """The config for one learning rate and rule set (None: the config's own rules)."""
         cfg = with_lr(self.cfg, lr)
+        return cfg if rule_set is None else cfg.with_rules(RULE_SETS[rule_set])
+
+    def package_dir(self, out: Path, lr: float, rule_set: str | None) -> Path:
+        return out / lr_dir(lr) if rule_set is None else out / rule_set / lr_dir(lr)
+
+    def compile(self, lr: float, directory: Path, rule_set: str | None = None) -> float:
+        """Compile the TinT for `lr` (and `rule_set`) and write its package into `directory`; the seconds."""
+        cfg = self.config(lr, rule_set)
         start = time.perf_counter()
         # the TinT depends on the architecture only; trace a CPU copy when θ lives on an accelerator
         model = self.model if self.device.type == "cpu" else pipeline.load_aux_model(cfg)
@@ -153,27 +199,32 @@ class Rows:
         pipeline.emit(compiled, cfg, directory)
         return time.perf_counter() - start
 
-    def load(self, lr: float, directory: Path) -> None:
-        """The oracles' settings for `lr`, and the TinT as a user loads it: from its package."""
-        self.settings[lr] = TrainSettings.from_config(with_lr(self.cfg, lr), self.graph.attrs["n_layer"])
+    def load(self, lr: float, directory: Path, rule_set: str | None = None) -> None:
+        """The oracles' settings for `lr` and `rule_set`, and the TinT as a user loads it: from its package."""
+        n_layer = self.graph.attrs["n_layer"]
+        self.settings[(lr, None)] = TrainSettings.from_config(self.config(lr, None), n_layer)
+        self.settings[(lr, rule_set)] = TrainSettings.from_config(self.config(lr, rule_set), n_layer)
         tint = import_package(directory).load(directory, device=self.device)
-        self.tints[lr] = (tint, tint.encode(self.params))
+        self.tints[(lr, rule_set)] = (tint, tint.encode(self.params))
 
     def logits(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor,
                labels: torch.Tensor | None = None) -> torch.Tensor:
         """The row's logits on `ids` after training on `train` (with the label_only loss, on the
         predictions of the `labels` tokens)."""
-        with torch.no_grad():
-            if row == BASE:
+        if row == BASE:
+            with torch.no_grad():
                 return self.model(ids, use_cache=False).logits
-            if row == TINT:
-                tint, prefixes = self.tints[lr]
+        what, rule_set = self.plan[row]
+        settings = self.settings[(lr, rule_set)]
+        if what == "tint":
+            tint, prefixes = self.tints[(lr, rule_set)]
+            with torch.no_grad():
                 return tint(ids, train, prefixes, labels)[0]
-        if row == EXACT:
-            return exact_gd(self.model, self.graph, ids, train, self.settings[lr], labels, before=False).logits
-        if row == G_HAT64:
-            return approx_gd(*self.float64, ids, train, self.settings[lr], labels, before=False).logits
-        return approx_gd(self.graph, self.params, ids, train, self.settings[lr], labels, before=False).logits
+        if what == "exact":  # the config's kinds, whatever the rule sets
+            return exact_gd(self.model, self.graph, ids, train, settings, labels, before=False).logits
+        if what == "g_hat64":
+            return approx_gd(*self.float64, ids, train, settings, labels, before=False).logits
+        return approx_gd(self.graph, self.params, ids, train, settings, labels, before=False).logits
 
     def timed(self, row: str, lr: float | None, ids, train, labels=None) -> tuple[torch.Tensor, float]:
         """The row's logits and its seconds (the device synchronised around it)."""
@@ -183,20 +234,26 @@ class Rows:
         self._sync()
         return logits, time.perf_counter() - start
 
-    def run(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor, where: str) -> ChunkValues:
+    def run(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor, where: str) -> list[ChunkValues]:
+        """The row on a batch of chunks: each one's test CE, and the batch's seconds shared out evenly."""
         logits, seconds = self.timed(row, lr, ids, train)
-        return ChunkValues(test_ce(require_finite(logits, row, lr, where), ids, train), seconds)
+        ces = test_ces(require_finite(logits, row, lr, where), ids, train)
+        return [ChunkValues(ce, seconds / len(ces)) for ce in ces]
 
     def compile_all(self, lrs, out: Path, group, progress, total: int) -> dict[float, float]:
-        """Per lr, rank 0 compiles the TinT into out/lr-<lr>/ and every rank loads it; the seconds."""
+        """Per lr and rule set, rank 0 compiles the TinT into its package folder (package_dir) and every
+        rank loads it; the seconds per lr, every rule set's together."""
         compile_seconds = {}
         for lr in lrs:
-            directory = out / lr_dir(lr)
-            progress(0, total, f"compiling the TinT for lr {lr:g}")
-            if group.rank == 0:  # one writer; the others wait and load the same files
-                compile_seconds[lr] = self.compile(lr, directory)
-            group.barrier()
-            self.load(lr, directory)
+            compile_seconds[lr] = 0.0
+            for rule_set in self.rule_sets:
+                directory = self.package_dir(out, lr, rule_set)
+                rules = "" if rule_set is None else f" with the {rule_set} rules"
+                progress(0, total, f"compiling the TinT for lr {lr:g}{rules}")
+                if group.rank == 0:  # one writer; the others wait and load the same files
+                    compile_seconds[lr] += self.compile(lr, directory, rule_set)
+                group.barrier()
+                self.load(lr, directory, rule_set)
         return compile_seconds
 
     def _sync(self) -> None:
@@ -209,12 +266,13 @@ RESULT_FILES = ("eval.json", "eval.md", "eval.png")  # eval/render.py and eval/c
 PACKAGE_FILES = ("tint_model.py", "weights.safetensors", "tint_config.json")  # backends/torch/emit.py's package
 
 
-def check_outputs(out: Path, lrs: tuple[float, ...]) -> Path:
-    """Before the first compile or chunk: the output folder (links resolved whole) and each
-    learning rate's package folder must take what eval will write; returns the resolved folder."""
+def check_outputs(out: Path, lrs: tuple[float, ...], rule_sets: tuple[str, ...] | None = None) -> Path:
+    """Before the first compile or chunk: the output folder (links resolved whole) and each learning
+    rate's (and rule set's) package folder must take what eval will write; returns the resolved folder."""
     out = check_output(out, RESULT_FILES)
     for lr in lrs:
-        check_output(out / lr_dir(lr), PACKAGE_FILES)
+        for rule_set in rule_sets or (None,):
+            check_output(out / lr_dir(lr) if rule_set is None else out / rule_set / lr_dir(lr), PACKAGE_FILES)
     return out
 
 
@@ -227,7 +285,7 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     from tintc.eval import distributed
 
     group = group or distributed.Group.single()
-    rows = Rows(cfg, settings.device, settings.float64_reference)
+    rows = Rows(cfg, settings.device, settings.float64_reference, rule_sets=settings.rules)
     max_length = cfg.max_length(rows.graph.attrs["max_positions"])
     settings = replace(settings, length=settings.length or min(max_length, 256))
     if settings.length > max_length:
@@ -240,22 +298,24 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     mine = list(range(group.rank, len(starts), group.world))
     progress = progress or (lambda advance, total, what: None)
     trained_rows = rows.trained_rows
-    total = len(mine) * (1 + len(trained_rows) * len(lrs))
+    batches = [mine[b : b + settings.batch] for b in range(0, len(mine), settings.batch)]
+    total = len(batches) * (1 + len(trained_rows) * len(lrs))
 
     compile_seconds = rows.compile_all(lrs, out, group, progress, total)
 
-    train = train_mask(settings.length, n_train, rows.device)
     base: dict[int, ChunkValues] = {}
     runs: dict[float, dict[str, dict[int, ChunkValues]]] = {lr: {row: {} for row in trained_rows} for lr in lrs}
-    for i in mine:
-        ids = tokens.ids[starts[i] : starts[i] + settings.length][None].to(rows.device)
-        where = f"chunk {i + 1}/{len(starts)} (tokens {starts[i]}+)"
-        base[i] = rows.run(BASE, None, ids, train, where)
-        progress(1, total, f"chunk {i + 1}/{len(starts)}: {BASE}")
+    for batch in batches:  # a batch of chunks: each sequence its own context, trained from θ
+        ids = torch.stack([tokens.ids[starts[i] : starts[i] + settings.length] for i in batch]).to(rows.device)
+        train = train_mask(settings.length, n_train, rows.device, len(batch))
+        named = ", ".join(f"{i + 1}" for i in batch)
+        where = f"chunk(s) {named} of {len(starts)} (tokens {', '.join(f'{starts[i]}+' for i in batch)})"
+        base.update(zip(batch, rows.run(BASE, None, ids, train, where)))
+        progress(1, total, f"chunk(s) {named}/{len(starts)}: {BASE}")
         for lr in lrs:
             for row in trained_rows:
-                runs[lr][row][i] = rows.run(row, lr, ids, train, where)
-                progress(1, total, f"chunk {i + 1}/{len(starts)}: {row}, lr {lr:g}")
+                runs[lr][row].update(zip(batch, rows.run(row, lr, ids, train, where)))
+                progress(1, total, f"chunk(s) {named}/{len(starts)}: {row}, lr {lr:g}")
 
     gathered = group.gather((base, runs))
     if gathered is None:
@@ -266,17 +326,23 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
         info={"text": text.source, "python": platform.python_version(), "torch": torch.__version__,
               "tokens": len(tokens.ids), "tokenizer": tokens.tokenizer, "length": settings.length,
               "train_tokens": n_train, "train_fraction": settings.train_fraction, "seed": settings.seed,
-              "device": settings.device, "processes": group.world, **settings_info(cfg)},
+              "device": settings.device, "processes": group.world, "batch": settings.batch,
+              **settings_info(cfg, settings.rules)},
         starts=starts, predictions=settings.length - n_train,
         base=[base[i] for i in in_order],
         runs={lr: {row: [runs[lr][row][i] for i in in_order] for row in trained_rows} for lr in lrs},
-        compile_seconds=compile_seconds,
+        compile_seconds=compile_seconds, references=rows.references,
     )
 
 
-def settings_info(cfg: TintcConfig) -> dict:
+def settings_info(cfg: TintcConfig, rule_sets: tuple[str, ...] | None = None) -> dict:
+    """What ran: the config's settings, and the rule sets of the TinT rows (the config's own set by name
+    when `rule_sets` is None), each with its rules and the kinds it trains."""
     t, a = cfg.tint.train, cfg.tint.approximations
+    sets = {a.rule_set: cfg} if rule_sets is None else {name: cfg.with_rules(RULE_SETS[name]) for name in rule_sets}
     return {"config": cfg.name, "family": cfg.model.family, "dtype": cfg.tint.dtype, "steps": t.steps,
             "layers": t.layers, "kinds": list(t.kinds),
             "approximations": {"attention": a.attention, "layer_norm": a.layer_norm, "activation": a.activation,
-                               "scale": a.scale}}
+                               "scale": a.scale},
+            "rule_sets": {name: {**c.tint.approximations.rules, "scale": a.scale, "kinds": list(c.tint.train.kinds)}
+                          for name, c in sets.items()}}
