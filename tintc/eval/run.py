@@ -308,14 +308,14 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     for batch in batches:  # a batch of chunks: each sequence its own context, trained from θ
         ids = torch.stack([tokens.ids[starts[i] : starts[i] + settings.length] for i in batch]).to(rows.device)
         train = train_mask(settings.length, n_train, rows.device, len(batch))
-        named = ", ".join(f"{i + 1}" for i in batch)
-        where = f"chunk(s) {named} of {len(starts)} (tokens {', '.join(f'{starts[i]}+' for i in batch)})"
+        named = ("chunk " if len(batch) == 1 else "chunks ") + ", ".join(f"{i + 1}" for i in batch) + f"/{len(starts)}"
+        where = f"{named} (tokens {', '.join(f'{starts[i]}+' for i in batch)})"
         base.update(zip(batch, rows.run(BASE, None, ids, train, where)))
-        progress(1, total, f"chunk(s) {named}/{len(starts)}: {BASE}")
+        progress(1, total, f"{named}: {BASE}")
         for lr in lrs:
             for row in trained_rows:
                 runs[lr][row].update(zip(batch, rows.run(row, lr, ids, train, where)))
-                progress(1, total, f"chunk(s) {named}/{len(starts)}: {row}, lr {lr:g}")
+                progress(1, total, f"{named}: {row}, lr {lr:g}")
 
     gathered = group.gather((base, runs))
     if gathered is None:
