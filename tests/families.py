@@ -12,16 +12,16 @@ from tintc.config import parse_config
 from tintc.oracle.fidelity import example_input
 from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
 from tests.helpers import EXACT_RULES, rel_err as rel  # noqa: F401  (the family tests import them from here)
-from tests.models import TINY, tiny_model
+from tests.models import TINY, paper_rules, tiny_model
 
 
 
 def compiled_from_folder(family: str, folder, dtype: str, kinds: list[str], approximations: dict):
     """A tiny random model of `family` (tests/models.py), saved with save_pretrained under `folder`
-    and compiled from there: (config, Compiled)."""
+    and compiled from there: (config, Compiled). `approximations` as tiny_config takes it: over the paper's rules."""
     tiny_model(family, dtype=torch.float64).save_pretrained(folder / family)
     section = {"prefixes": 8, "max_length": 32, "dtype": dtype, "train": {"lr": 0.05, "kinds": kinds},
-               "approximations": approximations}
+               "approximations": paper_rules(approximations)}
     cfg = parse_config(json.dumps({"model": {"family": family, "path": family}, "tint": section}), base_dir=folder)
     return cfg, pipeline.compile_tint(cfg)
 

@@ -93,9 +93,18 @@ def tiny_model(family: str, dtype=torch.float32, seed: int = 0, table: dict = TI
     return build_model(family, {**table[family], **overrides}, seed=seed, dtype=dtype)
 
 
+def paper_rules(approximations):
+    """A test's `tint.approximations`: a word as is (exact, paper), a mapping over the paper's rules."""
+    from tintc.config.schema import RULE_SETS
+
+    return approximations if isinstance(approximations, str) else {**RULE_SETS["paper"], **approximations}
+
+
 def tiny_config(family: str, table: dict = TINY, **tint):
     """A TintcConfig for the table[family] model; `tint` sets keys of the tint section
-    (e.g. steps=2 goes under train, dtype=... at the top of tint)."""
+    (e.g. steps=2 goes under train, dtype=... at the top of tint). The tests mean the paper's rules
+    unless they name others: `approximations` defaults to `paper` (the config's own default is
+    `exact`), and a mapping changes only the rules it names (paper_rules)."""
     import json
 
     from tintc.config import parse_config
@@ -103,6 +112,7 @@ def tiny_config(family: str, table: dict = TINY, **tint):
     train_keys = {"layers", "steps", "lr", "loss", "kinds"}
     train = {k: v for k, v in tint.items() if k in train_keys}
     rest = {k: v for k, v in tint.items() if k not in train_keys}
+    rest["approximations"] = paper_rules(rest.get("approximations", "paper"))
     section = {"prefixes": 8, "max_length": 32, **rest, "train": {"lr": 0.05, **train}}
     text = json.dumps({"model": {"family": family, "config": table[family]}, "tint": section})
     return parse_config(text)  # JSON is YAML

@@ -18,17 +18,21 @@ from tests.models import TINY
 def _config(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(json.dumps({"model": {"family": "gpt2", "config": TINY["gpt2"]},
-                                "tint": {"prefixes": 8, "max_length": 32}, "output": "out"}))
+                                "tint": {"prefixes": 8, "max_length": 32, "approximations": "paper"},
+                                "output": "out"}))
     return path
 
 
 def test_bench_measures_the_tint_and_the_direct_evaluation(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the measuring processes inherit it: no thread start-up on 2 cores
-    result = CliRunner().invoke(app, ["bench", str(_config(tmp_path)), "--lengths", "16,64", "--repeats", "1"])
+    result = CliRunner().invoke(app, ["bench", str(_config(tmp_path)), "--lengths", "16,64", "--repeats", "1",
+                                      "--batch", "2"])
     assert result.exit_code == 0, result.output
     assert "skipped T=64: above the TinT's max_length 32" in result.output
+    assert "(paper rules)" in result.output and "batch 2" in result.output and "tokens/s" in result.output
     out = tmp_path / "out"
     bench = json.loads((out / "bench.json").read_text())
+    assert bench["rules"] == "paper" and bench["batch"] == 2
     tint = pipeline.compile_tint(load_config(tmp_path / "tiny.yaml")).tint  # what the child compiled
     program, compiled = tint.program, bench["compile"]
     assert (compiled["width"], compiled["calls"], compiled["primitives"], compiled["max_length"]) == (

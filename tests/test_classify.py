@@ -39,7 +39,7 @@ def _data(tmp_path, n=10) -> Path:
 
 def _config(tmp_path, dtype="float64", steps=1, shots=2, **classify_keys) -> dict:
     return {"model": {"family": "gpt2", "config": TINY["gpt2"]},
-            "tint": {"prefixes": 8, "max_length": 32, "dtype": dtype,
+            "tint": {"prefixes": 8, "max_length": 32, "dtype": dtype, "approximations": "paper",
                      "train": {"lr": 0.05, "steps": steps, "loss": "label_only"}},
             "eval": {"classify": {"template": "{text}=", "labels": LABEL_WORDS, "separator": ";", "shots": shots,
                                   **classify_keys}},

@@ -69,7 +69,8 @@ def test_defaults_and_helpers(tmp_path):
     assert config.trained_layers(2) == [1]
     assert config.trained_layers(5) == [4]
     assert config.torch_dtype is torch.float64
-    assert config.tint.approximations.attention == "stop_gradient"
+    assert config.tint.approximations.rules == {"attention": "exact", "layer_norm": "exact", "activation": "exact"}
+    assert config.tint.approximations.rule_set == "exact"  # issue 24: every rule exact by default
     assert config.tint.train.kinds == ["attn_v", "attn_o", "mlp_in", "mlp_out", "norm_bias"]
     assert config.resolved_output == (tmp_path / "out").resolve()
     assert config.resolved_model_path is None
@@ -264,15 +265,41 @@ def test_query_key_kinds_need_the_exact_attention_rule(tmp_path):
     path = tmp_path / "qk.yaml"
     path.write_text(
         "model:\n  family: gpt2\n  config: {n_embd: 32, n_layer: 2, n_head: 4}\n"
-        "tint:\n  prefixes: 8\n  train:\n    kinds: [attn_q, attn_v]\n"
+        "tint:\n  prefixes: 8\n  approximations: paper\n  train:\n    kinds: [attn_q, attn_v]\n"
     )
     with pytest.raises(ConfigError) as err:
         load_config(path)
     message = str(err.value)
-    assert f"{path}:7: tint.train.kinds: got attn_q with approximations.attention: stop_gradient" in message
+    assert f"{path}:8: tint.train.kinds: got attn_q with approximations.attention: stop_gradient" in message
     assert "allowed: approximations.attention: exact" in message
-    path.write_text(path.read_text() + "  approximations: {attention: exact}\n")
+    path.write_text(path.read_text().replace("approximations: paper", "approximations: {attention: exact}"))
     assert load_config(path).tint.train.kinds == ["attn_q", "attn_v"]
+    path.write_text(path.read_text().replace("approximations: {attention: exact}", "approximations: exact"))
+    assert load_config(path).tint.train.kinds == ["attn_q", "attn_v"]
+    path.write_text(path.read_text().replace("  approximations: exact\n", ""))  # the default: exact
+    assert load_config(path).tint.train.kinds == ["attn_q", "attn_v"]
+
+
+@pytest.mark.parametrize("value, rules", [
+    ("exact", {"attention": "exact", "layer_norm": "exact", "activation": "exact"}),
+    ("paper", {"attention": "stop_gradient", "layer_norm": "finite_difference", "activation": "finite_difference"}),
+    ("{activation: finite_difference, scale: 10}", {"attention": "exact", "layer_norm": "exact",
+                                                    "activation": "finite_difference"}),
+])
+def test_approximations_take_a_named_rule_set_or_a_mapping(tmp_path, value, rules):
+    text = "model:\n  family: gpt2\n  config: {n_embd: 32, n_layer: 2, n_head: 4}\ntint:\n  approximations: " + value
+    approximations = load_config(write(tmp_path, text + "\n")).tint.approximations
+    assert approximations.rules == rules
+    assert approximations.rule_set == (value if value in ("exact", "paper") else
+                                       "mixed (attention exact, layer_norm exact, activation finite_difference)")
+
+
+@pytest.mark.parametrize("value, got", [("fast", "'fast'"), ("Exact", "'Exact'"), ("3", "3"), ("[exact]", "['exact']")])
+def test_approximations_other_than_a_rule_set_or_mapping_name_what_is_allowed(tmp_path, value, got):
+    text = "model:\n  family: gpt2\n  config: {n_embd: 32, n_layer: 2, n_head: 4}\ntint:\n  approximations: " + value
+    assert one_problem(tmp_path, text + "\n").endswith(
+        f":5: tint.approximations: got {got}; allowed: exact | paper | a mapping of attention, layer_norm, "
+        "activation, scale")
 
 
 # --- the default trained kinds: the paper's that the family has ---------------------

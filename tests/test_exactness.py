@@ -83,7 +83,8 @@ def test_report_command_with_exactness(tmp_path):
 
     config = tmp_path / "tiny.yaml"
     config.write_text(json.dumps({"model": {"family": "gpt2", "config": TINY["gpt2"]},
-                                  "tint": {"prefixes": 8, "max_length": 16}, "output": "out"}))
+                                  "tint": {"prefixes": 8, "max_length": 16, "approximations": "paper"},
+                                  "output": "out"}))
     result = CliRunner().invoke(app, ["report", str(config), "--exactness"])
     assert result.exit_code == 0, result.output
     assert "Cost of exactness" in result.output

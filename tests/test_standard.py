@@ -66,9 +66,15 @@ def test_standard_view_equals_the_fast_executor_and_the_oracle(family, switches,
 EXACT = {"attention": "exact", "layer_norm": "exact", "activation": "exact"}
 
 
-@pytest.mark.parametrize("family,rules", [("opt", {"attention": "exact"}), ("opt", EXACT), ("gpt2", EXACT)])
+GATED_KINDS = ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "norm_gain"]
+
+
+@pytest.mark.parametrize("family,rules", [("opt", {"attention": "exact"}), ("opt", EXACT), ("gpt2", EXACT),
+                                          ("llama", EXACT)])
 def test_standard_view_of_the_exact_rules(family, rules):
-    cfg, model, compiled = _compile(family, steps=1, approximations=rules, kinds=["attn_q", "attn_k", *KINDS])
+    """Every exact construction as plain blocks: tanh-GELU' (gpt2), ReLU' (opt), SiLU' and RMSNorm (llama)."""
+    kinds = GATED_KINDS if family == "llama" else ["attn_q", "attn_k", *KINDS]
+    cfg, model, compiled = _compile(family, steps=1, approximations=rules, kinds=kinds)
     ids, train, _ = example_input(model.config.vocab_size, 8, 2, seed=1)
     params = {n: p.detach() for n, p in model.named_parameters()}
     prefixes = compiled.tint.encode(params)

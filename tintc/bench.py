@@ -9,7 +9,7 @@ the timed runs. The parts:
 - compile: build the aux model, trace, passes, lowering (the compile time), then write the
   standalone package to the output directory (the emit time) and θ's prefixes for the TinT runs.
 - tint: load the emitted package (torch and safetensors only) and the prefixes; one forward
-  of the TinT on T tokens (a batch of one, the first half train), under no_grad.
+  of the TinT on T tokens (a batch of `--batch` sequences, default one, each the first half train), under no_grad.
 - direct: the aux model; `tintc.oracle.reference.exact_gd(..., before=False)` on the same input: per
   step a forward, a backward and the SGD update, then the evaluation forward.
 - exactness (unless turned off): the cost of each exact backward rule against the paper's rules
@@ -41,10 +41,10 @@ AUTO_REPEATS, AUTO_BUDGET_S = 5, 30.0
 
 # -- the driver (parent process) ---------------------------------------------------------------
 def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambda message: None,
-        exactness: bool = True, force: bool = False) -> dict:
+        exactness: bool = True, force: bool = False, batch: int = 1) -> dict:
     """Compile in one process (writing the package and report under `output`; `force` as for compile),
-    then for each T run the TinT and the direct evaluation in one each; then, with `exactness`, the cost
-    of each exact rule in one more."""
+    then for each T run the TinT and the direct evaluation in one each, on `batch` sequences (each its own
+    context); then, with `exactness`, the cost of each exact rule in one more."""
     import tempfile
 
     import torch
@@ -65,7 +65,7 @@ def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambd
             row = {"length": length}
             for part in ("tint", "direct"):
                 progress(f"T={length}: {part}")
-                args = [part, str(config_path), work, "--length", str(length)]
+                args = [part, str(config_path), work, "--length", str(length), "--batch", str(batch)]
                 row[part] = _child(args + (["--repeats", str(repeats)] if repeats else []))
             if "error" not in row["tint"] and "error" not in row["direct"]:
                 row["time_ratio"] = row["tint"]["seconds"] / row["direct"]["seconds"]
@@ -77,6 +77,7 @@ def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambd
             cost = _child(["exactness", str(config_path), work, "--length", str(EXACTNESS_LENGTH)]
                           + (["--repeats", str(repeats)] if repeats else []))
     return {"config": cfg.name, "family": cfg.model.family, "dtype": cfg.tint.dtype, "torch": torch.__version__,
+            "rules": cfg.tint.approximations.rule_set, "batch": batch,
             "threads": torch.get_num_threads(), "compile": compiled, "runs": runs, "skipped": skipped,
             "exactness": cost,
             "method": "one process per measurement; peak = ru_maxrss of that process; time = median after a "
@@ -97,18 +98,21 @@ def _child(args: list[str]) -> dict:
 def table(result: dict):
     from rich.table import Table
 
-    title = (f"{result['config']}: TinT forward vs direct autograd (exact_gd), {result['dtype']}, batch 1, "
-             f"{result['threads']} threads")
+    batch = result.get("batch", 1)
+    title = (f"{result['config']}: TinT forward ({result.get('rules', '?')} rules) vs direct autograd (exact_gd), "
+             f"{result['dtype']}, batch {batch}, {result['threads']} threads")
     t = Table(title=title)
-    for column in ("T", "TinT s", "direct s", "time ×", "TinT peak MiB", "predicted", "direct peak MiB", "memory ×",
-                   "runs"):
+    for column in ("T", "TinT s", "direct s", "time ×", "TinT tokens/s", "direct tokens/s", "TinT peak MiB",
+                   "predicted", "direct peak MiB", "memory ×", "runs"):
         t.add_column(column, justify="right")
     for row in result["runs"]:
         tint, direct = row["tint"], row["direct"]
         if "error" in tint or "error" in direct:
-            t.add_row(str(row["length"]), *(["failed"] * 7), "", style="red")
+            t.add_row(str(row["length"]), *(["failed"] * 9), "", style="red")
             continue
+        tokens = batch * row["length"]
         t.add_row(str(row["length"]), f"{tint['seconds']:.4g}", f"{direct['seconds']:.4g}", f"{row['time_ratio']:.1f}",
+                  f"{tokens / tint['seconds']:,.0f}", f"{tokens / direct['seconds']:,.0f}",
                   f"{tint['peak_mib']:,.0f}", f"{tint['predicted_peak_mib']:,.0f}", f"{direct['peak_mib']:,.0f}",
                   f"{row['memory_ratio']:.2f}",
                   f"{tint['runs']}/{direct['runs']}")
@@ -242,14 +246,14 @@ def measure_compile(config: str, work: Path, force: bool = False) -> dict:
     return result
 
 
-def _input(run: dict, length: int):
+def _input(run: dict, length: int, batch: int = 1):
     from tintc.oracle.fidelity import example_input
 
-    ids, train, labels = example_input(run["vocab"], length, 1, seed=run["seed"])
+    ids, train, labels = example_input(run["vocab"], length, batch, seed=run["seed"])
     return ids, train, labels if run["label_only"] else None
 
 
-def measure_tint(work: Path, length: int, repeats: int | None) -> dict:
+def measure_tint(work: Path, length: int, repeats: int | None, batch: int = 1) -> dict:
     import torch
     from safetensors.torch import load_file
 
@@ -261,7 +265,7 @@ def measure_tint(work: Path, length: int, repeats: int | None) -> dict:
     package = import_package(run["package"])
     tint = package.load(run["package"])
     prefixes = load_file(str(work / "prefixes.safetensors"))
-    ids, train, labels = _input(run, length)
+    ids, train, labels = _input(run, length, batch)
     base = _resident_mib()
 
     def forward():
@@ -272,7 +276,7 @@ def measure_tint(work: Path, length: int, repeats: int | None) -> dict:
             "base_mib": base, "threads": torch.get_num_threads()}
 
 
-def measure_direct(config: str, work: Path, length: int, repeats: int | None) -> dict:
+def measure_direct(config: str, work: Path, length: int, repeats: int | None, batch: int = 1) -> dict:
     import torch
 
     from tintc import pipeline
@@ -283,7 +287,7 @@ def measure_direct(config: str, work: Path, length: int, repeats: int | None) ->
     model = pipeline.load_aux_model(cfg)
     graph = pipeline.trace(cfg, model)
     settings = TrainSettings.from_config(cfg, graph.attrs["n_layer"])
-    ids, train, labels = _input(json.loads((work / "run.json").read_text()), length)
+    ids, train, labels = _input(json.loads((work / "run.json").read_text()), length, batch)
     base = _resident_mib()
     timed = _timed(lambda: exact_gd(model, graph, ids, train, settings, labels, before=False), repeats)
     return {**timed, "peak_mib": _peak_mib(), "base_mib": base, "threads": torch.get_num_threads()}
@@ -303,6 +307,7 @@ def main(argv=None) -> None:
     parser.add_argument("work", type=Path, help="the bench's scratch directory")
     parser.add_argument("--length", type=int)
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--batch", type=int, default=1, help="tint, direct: sequences per forward")
     parser.add_argument("--force", action="store_true", help="compile: overwrite files tintc did not write")
     args = parser.parse_args(argv)
     try:
@@ -311,9 +316,9 @@ def main(argv=None) -> None:
         elif args.part == "exactness":
             result = measure_exactness(args.config, args.length, args.repeats)
         elif args.part == "tint":
-            result = measure_tint(args.work, args.length, args.repeats)
+            result = measure_tint(args.work, args.length, args.repeats, args.batch)
         else:
-            result = measure_direct(args.config, args.work, args.length, args.repeats)
+            result = measure_direct(args.config, args.work, args.length, args.repeats, args.batch)
     except TintcError as error:
         result = {"error": str(error)}
     print(json.dumps(result))

@@ -266,6 +266,7 @@ def bench(
                                    help="also the cost of each exact backward rule: the config compiled under "
                                         "each rule set, parameters, calls and forward time at T=256 (5 compiles)"),
     force: bool = ForceOption,
+    batch: int = typer.Option(1, "--batch", min=1, max=64, help="sequences per forward, each its own context"),
 ) -> None:
     """Time the compile, and the TinT forward against direct autograd (exact_gd) for several T, with peak
     memory (one process per measurement), and the cost of each exact rule; write bench.json and bench.png
@@ -277,7 +278,7 @@ def bench(
         cfg = load_config(config)
         result = benchmark.run(config, options.bench_lengths(lengths), repeats,
                                progress=lambda message: err.print(message, style="dim"), exactness=exactness,
-                               force=force)
+                               force=force, batch=batch)
         paths = benchmark.save(result, cfg.resolved_output, force=force, source=cfg.source_key)
     except TintcError as error:
         raise _fail(error) from None
@@ -318,10 +319,14 @@ def eval_(
     output: Path = typer.Option(None, "--out", help="where eval.json, .md, .png and the TinT packages go "
                                                     "(default: <output>/eval)"),
     stages: int = StagesOption,
+    rules: str = typer.Option(None, "--rules", help="lm: the rule sets whose TinTs run, each its own compile: a "
+                                                     "list of exact, paper (default exact,paper), or config"),
+    batch: int = typer.Option(None, "--batch", min=1, max=64,
+                              help="lm: chunks run together, each its own context (default 1)"),
 ) -> None:
     """Dynamic evaluation: on real text (--task lm), perplexity of the test part of each chunk; on a
     labelled data set (--task classify), few-shot accuracy. Rows: the base model, exact SGD, the ĝ
-    oracle and the TinT (loaded from its package). Runs data-parallel under torchrun."""
+    oracle and the TinT (loaded from its package; lm: one per rule set). Runs data-parallel under torchrun."""
     from tintc.config import load_config
     from tintc import options, pipeline
     from tintc.eval import classify, classify_render
@@ -337,12 +342,14 @@ def eval_(
         if task is Task.classify:
             options.check_classify(data, {"--text": text, "--dataset": dataset, "--length": length,
                                           "--train-fraction": train_fraction, "--chunks": chunks, "--seed": seed,
-                                          "--stages": stages if stages > 1 else None})
+                                          "--stages": stages if stages > 1 else None, "--rules": rules,
+                                          "--batch": batch})
         else:
             source, chunks = options.check_lm(data, text, dataset, chunks)
-        pipeline.check_memory(cfg, pipeline.aux_config(cfg), announce=_announce)  # each lr's compile
+        pipeline.check_memory(cfg, pipeline.aux_config(cfg), announce=_announce)  # each rule set's compile
+        rule_sets = None if task is Task.classify else options.eval_rules(rules or "exact,paper")
         group = Group.from_environment(device)
-        out_dir = protocol.check_outputs(output or cfg.resolved_output / "eval")
+        out_dir = protocol.check_outputs(output or cfg.resolved_output / "eval", rule_sets)
         if task is Task.classify:
             settings = classify.ClassifySettings(data=data, lrs=learning_rates, float64_reference=float64_reference,
                                                  device=group.device(device))
@@ -351,7 +358,8 @@ def eval_(
             settings = protocol.EvalSettings(length=length, chunks=chunks, seed=seed or 0,
                                              train_fraction=0.5 if train_fraction is None else train_fraction,
                                              lrs=learning_rates, float64_reference=float64_reference,
-                                             device=group.device(device), stages=stages)
+                                             device=group.device(device), stages=stages, rules=rule_sets,
+                                             batch=batch or 1)
             run, render = (lambda advance: protocol.evaluate(cfg, source, settings, out_dir, group, advance)), eval_render
         with terminal.progress(group.rank == 0) as advance:
             result = run(advance)

@@ -102,6 +102,22 @@ def eval_numbers(length: int | None, train_fraction: float | None, chunks: int |
     return learning_rates
 
 
+EVAL_RULES = "config, or a comma-separated list of distinct named rule sets: exact, paper"
+
+
+def eval_rules(text: str) -> tuple[str, ...] | None:
+    """`tintc eval --rules`: the named rule sets (tint.approximations' words) whose TinTs run, each its own
+    compile; `config`: the config's own rules (None)."""
+    from tintc.config.schema import RULE_SETS
+
+    names = tuple(part.strip() for part in text.split(","))
+    if names == ("config",):
+        return None
+    if not names or len(set(names)) != len(names) or not set(names) <= set(RULE_SETS):
+        raise ConfigError(f"--rules: got {text!r}; allowed: {EVAL_RULES}", headline="command line error")
+    return names
+
+
 def check_length(option: str, length: int | None, least: int = MIN_VERIFY_LENGTH, most: int | None = None,
                  what: str = "") -> None:
     """A sequence length of verify or reference: the config field's range, then the command's own."""

@@ -8,6 +8,9 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from ir.passes.autodiff import rules_of
+from tintc.config.schema import rule_set_name
+
 # Piped output (CI logs, files) gets room for wide tables instead of rich's default 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
@@ -25,18 +28,19 @@ def op_count_table(counts: dict[str, int], stage: str) -> Table:
 
 
 def compiled_line(compiled) -> str:
-    """One line on a compile (a pipeline.Compiled): time, calls, primitives, width, unique parameters."""
+    """One line on a compile (a pipeline.Compiled): time, calls, primitives, width, unique parameters, rules."""
     program = compiled.tint.program
     unique = sum(p.numel() for p in compiled.tint.parameters())
     return (f"compiled in {compiled.seconds:.2f} s: {len(program.calls)} TinT layer calls of "
             f"{len(program.layers)} shared primitives, width {program.width}, max length {program.max_length}, "
-            f"{unique:,} unique parameters")
+            f"{unique:,} unique parameters, backward rules {rule_set_name(rules_of(compiled.train_graph))}")
 
 
 def verification_table(cfg, result) -> Table:
     """`tintc verify`: the two errors of DESIGN §1 (a pipeline.Verification), and in float32 the floor."""
     table = Table(title=f"{cfg.name}: T={result.input_shape[1]}, batch {result.input_shape[0]}, {cfg.tint.dtype}, "
-                        f"lr {result.lr:g}, TinT forward {result.tint_seconds:.2f} s")
+                        f"lr {result.lr:g}, rules {cfg.tint.approximations.rule_set}, "
+                        f"TinT forward {result.tint_seconds:.2f} s")
     for column in ("error", "‖logits−ref‖/‖ref‖", "‖Δ−Δref‖/‖Δref‖", "cos(Δ,Δref)", "max|logits−ref|",
                    "worst update rel err"):
         table.add_column(column, justify="left" if column == "error" else "right")

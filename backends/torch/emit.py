@@ -52,6 +52,9 @@ def package_files(compiled_or_tint, cfg, version: str) -> dict[str, str | bytes]
     program: Program = tint.program
     weights = {name: t.contiguous() for name, t in tint.state_dict().items()}
     code, data = source(program, version, cfg), config(tint)
+    if cfg is not None:  # which backward rules this TinT computes (tint.approximations)
+        a = cfg.tint.approximations
+        data["backward_rules"] = {"set": a.rule_set, **a.rules, "scale": a.scale}
     package = {"tint_model.py": checks.source_digest(code), "tint_config.json": checks.config_digest(data),
                "weights.safetensors": checks.weights_digest(save(weights))[0]}
     record = json.dumps(package, sort_keys=True)

@@ -158,25 +158,46 @@ class BackwardLowering:
         self.call(layer, [list(zip(x.chunks(g), scaled.chunks(g)))], chunks)
         self.fields[node.name] = self._scaled(change, a["scale"])
 
+    def _gate_of(self, name: str, weights, a: tuple[Field, ...], b: tuple[Field, ...], c: tuple[Field, ...] = ()):
+        """(A·a) ⊙ (B·b) + C·c chunk by chunk, one gated unit: `weights(g)` gives A, B, C (C None without c)
+        for one chunk of width g of each value; a value of width 1 (the one) is read whole by every chunk."""
+        width = max(v.width for v in a + b + c)
+        g = self.group(width)
+        layer = self.layer((name, g), lambda: P.Gate(*weights(g)))
+
+        def chunks(values):
+            return list(zip(*([v] * (width // g) if v.width == 1 else v.chunks(g) for v in values)))
+        out, outs = self.new(width, g)
+        self.call(layer, [chunks(a), chunks(b)] + ([chunks(c)] if c else []), outs)
+        return out
+
+    def _column(self, g: int) -> torch.Tensor:
+        """The projection that reads the one into each of g coordinates."""
+        return torch.ones(g, 1, dtype=self.dtype)
+
     def _gelu_bloom_derivative(self, x: Field, v: Field) -> Field:
         """BLOOM's GELU is gelu_tanh with k = 0.79788456: the same construction with that k."""
         return self._gelu_tanh_derivative(x, v, BLOOM_GELU_K)
 
     def _gelu_tanh_derivative(self, x: Field, v: Field, k: float | None = None) -> Field:
-        """gelu_tanh'(x)⊙v with T = tanh(k(x + a·x³)), k = √(2/π), a = 0.044715:
-        0.5·v + 0.5·T⊙v + 0.5·k·(p − T²⊙p), p = (x + 3a·x³)⊙v. Exact: products, linear maps and a
-        tanh unit (a GTU). Another k (BLOOM's) names its layers."""
+        """gelu_tanh'(x)⊙v = s + k·r⊙s, s = ½(1 + T)⊙v, r = (1 − T)⊙p, with p = x + 3a·x³ (the tanh
+        argument's derivative over k), T = tanh(k(x + a·x³)) = tanh(k(2x + p)/3), k = √(2/π), a = 0.044715.
+        Exact: five gated units and one tanh unit (the rounding of products, no difference step). Another
+        k (BLOOM's) names its layers."""
         tag = "" if k is None else f"_{k!r}"
         k, c = k or (2.0 / math.pi) ** 0.5, 0.044715
-        x3 = self._product(self._product(x, x), x)
-        t = self._activated(self._chunked_linear("tanh_argument" + tag, lambda g: torch.cat(
-            [k * self.eye(g), k * c * self.eye(g)], 1), x, x3), "tanh")
-        p = self._chunked_linear("gelu_tanh_p", lambda g: torch.cat([self.eye(g), 3 * c * self.eye(g)], 1),
-                                 self._product(x, v), self._product(x3, v))
-        t2p = self._product(self._product(t, t), p)
-        return self._chunked_linear("gelu_tanh_derivative" + tag, lambda g: torch.cat(
-            [0.5 * self.eye(g), 0.5 * self.eye(g), 0.5 * k * self.eye(g), -0.5 * k * self.eye(g)], 1),
-            v, self._product(t, v), p, t2p)
+        eye, one, ones = self.eye, self.inputs["one"], self._column
+        x2 = self._product(x, x)
+        p = self._gate_of("cubic_slope", lambda g: (3 * c * eye(g), eye(g), eye(g)), (x,), (x2,), (x,))
+        g = self.group(x.width)
+        tanh = self.layer(("gelu_tanh_T" + tag, g), lambda: P.MLP(torch.cat([2 * k / 3 * eye(g), k / 3 * eye(g)], 1),
+                                                                  eye(g), "tanh"))
+        t, t_chunks = self.new(x.width, g)
+        self.call(tanh, [list(zip(x.chunks(g), p.chunks(g)))], t_chunks)
+        s = self._gate_of("half_one_plus", lambda g: (torch.cat([0.5 * eye(g), 0.5 * ones(g)], 1), eye(g), None),
+                          (t, one), (v,))
+        r = self._gate_of("one_minus", lambda g: (torch.cat([-eye(g), ones(g)], 1), eye(g), None), (t, one), (p,))
+        return self._gate_of("gelu_tanh_derivative" + tag, lambda g: (k * eye(g), eye(g), eye(g)), (r,), (s,), (s,))
 
     def _gelu_derivative(self, x: Field, v: Field) -> Field:
         """gelu'(x)⊙v for erf GELU, whose derivative Φ(x) + x·φ(x) no primitive activation gives:
@@ -197,11 +218,12 @@ class BackwardLowering:
         return self._product(derivative, v)
 
     def _silu_derivative(self, x: Field, v: Field) -> Field:
-        """silu'(x)⊙v = s⊙v + x⊙(s⊙v) − x⊙(s⊙(s⊙v)), s = sigmoid(x): a sigmoid unit and products."""
+        """silu'(x)⊙v = u⊙(s⊙v), s = sigmoid(x), u = 1 + x − x⊙s: a sigmoid unit and three gated units."""
+        eye, one = self.eye, self.inputs["one"]
         s = self._activated(x, "sigmoid")
-        sv = self._product(s, v)
-        return self._chunked_linear("silu_derivative", lambda g: torch.cat([self.eye(g), self.eye(g), -self.eye(g)], 1),
-                                    sv, self._product(x, sv), self._product(x, self._product(s, sv)))
+        u = self._gate_of("silu_slope", lambda g: (-eye(g), eye(g), torch.cat([eye(g), self._column(g)], 1)),
+                          (x,), (s,), (x, one))
+        return self._product(u, self._product(s, v))
 
     def _relu_derivative(self, x: Field, v: Field) -> Field:
         """step(x)⊙v as sigmoid(M·x)⊙v, M = 2⁴⁰: sigmoid(M·x) is 1 or 0 to the last bit for |x| > 40/M
@@ -241,8 +263,8 @@ class BackwardLowering:
 
     def _score_gradient(self, node) -> Field:
         """g_tj = a_tj·(d_tj − Σ_j' a_tj' d_tj'), d_tj = ⟨∂o_t, v_j⟩, per aux head (h·T wide), once per
-        attention: a causal linear head (query ∂o_t, key v_j, value e_j) gives d_t; products, a row sum
-        and a difference give g_t."""
+        attention: a causal linear head (query ∂o_t, key v_j, value e_j) gives d_t; a product, a row sum
+        and one gated unit give g_t."""
         a = node.attrs
         hd, h, n = a["head_dim"], a["heads"], self.tmax
         q, k, v, do = (self.x(node, i) for i in range(4))
@@ -259,10 +281,13 @@ class BackwardLowering:
             sum_layer = self.layer(("row_sum", n), lambda: P.Linear(torch.ones(1, n, dtype=self.dtype)))
             sums, sum_chunks = self.new(h, 1)
             self.call(sum_layer, [[(c,) for c in weighted.chunks(n)]], sum_chunks)
-            scale_layer = self.layer(("scale_row", n), lambda: P.Gate(torch.ones(n, 1, dtype=self.dtype), self.eye(n)))
-            scaled, scaled_chunks = self.new(h * n, n)  # (Σ_j' a_tj' d_tj')·a_t
-            self.call(scale_layer, [[(c,) for c in sum_chunks], [(c,) for c in rows.chunks(n)]], scaled_chunks)
-            self.memo[key] = self._difference(weighted, scaled, group=n)
+            # a_t⊙d_t − (Σ_j' a_tj' d_tj')·a_t in one gated unit
+            g_layer = self.layer(("score_gradient", n), lambda: P.Gate(
+                -torch.ones(n, 1, dtype=self.dtype), self.eye(n), self.eye(n)))
+            g, g_chunks = self.new(h * n, n)
+            self.call(g_layer, [[(c,) for c in sum_chunks], [(c,) for c in rows.chunks(n)],
+                                [(c,) for c in weighted.chunks(n)]], g_chunks)
+            self.memo[key] = g
         return self.memo[key]
 
     def lower_attention_score_backward(self, node):

@@ -45,6 +45,17 @@ def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradien
     return PassResult(out, True)
 
 
+def rules_of(graph: Graph) -> dict[str, str]:
+    """The backward rules a training graph was built with, read off its backward ops (a rule whose op the
+    graph has none of is left out)."""
+    seen = {}
+    for node in graph.nodes():
+        if "rule" in node.attrs:
+            kind = node.kind.removesuffix("_backward")  # attention, activation, layer_norm, rms_norm
+            seen[kind if kind in ("attention", "activation") else "layer_norm"] = node.attrs["rule"]
+    return {k: seen[k] for k in ("attention", "layer_norm", "activation") if k in seen}
+
+
 def _unsupported(graph: Graph, node: Node) -> str | None:
     if node.kind == "attention" and "window" in node.attrs:
         return "attention with a window"

@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tintc.config.schema import LAYERS_PATTERN, MAX_LAYERS, MAX_SIZE, MAX_VOCAB, ApproximationSpec, Loc, TintSpec, show
+from tintc.config.schema import (LAYERS_PATTERN, MAX_LAYERS, MAX_SIZE, MAX_VOCAB, RULE_SETS, ApproximationSpec,
+                                 Loc, TintSpec, show)
 
 def cross_checks(data: dict, base: Path) -> list[tuple[Loc, str]]:
     return _rule_checks(data) + _model_checks(data, base)
@@ -25,7 +26,8 @@ def _rule_checks(data: dict) -> list[tuple[Loc, str]]:
     """Kinds that get no gradient under the chosen backward rules."""
     tint = data.get("tint") if isinstance(data.get("tint"), dict) else {}
     train = tint.get("train") if isinstance(tint.get("train"), dict) else {}
-    approx = tint.get("approximations") if isinstance(tint.get("approximations"), dict) else {}
+    approx = tint.get("approximations")
+    approx = RULE_SETS.get(approx, {}) if isinstance(approx, str) else approx if isinstance(approx, dict) else {}
     kinds = train.get("kinds", [])
     attention = approx.get("attention", ApproximationSpec.model_fields["attention"].default)
     frozen = [k for k in ("attn_q", "attn_k", "qk_norm_gain") if isinstance(kinds, list) and k in kinds]

@@ -102,12 +102,47 @@ class TrainSpec(_Strict):
         return int(match.group(2)) if match and match.group(2) else None
 
 
+# The two named sets of backward rules `tint.approximations` takes as a word: every rule exact (the
+# default), or the paper's approximations (stop-gradient attention, finite-difference norms and activations).
+RULE_SETS = {"exact": {"attention": "exact", "layer_norm": "exact", "activation": "exact"},
+             "paper": {"attention": "stop_gradient", "layer_norm": "finite_difference",
+                       "activation": "finite_difference"}}
+QUERY_KEY_KINDS = ("attn_q", "attn_k", "qk_norm_gain")  # trained only where attention is exact
+APPROXIMATIONS_ALLOWED = "exact | paper | a mapping of attention, layer_norm, activation, scale"
+
+
 class ApproximationSpec(_Strict):
-    attention: Literal["stop_gradient", "exact"] = "stop_gradient"
-    layer_norm: Literal["finite_difference", "exact"] = "finite_difference"
-    activation: Literal["finite_difference", "exact"] = "finite_difference"
+    attention: Literal["stop_gradient", "exact"] = "exact"
+    layer_norm: Literal["finite_difference", "exact"] = "exact"
+    activation: Literal["finite_difference", "exact"] = "exact"
     scale: float = Field(1000.0, gt=0, le=MAX_SCALE, allow_inf_nan=False,
                          description=f"a finite number > 0, at most {MAX_SCALE:g}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_set(cls, data: Any) -> Any:
+        """`exact` or `paper` for the whole set of rules (RULE_SETS)."""
+        if isinstance(data, str):
+            if data not in RULE_SETS:
+                raise _not_allowed(APPROXIMATIONS_ALLOWED)
+            return dict(RULE_SETS[data])
+        return data
+
+    @property
+    def rules(self) -> dict[str, str]:
+        return {"attention": self.attention, "layer_norm": self.layer_norm, "activation": self.activation}
+
+    @property
+    def rule_set(self) -> str:
+        return rule_set_name(self.rules)
+
+
+def rule_set_name(rules: dict[str, str]) -> str:
+    """Which backward rules run, in a word: exact, paper (RULE_SETS), or the mixture spelled out. `rules` may
+    leave out a rule (a training graph without that backward op): the others decide."""
+    named = [name for name, named_rules in RULE_SETS.items()
+             if rules and all(named_rules[k] == v for k, v in rules.items())]
+    return named[0] if named else "mixed (" + ", ".join(f"{k} {v}" for k, v in rules.items()) + ")"
 
 
 def default_kinds(family: str) -> list[str]:
@@ -157,7 +192,7 @@ class PassesSpec(_Strict):
 class TintSpec(_Strict):
     prefixes: int = Field(16, ge=1, le=MAX_SIZE, strict=True, description="an integer >= 1 that divides the hidden size")
     train: TrainSpec = Field(default_factory=TrainSpec)
-    approximations: ApproximationSpec = Field(default_factory=ApproximationSpec)
+    approximations: ApproximationSpec = Field(default_factory=ApproximationSpec, description=APPROXIMATIONS_ALLOWED)
     dtype: Literal["float32", "float64"] = "float32"
     passes: PassesSpec = Field(default_factory=PassesSpec)
     max_length: int | None = Field(None, ge=2, le=MAX_LENGTH, strict=True,
@@ -259,6 +294,15 @@ class TintcConfig(_Strict):
             raise ConfigError(f"tint.max_length: got {self.tint.max_length}; allowed: at most the aux model's "
                               f"{aux_max_positions} positions")
         return self.tint.max_length
+
+    def with_rules(self, rules: dict[str, str]) -> TintcConfig:
+        """This config with the backward rules in `rules` changed (scale kept), and the kinds those rules
+        can train: attn_q, attn_k and qk_norm_gain get no gradient under stop_gradient attention."""
+        approximations = self.tint.approximations.model_copy(update=rules)
+        kinds = [k for k in self.tint.train.kinds if approximations.attention == "exact" or k not in QUERY_KEY_KINDS]
+        tint = self.tint.model_copy(update={"approximations": approximations,
+                                            "train": self.tint.train.model_copy(update={"kinds": kinds})})
+        return self.model_copy(update={"tint": tint})
 
     def head_width(self, hidden: int) -> int | None:
         """c, the input chunk each head of a simulated linear map reads; None: splitting off."""

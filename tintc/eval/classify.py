@@ -189,7 +189,7 @@ def evaluate(cfg: TintcConfig, settings: ClassifySettings, out: Path, group=None
     progress = progress or (lambda advance, total, what: None)
     trained_rows = rows.trained_rows
     total = len(mine) * (2 + len(trained_rows) * len(lrs))
-    compile_seconds = rows.compile_all(lrs, out, group, progress, total)
+    compile_seconds = sum(rows.compile_all(lrs, out, group, progress, total).values())  # one rule set
 
     label_ids = torch.tensor(prompter.label_ids, device=rows.device)
 

@@ -10,8 +10,14 @@ pooled over all chunks. Every chunk starts from the original weights θ. Rows, o
     ĝ                     the same with the configured approximate backward rules (approx_gd)
     TinT                  the emitted package, loaded from its directory as a user would
 
-The TinT takes η as an input, so one compile (one package, out/tint/) serves every learning rate
-of a sweep. Chunks are independent: under torchrun each rank takes every world-th chunk and rank 0 gathers.
+With named rule sets (`rules`, e.g. exact and paper: `tintc eval`'s default) each set is its own
+compile and its rows are named after it: `TinT (exact)`, measured against exact dynamic evaluation,
+and for a set with approximations `ĝ (paper)` and `TinT (paper)`, measured against that ĝ.
+
+The TinT takes η as an input, so one compile per rule set (one package, out/<rule set>/, or out/tint/
+for the config's own rules) serves every learning rate of a sweep. Chunks are independent (each starts
+from θ and trains its own copy, in a batch too): under torchrun each rank takes every world-th chunk
+and rank 0 gathers; with `stages` the ranks run the TinT's calls as pipeline stages instead.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +37,7 @@ from tintc.oracle import metrics
 
 from tintc import pipeline
 from tintc.config import TintcConfig
+from tintc.config.schema import RULE_SETS
 from ir.errors import ConfigError, TintcError
 from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
 from tintc.eval.text_source import Text, chunk_starts, tokenize
@@ -42,6 +49,30 @@ G_HAT64 = "ĝ (float64)"  # optional, for float32 configs: how far rounding alon
 TRAINED_ROWS = (EXACT, G_HAT, TINT)  # the rows that depend on the learning rate
 
 
+def row_plan(rule_sets: tuple[str, ...] | None, float64: bool) -> tuple[dict, dict]:
+    """The trained rows: name -> (what runs: exact, g_hat, tint or g_hat64; rule set, None for the
+    config's own), and each compared row's reference row (its agreement is measured against it).
+    None: the config's rules alone (rows EXACT, G_HAT, TINT). A set of exact rules has no ĝ row: its ĝ
+    is exact GD, so its TinT is measured against dynamic evaluation itself."""
+    if rule_sets is None:
+        plan = {EXACT: ("exact", None), G_HAT: ("g_hat", None), TINT: ("tint", None)}
+        references = {TINT: G_HAT}
+        last, g_hat = None, G_HAT
+    else:
+        plan, references = {EXACT: ("exact", None)}, {}
+        for name in rule_sets:
+            g_hat = EXACT if name == "exact" else f"{G_HAT} ({name})"
+            if name != "exact":
+                plan[g_hat] = ("g_hat", name)
+            plan[f"{TINT} ({name})"] = ("tint", name)
+            references[f"{TINT} ({name})"] = g_hat
+        last = rule_sets[-1]
+    if float64:
+        row = G_HAT64 if last is None else f"{G_HAT} ({last}, float64)"
+        plan[row], references[row] = ("g_hat64", last), g_hat
+    return plan, references
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     length: int | None = None  # T, tokens per chunk (None: the TinT's max length, at most 256)
@@ -51,6 +82,8 @@ class EvalSettings:
     lrs: tuple[float, ...] | None = None  # None: the config's
     device: str = "cpu"
     float64_reference: bool = False  # add the G_HAT64 row (float32 configs)
+    rules: tuple[str, ...] | None = None  # named rule sets (RULE_SETS), each its own compile; None: the config's
+    batch: int = 1  # chunks run together (each its own context)
     stages: int = 1  # > 1: the TinT's calls in pipeline stages, one per torchrun rank (tintc/eval/stages.py)
 
     def split(self) -> int:
@@ -77,7 +110,8 @@ class EvalResult:
     predictions: int  # test predictions per chunk
     base: list[ChunkValues]
     runs: dict[float, dict[str, list[ChunkValues]]]  # lr -> row -> per chunk
-    compile_seconds: float = 0.0  # the one compile that serves every learning rate
+    compile_seconds: dict[str, float] = field(default_factory=dict)  # per rule set: its one compile (every lr)
+    references: dict[str, str] = field(default_factory=lambda: {TINT: G_HAT})  # compared row -> its reference
 
     def perplexity(self, values: list[ChunkValues]) -> float:
         """exp of the mean CE over every test prediction of every chunk."""
@@ -88,17 +122,18 @@ class EvalResult:
 
 
 # -- the loss on one chunk -------------------------------------------------------------------
-def train_mask(length: int, n_train: int, device="cpu") -> torch.Tensor:
-    mask = torch.zeros(1, length, dtype=torch.bool, device=device)
+def train_mask(length: int, n_train: int, device="cpu", batch: int = 1) -> torch.Tensor:
+    mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
     mask[:, :n_train] = True
     return mask
 
 
-def test_ce(logits: torch.Tensor, ids: torch.Tensor, train: torch.Tensor) -> float:
-    """Summed next-token CE (float64) over the positions whose next token is a test token."""
+def test_ces(logits: torch.Tensor, ids: torch.Tensor, train: torch.Tensor) -> list[float]:
+    """Per sequence, the summed next-token CE (float64) over the positions whose next token is a test token."""
     evaluated = metrics.eval_mask(train)[:, :-1]
     ce = F.cross_entropy(logits[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
-    return ce[evaluated].sum().item()
+    return (ce * evaluated).sum(-1).tolist()
+
 
 
 def require_finite(logits: torch.Tensor, row: str, lr: float | None, where: str) -> torch.Tensor:
@@ -120,9 +155,11 @@ def with_lr(cfg: TintcConfig, lr: float) -> TintcConfig:
 
 
 class Rows:
-    """The model, its traced graph and θ on the device; the TinT (every lr) and, per lr, the oracles' settings."""
+    """The model, its traced graph and θ on the device; per rule set the TinT (η is its input), per lr and
+    rule set the oracles' settings. `rule_sets`: named rule sets (row_plan); None: the config's own rules."""
 
-    def __init__(self, cfg: TintcConfig, device: str, float64_reference: bool = False, loss: str = "context"):
+    def __init__(self, cfg: TintcConfig, device: str, float64_reference: bool = False, loss: str = "context",
+                 rule_sets: tuple[str, ...] | None = None):
         if cfg.tint.train.loss != loss:
             task = "the language-modelling protocol" if loss == "context" else "--task classify"
             raise ConfigError(f"tint.train.loss: got {cfg.tint.train.loss!r}; allowed: {loss!r} for {task}")
@@ -130,8 +167,10 @@ class Rows:
         self.model = pipeline.load_aux_model(cfg).to(self.device)
         self.graph = pipeline.trace(cfg, self.model)
         self.params = {n: p.detach() for n, p in self.model.named_parameters()}
-        self.settings: dict[float, TrainSettings] = {}
-        self.tint: tuple | None = None  # (TinT module, prefixes of θ): η is its input
+        self.plan, self.references = row_plan(rule_sets, float64_reference)
+        self.rule_sets = (None,) if rule_sets is None else tuple(rule_sets)
+        self.settings: dict[tuple, TrainSettings] = {}  # (lr, rule set) -> the oracles' settings
+        self.tints: dict[str | None, tuple] = {}  # rule set -> (TinT module, prefixes of θ)
         self.float64 = None  # (graph, θ) in float64 for the G_HAT64 row
         if float64_reference:
             if cfg.tint.dtype != "float32":
@@ -142,38 +181,51 @@ class Rows:
 
     @property
     def trained_rows(self) -> tuple[str, ...]:
-        return TRAINED_ROWS + ((G_HAT64,) if self.float64 else ())
+        return tuple(self.plan)
 
-    def compile(self, directory: Path | None):
-        """Compile the TinT (the config's lr is only its default η) and write its package into `directory`
-        (None: no package); return the seconds and the in-memory TinT."""
+    def config(self, lr: float, rule_set: str | None) -> TintcConfig:
+        """The config for one learning rate and rule set (None: the config's own rules)."""
+        cfg = with_lr(self.cfg, lr)
+        return cfg if rule_set is None else cfg.with_rules(RULE_SETS[rule_set])
+
+    def compile(self, rule_set: str | None, directory: Path | None):
+        """Compile the TinT of `rule_set` (the config's lr is only its default η) and write its package into
+        `directory` (None: no package); return the seconds and the in-memory TinT."""
+        cfg = self.config(self.cfg.tint.train.lr, rule_set)
         start = time.perf_counter()
-        compiled = pipeline.compile_tint(self.cfg)  # from the config alone: the TinT depends on the architecture only
+        compiled = pipeline.compile_tint(cfg)  # from the config alone: the TinT depends on the architecture only
         if directory is not None:
-            pipeline.emit(compiled, self.cfg, directory)
+            pipeline.emit(compiled, cfg, directory)
         return time.perf_counter() - start, compiled.tint
 
-    def load(self, lrs, directory: Path) -> None:
-        """The oracles' settings for each of `lrs`, and the TinT as a user loads it: from its package."""
-        self.settings = {lr: TrainSettings.from_config(with_lr(self.cfg, lr), self.graph.attrs["n_layer"]) for lr in lrs}
+    def load(self, lrs, directory: Path, rule_set: str | None = None) -> None:
+        """The oracles' settings for each of `lrs` and `rule_set`, and the TinT as a user loads it: from its
+        package."""
+        n_layer = self.graph.attrs["n_layer"]
+        for lr in lrs:
+            self.settings[(lr, None)] = TrainSettings.from_config(self.config(lr, None), n_layer)
+            self.settings[(lr, rule_set)] = TrainSettings.from_config(self.config(lr, rule_set), n_layer)
         tint = import_package(directory).load(directory, device=self.device)
-        self.tint = (tint, tint.encode(self.params))
+        self.tints[rule_set] = (tint, tint.encode(self.params))
 
     def logits(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor,
                labels: torch.Tensor | None = None) -> torch.Tensor:
         """The row's logits on `ids` after training on `train` (with the label_only loss, on the
         predictions of the `labels` tokens)."""
-        with torch.no_grad():
-            if row == BASE:
+        if row == BASE:
+            with torch.no_grad():
                 return self.model(ids, use_cache=False).logits
-            if row == TINT:
-                tint, prefixes = self.tint
+        what, rule_set = self.plan[row]
+        settings = self.settings[(lr, rule_set)]
+        if what == "tint":
+            tint, prefixes = self.tints[rule_set]
+            with torch.no_grad():
                 return tint(ids, train, prefixes, labels, lr=lr)[0]
-        if row == EXACT:
-            return exact_gd(self.model, self.graph, ids, train, self.settings[lr], labels, before=False).logits
-        if row == G_HAT64:
-            return approx_gd(*self.float64, ids, train, self.settings[lr], labels, before=False).logits
-        return approx_gd(self.graph, self.params, ids, train, self.settings[lr], labels, before=False).logits
+        if what == "exact":  # the config's kinds, whatever the rule sets
+            return exact_gd(self.model, self.graph, ids, train, settings, labels, before=False).logits
+        if what == "g_hat64":
+            return approx_gd(*self.float64, ids, train, settings, labels, before=False).logits
+        return approx_gd(self.graph, self.params, ids, train, settings, labels, before=False).logits
 
     def timed(self, row: str, lr: float | None, ids, train, labels=None) -> tuple[torch.Tensor, float]:
         """The row's logits and its seconds (the device synchronised around it)."""
@@ -183,23 +235,29 @@ class Rows:
         self._sync()
         return logits, time.perf_counter() - start
 
-    def run(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor, where: str) -> ChunkValues:
+    def run(self, row: str, lr: float | None, ids: torch.Tensor, train: torch.Tensor, where: str) -> list[ChunkValues]:
+        """The row on a batch of chunks: each one's test CE, and the batch's seconds shared out evenly."""
         logits, seconds = self.timed(row, lr, ids, train)
-        return ChunkValues(test_ce(require_finite(logits, row, lr, where), ids, train), seconds)
+        ces = test_ces(require_finite(logits, row, lr, where), ids, train)
+        return [ChunkValues(ce, seconds / len(ces)) for ce in ces]
 
-    def compile_all(self, lrs, out: Path, group, progress, total: int, staged: bool = False) -> float:
-        """Rank 0 compiles the TinT into out/tint/ once and every rank loads it (it takes each lr as an
-        input); the compile's seconds (0 on the other ranks). Staged, every rank keeps its own in-memory
-        compile (the same TinT) to run its stage of."""
-        progress(0, total, "compiling the TinT (every learning rate)")
-        seconds, tint = 0.0, None
-        if group.rank == 0 or staged:  # one package writer; the others wait (staged: their own compile)
-            seconds, tint = self.compile(out / PACKAGE_DIR if group.rank == 0 else None)
-        group.barrier()
-        self.load(lrs, out / PACKAGE_DIR)
-        if staged:
-            self.tint = (tint.to(self.device), tint.encode(self.params))
-        return seconds if group.rank == 0 else 0.0
+    def compile_all(self, lrs, out: Path, group, progress, total: int, staged: bool = False) -> dict[str, float]:
+        """Per rule set, rank 0 compiles the TinT into its package folder (package_dir) once and every rank
+        loads it (it takes each lr as an input); the seconds per rule set (0 on the other ranks). Staged,
+        every rank keeps its own in-memory compile (the same TinT) to run its stage of."""
+        compile_seconds = {}
+        for rule_set in self.rule_sets:
+            name = rule_set or self.cfg.tint.approximations.rule_set
+            progress(0, total, f"compiling the TinT with the {name} rules (every learning rate)")
+            seconds, tint = 0.0, None
+            if group.rank == 0 or staged:  # one package writer; the others wait (staged: their own compile)
+                seconds, tint = self.compile(rule_set, package_dir(out, rule_set) if group.rank == 0 else None)
+            group.barrier()
+            self.load(lrs, package_dir(out, rule_set), rule_set)
+            if staged:
+                self.tints[rule_set] = (tint.to(self.device), tint.encode(self.params))
+            compile_seconds[name] = seconds if group.rank == 0 else 0.0
+        return compile_seconds
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -209,14 +267,22 @@ class Rows:
 # -- the outputs -----------------------------------------------------------------------------
 RESULT_FILES = ("eval.json", "eval.md", "eval.png")  # eval/render.py and eval/classify_render.py write these
 PACKAGE_FILES = ("tint_model.py", "weights.safetensors", "tint_config.json")  # backends/torch/emit.py's package
-PACKAGE_DIR = "tint"  # under the output folder: the one package every learning rate runs
 
 
-def check_outputs(out: Path) -> Path:
-    """Before the compile or the first chunk: the output folder (links resolved whole) and the package
-    folder must take what eval will write; returns the resolved folder."""
+PACKAGE_DIR = "tint"  # under the output folder: the package of the config's own rules (every learning rate)
+
+
+def package_dir(out: Path, rule_set: str | None) -> Path:
+    """The folder of a rule set's one package: out/<rule set>/, or out/tint/ for the config's own rules."""
+    return out / (rule_set or PACKAGE_DIR)
+
+
+def check_outputs(out: Path, rule_sets: tuple[str, ...] | None = None) -> Path:
+    """Before the first compile or chunk: the output folder (links resolved whole) and each rule set's
+    package folder must take what eval will write; returns the resolved folder."""
     out = check_output(out, RESULT_FILES)
-    check_output(out / PACKAGE_DIR, PACKAGE_FILES)
+    for rule_set in rule_sets or (None,):
+        check_output(package_dir(out, rule_set), PACKAGE_FILES)
     return out
 
 
@@ -225,14 +291,14 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
              progress=None) -> EvalResult | None:
     """Run every row on the chunks (this process's share under `group`, a tintc.distributed.Group);
     return the result on rank 0 (None elsewhere). `progress(advance, total, what)` is called as work is
-    done. The TinT package is written under out/tint/."""
+    done. The TinT packages are written under out/<rule set>/ (out/tint/: the config's own rules)."""
     from tintc.eval import distributed, stages
 
     group = group or distributed.Group.single()
     staged = settings.stages > 1
     if staged:
         stages.check_stages(settings.stages, group)
-    rows = Rows(cfg, settings.device, settings.float64_reference)
+    rows = Rows(cfg, settings.device, settings.float64_reference, rule_sets=settings.rules)
     max_length = cfg.max_length(rows.graph.attrs["max_positions"])
     settings = replace(settings, length=settings.length or min(max_length, 256))
     if settings.length > max_length:
@@ -245,35 +311,41 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
     mine = list(range(group.rank, len(starts), group.world))
     progress = progress or (lambda advance, total, what: None)
     trained_rows = rows.trained_rows
-    per_chunk = [row for row in trained_rows if not (staged and row == TINT)]  # staged: the TinT runs below
-    total = len(mine) * (1 + len(per_chunk) * len(lrs)) + (len(lrs) if staged else 0)
+    batches = [mine[b : b + settings.batch] for b in range(0, len(mine), settings.batch)]
+    staged_rows = [row for row in trained_rows if staged and rows.plan[row][0] == "tint"]  # run below
+    per_chunk = [row for row in trained_rows if row not in staged_rows]
+    total = len(batches) * (1 + len(per_chunk) * len(lrs)) + len(staged_rows) * len(lrs)
 
     compile_seconds = rows.compile_all(lrs, out, group, progress, total, staged)
 
-    train = train_mask(settings.length, n_train, rows.device)
     base: dict[int, ChunkValues] = {}
     runs: dict[float, dict[str, dict[int, ChunkValues]]] = {lr: {row: {} for row in trained_rows} for lr in lrs}
-    for i in mine:
-        ids = tokens.ids[starts[i] : starts[i] + settings.length][None].to(rows.device)
-        where = f"chunk {i + 1}/{len(starts)} (tokens {starts[i]}+)"
-        base[i] = rows.run(BASE, None, ids, train, where)
-        progress(1, total, f"chunk {i + 1}/{len(starts)}: {BASE}")
+    for batch in batches:  # a batch of chunks: each sequence its own context, trained from θ
+        ids = torch.stack([tokens.ids[starts[i] : starts[i] + settings.length] for i in batch]).to(rows.device)
+        train = train_mask(settings.length, n_train, rows.device, len(batch))
+        named = ("chunk " if len(batch) == 1 else "chunks ") + ", ".join(f"{i + 1}" for i in batch) + f"/{len(starts)}"
+        where = f"{named} (tokens {', '.join(f'{starts[i]}+' for i in batch)})"
+        base.update(zip(batch, rows.run(BASE, None, ids, train, where)))
+        progress(1, total, f"{named}: {BASE}")
         for lr in lrs:
             for row in per_chunk:
-                runs[lr][row][i] = rows.run(row, lr, ids, train, where)
-                progress(1, total, f"chunk {i + 1}/{len(starts)}: {row}, lr {lr:g}")
+                runs[lr][row].update(zip(batch, rows.run(row, lr, ids, train, where)))
+                progress(1, total, f"{named}: {row}, lr {lr:g}")
     stage_times = []
-    for lr in lrs if staged else ():  # every chunk a micro-batch through the stages
+    if staged_rows:  # every chunk a micro-batch through the stages
         chunks = [tokens.ids[start : start + settings.length][None].to(rows.device) for start in starts]
-        tint, prefixes = rows.tint
-        outputs, times = stages.Pipeline(tint, group, settings.stages, settings.length).run(
-            [(ids, train, None) for ids in chunks], prefixes, lr)
-        stage_times.append({"lr": lr, **vars(times)})
-        for i, (ids, (logits, _)) in enumerate(zip(chunks, outputs or ())):  # the last rank has the logits
-            where = f"chunk {i + 1}/{len(starts)} (tokens {starts[i]}+)"
-            ce = test_ce(require_finite(logits, TINT, lr, where), ids, train)
-            runs[lr][TINT][i] = ChunkValues(ce, times.seconds / len(chunks))  # the pipeline's seconds per chunk
-        progress(1, total, f"{TINT}, lr {lr:g}: {settings.stages} stages")
+        train = train_mask(settings.length, n_train, rows.device)
+    for lr in lrs:
+        for row in staged_rows:
+            tint, prefixes = rows.tints[rows.plan[row][1]]
+            outputs, times = stages.Pipeline(tint, group, settings.stages, settings.length).run(
+                [(ids, train, None) for ids in chunks], prefixes, lr)
+            stage_times.append({"lr": lr, "row": row, **vars(times)})
+            for i, (ids, (logits, _)) in enumerate(zip(chunks, outputs or ())):  # the last rank has the logits
+                where = f"chunk {i + 1}/{len(starts)} (tokens {starts[i]}+)"
+                ce, = test_ces(require_finite(logits, row, lr, where), ids, train)
+                runs[lr][row][i] = ChunkValues(ce, times.seconds / len(chunks))  # the pipeline's seconds per chunk
+            progress(1, total, f"{row}, lr {lr:g}: {settings.stages} stages")
 
     gathered = group.gather((base, runs, stage_times))
     if gathered is None:
@@ -285,17 +357,23 @@ def evaluate(cfg: TintcConfig, text: Text, settings: EvalSettings, out: Path, gr
         info={"text": text.source, "python": platform.python_version(), "torch": torch.__version__,
               "tokens": len(tokens.ids), "tokenizer": tokens.tokenizer, "length": settings.length,
               "train_tokens": n_train, "train_fraction": settings.train_fraction, "seed": settings.seed,
-              "device": settings.device, "processes": group.world, **staging, **settings_info(cfg)},
+              "device": settings.device, "processes": group.world, "batch": settings.batch, **staging,
+              **settings_info(cfg, settings.rules)},
         starts=starts, predictions=settings.length - n_train,
         base=[base[i] for i in in_order],
         runs={lr: {row: [runs[lr][row][i] for i in in_order] for row in trained_rows} for lr in lrs},
-        compile_seconds=compile_seconds,
+        compile_seconds=compile_seconds, references=rows.references,
     )
 
 
-def settings_info(cfg: TintcConfig) -> dict:
+def settings_info(cfg: TintcConfig, rule_sets: tuple[str, ...] | None = None) -> dict:
+    """What ran: the config's settings, and the rule sets of the TinT rows (the config's own set by name
+    when `rule_sets` is None), each with its rules and the kinds it trains."""
     t, a = cfg.tint.train, cfg.tint.approximations
+    sets = {a.rule_set: cfg} if rule_sets is None else {name: cfg.with_rules(RULE_SETS[name]) for name in rule_sets}
     return {"config": cfg.name, "family": cfg.model.family, "dtype": cfg.tint.dtype, "steps": t.steps,
             "layers": t.layers, "kinds": list(t.kinds),
             "approximations": {"attention": a.attention, "layer_norm": a.layer_norm, "activation": a.activation,
-                               "scale": a.scale}}
+                               "scale": a.scale},
+            "rule_sets": {name: {**c.tint.approximations.rules, "scale": a.scale, "kinds": list(c.tint.train.kinds)}
+                          for name, c in sets.items()}}

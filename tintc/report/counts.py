@@ -29,6 +29,8 @@ from collections import Counter, defaultdict
 import torch
 from torch import nn
 
+from ir.passes.autodiff import rules_of
+from tintc.config.schema import rule_set_name
 from tintc.report.dense_count import dense_counts
 from tintc.report.reference_counts import like_with_like
 
@@ -204,6 +206,7 @@ def parameter_report(compiled) -> dict:
             else prefixes["tokens_per_linear"],
             "trained_layers": sorted(trained_layers),
             "tied_embeddings": layout.tied,
+            "backward_rules": {"set": rule_set_name(rules_of(train_graph)), **rules_of(train_graph)},
         },
         "tint": {
             "width": program.width,

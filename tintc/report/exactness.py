@@ -22,23 +22,17 @@ import time
 import torch
 
 from tintc.config import TintcConfig
+from tintc.config.schema import RULE_SETS
 from ir.errors import TintcError
 
 RULES = ("attention", "layer_norm", "activation")
-APPROXIMATE = {"attention": "stop_gradient", "layer_norm": "finite_difference", "activation": "finite_difference"}
-EXACT_ALL = {rule: "exact" for rule in RULES}
+APPROXIMATE, EXACT_ALL = RULE_SETS["paper"], RULE_SETS["exact"]
 VARIANTS = [("paper rules", {})] + [(f"{rule} exact", {rule: "exact"}) for rule in RULES] + [("all exact", EXACT_ALL)]
-QUERY_KEY_KINDS = ("attn_q", "attn_k")
 
 
 def variant(cfg: TintcConfig, exact: dict) -> TintcConfig:
     """`cfg` with the paper's rules except those in `exact`, and the kinds those rules can train."""
-    rules = {**APPROXIMATE, **exact}
-    kinds = [k for k in cfg.tint.train.kinds if rules["attention"] == "exact" or k not in QUERY_KEY_KINDS]
-    tint = cfg.tint.model_copy(update={
-        "approximations": cfg.tint.approximations.model_copy(update=rules),
-        "train": cfg.tint.train.model_copy(update={"kinds": kinds})})
-    return cfg.model_copy(update={"tint": tint})
+    return cfg.with_rules({**APPROXIMATE, **exact})
 
 
 def costs(compiled) -> dict:

@@ -213,7 +213,10 @@ def _numeric_columns(columns, rows) -> list[bool]:
 
 
 def to_markdown(report: dict) -> str:
+    rules = report["settings"].get("backward_rules", {})
     lines = [f"# Parameter report: {report['name']}", "",
+             f"Backward rules: {rules.get('set', '?')} ("
+             + ", ".join(f"{k} {v}" for k, v in rules.items() if k != "set") + ").", "",
              "Every tensor the TinT module stores is counted dense, as stored (numel), and its nonzeros "
              "separately. *Unique* counts each shared primitive once (what the module stores); *unrolled* "
              "counts each call's primitive in full (the TinT without block sharing). The aux embedding tables "
