@@ -95,13 +95,54 @@ def test_run_wirings_equal_index_wirings(family, monkeypatch):
     cfg, model, ids, train, prefixes = _compiled(family)
     tint = pipeline.compile_tint(cfg, model).tint
     kinds = {type(r).__name__ for reads, write in tint._wiring for r in [*reads, write]}
-    assert {"Gather", "list"} <= kinds  # reads gathered as runs, writes added as runs
+    assert {"Gather", "Scatter"} <= kinds  # reads gathered as views or runs, writes summed and placed as runs
+    assert any(isinstance(r, calls.Gather) and r.strided for reads, _ in tint._wiring for r in reads)
+    assert any(isinstance(w, calls.Scatter) and w.sum is not None for _, w in tint._wiring)
     with torch.no_grad():
         by_runs, _ = tint(ids, train, prefixes)
     monkeypatch.setattr(calls, "MAX_RUNS", 0)  # every wiring an index tensor, as before runs
+    monkeypatch.setattr(calls, "_strided", lambda distinct: None)  # and no strided views
     tint = pipeline.compile_tint(cfg, model).tint
-    assert not any(isinstance(w, list) for _, w in tint._wiring)
+    assert not any(isinstance(w, calls.Scatter) and isinstance(w.target, list) for _, w in tint._wiring)
     with torch.no_grad():
         by_index, _ = tint(ids, train, prefixes)
     # equal up to the order in which a coordinate written by several groups sums them
     assert ((by_runs - by_index).norm() / by_index.norm()).item() <= 1e-14
+
+
+def _wiring_cases():
+    """Groups of fields as the lowering makes them: heads of a linear map reading chunks with the
+    constant (each chunk read by several heads, interleaved or tiled), units at even strides of a
+    prefix block, groups in no order, fields that overlap."""
+    def chunks(order):
+        return [[(8 * ch, 8), (70, 1)] for ch in order]
+    return {"tiled chunks with a constant": chunks([0, 1, 2] * 4),
+            "interleaved chunks": [[(8 * s, 8)] for s in range(4) for _ in range(3)],
+            "strided units": [[(9 * u, 8)] for u in range(6)],
+            "any order": [[(5 * g, 5)] for g in (3, 0, 3, 7, 1, 0)],
+            "overlapping fields": [[(g, 6)] for g in (0, 4, 0, 9)],
+            "many runs": [[(2 * g, 1)] for g in range(80)]}
+
+
+@pytest.mark.parametrize("name", list(_wiring_cases()))
+@pytest.mark.parametrize("gated", [True, False])
+def test_gather_and_write_equal_a_loop_over_groups(name, gated):
+    """Each wiring's read is every group's coordinates in order; its write adds each group's output to
+    its field (gated: to a field first cleared), the sums of repeated fields included."""
+    groups = _wiring_cases()[name]
+    gen = torch.Generator().manual_seed(0)
+    stream = torch.randn(2, 3, 200, generator=gen, dtype=torch.float64)
+    reads, write = calls.wiring({"reads": [groups], "write": [f for g in groups for f in g[:1]]})
+    coords = [runtime.coordinates(g) for g in groups]
+    expected = torch.stack([stream[..., c] for c in coords], -2)
+    got = calls.gather(stream, reads[0])
+    assert torch.equal(got.expand_as(expected), expected)
+    fields = [g[0] for g in groups]
+    delta = torch.randn(2, 3, len(groups), fields[0][1], generator=gen, dtype=torch.float64)
+    into = stream.clone()
+    for start, size in fields if gated else []:
+        into[..., start : start + size] = 0.0
+    for (start, size), d in zip(fields, delta.unbind(-2)):
+        into[..., start : start + size] += d
+    got = calls.apply(lambda *inputs: delta, [None], write, [stream], stream.clone(), gated)
+    assert torch.allclose(got, into, rtol=0, atol=1e-14)

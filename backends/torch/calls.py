@@ -2,8 +2,12 @@
 write each group's output into its field. Carried inside the emitted package.
 
 Indexing the last axis of the wide token stream with an index tensor reads it at scattered places
-(about 1 GB/s); the fields a call touches are few runs of side-by-side coordinates, and slices of
-those runs copy at memory speed. So wirings are runs where there are few of them.
+(about 1 GB/s); the fields a call touches are few runs of side-by-side coordinates, or fields at
+even strides (a view), and slices of those copy at memory speed. So wirings are views or runs where
+they can be. Groups that repeat a field (heads of one simulated linear map read the same input chunk,
+or add into the same output field) are gathered once and copied out, or summed on the group axis
+before the write, so that a write touches each coordinate of its fields once and nothing else of
+the stream.
 """
 
 import torch
@@ -36,26 +40,134 @@ def runs_of(coords: list[int]) -> tuple:
     return tuple((start, length) for start, length in runs)
 
 
+def repeats(which: list[int], distinct: int):
+    """How groups map to `distinct` distinct ones (`which`: each group's, numbered by first appearance):
+    None, each its own; ("interleave", r), each r times in a row; ("tile", r), all of them r times
+    over; else an index tensor."""
+    r = len(which) // distinct
+    if r * distinct == len(which):
+        if r == 1:
+            return None
+        if which == [d for d in range(distinct) for _ in range(r)]:
+            return ("interleave", r)
+        if which == list(range(distinct)) * r:
+            return ("tile", r)
+    return torch.tensor(which)
+
+
+def spread(x: torch.Tensor, pattern) -> torch.Tensor:
+    """[…, D, width] -> […, G, width]: each group the distinct one it reads (repeats' inverse)."""
+    if pattern is None:
+        return x
+    if isinstance(pattern, tuple):
+        kind, r = pattern
+        x = x.unsqueeze(-2 if kind == "interleave" else -3)
+        shape = list(x.shape)
+        shape[-2 if kind == "interleave" else -3] = r
+        return x.expand(shape).flatten(-3, -2)
+    return x.index_select(-2, pattern.to(x.device))
+
+
+def summed(delta: torch.Tensor, pattern, distinct: int) -> torch.Tensor:
+    """[…, G, width] -> […, D, width]: the groups that write one field summed (spread's adjoint)."""
+    if pattern is None:
+        return delta
+    if isinstance(pattern, tuple):
+        kind, r = pattern
+        return delta.unflatten(-2, (distinct, r)).sum(-2) if kind == "interleave" else \
+            delta.unflatten(-2, (r, distinct)).sum(-3)
+    out = delta.new_zeros(*delta.shape[:-2], distinct, delta.shape[-1])
+    return out.index_add_(-2, pattern.to(delta.device), delta)
+
+
+def _distinct(groups: list[list[int]]) -> tuple[list[tuple], object]:
+    """The distinct groups in order of first appearance, and how the groups repeat them."""
+    distinct = list(dict.fromkeys(tuple(g) for g in groups))
+    number = {g: i for i, g in enumerate(distinct)}
+    return distinct, repeats([number[tuple(g)] for g in groups], len(distinct))
+
+
+def _strided(distinct: list[tuple]):
+    """(start, stride) when each distinct group is one run and the runs start at even strides no
+    narrower than a group (a view of the stream), else None."""
+    width = len(distinct[0])
+    starts = [g[0] for g in distinct]
+    if any(list(g) != list(range(g[0], g[0] + width)) for g in distinct):
+        return None
+    stride = starts[1] - starts[0] if len(starts) > 1 else width
+    if stride < width or starts != list(range(starts[0], starts[0] + stride * len(starts), stride)):
+        return None
+    return starts[0], stride
+
+
 class Gather:
-    """A read whose groups are not one side-by-side run: the distinct groups' coordinates (as runs,
-    or an index tensor where runs would be many), then which distinct groups the groups read, as
-    runs of side-by-side distinct groups (None: each its own, in order). Groups that repeat are
-    gathered once; the picking copies slices, since indexing a group axis is as slow as the stream's."""
+    """A read whose groups are not one side-by-side run: the distinct groups (a strided view of the
+    stream, else their runs, or an index tensor where runs would be many), then which distinct group
+    each group reads (`repeats`). Groups that repeat are gathered once."""
 
     def __init__(self, groups: list[list[int]]):
-        distinct = list(dict.fromkeys(tuple(g) for g in groups))
-        flat = [i for g in distinct for i in g]
+        distinct, self.pick = _distinct(groups)
         self.distinct, self.width = len(distinct), len(groups[0])
+        self.strided = _strided(distinct)
+        flat = [i for g in distinct for i in g]
         runs = runs_of(flat)
         self.source = runs if len(runs) <= MAX_RUNS else torch.tensor(flat)  # runs: a tuple
-        self.pick = None if len(distinct) == len(groups) else runs_of([distinct.index(tuple(g)) for g in groups])
+
+    def read(self, stream: torch.Tensor) -> torch.Tensor:
+        if self.strided is not None and stream.stride(-1) == 1:
+            start, stride = self.strided
+            x = stream.as_strided((*stream.shape[:-1], self.distinct, self.width), (*stream.stride()[:-1], stride, 1),
+                                  stream.storage_offset() + start)
+        elif isinstance(self.source, tuple):
+            x = torch.cat([stream[..., start : start + length] for start, length in self.source], -1)
+            x = x.unflatten(-1, (self.distinct, self.width))
+        else:
+            x = stream[..., self.source.to(stream.device)].unflatten(-1, (self.distinct, self.width))
+        return x if self.distinct == 1 else spread(x, self.pick)  # one distinct group broadcasts
+
+
+class Scatter:
+    """A write whose groups are not distinct side-by-side fields: the groups that write one field are
+    summed first (`repeats`), then the distinct fields are placed: as runs of the stream, or by an
+    index tensor where runs would be many or where distinct fields overlap (their sum is added)."""
+
+    def __init__(self, groups: list[list[int]]):
+        distinct, self.sum = _distinct(groups)
+        self.groups, self.distinct = len(groups), len(distinct)
+        flat = [i for g in distinct for i in g]
+        runs = runs_of(flat)
+        self.overlap = len(set(flat)) < len(flat)
+        if self.overlap or len(runs) > MAX_RUNS:
+            self.target = torch.tensor(flat)
+        else:
+            offsets = [0]
+            for _, length in runs[:-1]:
+                offsets.append(offsets[-1] + length)
+            self.target = [(start, length, offset) for (start, length), offset in zip(runs, offsets)]
+
+    def write(self, into: torch.Tensor, delta: torch.Tensor, gated: bool) -> torch.Tensor:
+        """delta [B, T, G, width] into its fields; gated: replacing what they held."""
+        delta = summed(delta, self.sum, self.distinct).flatten(-2)
+        if isinstance(self.target, list):  # distinct coordinates, each written once
+            for start, length, offset in self.target:
+                field, part = into[..., start : start + length], delta[..., offset : offset + length]
+                field.copy_(part) if gated else field.add_(part)
+            return into
+        index = self.target.to(into.device)
+        if gated and not self.overlap:
+            return into.index_copy_(-1, index, delta)
+        if gated:
+            into[..., index] = 0.0
+        return into.index_add_(-1, index, delta)
 
 
 def wiring(call: dict) -> tuple[list, object]:
     """A call's wiring (JSON form) as indices: per read, None for the whole stream, a
     (start, G, width, shared) run when the groups' fields lie side by side or are all the same
-    field, else a Gather; the write as a side-by-side run, else [(start, length, offset)] runs
-    of the stream and where they sit in the output, or a flat index where runs would be many."""
+    field, else a Gather; the write as a side-by-side run, else a Scatter."""
+    def groups_of(groups) -> list[list[int]]:
+        return [coordinates(fields) for fields in groups]
+
     def index(groups):
         flat = [i for fields in groups for i in coordinates(fields)]
         width = len(flat) // len(groups)
@@ -64,21 +176,14 @@ def wiring(call: dict) -> tuple[list, object]:
         one = flat[:width]
         if one == list(range(one[0], one[0] + width)) and flat == one * len(groups):  # every group reads one field
             return (flat[0], len(groups), width, True)
-        return Gather([flat[g * width:(g + 1) * width] for g in range(len(groups))])
+        return None
 
-    reads = [None if not groups else index(groups) for groups in call["reads"]]
-    fields = call["write"]
-    write = index([[field] for field in fields])
+    reads = [None if not groups else index(groups) or Gather(groups_of(groups)) for groups in call["reads"]]
+    writes = [[field] for field in call["write"]]
+    write = index(writes)
     if isinstance(write, tuple) and not write[3]:
         return reads, write
-    flat = coordinates(fields)
-    runs = runs_of(flat)
-    if len(runs) > MAX_RUNS:
-        return reads, torch.tensor(flat)
-    offsets = [0]
-    for _, length in runs[:-1]:
-        offsets.append(offsets[-1] + length)
-    return reads, [(start, length, offset) for (start, length), offset in zip(runs, offsets)]
+    return reads, Scatter(groups_of(writes))
 
 
 def gather(stream, index):
@@ -91,14 +196,7 @@ def gather(stream, index):
         if shared:  # the same field for every group: one group that broadcasts against the others
             return stream[..., start : start + width].unsqueeze(-2)
         return stream[..., start : start + groups * width].unflatten(-1, (groups, width))
-    if isinstance(index.source, tuple):
-        x = torch.cat([stream[..., start : start + length] for start, length in index.source], -1)
-    else:
-        x = stream[..., index.source.to(stream.device)]
-    x = x.unflatten(-1, (index.distinct, index.width))
-    if index.pick is None or index.distinct == 1:  # one distinct group broadcasts, as a shared field
-        return x
-    return torch.cat([x[..., start : start + length, :] for start, length in index.pick], -2)
+    return index.read(stream)
 
 
 def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tensor, gated: bool) -> torch.Tensor:
@@ -111,27 +209,13 @@ def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tenso
     a new prefix-block version is the same positions after the residual add; the gate is the
     block's erase units (−h on a field whose value is dead)."""
     delta = layer(*(gather(s, index) for s, index in zip(streams, reads)))  # [B, T, G or 1, width]
-    if isinstance(write, tuple):
-        groups = write[1] * write[2] // delta.shape[-1]
-    else:
-        groups = (sum(length for _, length, _ in write) if isinstance(write, list) else write.numel()) // delta.shape[-1]
-    delta = delta.expand(*delta.shape[:-2], groups, delta.shape[-1]).flatten(-2)  # [B, T, G·width]
     if isinstance(write, tuple):  # fields side by side, each written once
         start, groups, width, _ = write
+        delta = delta.expand(*delta.shape[:-2], groups, delta.shape[-1]).flatten(-2)  # [B, T, G·width]
         field = into[..., start : start + groups * width]
         if gated:
             field.copy_(delta)
         else:
             field.add_(delta)
         return into
-    if isinstance(write, list):  # runs; a coordinate written by several groups gets their sum
-        if gated:  # every run is cleared before any is added to
-            for start, length, _ in write:
-                into[..., start : start + length] = 0.0
-        for start, length, offset in write:
-            into[..., start : start + length] += delta[..., offset : offset + length]
-        return into
-    write = write.to(into.device)
-    if gated:
-        into[..., write] = 0.0
-    return into.index_add_(-1, write, delta)
+    return write.write(into, delta.expand(*delta.shape[:-2], write.groups, delta.shape[-1]), gated)
