@@ -149,10 +149,9 @@ class Gather:
     def read(self, stream: torch.Tensor) -> torch.Tensor:
         if self.whole:
             return stream[..., None, None, :]
-        if self.strided is not None and stream.stride(-1) == 1:
+        if self.strided is not None:  # windows of the stream at even steps: a view
             start, stride = self.strided
-            x = stream.as_strided((*stream.shape[:-1], self.distinct, self.width), (*stream.stride()[:-1], stride, 1),
-                                  stream.storage_offset() + start)
+            x = stream[..., start : start + (self.distinct - 1) * stride + self.width].unfold(-1, self.width, stride)
         elif isinstance(self.source, tuple):
             x = torch.cat([stream[..., start : start + length] for start, length in self.source], -1)
             x = x.unflatten(-1, (self.distinct, self.width))
