@@ -94,14 +94,84 @@ def test_structured_weights_give_the_tint_of_dense_matrices_bit_for_bit(family):
 def test_run_wirings_equal_index_wirings(family, monkeypatch):
     cfg, model, ids, train, prefixes = _compiled(family)
     tint = pipeline.compile_tint(cfg, model).tint
-    kinds = {type(r).__name__ for reads, write in tint._wiring for r in [*reads, write]}
-    assert {"Gather", "list"} <= kinds  # reads gathered as runs, writes added as runs
+    gathers = [r for reads, _ in tint._wiring for r in reads if not r.whole]
+    assert any(r.strided for r in gathers) and any(isinstance(r.source, tuple) for r in gathers)
     with torch.no_grad():
         by_runs, _ = tint(ids, train, prefixes)
     monkeypatch.setattr(calls, "MAX_RUNS", 0)  # every wiring an index tensor, as before runs
+    monkeypatch.setattr(calls, "_strided", lambda distinct: None)  # no strided views
     tint = pipeline.compile_tint(cfg, model).tint
-    assert not any(isinstance(w, list) for _, w in tint._wiring)
+    assert not any(isinstance(w.target, list) for _, w in tint._wiring)
     with torch.no_grad():
         by_index, _ = tint(ids, train, prefixes)
     # equal up to the order in which a coordinate written by several groups sums them
     assert ((by_runs - by_index).norm() / by_index.norm()).item() <= 1e-14
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_grid_wirings_equal_a_copy_per_group(family, monkeypatch):
+    """Heads that share a read on the call's grid (not copied per head, folded into larger products)
+    and outputs summed on the grid give the TinT of one group axis with every head its own copy. The
+    rules are exact here: the finite differences' 1/N would scale the products' rounding by N."""
+    cfg = tiny_config(family, dtype="float64", kinds=KINDS[family],
+                      approximations={"layer_norm": "exact", "activation": "exact"})
+    model = tiny_model(family, dtype=torch.float64)
+    ids, train, _ = example_input(model.config.vocab_size, 16, 2, seed=1)
+    tint = pipeline.compile_tint(cfg, model).tint
+    prefixes = tint.encode({n: p.detach() for n, p in model.named_parameters()})
+    assert any(w.axes in ("s", "c") for _, w in tint._wiring)  # heads adding into one field, summed on the grid
+    assert any(r.axes in ("s", "c") for reads, _ in tint._wiring for r in reads if not r.whole)  # one chunk for many
+    with torch.no_grad():
+        on_grid, _ = tint(ids, train, prefixes)
+    monkeypatch.setattr(calls, "grid_of", lambda patterns, groups: (groups, 1))  # one group axis
+    tint = pipeline.compile_tint(cfg, model).tint
+    assert not any(r.axes in ("s", "c") for reads, _ in tint._wiring for r in reads if not r.whole)
+    with torch.no_grad():
+        per_group, _ = tint(ids, train, prefixes)
+    assert ((on_grid - per_group).norm() / per_group.norm()).item() <= 1e-14
+
+
+def _wiring_cases():
+    """(read groups, write fields) as the lowering makes them: heads of a linear map reading chunks with
+    the constant (each chunk read by several heads, tiled or interleaved) and adding into one output
+    field per row, units at even strides of a prefix block, groups in no order, fields that overlap,
+    a read that repeats on another grid than the write's."""
+    def chunks(order):
+        return [[(8 * ch, 8), (70, 1)] for ch in order]
+    tiled = [(100 + 8 * s, 8) for s in range(4) for _ in range(3)]
+    return {"tiled chunks with a constant": (chunks([0, 1, 2] * 4), tiled),
+            "interleaved chunks": ([[(8 * s, 8)] for s in range(4) for _ in range(3)],
+                                   [(100 + 8 * c, 8) for _ in range(4) for c in range(3)]),
+            "strided units": ([[(9 * u, 8)] for u in range(6)], [(9 * u, 8) for u in range(6)]),
+            "any order": ([[(5 * g, 5)] for g in (3, 0, 3, 7, 1, 0)], [(5 * g, 5) for g in (3, 0, 3, 7, 1, 0)]),
+            "overlapping fields": ([[(g, 6)] for g in (0, 4, 0, 9)], [(g, 6) for g in (0, 4, 0, 9)]),
+            "many runs": ([[(2 * g, 1)] for g in range(80)], [(2 * g + 1, 1) for g in range(80)]),
+            "another grid": ([[(8 * s, 8)] for s in range(6) for _ in range(2)], tiled)}
+
+
+@pytest.mark.parametrize("name", list(_wiring_cases()))
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("shared_rows", [False, True])
+def test_gather_and_write_equal_a_loop_over_groups(name, gated, shared_rows):
+    """Each wiring's read, on the call's grid, is every group's coordinates in order; its write adds
+    each group's output to its field (gated: to a field first cleared), the sums of repeated fields
+    included, also where the output is one for every row of the grid (shared_rows)."""
+    groups, fields = _wiring_cases()[name]
+    gen = torch.Generator().manual_seed(0)
+    stream = torch.randn(2, 3, 200, generator=gen, dtype=torch.float64)
+    reads, write = calls.wiring({"reads": [groups], "write": fields})
+    coords = [runtime.coordinates(g) for g in groups]
+    expected = torch.stack([stream[..., c] for c in coords], -2)
+    got = calls.gather(stream, reads[0])
+    rows, cols = write.grid
+    assert torch.equal(got.expand(2, 3, rows, cols, expected.shape[-1]).flatten(-3, -2), expected)
+    width = fields[0][1]
+    on_grid = torch.randn(2, 3, 1 if shared_rows else rows, cols, width, generator=gen, dtype=torch.float64)
+    delta = on_grid.expand(2, 3, rows, cols, width).flatten(-3, -2)
+    into = stream.clone()
+    for start, size in fields if gated else []:
+        into[..., start : start + size] = 0.0
+    for (start, size), d in zip(fields, delta.unbind(-2)):
+        into[..., start : start + size] += d
+    got = calls.apply(lambda *inputs: on_grid, reads, write, [stream], stream.clone(), gated)
+    assert torch.allclose(got, into, rtol=0, atol=1e-14)

@@ -220,8 +220,9 @@ def test_decode_of_encode_is_bit_exact(family, overrides):
 
 
 # The aten ops of the fast executor: matrix products, softmax, layer norm, elementwise activations
-# and arithmetic, masking, the reshapes, slices and copies that move fields, and the gated write of
-# each call (index_put_ of zeros, then index_add_). An allow-list of names cannot prove the TinT is a
+# and arithmetic, masking, the reshapes, slices (unfold: fields at even strides) and copies that move
+# fields, the sum of the heads that add into one field (what an output projection does), and the gated
+# write of each call (index_put_ of zeros, then index_add_, or a copy). An allow-list of names cannot prove the TinT is a
 # transformer (arithmetic patched between calls would pass it); tests/test_standard.py does, on the
 # standard view that the fast executor executes exactly, op by op after torch.export.
 TRANSFORMER_OPS = {
@@ -230,6 +231,7 @@ TRANSFORMER_OPS = {
     "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "clone", "copy_", "add_", "index",
     "embedding", "unsqueeze", "squeeze", "contiguous", "detach", "alias", "lift_fresh", "_to_copy", "fill_",
     "new_zeros", "empty", "empty_like", "zeros_like", "arange", "ones_like", "stack", "expand_as", "as_strided",
+    "sum", "unfold",
 }
 
 

@@ -2,8 +2,12 @@
 write each group's output into its field. Carried inside the emitted package.
 
 Indexing the last axis of the wide token stream with an index tensor reads it at scattered places
-(about 1 GB/s); the fields a call touches are few runs of side-by-side coordinates, and slices of
-those runs copy at memory speed. So wirings are runs where there are few of them.
+(about 1 GB/s); the fields a call touches are few runs of side-by-side coordinates, or fields at
+even strides (a view), and slices of those copy at memory speed. So wirings are views or runs where
+they can be. Groups that repeat a field (heads of one simulated linear map read the same input chunk,
+or add into the same output field) are gathered once and copied out, or summed on the group axis
+before the write, so that a write touches each coordinate of its fields once and nothing else of
+the stream.
 """
 
 import torch
@@ -36,69 +40,195 @@ def runs_of(coords: list[int]) -> tuple:
     return tuple((start, length) for start, length in runs)
 
 
-class Gather:
-    """A read whose groups are not one side-by-side run: the distinct groups' coordinates (as runs,
-    or an index tensor where runs would be many), then which distinct groups the groups read, as
-    runs of side-by-side distinct groups (None: each its own, in order). Groups that repeat are
-    gathered once; the picking copies slices, since indexing a group axis is as slow as the stream's."""
+def repeats(which: list[int], distinct: int):
+    """How groups map to `distinct` distinct ones (`which`: each group's, numbered by first appearance):
+    None, each its own; ("interleave", r), each r times in a row; ("tile", r), all of them r times
+    over; else an index tensor."""
+    r = len(which) // distinct
+    if r * distinct == len(which):
+        if r == 1:
+            return None
+        if which == [d for d in range(distinct) for _ in range(r)]:
+            return ("interleave", r)
+        if which == list(range(distinct)) * r:
+            return ("tile", r)
+    return torch.tensor(which)
 
-    def __init__(self, groups: list[list[int]]):
-        distinct = list(dict.fromkeys(tuple(g) for g in groups))
-        flat = [i for g in distinct for i in g]
+
+def _distinct(groups: list[list[int]]) -> tuple[list[tuple], object]:
+    """The distinct groups in order of first appearance, and how the groups repeat them."""
+    distinct = list(dict.fromkeys(tuple(g) for g in groups))
+    number = {g: i for i, g in enumerate(distinct)}
+    return distinct, repeats([number[tuple(g)] for g in groups], len(distinct))
+
+
+def _grid_axes(pattern, distinct: int, grid: tuple[int, int]):
+    """Which axes of the call's grid (S, C) a read or write varies along: "sc" (each group its own),
+    "s" (each distinct group C times in a row), "c" (all C distinct groups S times over), "" (one
+    group for all), or None where its pattern is none of these (it is spread to every group)."""
+    rows, cols = grid
+    if distinct == 1:
+        return ""
+    if pattern is None:
+        return "sc"
+    if isinstance(pattern, tuple):
+        kind, r = pattern
+        if kind == "interleave" and r == cols and distinct == rows:
+            return "s"
+        if kind == "tile" and distinct == cols and r == rows:
+            return "c"
+    return None
+
+
+def grid_of(patterns: list, groups: int) -> tuple[int, int]:
+    """The call's group grid (S, C), S·C = G: groups g = s·C + c, C taken from the first read or write
+    whose groups repeat in a row (C = r) or tile (C = distinct groups); (G, 1) where none does."""
+    for pattern, distinct in patterns:
+        if isinstance(pattern, tuple):
+            kind, r = pattern
+            return (groups // r, r) if kind == "interleave" else (r, distinct)
+    return groups, 1
+
+
+def _strided(distinct: list[tuple]):
+    """(start, stride) when each distinct group is one run and the runs start at even strides no
+    narrower than a group (a view of the stream), else None."""
+    width = len(distinct[0])
+    starts = [g[0] for g in distinct]
+    if any(list(g) != list(range(g[0], g[0] + width)) for g in distinct):
+        return None
+    stride = starts[1] - starts[0] if len(starts) > 1 else width
+    if stride < width or starts != list(range(starts[0], starts[0] + stride * len(starts), stride)):
+        return None
+    return starts[0], stride
+
+
+def _spread(x: torch.Tensor, pattern) -> torch.Tensor:
+    """[…, D, width] -> […, G, width]: each group the distinct one it reads (repeats' inverse)."""
+    if pattern is None:
+        return x
+    if isinstance(pattern, tuple):
+        kind, r = pattern
+        x = x.unsqueeze(-2 if kind == "interleave" else -3)
+        shape = list(x.shape)
+        shape[-2 if kind == "interleave" else -3] = r
+        return x.expand(shape).flatten(-3, -2)
+    return x.index_select(-2, pattern.to(x.device))
+
+
+def _summed(delta: torch.Tensor, pattern, distinct: int) -> torch.Tensor:
+    """[…, G, width] -> […, D, width]: the groups that write one field summed (_spread's adjoint)."""
+    if pattern is None:
+        return delta
+    if isinstance(pattern, tuple):
+        kind, r = pattern
+        return delta.unflatten(-2, (distinct, r)).sum(-2) if kind == "interleave" else \
+            delta.unflatten(-2, (r, distinct)).sum(-3)
+    out = delta.new_zeros(*delta.shape[:-2], distinct, delta.shape[-1])
+    return out.index_add_(-2, pattern.to(delta.device), delta)
+
+
+class Gather:
+    """One read of a call: per group the coordinates it gathers. The distinct groups are read once (a
+    view where they lie at even strides, else their runs, or an index tensor where runs would be
+    many) and laid on the call's grid [B, T, S or 1, C or 1, width]: a read that varies along one
+    axis of the grid, or none, is not copied along the other (primitives broadcast it)."""
+
+    def __init__(self, groups: list[list[int]] | None, grid: tuple[int, int]):
+        self.grid, self.whole = grid, groups is None
+        if self.whole:  # the whole stream, one group for all
+            return
+        distinct, self.pick = _distinct(groups)
         self.distinct, self.width = len(distinct), len(groups[0])
+        self.axes = _grid_axes(self.pick, self.distinct, grid)
+        self.strided = _strided(distinct)
+        flat = [i for g in distinct for i in g]
         runs = runs_of(flat)
         self.source = runs if len(runs) <= MAX_RUNS else torch.tensor(flat)  # runs: a tuple
-        self.pick = None if len(distinct) == len(groups) else runs_of([distinct.index(tuple(g)) for g in groups])
+
+    def read(self, stream: torch.Tensor) -> torch.Tensor:
+        if self.whole:
+            return stream[..., None, None, :]
+        if self.strided is not None:  # windows of the stream at even steps: a view
+            start, stride = self.strided
+            x = stream[..., start : start + (self.distinct - 1) * stride + self.width].unfold(-1, self.width, stride)
+        elif isinstance(self.source, tuple):
+            x = torch.cat([stream[..., start : start + length] for start, length in self.source], -1)
+            x = x.unflatten(-1, (self.distinct, self.width))
+        else:
+            x = stream[..., self.source.to(stream.device)].unflatten(-1, (self.distinct, self.width))
+        rows, cols = self.grid
+        if self.axes is None:  # no grid structure: every group its copy
+            return _spread(x, self.pick).unflatten(-2, (rows, cols))
+        return x.unflatten(-2, (rows if "s" in self.axes else 1, cols if "c" in self.axes else 1))
 
 
-def wiring(call: dict) -> tuple[list, object]:
-    """A call's wiring (JSON form) as indices: per read, None for the whole stream, a
-    (start, G, width, shared) run when the groups' fields lie side by side or are all the same
-    field, else a Gather; the write as a side-by-side run, else [(start, length, offset)] runs
-    of the stream and where they sit in the output, or a flat index where runs would be many."""
-    def index(groups):
-        flat = [i for fields in groups for i in coordinates(fields)]
-        width = len(flat) // len(groups)
-        if flat == list(range(flat[0], flat[0] + len(flat))):  # side by side: a view, no copy
-            return (flat[0], len(groups), width, False)
-        one = flat[:width]
-        if one == list(range(one[0], one[0] + width)) and flat == one * len(groups):  # every group reads one field
-            return (flat[0], len(groups), width, True)
-        return Gather([flat[g * width:(g + 1) * width] for g in range(len(groups))])
+class Scatter:
+    """The write of a call: per group the field its output goes to. Outputs on the call's grid are
+    summed over the axis along which groups share a field, or over the groups sharing one (`repeats`);
+    then the distinct fields are placed, each coordinate once: as runs of the stream, or by an index
+    tensor where runs would be many or distinct fields overlap (their sum is added). Nothing else of
+    the stream is touched."""
 
-    reads = [None if not groups else index(groups) for groups in call["reads"]]
-    fields = call["write"]
-    write = index([[field] for field in fields])
-    if isinstance(write, tuple) and not write[3]:
-        return reads, write
-    flat = coordinates(fields)
-    runs = runs_of(flat)
-    if len(runs) > MAX_RUNS:
-        return reads, torch.tensor(flat)
-    offsets = [0]
-    for _, length in runs[:-1]:
-        offsets.append(offsets[-1] + length)
-    return reads, [(start, length, offset) for (start, length), offset in zip(runs, offsets)]
+    def __init__(self, groups: list[list[int]], grid: tuple[int, int]):
+        distinct, self.sum = _distinct(groups)
+        self.grid, self.distinct = grid, len(distinct)
+        self.axes = _grid_axes(self.sum, self.distinct, grid)
+        flat = [i for g in distinct for i in g]
+        runs = runs_of(flat)
+        self.overlap = len(set(flat)) < len(flat)
+        if self.overlap or len(runs) > MAX_RUNS:
+            self.target = torch.tensor(flat)
+        else:
+            offsets = [0]
+            for _, length in runs[:-1]:
+                offsets.append(offsets[-1] + length)
+            self.target = [(start, length, offset) for (start, length), offset in zip(runs, offsets)]
+
+    def reduced(self, delta: torch.Tensor) -> torch.Tensor:
+        """delta [B, T, S or 1, C or 1, width] -> [B, T, D·width]: one output per distinct field."""
+        rows, cols = self.grid
+        full = delta.expand(*delta.shape[:-3], rows, cols, delta.shape[-1])
+        if self.axes == "s":
+            return full.sum(-2).flatten(-2)
+        if self.axes == "c":
+            return full.sum(-3).flatten(-2)
+        if self.axes == "":
+            return full.sum((-3, -2))
+        return _summed(full.flatten(-3, -2), self.sum, self.distinct).flatten(-2)
+
+    def write(self, into: torch.Tensor, delta: torch.Tensor, gated: bool) -> torch.Tensor:
+        """delta [B, T, S or 1, C or 1, width] into its fields; gated: replacing what they held."""
+        delta = self.reduced(delta)
+        if isinstance(self.target, list):  # distinct coordinates, each written once
+            for start, length, offset in self.target:
+                field, part = into[..., start : start + length], delta[..., offset : offset + length]
+                field.copy_(part) if gated else field.add_(part)
+            return into
+        index = self.target.to(into.device)
+        if gated and not self.overlap:
+            return into.index_copy_(-1, index, delta)
+        if gated:
+            into[..., index] = 0.0
+        return into.index_add_(-1, index, delta)
 
 
-def gather(stream, index):
-    """[B, T, G, width] from a stream by a wiring index ([B, T, 1, width] when every group reads
-    the same field: primitives broadcast it, so shared work is done once)."""
-    if index is None:
-        return stream.unsqueeze(2)
-    if isinstance(index, tuple):
-        start, groups, width, shared = index
-        if shared:  # the same field for every group: one group that broadcasts against the others
-            return stream[..., start : start + width].unsqueeze(-2)
-        return stream[..., start : start + groups * width].unflatten(-1, (groups, width))
-    if isinstance(index.source, tuple):
-        x = torch.cat([stream[..., start : start + length] for start, length in index.source], -1)
-    else:
-        x = stream[..., index.source.to(stream.device)]
-    x = x.unflatten(-1, (index.distinct, index.width))
-    if index.pick is None or index.distinct == 1:  # one distinct group broadcasts, as a shared field
-        return x
-    return torch.cat([x[..., start : start + length, :] for start, length in index.pick], -2)
+def wiring(call: dict) -> tuple[list, Scatter]:
+    """A call's wiring (JSON form): per read a Gather (an empty read: the whole stream), and the write's
+    Scatter, all on one grid of the call's groups."""
+    def groups_of(groups) -> list[list[int]]:
+        return [coordinates(fields) for fields in groups]
+
+    reads = [groups_of(groups) if groups else None for groups in call["reads"]]
+    write = groups_of([[field] for field in call["write"]])
+    patterns = [_distinct(g)[1::-1] for g in [write, *reads] if g is not None]
+    grid = grid_of([(pattern, len(distinct)) for pattern, distinct in patterns], len(write))
+    return [Gather(groups, grid) for groups in reads], Scatter(write, grid)
+
+
+def gather(stream, index: Gather):
+    """[B, T, S or 1, C or 1, width] from a stream: the read on the call's grid."""
+    return index.read(stream)
 
 
 def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tensor, gated: bool) -> torch.Tensor:
@@ -110,28 +240,5 @@ def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tenso
     W_in; the write field is the selection inside O or W_o; a group is a head or a set of units;
     a new prefix-block version is the same positions after the residual add; the gate is the
     block's erase units (−h on a field whose value is dead)."""
-    delta = layer(*(gather(s, index) for s, index in zip(streams, reads)))  # [B, T, G or 1, width]
-    if isinstance(write, tuple):
-        groups = write[1] * write[2] // delta.shape[-1]
-    else:
-        groups = (sum(length for _, length, _ in write) if isinstance(write, list) else write.numel()) // delta.shape[-1]
-    delta = delta.expand(*delta.shape[:-2], groups, delta.shape[-1]).flatten(-2)  # [B, T, G·width]
-    if isinstance(write, tuple):  # fields side by side, each written once
-        start, groups, width, _ = write
-        field = into[..., start : start + groups * width]
-        if gated:
-            field.copy_(delta)
-        else:
-            field.add_(delta)
-        return into
-    if isinstance(write, list):  # runs; a coordinate written by several groups gets their sum
-        if gated:  # every run is cleared before any is added to
-            for start, length, _ in write:
-                into[..., start : start + length] = 0.0
-        for start, length, offset in write:
-            into[..., start : start + length] += delta[..., offset : offset + length]
-        return into
-    write = write.to(into.device)
-    if gated:
-        into[..., write] = 0.0
-    return into.index_add_(-1, write, delta)
+    delta = layer(*(gather(s, index) for s, index in zip(streams, reads)))  # [B, T, S or 1, C or 1, width]
+    return write.write(into, delta, gated)

@@ -1,7 +1,8 @@
 """The TinT's layer primitives: ordinary transformer components with weights built from shapes and
 settings alone.
 
-Each works on G groups at once with one set of weights: inputs and output are [B, T, G, width].
+Each works on G groups at once with one set of weights: inputs and output are [B, T, *groups, width]
+(one group axis, or the call's grid S × C: backends/torch/calls.py; an axis of size 1 is shared).
 For attention a group is a head (heads share their projections, each reads its own slice of the
 stream); for the others a group is a chunk of a wide value. Every projection is applied through
 backends/torch/projection.py, whatever form it is stored in. Carried inside the emitted package.
@@ -69,11 +70,29 @@ class Norm(nn.Module):
         return f"eps={self.eps}"
 
 
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [*lead, n, m] @ b [*lead, m, p] whose leading axes (batch, groups) broadcast: an axis of size 1
+    on one side is not copied along the other's (as matmul's broadcast would) but folded into the
+    other's rows or columns, so that heads sharing a query, a key or a value make one larger product."""
+    lead = a.dim() - 2
+    letters = "abcdefgh"[:lead]
+    sides = []
+    for t in (a, b):
+        axes = [i for i in range(lead) if t.shape[i] != 1]
+        sides.append((t.squeeze(tuple(i for i in range(lead) if i not in axes)), "".join(letters[i] for i in axes)))
+    (a1, la), (b1, lb) = sides
+    out = "".join(l for l in letters if l in la or l in lb)
+    product = torch.einsum(f"{la}xy,{lb}yz->{out}xz", a1, b1)
+    shape = [max(a.shape[i], b.shape[i]) for i in range(lead)] + list(product.shape[-2:])
+    return product.reshape(shape)
+
+
 class Attention(nn.Module):
     """Attention with one head per group; all heads share w_q, w_k, w_v, w_o.
 
-    Queries come from one stream ([B, Tq, G, in_q]), keys and values from another or the
-    same ([B, Tk, G, in_k], [B, Tk, G, in_v]). softmax=False is linear attention: the weight
+    Queries come from one stream ([B, Tq, *groups, in_q]), keys and values from another or the
+    same ([B, Tk, *groups, in_k], [B, Tk, *groups, in_v]); a group axis of size 1 is shared by all
+    groups along it. softmax=False is linear attention: the weight
     of key j for query i is the raw score ⟨q_i, k_j⟩. mask: "causal" (query i sees keys
     j <= i, same stream) or "full". With more keys than queries (prefix blocks are often
     longer than the input) the products are associated the other way: the same function
@@ -89,21 +108,21 @@ class Attention(nn.Module):
 
     def forward(self, xq, xk, xv):
         w_q, w_k, w_v, w_o = (as_projection(w) for w in (self.w_q, self.w_k, self.w_v, self.w_o))
-        q = w_q.apply(xq).transpose(1, 2)  # [B, G, Tq, dq]
+        q = w_q.apply(xq).movedim(1, -2)  # [B, *groups, Tq, dq]
         keys_first = xk.shape[1] <= xq.shape[1]
         if keys_first:  # the usual order: project the keys and values
-            scores = q @ w_k.apply(xk).transpose(1, 2).transpose(-1, -2)
+            scores = grouped_matmul(q, w_k.apply(xk).movedim(1, -1))
         else:  # more keys than queries (a prefix block): apply w_k to the queries instead, same scores
-            scores = w_k.apply_transposed(q) @ xk.transpose(1, 2).transpose(-1, -2)
+            scores = grouped_matmul(w_k.apply_transposed(q), xk.movedim(1, -1))
         if self.mask == "causal":
             future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
             scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
-        weights = scores.softmax(-1) if self.softmax else scores  # [B, G, Tq, Tk]
+        weights = scores.softmax(-1) if self.softmax else scores  # [B, *groups, Tq, Tk]
         if keys_first:
-            heads = weights @ w_v.apply(xv).transpose(1, 2)
+            heads = grouped_matmul(weights, w_v.apply(xv).movedim(1, -2))
         else:  # weigh the raw values, then project: (A·X)·Wᵀ = A·(X·Wᵀ)
-            heads = w_v.apply(weights @ xv.transpose(1, 2))
-        return w_o.apply(heads.transpose(1, 2))  # [B, Tq, G, out]
+            heads = w_v.apply(grouped_matmul(weights, xv.movedim(1, -2)))
+        return w_o.apply(heads.movedim(-2, 1))  # [B, Tq, *groups, out]
 
     def extra_repr(self) -> str:
         return f"softmax={self.softmax}, mask={self.mask}"
