@@ -80,10 +80,14 @@ def activation_backward(x, dy, fn: str, rule: str, scale: float):
     return torch.func.vjp(sigma, x)[1](dy)[0]
 
 
-def attention_probs(q, k, scale: float, causal: bool, window: int | None = None):
+def attention_probs(q, k, scale: float, causal: bool, window: int | None = None, upcast: str | None = None,
+                    softcap: float | None = None):
     """a[b, h, t, j] = softmax_j(scale·⟨q_t, k_j⟩) on [B, H, T, hd] tensors; with a window, query t
-    sees only keys j with t − j < window."""
+    sees only keys j with t − j < window; upcast (a dtype name): the softmax runs in it, as HF's eager
+    attention does, and is cast back; softcap c: the scores s are c·tanh(s/c) (Gemma 2)."""
     scores = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     t = q.shape[-2]
     hidden = torch.zeros(t, t, dtype=torch.bool, device=q.device)
     if causal:
@@ -92,20 +96,26 @@ def attention_probs(q, k, scale: float, causal: bool, window: int | None = None)
         hidden |= torch.ones_like(hidden).tril(-window)
     if hidden.any():
         scores = scores.masked_fill(hidden, float("-inf"))
+    if upcast is not None:
+        return scores.softmax(-1, dtype=getattr(torch, upcast)).to(q.dtype)
     return scores.softmax(-1)
 
 
-def attention_backward_values(q, k, do, scale: float, causal: bool):
+def attention_backward_values(q, k, do, scale: float, causal: bool, softcap: float | None = None):
     """Stop-gradient rule: the scores are constants, so ∂v_j = Σ_t a_tj ∂o_t (heads [B, H, T, hd])."""
-    return attention_probs(q, k, scale, causal).transpose(-1, -2) @ do
+    return attention_probs(q, k, scale, causal, softcap=softcap).transpose(-1, -2) @ do
 
 
-def attention_backward_scores(q, k, v, do, scale: float, causal: bool):
+def attention_backward_scores(q, k, v, do, scale: float, causal: bool, softcap: float | None = None):
     """The gradient through the scores (heads [B, H, T, hd]): g_tj = a_tj·(d_tj − Σ_j' a_tj' d_tj'),
-    d_tj = ⟨∂o_t, v_j⟩; returns (∂q, ∂k) = (scale·g·k, scale·gᵀ·q)."""
-    a = attention_probs(q, k, scale, causal)
+    d_tj = ⟨∂o_t, v_j⟩; soft-capped scores: g_tj·(1 − τ_tj²), τ = tanh(s/c) (the derivative of c·tanh(s/c));
+    returns (∂q, ∂k) = (scale·g·k, scale·gᵀ·q)."""
+    a = attention_probs(q, k, scale, causal, softcap=softcap)
     d = do @ v.transpose(-1, -2)
     g = a * (d - (a * d).sum(-1, keepdim=True))
+    if softcap is not None:
+        tau = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap)
+        g = g - tau * (tau * g)  # as the TinT computes it
     return scale * g @ k, scale * g.transpose(-1, -2) @ q
 
 

@@ -101,11 +101,12 @@ def test_unsupported_model_class_lists_the_supported_ones():
     err = trace_error(bloom)
     assert str(err) == ("frontend error: model class BloomForCausalLM is not supported; supported: "
                         "GPT2LMHeadModel, OPTForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, "
-                        "GPTNeoXForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM")
+                        "GPTNeoXForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM, "
+                        "Gemma2ForCausalLM")
 
 
 def test_unknown_family_is_refused():
-    with pytest.raises(FrontendError, match="model family 'bloom' is not supported; supported: gpt2, gpt_neox, "
+    with pytest.raises(FrontendError, match="model family 'bloom' is not supported; supported: gemma2, gpt2, gpt_neox, "
                                             "llama, mistral, olmo2, opt, phi3, qwen2"):
         load_model("bloom", "/nonexistent")
 

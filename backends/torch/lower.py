@@ -157,7 +157,8 @@ class _Lowering(BackwardLowering, LlamaLowering):
         self.fields[node.name] = self.inputs[node.attrs["which"]]
 
     def lower_embed(self, node):
-        self.fields[node.name] = self.inputs["token_embed"]
+        rows = self.inputs["token_embed"]  # Gemma 2 scales them by √D: a linear map
+        self.fields[node.name] = self._scaled(rows, node.attrs["scale"]) if "scale" in node.attrs else rows
 
     def lower_pos_embed(self, node):
         self.fields[node.name] = self.inputs["pos_embed"]
@@ -276,8 +277,12 @@ class _Lowering(BackwardLowering, LlamaLowering):
         reads k/v head h // (heads/kv_heads) (grouped-query)."""
         a = node.attrs
         hd = a["head_dim"]
-        q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
         v = self.x(node, 2).chunks(hd)
+        if "softcap" in a:  # Gemma 2: a softmax over the capped scores, stored (lower_llama.py)
+            heads = [(v[self._kv_head(a, i)],) for i in range(a["heads"])]
+            self.fields[node.name] = self._capped_softmax(node, heads, hd)
+            return
+        q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
         kv = [self._kv_head(a, h) for h in range(len(q))]
         layer = self.layer(("attention", hd, repr(a["scale"])), lambda: P.Attention(
             a["scale"] * self.eye(hd), self.eye(hd), self.eye(hd), self.eye(hd), softmax=True, mask="causal"))

@@ -20,6 +20,7 @@ from ..graph import Graph
 from ..interpret import Interpreter
 from ..verify import verify
 from .adapter import Adapter
+from .gemma2 import Gemma2Adapter
 from .gpt2 import GPT2Adapter
 from .gpt_neox import GPTNeoXAdapter
 from .llama import LlamaAdapter
@@ -33,7 +34,8 @@ from .recognize import Recognizer
 
 ADAPTERS: dict[str, Adapter] = {
     a.family: a for a in (GPT2Adapter(), OPTAdapter(), LlamaAdapter(), Qwen2Adapter(), MistralAdapter(),
-                          GPTNeoXAdapter(), Phi3Adapter(), Olmo2Adapter())}
+                          GPTNeoXAdapter(), Phi3Adapter(), Olmo2Adapter(),
+                          Gemma2Adapter())}
 EXPORT_LENGTH = 8  # tokens in the example input of the export (graphs are shape-specialised)
 
 

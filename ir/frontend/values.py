@@ -22,6 +22,7 @@ BOOKKEEPING = {"_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_con
 COMPOSITES = {
     ("pow", "mean", "add", "rsqrt", "mul", "mul"): "rms_norm",
     ("mul", "pow", "mul", "add", "mul", "tanh", "add", "mul"): "gelu_tanh",
+    ("pow", "mean", "add", "rsqrt", "mul", "add", "mul"): "rms_norm_offset",  # Gemma 2's x̂·(1 + w)
 }
 
 
@@ -67,6 +68,30 @@ class Rope:
     start: int = 0
     stop: int = 0
     negated: bool = False
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Eager attention's scores q·kᵀ of heads [.., heads, T, head_dim] (Gemma 2 has no sdpa), times
+    `scale`; soft-capped c·tanh(s/c) as `cap` goes "divided" (s/c), "tanh", "capped" (c = softcap);
+    `masked` once the causal (or sliding-window) mask is added."""
+
+    q: Val
+    k: Val
+    heads: int
+    head_dim: int
+    scale: float = 1.0
+    masked: bool = False
+    cap: str = ""
+    softcap: float | None = None
+
+
+@dataclass(frozen=True)
+class Probs:
+    """The softmax of eager attention's scores; `upcast`: the dtype HF's softmax computes in."""
+
+    scores: Scores
+    upcast: str | None = None
 
 
 def op_name(node: fx.Node) -> str:

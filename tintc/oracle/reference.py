@@ -130,10 +130,11 @@ class FiniteDifferenceActivation(torch.autograd.Function):
         return rules.activation_backward(x, dy, ctx.fn, "finite_difference", ctx.scale), None, None
 
 
-def stop_gradient_attention(q, k, v, scale: float, causal: bool, window: int | None = None):
+def stop_gradient_attention(q, k, v, scale: float, causal: bool, window: int | None = None, upcast=None,
+                            softcap=None):
     """Softmax attention whose scores are constants for autograd: only v gets a gradient (with
     grouped-query attention, a k/v head's gradient sums over the query heads that share it)."""
-    return rules.attention_probs(q, k, scale, causal, window).detach() @ v
+    return rules.attention_probs(q, k, scale, causal, window, upcast, softcap).detach() @ v
 
 
 class ApproxInterpreter(Interpreter):
@@ -158,10 +159,10 @@ class ApproxInterpreter(Interpreter):
             return FiniteDifferenceActivation.apply(x, fn, self.approx.scale)
         return super().activation(x, fn)
 
-    def attention(self, q, k, v, scale, causal, window=None):
-        if self.approx.attention == "stop_gradient":
-            return stop_gradient_attention(q, k, v, scale, causal, window)
-        return super().attention(q, k, v, scale, causal, window)
+    def attention(self, q, k, v, scale, causal, window=None, upcast=None, softcap=None):
+        if self.approx.attention == "stop_gradient":  # the soft-capped scores are constants too
+            return stop_gradient_attention(q, k, v, scale, causal, window, upcast, softcap)
+        return super().attention(q, k, v, scale, causal, window, upcast, softcap)
 
 
 # -- the SGD loop -----------------------------------------------------------------------
@@ -241,8 +242,9 @@ def _norms_as_in_graph(model, graph: Graph):
     for node in graph.nodes():
         if node.kind == "rms_norm" and "upcast" not in node.attrs:
             module = model.get_submodule(node.attrs["module"])
-            eps = node.attrs["eps"]
-            module.forward = lambda x, m=module, eps=eps: m.weight * rules.rms_normalise(x, eps)
+            eps, offset = node.attrs["eps"], node.attrs.get("gain_offset")  # Gemma 2's gain: offset + w
+            module.forward = lambda x, m=module, eps=eps, c=offset: (m.weight if c is None else c + m.weight) * \
+                rules.rms_normalise(x, eps)
             patched.append(module)
     try:
         yield
