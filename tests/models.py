@@ -83,6 +83,10 @@ MICRO: dict[str, dict] = {
     "gpt_neox": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=32,
                      max_position_embeddings=16, rotary_pct=0.5, use_parallel_residual=True,
                      bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "gemma2": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=12, query_pre_attn_scalar=10, vocab_size=32, max_position_embeddings=16,
+                   sliding_window=16, initializer_range=0.1, attn_logit_softcapping=0.5, final_logit_softcapping=None,
+                   bos_token_id=0, eos_token_id=0, pad_token_id=0),
 }
 
 

@@ -22,11 +22,12 @@ from ir.frontend import trace
 from ir.passes.select_train import kinds_of
 from ir.text import dump
 from tests.families import EXACT_RULES, compiled_from_folder, example, float32_errors, rel, run
-from tests.models import TINY, tiny_config, tiny_model
+from tests.models import MICRO, TINY, tiny_config, tiny_model
 from tests.test_exact_hf import hf_in_float64
 from tests.test_interpret import max_logit_error
 from tintc import pipeline
 from tintc.config import parse_config
+from tintc.oracle.fidelity import example_input
 from tintc.oracle.reference import EXACT, TrainSettings, approx_gd, exact_gd
 
 ALL_KINDS = ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "norm_gain"]
@@ -135,3 +136,24 @@ def test_gemma2_in_float32_with_every_rule_exact_is_at_float32_precision(tmp_pat
     tint, floor = float32_errors(*compiled_from_folder("gemma2", tmp_path, "float32", ALL_KINDS, EXACT_RULES))
     assert floor["delta_rel_err"] < 1e-5 and tint["delta_rel_err"] <= 1e-5
     assert tint["worst_update_rel"] <= 5 * floor["worst_update_rel"]
+
+
+def test_gemma2_standard_view_with_every_rule_exact_is_the_fast_executor_and_g_hat():
+    """The TinT as a plain stack of transformer blocks (tests/test_standard.py) runs the new constructions too: the
+    capped scores as stored values, the softmax head over one-hot keys, the (w + 1) gain unit, the √D map."""
+    cfg = tiny_config("gemma2", table=MICRO, dtype="float64", prefixes=4, max_length=8, kinds=ALL_KINDS,
+                      approximations=EXACT_RULES)
+    model = tiny_model("gemma2", dtype=torch.float64, table=MICRO)
+    compiled = pipeline.compile_tint(cfg, model)
+    ids, train, _ = example_input(32, 8, 2, seed=1)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    prefixes = compiled.tint.encode(params)
+    with torch.no_grad():
+        fast, _ = compiled.tint(ids, train, prefixes)
+        logits, new_prefixes = compiled.tint.standard()(ids, train, prefixes)
+    oracle = approx_gd(compiled.graph, params, ids, train, TrainSettings.from_config(cfg, 2))
+    assert rel(oracle.logits, oracle.logits_before) > 1e-3
+    assert rel(logits, fast) <= 1e-9 and rel(logits - oracle.logits_before, oracle.logits - oracle.logits_before) <= 1e-9
+    decoded = compiled.tint.decode(new_prefixes)
+    for name in oracle.trained:
+        assert rel(decoded[name] - params[name], oracle.params[name] - params[name]) <= 1e-9, name
