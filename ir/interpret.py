@@ -87,7 +87,8 @@ class Interpreter:
         return self.inputs["ids"]
 
     def op_embed(self, node, args, w):
-        return w["table"][args[0]]  # [B, T, D]
+        rows = w["table"][args[0]]  # [B, T, D]
+        return rows * node.attrs["scale"] if "scale" in node.attrs else rows
 
     def op_pos_embed(self, node, args, w):
         batch, length = args[0].shape
@@ -101,7 +102,13 @@ class Interpreter:
         return self.layer_norm(args[0], w["gain"], w["bias"], node.attrs["eps"])
 
     def op_rms_norm(self, node, args, w):
-        return self.rms_norm(args[0], w["gain"], node.attrs["eps"], node.attrs.get("upcast"), node.attrs.get("heads", 1))
+        a, x = node.attrs, args[0]
+        if "gain_offset" not in a:
+            return self.rms_norm(x, w["gain"], a["eps"], a.get("upcast"), a.get("heads", 1))
+        # Gemma 2: the gain is offset + w, and with upcast HF multiplies by it before the cast back
+        dtype = getattr(torch, a["upcast"]) if "upcast" in a else x.dtype
+        return self.rms_norm(x.to(dtype), a["gain_offset"] + w["gain"].to(dtype), a["eps"],
+                             heads=a.get("heads", 1)).to(x.dtype)
 
     def op_linear(self, node, args, w):
         return F.linear(args[0], w["weight"], w.get("bias"))
@@ -122,7 +129,8 @@ class Interpreter:
             q, k = rules.apply_rope(q, cos, sin), rules.apply_rope(k, cos, sin)
         # grouped-query: each k/v head serves heads/kv_heads consecutive query heads
         k, v = (x.repeat_interleave(a["heads"] // kv_heads, dim=1) for x in (k, v))
-        return _merge(self.attention(q, k, v, a["scale"], a["causal"], a.get("window"), _bias(a, q), a.get("upcast")))
+        return _merge(self.attention(q, k, v, a["scale"], a["causal"], window=a.get("window"), bias=_bias(a, q),
+                                     upcast=a.get("upcast"), softcap=a.get("softcap")))
 
     def op_lm_head(self, node, args, w):
         return args[0] @ w["weight"].T
@@ -167,7 +175,8 @@ class Interpreter:
 
     def op_rms_norm_backward(self, node, args, w):
         a = node.attrs
-        return rules.rms_norm_backward(args[0], w["gain"], args[1], a["eps"], a["rule"], a["scale"], a.get("heads", 1))
+        gain = a["gain_offset"] + w["gain"] if "gain_offset" in a else w["gain"]
+        return rules.rms_norm_backward(args[0], gain, args[1], a["eps"], a["rule"], a["scale"], a.get("heads", 1))
 
     def op_rms_norm_descent(self, node, args, w):
         x, dy = args
@@ -184,7 +193,8 @@ class Interpreter:
             cos, sin = rules.rope_cos_sin(q.shape[-2], a["rotary_dim"], a["rope_theta"], q.dtype)
             q, k = rules.apply_rope(q, cos, sin), rules.apply_rope(k, cos, sin)
         k = k.repeat_interleave(heads // kv_heads, dim=1)
-        dv = rules.attention_backward_values(q, k, do, a["scale"], a["causal"], _bias(a, q))  # per query head
+        dv = rules.attention_backward_values(q, k, do, a["scale"], a["causal"], bias=_bias(a, q),
+                                             softcap=a.get("softcap"))  # per query head
         b, _, t, hd = dv.shape
         return _merge(dv.view(b, kv_heads, heads // kv_heads, t, hd).sum(2))  # a k/v head: its query heads' sum
 
@@ -199,7 +209,8 @@ class Interpreter:
             q, k = rules.apply_rope(q, cos, sin), rules.apply_rope(k, cos, sin)
         groups = heads // kv_heads
         k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
-        dq, dk = rules.attention_backward_scores(q, k, v, do, a["scale"], a["causal"], _bias(a, q))  # rotated q, k
+        dq, dk = rules.attention_backward_scores(q, k, v, do, a["scale"], a["causal"], bias=_bias(a, q),
+                                                 softcap=a.get("softcap"))  # rotated q, k
         if a["wrt"] == "q":
             grad = dq
         else:  # a k/v head: the sum over its query heads
@@ -217,8 +228,10 @@ class Interpreter:
     def activation(self, x, fn: str):
         return rules.ACTIVATION_FNS[fn](x)
 
-    def attention(self, q, k, v, scale: float, causal: bool, window: int | None = None, bias=None, upcast=None):
-        return rules.attention_probs(q, k, scale, causal, window, bias, upcast) @ v
+    def attention(self, q, k, v, scale: float, causal: bool, window: int | None = None, bias=None, upcast=None,
+                  softcap: float | None = None):
+        return rules.attention_probs(q, k, scale, causal, window=window, bias=bias, upcast=upcast,
+                                     softcap=softcap) @ v
 
 
 def _bias(attrs: dict, q):

@@ -114,6 +114,8 @@ def _attention(shapes, attrs, w):
         return f"rotary_dim={rotary}; allowed: an even number in 2..head_dim={hd}"
     if attrs.get("window", 1) < 1:
         return f"window={attrs['window']}; allowed: an integer >= 1"
+    if not attrs.get("softcap", 1.0) > 0:
+        return f"softcap={attrs['softcap']}; allowed: a number > 0"
     return q
 
 
@@ -210,7 +212,8 @@ def _attention_score_backward(shapes, attrs, w):
 
 _specs = [
     OpSpec("input", 0, {}, (), _input, "token ids z_1..z_T"),
-    OpSpec("embed", 1, {}, ("table",), _embed, "token embedding: table[ids]"),
+    OpSpec("embed", 1, {}, ("table",), _embed, "token embedding: table[ids]; scale: table[ids]·scale (Gemma 2's √D, "
+           "as the model's dtype rounds it)", optional_attrs={"scale": float}),
     OpSpec("pos_embed", 1, {"offset": int}, ("table",), _embed,
            "learned absolute positions: table[offset + 0..T-1] (the input only gives T)"),
     OpSpec("add", 2, {}, (), _same, "residual addition a + b"),
@@ -219,8 +222,9 @@ _specs = [
     OpSpec("rms_norm", 1, {"eps": float}, ("gain",), _layer_norm,
            "x / sqrt(mean(x²) + eps) * gain over the last axis (LLaMA's RMSNorm: no centring, no bias); "
            "upcast='float32': the normalisation runs in float32 and is cast back before the gain, as HF does; "
-           "heads=H: each of H equal parts of x normalised on its own, one gain shared by the parts (Qwen3's q/k norm)",
-           optional_attrs={"upcast": str, "heads": int}),
+           "heads=H: each of H equal parts of x normalised on its own, one gain shared by the parts (Qwen3's q/k norm); "
+           "gain_offset: the gain is gain_offset + gain (Gemma 2's 1 + w; with upcast, multiplied before the cast back)",
+           optional_attrs={"upcast": str, "heads": int, "gain_offset": float}),
     OpSpec("linear", 1, {}, ("weight", "bias"), _linear,
            "x @ weight.T + bias with weight [out, in]; bias optional", ("bias",)),
     OpSpec("activation", 1, {"fn": str}, (), _activation, "elementwise activation fn(x)"),
@@ -231,9 +235,10 @@ _specs = [
            "(grouped-query) query head h reads k/v head h // (heads / kv_heads); positions='rope' rotates "
            "the first rotary_dim coordinates of every q and k head by position·rope_theta^(-2i/rotary_dim) "
            "(halves layout); positions='alibi' adds m_h·j to head h's score of key j (ALiBi, BLOOM's slopes); "
-           "window: query t sees keys j with t − j < window; upcast='float32': the softmax in float32, as HF's "
-           "eager attention computes it",
-           optional_attrs={"kv_heads": int, "rope_theta": float, "rotary_dim": int, "window": int, "upcast": str}),
+           "window: query t sees keys j with t − j < window; upcast='float32': the softmax runs in float32 and is "
+           "cast back (HF's eager attention); softcap c: the scores s are c·tanh(s/c) (Gemma 2)",
+           optional_attrs={"kv_heads": int, "rope_theta": float, "rotary_dim": int, "window": int, "upcast": str,
+                           "softcap": float}),
     OpSpec("lm_head", 1, {}, ("weight",), _lm_head, "logits = x @ weight.T (weight [vocab, D])"),
     OpSpec("output", 1, {}, (), _output, "marks the graph's result (the logits)"),
     # training graph: inputs, the loss gradient, backward and descent ops
@@ -252,22 +257,24 @@ _specs = [
     OpSpec("activation_backward", 2, {"fn": str, "rule": str, "scale": float}, (), _pointwise_backward,
            "inputs (x, ∂y): ∂x; finite_difference: N·[σ(x + ∂y/N) − σ(x)]"),
     OpSpec("rms_norm_backward", 2, {"eps": float, "rule": str, "scale": float}, ("gain",), _pointwise_backward,
-           "inputs (x, ∂y): ∂x of RMSNorm; finite_difference: N·[f(x + gain⊙∂y/N) − f(x)], f = x/rms(x) "
-           "(heads: per part, as rms_norm)", optional_attrs={"heads": int}),
+           "inputs (x, ∂y): ∂x of RMSNorm; finite_difference: N·[f(x + γ⊙∂y/N) − f(x)], f = x/rms(x), "
+           "γ = gain_offset + gain (heads: per part, as rms_norm)", optional_attrs={"heads": int, "gain_offset": float}),
     OpSpec("rms_norm_descent", 2, {"eps": float, "lr": float}, ("gain",), _layer_norm_descent,
            "inputs (x, ∂y): gain −= lr·Σ_t ∂y_t⊙f(x_t), f the RMS normalisation (heads: summed over the parts)",
            optional_attrs={"heads": int}),
     OpSpec("attention_backward", 3, {"heads": int, "head_dim": int, "causal": bool, "scale": float, "rule": str},
            (), _attention_backward, "inputs (q, k, ∂o): ∂v_j = Σ_t a_tj ∂o_t (the same under both rules), a from "
            "the rotated q, k (positions='rope'); with kv_heads < heads a k/v head sums over its query heads",
-           optional_attrs={"kv_heads": int, "positions": str, "rope_theta": float, "rotary_dim": int}),
+           optional_attrs={"kv_heads": int, "positions": str, "rope_theta": float, "rotary_dim": int,
+                           "softcap": float}),
     OpSpec("attention_score_backward", 4, {"heads": int, "head_dim": int, "causal": bool, "scale": float,
                                            "wrt": str}, (), _attention_score_backward,
            "inputs (q, k, v, ∂o), rule exact: the gradient through the scores, ∂q_t = scale·Σ_j g_tj k_j "
            "(wrt q) or ∂k_j = scale·Σ_t g_tj q_t (wrt k), g_tj = a_tj·(⟨∂o_t, v_j⟩ − Σ_j' a_tj'⟨∂o_t, v_j'⟩); "
            "positions='rope': q, k rotated in g and in the sums, the result rotated back (Rᵀ: by −angle); "
-           "with kv_heads < heads ∂k of a k/v head sums over its query heads",
-           optional_attrs={"kv_heads": int, "positions": str, "rope_theta": float, "rotary_dim": int}),
+           "with kv_heads < heads ∂k of a k/v head sums over its query heads; softcap c: g_tj·(1 − tanh²(s_tj/c))",
+           optional_attrs={"kv_heads": int, "positions": str, "rope_theta": float, "rotary_dim": int,
+                           "softcap": float}),
 ]
 
 OPS: dict[str, OpSpec] = {s.kind: s for s in _specs}

@@ -104,11 +104,14 @@ def alibi_bias(heads: int, length: int, dtype):
 
 
 def attention_probs(q, k, scale: float, causal: bool, window: int | None = None, bias=None,
-                    upcast: str | None = None):
+                    upcast: str | None = None, softcap: float | None = None):
     """a[b, h, t, j] = softmax_j(scale·⟨q_t, k_j⟩ + bias[h, j]) on [B, H, T, hd] tensors (bias: ALiBi's,
-    or none); with a window, query t sees only keys j with t − j < window; upcast: the softmax in that
-    dtype, cast back (HF's eager attention)."""
+    or none); with a window, query t sees only keys j with t − j < window; upcast (a dtype name): the
+    softmax runs in it, as HF's eager attention does, and is cast back; softcap c: the scaled scores s are
+    c·tanh(s/c) (Gemma 2)."""
     scores = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias[:, None, :]
     t = q.shape[-2]
@@ -124,17 +127,21 @@ def attention_probs(q, k, scale: float, causal: bool, window: int | None = None,
     return scores.softmax(-1)
 
 
-def attention_backward_values(q, k, do, scale: float, causal: bool, bias=None):
+def attention_backward_values(q, k, do, scale: float, causal: bool, bias=None, softcap: float | None = None):
     """Stop-gradient rule: the scores are constants, so ∂v_j = Σ_t a_tj ∂o_t (heads [B, H, T, hd])."""
-    return attention_probs(q, k, scale, causal, bias=bias).transpose(-1, -2) @ do
+    return attention_probs(q, k, scale, causal, bias=bias, softcap=softcap).transpose(-1, -2) @ do
 
 
-def attention_backward_scores(q, k, v, do, scale: float, causal: bool, bias=None):
+def attention_backward_scores(q, k, v, do, scale: float, causal: bool, bias=None, softcap: float | None = None):
     """The gradient through the scores (heads [B, H, T, hd]): g_tj = a_tj·(d_tj − Σ_j' a_tj' d_tj'),
-    d_tj = ⟨∂o_t, v_j⟩; returns (∂q, ∂k) = (scale·g·k, scale·gᵀ·q) (a constant bias has no gradient)."""
-    a = attention_probs(q, k, scale, causal, bias=bias)
+    d_tj = ⟨∂o_t, v_j⟩; soft-capped scores: g_tj·(1 − τ_tj²), τ = tanh(s/c) (the derivative of c·tanh(s/c));
+    returns (∂q, ∂k) = (scale·g·k, scale·gᵀ·q) (a constant bias has no gradient)."""
+    a = attention_probs(q, k, scale, causal, bias=bias, softcap=softcap)
     d = do @ v.transpose(-1, -2)
     g = a * (d - (a * d).sum(-1, keepdim=True))
+    if softcap is not None:
+        tau = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap)
+        g = g - tau * (tau * g)  # as the TinT computes it
     return scale * g @ k, scale * g.transpose(-1, -2) @ q
 
 

@@ -70,6 +70,16 @@ TINY: dict[str, dict] = {
         hidden_size=32, n_layer=2, n_head=4, vocab_size=64,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     ),
+    # Gemma 2: (1 + w) RMSNorms before and after each sublayer, embeddings × √D, tanh-GELU gate, a head_dim of its
+    # own (16, not 32/4) and a score scale from query_pre_attn_scalar; a sliding window (as long as the TinT) on
+    # alternate layers; attention logits soft-capped at 0.5, where tanh bends (|s|/c up to 3.2 with weights of
+    # std 0.1: median 0.42); final-logit soft-capping off (refused)
+    "gemma2": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=10, vocab_size=64, max_position_embeddings=32, sliding_window=32,
+        initializer_range=0.1, attn_logit_softcapping=0.5, final_logit_softcapping=None,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ),
 }
 
 # Smaller still, for the standard view (backends/torch/standard.py), whose dense projections
@@ -85,12 +95,27 @@ MICRO: dict[str, dict] = {
     "gpt_neox": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=32,
                      max_position_embeddings=16, rotary_pct=0.5, use_parallel_residual=True,
                      bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "gemma2": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=12, query_pre_attn_scalar=10, vocab_size=32, max_position_embeddings=16,
+                   sliding_window=16, initializer_range=0.1, attn_logit_softcapping=0.5, final_logit_softcapping=None,
+                   bos_token_id=0, eos_token_id=0, pad_token_id=0),
 }
 
 
 def tiny_model(family: str, dtype=torch.float32, seed: int = 0, table: dict = TINY, **overrides):
-    """A tiny HF model of `family` (table[family] updated by `overrides`), in eval mode."""
-    return build_model(family, {**table[family], **overrides}, seed=seed, dtype=dtype)
+    """A tiny HF model of `family` (table[family] updated by `overrides`), in eval mode. Gemma 2 initialises
+    its norm weights w to 0 (gain 1 + w = 1), which would hide a misread gain: they get N(0, 0.1²) here."""
+    model = build_model(family, {**table[family], **overrides}, seed=seed, dtype=dtype)
+    if family in ZERO_NORM_WEIGHTS:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    return model
+
+
+ZERO_NORM_WEIGHTS = ("gemma2",)  # families whose norm weights start at 0 (an offset gain)
 
 
 def paper_rules(approximations):

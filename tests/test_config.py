@@ -191,8 +191,8 @@ def test_missing_model_path_directory(tmp_path):
 
 def test_unknown_family(tmp_path):
     problem = one_problem(tmp_path, GOOD.replace("family: gpt2", "family: llama3"))
-    assert problem.endswith("model.yaml:2: model.family: got 'llama3'; allowed: bloom | gpt2 | gpt_neox | llama | mistral | olmo2 | opt | phi3 | qwen2"
-                              " | qwen3")
+    assert problem.endswith("model.yaml:2: model.family: got 'llama3'; allowed: bloom | gemma2 | gpt2 | gpt_neox | llama | mistral | olmo2 | opt"
+                              " | phi3 | qwen2 | qwen3")
 
 
 def test_unknown_hf_config_key(tmp_path):
@@ -310,7 +310,8 @@ DEFAULT_KINDS = {"gpt2": PLAIN_MLP_KINDS, "opt": PLAIN_MLP_KINDS, "gpt_neox": PL
                  "llama": GATED_MLP_KINDS, "qwen2": GATED_MLP_KINDS, "mistral": GATED_MLP_KINDS,
                  "phi3": GATED_MLP_KINDS, "olmo2": GATED_MLP_KINDS,
                  "qwen3": GATED_MLP_KINDS,
-                 "bloom": PLAIN_MLP_KINDS}
+                 "bloom": PLAIN_MLP_KINDS,
+                 "gemma2": GATED_MLP_KINDS}
 
 
 def test_every_tiny_family_has_its_default_kinds_listed():

@@ -85,10 +85,14 @@ def test_kinds_a_family_lacks_are_refused_with_the_allowed_list():
         "parameter kinds ['mlp_in', 'norm_bias'] do not exist in this llama model; allowed: " + ", ".join(GATED_KINDS)]
 
 
-def test_compile_refuses_ops_without_a_construction():
+def test_a_window_as_long_as_the_tint_is_no_window():
+    """Query t sees keys j with t − j < window: with window ≥ tint.max_length that is every earlier key, so the
+    compile drops the window (before issue 26 it refused it)."""
     cfg = tiny_config("mistral", kinds=["attn_v"], max_length=16)
-    with pytest.raises(PassError) as info:
-        pipeline.compile_tint(cfg, tiny_model("mistral", sliding_window=16))
+    compiled = pipeline.compile_tint(cfg, tiny_model("mistral", sliding_window=16))
+    assert not any("window" in n.attrs for n in compiled.graph.nodes())
+    with pytest.raises(PassError) as info:  # the pass itself still has no construction of a window
+        autodiff(trace(tiny_model("mistral", sliding_window=16)), 1, 0.1)
     assert info.value.problems[0] == ("node %h0.attn (model.layers.0.self_attn): attention with a window has no "
                                       "TinT construction yet; allowed: the ops of GPT-2, OPT, LLaMA and GPT-NeoX")
 

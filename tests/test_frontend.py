@@ -103,11 +103,12 @@ def test_unsupported_model_class_lists_the_supported_ones():
                         "GPT2LMHeadModel, OPTForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, "
                         "GPTNeoXForCausalLM, Phi3ForCausalLM, Olmo2ForCausalLM, "
                         "Qwen3ForCausalLM, "
-                        "BloomForCausalLM")
+                        "BloomForCausalLM, "
+                        "Gemma2ForCausalLM")
 
 
 def test_unknown_family_is_refused():
-    with pytest.raises(FrontendError, match="model family 'gptj' is not supported; supported: bloom, gpt2, "
+    with pytest.raises(FrontendError, match="model family 'gptj' is not supported; supported: bloom, gemma2, gpt2, "
                                             "gpt_neox, llama, mistral, olmo2, opt, phi3, qwen2, "
                                             "qwen3"):
         load_model("gptj", "/nonexistent")

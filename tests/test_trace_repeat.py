@@ -37,6 +37,7 @@ def deep_model(family: str, n_layer: int = 4, **overrides):
     ("mistral", dict(sliding_window=4)),
     ("gpt_neox", {}),  # parallel residual
     ("gpt_neox", dict(use_parallel_residual=False)),
+    ("gemma2", dict(layer_types=["full_attention"] * 4)),  # eager attention, embeddings × √D, (1 + w) norms
 ], ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v[k]}" for k in v) or "default")
 def test_repeated_layers_give_the_whole_trace_byte_for_byte(family, overrides):
     model = deep_model(family, **overrides)

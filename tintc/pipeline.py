@@ -86,8 +86,10 @@ def _settled(cfg: TintcConfig, graph: Graph) -> Graph:
     if windows and windows[0] < length:  # the TinT's attention sees every earlier token
         raise ConfigError(f"model.config.sliding_window: got {windows[0]}, shorter than the TinT's max length "
                           f"{length}; allowed: a window of at least tint.max_length (or none)")
+    for node in graph.nodes():  # a window the TinT's length fits in hides no key: no window
+        node.attrs.pop("window", None)
     for node in graph.nodes():  # the TinT computes in its dtype: HF's float32 cast inside a float64
-        upcast = node.attrs.get("upcast")  # RMSNorm is HF's rounding, not part of ĝ; a widening cast stays
+        upcast = node.attrs.get("upcast")  # RMSNorm, eager softmax: HF's rounding, not ĝ; a widening cast stays
         if upcast and getattr(torch, upcast).itemsize <= cfg.torch_dtype.itemsize:
             del node.attrs["upcast"]
     return graph

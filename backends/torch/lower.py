@@ -158,7 +158,8 @@ class _Lowering(BackwardLowering, LlamaLowering):
         self.fields[node.name] = self.inputs[node.attrs["which"]]
 
     def lower_embed(self, node):
-        self.fields[node.name] = self.inputs["token_embed"]
+        rows = self.inputs["token_embed"]  # Gemma 2 scales them by √D: a linear map
+        self.fields[node.name] = self._scaled(rows, node.attrs["scale"]) if "scale" in node.attrs else rows
 
     def lower_pos_embed(self, node):
         self.fields[node.name] = self.inputs["pos_embed"]
@@ -279,8 +280,12 @@ class _Lowering(BackwardLowering, LlamaLowering):
         with one more coordinate each, and query head h reads k/v head h // (heads/kv_heads) (grouped-query)."""
         a = node.attrs
         hd = a["head_dim"]
-        queries, keys, w_q, w_k, suffix = self._score_inputs(node)  # rope, alibi
         v = self.x(node, 2).chunks(hd)
+        if "softcap" in a:  # Gemma 2: a softmax over the capped scores, stored (lower_llama.py)
+            heads = [(v[self._kv_head(a, i)],) for i in range(a["heads"])]
+            self.fields[node.name] = self._capped_softmax(node, heads, hd)
+            return
+        queries, keys, w_q, w_k, suffix = self._score_inputs(node)  # rope, alibi
         layer = self.layer(("attention", hd, repr(a["scale"])) + suffix, lambda: P.Attention(
             w_q, w_k, self.eye(hd), self.eye(hd), softmax=True, mask="causal"))
         out, chunks = self.new(self.x(node).width, hd)

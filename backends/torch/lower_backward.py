@@ -60,12 +60,13 @@ class BackwardLowering:
         self._finite_difference_backward(node, x, u, self._normalised)
 
     def _norm_backward_inputs(self, node, what: str) -> tuple[Field, Field]:
-        """x and u = γ⊙∂y of a norm's backward, once its rule is known to have a construction."""
+        """x and u = γ⊙∂y of a norm's backward (γ = offset + w with a gain offset), once its rule is known to
+        have a construction."""
         if node.attrs["rule"] not in ("finite_difference", "exact"):
             raise BackendError(f"node %{node.name}: {what} backward rule {node.attrs['rule']!r} has no TinT "
                                "construction; allowed: finite_difference, exact")
         gamma, _ = self._norm_params(*self.block_of(node))
-        return self.x(node, 0), self._product(gamma, self.x(node, 1))
+        return self.x(node, 0), self._gained(node, gamma, self.x(node, 1))
 
     def _finite_difference_backward(self, node, x: Field, u: Field, normalise) -> None:
         """The paper's rule: N·[f(x + u·(1/N)) − f(x)], step by step as the rule computes it."""
@@ -236,6 +237,8 @@ class BackwardLowering:
         a = node.attrs
         hd, h, n = a["head_dim"], a["heads"], self.tmax
         key = ("attention_rows", self.x(node, 0), self.x(node, 1))
+        if key not in self.memo and "softcap" in a:  # the capped scores' softmax (lower_llama.py)
+            self.memo[key] = self._capped_softmax(node, [(self.inputs["positions"],)] * h, n)
         if key not in self.memo:  # the scores as attention computes them (rope, alibi, grouped-query)
             queries, keys, w_q, w_k, suffix = self._score_inputs(node)
             layer = self.layer(("attention_rows", hd, n, repr(a["scale"])) + suffix, lambda: P.Attention(
@@ -287,7 +290,7 @@ class BackwardLowering:
             g, g_chunks = self.new(h * n, n)
             self.call(g_layer, [[(c,) for c in sum_chunks], [(c,) for c in rows.chunks(n)],
                                 [(c,) for c in weighted.chunks(n)]], g_chunks)
-            self.memo[key] = g
+            self.memo[key] = self._capped_gradient(node, g) if "softcap" in a else g
         return self.memo[key]
 
     def lower_attention_score_backward(self, node):

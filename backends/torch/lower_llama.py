@@ -52,7 +52,21 @@ class LlamaLowering:
     def lower_rms_norm(self, node):
         block, version = self.block_of(node)
         gamma, _ = self._norm_params(block, version)  # the block's β is 0 and unused; heads: γ repeats
-        self.fields[node.name] = self._product(gamma, self._rms_normalise_of(node)(self.x(node), node.attrs["eps"]))
+        y = self._rms_normalise_of(node)(self.x(node), node.attrs["eps"])
+        self.fields[node.name] = self._gained(node, gamma, y)
+
+    def _gained(self, node, gamma: Field, y: Field) -> Field:
+        """γ⊙y, or with a gain offset c (Gemma 2's 1 + w; the block holds w) (w + c)⊙y: a gated unit whose
+        first projection adds c·one to w, so it rounds as HF's x̂·(1 + w)."""
+        if "gain_offset" not in node.attrs:
+            return self._product(gamma, y)
+        c = node.attrs["gain_offset"]
+        g = self.group(y.width)
+        offset = lambda: torch.cat([self.eye(g), torch.full((g, 1), c, dtype=self.dtype)], 1)  # noqa: E731
+        layer = self.layer(("offset_product", g, repr(c)), lambda: P.Gate(offset(), self.eye(g)))
+        out, chunks = self.new(y.width, g)
+        self.call(layer, [[(w, self.inputs["one"]) for w in gamma.chunks(g)], [(v,) for v in y.chunks(g)]], chunks)
+        return out
 
     def lower_rms_norm_backward(self, node):
         """finite_difference: N·[f(x + (γ⊙∂y)·(1/N)) − f(x)], f the RMS normalisation, as the rule computes it.
@@ -155,3 +169,40 @@ class LlamaLowering:
         out, chunks = self.new(per_head.width // groups, hd)
         self.call(layer, [[tuple(heads[j * groups:(j + 1) * groups]) for j in range(len(chunks))]], chunks)
         return out
+
+    # -- soft-capped attention (Gemma 2): the scores as values in the stream -------------------
+    def _capped_scores(self, node) -> Field:
+        """τ_tj = tanh(s_tj/c), s_tj = scale·⟨q_t, k_j⟩, per query head (h·T wide), once per (q, k): a causal
+        linear head (query q_t, key k_j, value the one-hot e_j) writes each row of scores, a tanh MLP caps it."""
+        a = node.attrs
+        hd, h, n, c = a["head_dim"], a["heads"], self.tmax, a["softcap"]
+        key = ("capped_scores", self.x(node, 0), self.x(node, 1))
+        if key not in self.memo:  # the scores as attention computes them (rope, grouped-query)
+            queries, keys, w_q, w_k, suffix = self._score_inputs(node)
+            layer = self.layer(("attention_scores", hd, n, repr(a["scale"])) + suffix, lambda: P.Attention(
+                w_q, w_k, self.eye(n), self.eye(n), softmax=False, mask="causal"))
+            scores, chunks = self.new(h * n, n)
+            self.call(layer, [queries, keys, [(self.inputs["positions"],)] * h], chunks)
+            tanh = self.layer(("softcap_tanh", n, repr(c)), lambda: P.MLP(self.eye(n) / c, self.eye(n), "tanh"))
+            tau, tau_chunks = self.new(h * n, n)
+            self.call(tanh, [[(x,) for x in scores.chunks(n)]], tau_chunks)
+            self.memo[key] = tau
+        return self.memo[key]
+
+    def _capped_softmax(self, node, values: list[tuple], width: int) -> Field:
+        """Σ_j softmax_j(c·τ_tj)·value_j per query head: a causal softmax head whose query is the row c·τ_t and
+        whose keys are the one-hot positions, so that its score of key j is the stored c·τ_tj exactly."""
+        a = node.attrs
+        n, c = self.tmax, a["softcap"]
+        tau = self._capped_scores(node).chunks(n)
+        layer = self.layer(("capped_softmax", n, width, repr(c)), lambda: P.Attention(
+            c * self.eye(n), self.eye(n), self.eye(width), self.eye(width), softmax=True, mask="causal"))
+        out, chunks = self.new(len(tau) * width, width)
+        self.call(layer, [[(x,) for x in tau], [(self.inputs["positions"],)] * len(tau), values], chunks)
+        return out
+
+    def _capped_gradient(self, node, g: Field) -> Field:
+        """∂/∂s of the capped scores: g − τ⊙(τ⊙g) = g·(1 − τ²), elementwise per head row."""
+        n = self.tmax
+        tau = self._capped_scores(node)
+        return self._difference(g, self._product(tau, self._product(tau, g, group=n), group=n), group=n)

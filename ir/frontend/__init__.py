@@ -24,6 +24,7 @@ from ..interpret import Interpreter
 from ..verify import verify
 from .adapter import Adapter
 from .bloom import BloomAdapter
+from .gemma2 import Gemma2Adapter
 from .gpt2 import GPT2Adapter
 from .gpt_neox import GPTNeoXAdapter
 from .llama import LlamaAdapter
@@ -40,7 +41,8 @@ ADAPTERS: dict[str, Adapter] = {
     a.family: a for a in (GPT2Adapter(), OPTAdapter(), LlamaAdapter(), Qwen2Adapter(), MistralAdapter(),
                           GPTNeoXAdapter(), Phi3Adapter(), Olmo2Adapter(),
                           Qwen3Adapter(),
-                          BloomAdapter())}
+                          BloomAdapter(),
+                          Gemma2Adapter())}
 EXPORT_LENGTH = 8  # tokens in the example input of the export (graphs are shape-specialised)
 
 

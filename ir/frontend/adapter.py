@@ -25,6 +25,11 @@ class Adapter:
     position_offset: int = 0  # learned positions: the table row of position 0
     config_keys: tuple[str, ...] = ()  # kwargs the HF config class reads but does not list (legacy names)
 
+    def config_refusals(self, config) -> list[tuple[str, str]]:
+        """(HF config key, "got ...; allowed: ...") for each setting of `config` with no TinT construction;
+        the config loader reports them under model.config.KEY."""
+        return []
+
     def check(self, model) -> list[str]:
         """Problems with settings this adapter does not support, each naming its module path."""
         return []
@@ -32,9 +37,13 @@ class Adapter:
     def max_positions(self, model) -> int:
         return model.config.max_position_embeddings
 
+    def embed_scale(self, model) -> float | None:
+        """The factor the token embedding is multiplied by, as the model computes it (None: none)."""
+        return None
+
     def rope_theta(self, model) -> float:
         raise NotImplementedError(f"the {self.family} adapter knows no rotary embedding")
 
-    def attention_extras(self, model) -> dict:
-        """Attention attributes that come from the config (e.g. a sliding window)."""
+    def attention_extras(self, model, layer: int) -> dict:
+        """Attention attributes of layer `layer` that come from the config (e.g. a sliding window)."""
         return {}

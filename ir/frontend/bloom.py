@@ -38,5 +38,5 @@ class BloomAdapter(Adapter):
     def max_positions(self, model) -> int:
         return ALIBI_MAX_LENGTH
 
-    def attention_extras(self, model) -> dict:
+    def attention_extras(self, model, layer: int) -> dict:
         return {"positions": "alibi"}

@@ -19,6 +19,7 @@ class LlamaAdapter(Adapter):
              "self_attn.v_proj": "v", "self_attn.o_proj": "o", "post_attention_layernorm": "ln_mlp",
              "mlp.gate_proj": "mlp_gate", "mlp.up_proj": "mlp_up", "mlp.down_proj": "mlp_down"}
     activations = ("silu",)  # hidden_act values the IR supports
+    activation_key = "hidden_act"  # the config key that names the MLP's activation
     norm_bias = False  # RMSNorm
 
     def check(self, model) -> list[str]:
@@ -28,8 +29,9 @@ class LlamaAdapter(Adapter):
         if rope.get("rope_type", "default") not in ROPE_TYPES:
             problems.append(f"model.rotary_emb: rope_parameters.rope_type={rope.get('rope_type')!r} (rope scaling) "
                             f"is not supported; allowed: {', '.join(ROPE_TYPES)}")
-        if c.hidden_act not in self.activations:
-            problems.append(f"model.layers.*.mlp.act_fn: hidden_act={c.hidden_act!r} is not supported; "
+        act = getattr(c, self.activation_key)
+        if act not in self.activations:
+            problems.append(f"model.layers.*.mlp.act_fn: {self.activation_key}={act!r} is not supported; "
                             f"allowed: {', '.join(self.activations)}")
         return problems
 

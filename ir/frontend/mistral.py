@@ -14,6 +14,6 @@ class MistralAdapter(LlamaAdapter):
     config_class = MistralConfig
     model_class = MistralForCausalLM
 
-    def attention_extras(self, model) -> dict:
+    def attention_extras(self, model, layer: int) -> dict:
         window = getattr(model.config, "sliding_window", None)
         return {} if window is None else {"window": int(window)}

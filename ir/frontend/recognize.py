@@ -25,12 +25,14 @@ from torch import fx
 from ir.errors import FrontendError
 
 from ..graph import Graph, WeightRef
+from .eager import AttentionPatterns
 from .eager_attention import EagerAttention
 from .fused import FusedProjections
-from .values import (BOOKKEEPING, COMPOSITES, LAYOUT, Const, Fused, Ids, Rope, Val, feeds_split, module_of,
+from .values import (BOOKKEEPING, COMPOSITES, LAYOUT, Const, Fused, Ids, Rope, Scores, Val, feeds_split, module_of,
                      normalised_width, op_name, reaches_attention, source_of)
 
-class Recognizer(FusedProjections, EagerAttention):
+
+class Recognizer(FusedProjections, AttentionPatterns, EagerAttention):
     def __init__(self, adapter, model, program: torch.export.ExportedProgram, name: str):
         self.adapter, self.model, self.program = adapter, model, program
         self.params = dict(model.named_parameters())  # tied tensors are listed once, under their first name
@@ -206,13 +208,16 @@ class Recognizer(FusedProjections, EagerAttention):
             if n not in self.values and any(u not in inside for u in n.users):
                 self.fail(n, f"is used outside its module, which does not fit the {kind} pattern")
         module = module_of(first)
-        if kind == "rms_norm":
+        if kind in ("rms_norm", "rms_norm_offset"):
             gains = [a for a in external if a.name in self.param_of]
-            eps = next(n.args[1] for n in run if op_name(n) == "add")
+            adds = [n.args[1] for n in run if op_name(n) == "add"]  # + eps, then (Gemma 2) offset + gain
+            eps = adds[0]
             extra = {"upcast": upcast} if upcast else {}
             per = normalised_width(run)  # Qwen3's q_norm: each head of x, one gain of the head width
             if per != self.width(x):
                 extra["heads"] = self.width(x) // per
+            if kind == "rms_norm_offset":
+                extra["gain_offset"] = float(adds[1])
             self.values[last] = self._norm(first, "rms_norm", x, module, {"gain": self.param(gains[0])}, float(eps),
                                            **extra)
         else:
@@ -235,8 +240,8 @@ class Recognizer(FusedProjections, EagerAttention):
         va, vb = (self.values.get(v) if isinstance(v, fx.Node) else v for v in (a, b))
         if isinstance(va, Rope) and isinstance(vb, Rope):
             return self._rope(node, va, vb)
-        if self.scores_plus_constant(va, vb):
-            return va
+        if isinstance(va, Scores):  # Gemma 2's and BLOOM's eager attention: + the causal mask
+            return self.scores_masked(node, va, vb)
         if isinstance(va, Val) and isinstance(vb, Val):
             module = module_of(node)
             layer, _ = self.where(module)
@@ -260,6 +265,10 @@ class Recognizer(FusedProjections, EagerAttention):
 
     def op_mul(self, node, a, b):
         va, vb = (self.values.get(v) if isinstance(v, fx.Node) else v for v in (a, b))
+        if isinstance(va, Scores):
+            return self.scores_times(node, va, vb)
+        if isinstance(va, Val) and isinstance(vb, Const) and self.graph.node(va.name).kind == "embed":
+            return self._scaled_embedding(node, va)
         if isinstance(va, Val) and isinstance(vb, (int, float)) and reaches_attention(node):  # q/k scaling
             return replace(va, scale=va.scale * vb, origin=f"{module_of(node)}: {node.name}, {source_of(node)}")
         if isinstance(va, Val) and isinstance(vb, Val):  # the gated MLP's product
@@ -274,6 +283,15 @@ class Recognizer(FusedProjections, EagerAttention):
         if all(isinstance(v, (Const, Ids, int, float)) for v in (va, vb)):
             return Const()
         self.fail(node, "this product matches no pattern the IR knows (gated MLP, q scaling, rotary embedding)")
+
+    def _scaled_embedding(self, node, embedding: Val) -> Val:
+        """Gemma 2's embedding times √D: the factor the adapter reads off the model, an attribute of the embed op."""
+        scale = self.adapter.embed_scale(self.model)
+        if scale is None or len(node.args[0].users) != 1:
+            self.fail(node, f"the token embedding times a tensor; the {self.adapter.family} adapter knows no "
+                            "embedding scale")
+        self.graph.node(embedding.name).attrs["scale"] = scale
+        return embedding
 
     # the rotary embedding: x·cos + cat(−x[h:], x[:h])·sin, recognised piece by piece
     def op_slice(self, node, x, dim=0, start=None, stop=None, step=1):
@@ -321,28 +339,6 @@ class Recognizer(FusedProjections, EagerAttention):
         if a.stop:  # the cos term read a slice: only the first b.stop coordinates are rotated so far
             return Rope("rotary_part", a.x, 0, b.stop)
         return replace(a.x, rotary=b.stop)
-
-    def op_scaled_dot_product_attention(self, node, q, k, v, mask=None, dropout_p=0.0, is_causal=False,
-                                        scale=None, enable_gqa=False):
-        vq, vk, vv = (self.values.get(a) for a in (q, k, v))
-        if not all(isinstance(x, Val) for x in (vq, vk, vv)) or vv.scale != 1.0 or vv.rotary:
-            self.fail(node, "q, k, v must be projections of the stream (v unscaled, unrotated)")
-        if vq.rotary != vk.rotary:
-            self.fail(node, "q and k must both be rotated or neither")
-        if mask is not None and not isinstance(self.values.get(mask), Const):
-            self.fail(node, "the attention mask depends on activations; allowed: the causal mask")
-        heads, _, head_dim = q.meta["val"].shape[-3:]
-        score_scale = (head_dim**-0.5 if scale is None else scale) * vq.scale * vk.scale
-        attrs = {"heads": int(heads), "head_dim": int(head_dim), "causal": True, "scale": float(score_scale),
-                 "positions": "rope" if vq.rotary else "none"}
-        kv_heads = self.width(vk) // head_dim
-        if kv_heads != heads:
-            attrs["kv_heads"] = kv_heads
-        if vq.rotary:
-            attrs |= {"rope_theta": self.adapter.rope_theta(self.model), "rotary_dim": vq.rotary}
-        attrs |= self.adapter.attention_extras(self.model)
-        plain = [Val(x.name) for x in (vq, vk, vv)]
-        return self.emit("attn", "attention", plain, self.width(vq), module_of(node), **attrs)
 
     def _output(self, node: fx.Node) -> None:
         result = node.args[0][0] if isinstance(node.args[0], (tuple, list)) else node.args[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import replace
 
 import torch
@@ -88,6 +89,8 @@ def _same(a, b) -> bool:
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, functools.partial) and isinstance(b, functools.partial):  # Gemma 2's act_fn: gelu, tanh
+        return a.func is b.func and _same(a.args, b.args) and _same(a.keywords, b.keywords)
     if a is b:
         return True
     try:

@@ -23,6 +23,7 @@ COMPOSITES = {
     ("pow", "mean", "add", "rsqrt", "mul", "mul"): "rms_norm",
     ("mul", "pow", "mul", "add", "mul", "tanh", "add", "mul"): "gelu_tanh",
     ("mul", "mul", "mul", "mul", "add", "mul", "tanh", "add", "mul"): "gelu_bloom",
+    ("pow", "mean", "add", "rsqrt", "mul", "add", "mul"): "rms_norm_offset",  # Gemma 2's x̂·(1 + w)
 }
 
 
@@ -59,18 +60,6 @@ class Fused:
 
 
 @dataclass(frozen=True)
-class Scores:
-    """Attention written out op by op (BLOOM's eager attention): the scores scale·q·kᵀ plus constants
-    (ALiBi's bias, the causal mask), or after the softmax (`probs`) its weights, waiting for v."""
-
-    q: Val
-    k: Val
-    scale: float
-    probs: bool = False
-    upcast: str | None = None  # the softmax's dtype where it is not the scores' (HF: float32)
-
-
-@dataclass(frozen=True)
 class Rope:
     """A partial match of the rotary embedding of `x`: its cos term, a slice of a head, rotate_half,
     its sin term, or (partial rotary, GPT-NeoX) the rotated first coordinates before the rest joins."""
@@ -80,6 +69,30 @@ class Rope:
     start: int = 0
     stop: int = 0
     negated: bool = False
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Eager attention's scores q·kᵀ of heads [.., heads, T, head_dim] (Gemma 2's matmul; BLOOM's baddbmm,
+    ALiBi's bias added in it), times `scale`; soft-capped c·tanh(s/c) as `cap` goes "divided" (s/c), "tanh", "capped" (c = softcap);
+    `masked` once the causal (or sliding-window) mask is added."""
+
+    q: Val
+    k: Val
+    heads: int
+    head_dim: int
+    scale: float = 1.0
+    masked: bool = False
+    cap: str = ""
+    softcap: float | None = None
+
+
+@dataclass(frozen=True)
+class Probs:
+    """The softmax of eager attention's scores; `upcast`: the dtype HF's softmax computes in."""
+
+    scores: Scores
+    upcast: str | None = None
 
 
 def op_name(node: fx.Node) -> str:

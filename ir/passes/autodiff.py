@@ -156,7 +156,8 @@ class _Builder:
                 return []
             return [(x, self._add(name, f"{node.kind}_backward", [self.value[x], dy], node.shape, node,
                                   {"gain": self._current(node.weights["gain"])}, eps=node.attrs["eps"],
-                                  rule=self.rules["layer_norm"], scale=self.rules["scale"], **_heads(node)))]
+                                  rule=self.rules["layer_norm"], scale=self.rules["scale"], **_heads(node),
+                                  **{k: node.attrs[k] for k in ("gain_offset",) if k in node.attrs}))]
         if node.kind == "activation":
             return [(x, self._add(name, "activation_backward", [self.value[x], dy], node.shape, node,
                                   fn=node.attrs["fn"], rule=self.rules["activation"], scale=self.rules["scale"]))]
@@ -167,7 +168,7 @@ class _Builder:
         if node.kind == "attention":
             q, k, v = node.inputs
             a = node.attrs
-            rope = {key: a[key] for key in ("kv_heads", "positions", "rope_theta", "rotary_dim") if key in a}
+            rope = {key: a[key] for key in ("kv_heads", "positions", "rope_theta", "rotary_dim", "softcap") if key in a}
             out = [(v, self._add(name, "attention_backward", [self.value[q], self.value[k], dy],
                                  self.src.node(v).shape, node, heads=a["heads"], head_dim=a["head_dim"],
                                  causal=a["causal"], scale=a["scale"], rule=self.rules["attention"], **rope))]

@@ -58,7 +58,16 @@ def _model_checks(data: dict, base: Path) -> list[tuple[Loc, str]]:
         problems, hf_config = _hf_config_from_path(config_class, model["path"], base)
     if hf_config is not None and not problems:  # with a misspelt key, the shapes would use defaults
         problems += _shape_checks(data, hf_config, has_config)
+        problems += _refused_settings(ADAPTERS[family], hf_config, has_config)
     return problems
+
+
+def _refused_settings(adapter, hf, from_kwargs: bool) -> list[tuple[Loc, str]]:
+    """HF config keys whose setting the TinT cannot simulate (e.g. Gemma 2's soft-capping), by name."""
+    refusals = adapter.config_refusals(hf)
+    if from_kwargs:
+        return [(("model", "config", key), why) for key, why in refusals]
+    return [(("model", "path"), f"config.json's {key}: {why}") for key, why in refusals]
 
 
 def _hf_config_keys(config_class, extra: tuple[str, ...] = ()) -> set[str]:

@@ -55,7 +55,7 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     family: str = Field(
         description="a supported family (gpt2 | opt | llama | qwen2 | mistral | gpt_neox | phi3 | olmo2"
-                    " | qwen3 | bloom)")
+                    " | qwen3 | bloom | gemma2)")
     config: dict[str, Any] | None = Field(None, description="a mapping of HF config keys to values")
     path: str | None = Field(None, description="a local save_pretrained directory")
     seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description=f"an integer from 0 to {MAX_SEED}")

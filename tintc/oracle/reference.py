@@ -131,10 +131,11 @@ class FiniteDifferenceActivation(torch.autograd.Function):
 
 
 def stop_gradient_attention(q, k, v, scale: float, causal: bool, window: int | None = None, bias=None,
-                            upcast=None):
+                            upcast=None, softcap=None):
     """Softmax attention whose scores are constants for autograd: only v gets a gradient (with
     grouped-query attention, a k/v head's gradient sums over the query heads that share it)."""
-    return rules.attention_probs(q, k, scale, causal, window, bias, upcast).detach() @ v
+    return rules.attention_probs(q, k, scale, causal, window=window, bias=bias, upcast=upcast,
+                                 softcap=softcap).detach() @ v
 
 
 class ApproxInterpreter(Interpreter):
@@ -159,10 +160,11 @@ class ApproxInterpreter(Interpreter):
             return FiniteDifferenceActivation.apply(x, fn, self.approx.scale)
         return super().activation(x, fn)
 
-    def attention(self, q, k, v, scale, causal, window=None, bias=None, upcast=None):
-        if self.approx.attention == "stop_gradient":
-            return stop_gradient_attention(q, k, v, scale, causal, window, bias, upcast)
-        return super().attention(q, k, v, scale, causal, window, bias, upcast)
+    def attention(self, q, k, v, scale, causal, window=None, bias=None, upcast=None, softcap=None):
+        if self.approx.attention == "stop_gradient":  # the soft-capped scores are constants too
+            return stop_gradient_attention(q, k, v, scale, causal, window=window, bias=bias, upcast=upcast,
+                                           softcap=softcap)
+        return super().attention(q, k, v, scale, causal, window=window, bias=bias, upcast=upcast, softcap=softcap)
 
 
 # -- the SGD loop -----------------------------------------------------------------------
@@ -242,8 +244,9 @@ def _norms_as_in_graph(model, graph: Graph):
     for node in graph.nodes():
         if node.kind == "rms_norm" and "upcast" not in node.attrs:
             module = model.get_submodule(node.attrs["module"])
-            eps = node.attrs["eps"]
-            module.forward = lambda x, m=module, eps=eps: m.weight * rules.rms_normalise(x, eps)
+            eps, offset = node.attrs["eps"], node.attrs.get("gain_offset")  # Gemma 2's gain: offset + w
+            module.forward = lambda x, m=module, eps=eps, c=offset: (m.weight if c is None else c + m.weight) * \
+                rules.rms_normalise(x, eps)
             patched.append(module)
     try:
         yield
