@@ -17,7 +17,7 @@ import torch
 from ir.errors import BackendError
 
 from . import runtime as P
-from .program import Field
+from .program import Field, Read
 
 EXACT_DERIVATIVES = {"gelu_tanh": "_gelu_tanh_derivative", "gelu": "_gelu_derivative", "relu": "_relu_derivative",
                      "silu": "_silu_derivative", "gelu_bloom": "_gelu_bloom_derivative"}  # exact σ'⊙∂y
@@ -313,3 +313,39 @@ class BackwardLowering:
         if a["wrt"] == "k" and groups > 1:
             out = self._group_sum(out, hd, groups)
         self.fields[node.name] = self._rotated(a, out, inverse=True)
+
+    # -- the loss gradient ---------------------------------------------------------------
+    def _next_token(self) -> tuple[Field, Field]:
+        """E_{z_{t+1}} and [m_{t+1}, l_{t+1}] at every t: linear attention whose query is the
+        one-hot of t+1 (a shift of t's one-hot) and whose keys are the one-hots."""
+        if "next" not in self.memo:
+            n = self.tmax
+            shift = torch.zeros(n, n, dtype=self.dtype)
+            shift[torch.arange(1, n), torch.arange(0, n - 1)] = 1.0  # e_t -> e_{t+1}
+            pos = self.inputs["positions"]
+
+            def shifted(groups: list[tuple[Field, ...]], width: int) -> Field:
+                layer = self.layer(("next_token", n, width), lambda: P.Attention(
+                    shift, self.eye(n), self.eye(width), self.eye(width), softmax=False, mask="full"))
+                out, outs = self.new(width * len(groups), width)
+                self.call(layer, [[(pos,)] * len(groups), [(pos,)] * len(groups), groups], outs)
+                return out
+
+            target = self.inputs.get("target_embed", self.inputs["token_embed"])
+            g = self.group(target.width)
+            self.memo["next"] = (shifted([(c,) for c in target.chunks(g)], g),
+                                 shifted([(self.inputs["train"], self.inputs["label"])], 2))
+        return self.memo["next"]
+
+    def lower_loss_grad(self, node):
+        """w_t·(Σ_v softmax_v(⟨E_v, x_t⟩)·E_v − E_{z_{t+1}}), w_t = m_t·m_{t+1}·l_{t+1}: the first term is
+        one softmax head whose keys and values are the vocabulary rows."""
+        x, train = self.x(node, 0), self.x(node, 2)
+        d = x.width
+        next_embed, next_masks = self._next_token()
+        weight = self._product(self._product(train, next_masks.part(0, 1)), next_masks.part(1, 1))
+        layer = self.layer(("expected_embedding", d), lambda: P.Attention(
+            self.eye(d), self.eye(d), self.eye(d), self.eye(d), softmax=True, mask="full"))
+        expected = self.alloc(d)
+        self.call(layer, [[(x,)], Read("unembed"), Read("unembed")], [expected])
+        self.fields[node.name] = self._product(weight, self._difference(expected, next_embed))
