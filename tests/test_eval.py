@@ -141,7 +141,7 @@ def test_tint_row_equals_g_hat_per_chunk_in_float64_at_every_lr_from_one_compile
     assert (tmp_path / "eval" / "tint" / "tint_model.py").is_file()  # the TinT came from its package
     folders = sorted(p.name for p in (tmp_path / "eval").iterdir() if not p.name.startswith("."))  # not the lock
     assert folders == ["tint"]  # one package, no folder per lr
-    assert result.compile_seconds > 0
+    assert len(result.compile_seconds) == 1 and all(s > 0 for s in result.compile_seconds.values())  # one compile
 
 
 def test_float32_tint_row_is_at_the_float32_floor_per_chunk(tmp_path):
@@ -184,8 +184,8 @@ def test_both_rule_sets_one_table_each_tint_against_its_reference_in_float64(tmp
     assert result.info["rule_sets"]["paper"]["attention"] == "stop_gradient"
     lines = {line[1]: line for line in summary_rows(result)}
     assert lines["TinT (exact)"][4] == "100.0%" and lines["TinT (paper)"][-1].endswith("vs ĝ (paper)")
-    assert (tmp_path / "eval" / "exact" / "lr-0.05" / "tint_model.py").is_file()
-    assert (tmp_path / "eval" / "paper" / "lr-0.05" / "tint_model.py").is_file()
+    assert (tmp_path / "eval" / "exact" / "tint_model.py").is_file()  # one package per rule set, every lr
+    assert (tmp_path / "eval" / "paper" / "tint_model.py").is_file()
 
 
 def test_batched_chunks_give_the_unbatched_values(tmp_path):
@@ -319,11 +319,11 @@ def test_two_gloo_processes_give_the_single_process_result(tmp_path):
     staged = _run_group(torchrun + common + ["--stages", "2", "--out", str(tmp_path / "staged")], env)
     assert staged.returncode == 0, staged.stderr[-3000:]
     piped = json.loads((tmp_path / "staged" / "eval.json").read_text())
-    assert len(piped["info"]["stages"]) == 2 * 2  # per learning rate, each rank's stage
-    ranges = {s["rank"]: tuple(map(tuple, s["calls"])) for s in piped["info"]["stages"]}
+    assert len(piped["info"]["stages"]) == 2 * 2 * 2  # per learning rate and TinT row (rule set), each rank's stage
+    ranges = {s["rank"]: tuple(map(tuple, s["calls"])) for s in piped["info"]["stages"] if s["row"] == "TinT (paper)"}
     assert sorted(ranges) == [0, 1] and all(ranges.values())  # both ranks ran calls, each call on one rank
     ordered = sorted(r for rank_ranges in ranges.values() for r in rank_ranges)
     assert ordered[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ordered, ordered[1:]))
     for run_staged, run_one in zip(piped["runs"], one["runs"], strict=True):
-        for row in (EXACT, G_HAT, TINT):
+        for row in run_one["rows"]:
             assert run_staged["rows"][row]["chunk_ce_sum"] == run_one["rows"][row]["chunk_ce_sum"]

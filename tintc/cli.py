@@ -346,7 +346,7 @@ def eval_(
                                           "--batch": batch})
         else:
             source, chunks = options.check_lm(data, text, dataset, chunks)
-        pipeline.check_memory(cfg, pipeline.aux_config(cfg), announce=_announce)  # each rule set's compile
+        pipeline.check_memory(cfg, pipeline.aux_config(cfg))  # each rule set's compile: refused before any work
         rule_sets = None if task is Task.classify else options.eval_rules(rules or "exact,paper")
         group = Group.from_environment(device)
         out_dir = protocol.check_outputs(output or cfg.resolved_output / "eval", rule_sets)
