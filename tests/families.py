@@ -10,7 +10,7 @@ import torch
 from tintc import pipeline
 from tintc.config import parse_config
 from tintc.oracle.fidelity import example_input
-from tintc.oracle.reference import TrainSettings, approx_gd, exact_gd
+from tintc.oracle.reference import EXACT, TrainSettings, approx_gd, exact_gd
 from tests.helpers import EXACT_RULES, rel_err as rel  # noqa: F401  (the family tests import them from here)
 from tests.models import TINY, paper_rules, tiny_model
 
@@ -53,3 +53,19 @@ def float32_errors(cfg, compiled):
     float64), each a dict of errors (delta_rel_err: the logit change; worst_update_rel)."""
     result = pipeline.verify(cfg, compiled, *example(cfg.model.family))
     return result.construction_vs_float64, result.rounding
+
+
+def oracles_agree(family: str, kinds, bound: float = 1e-10):
+    """The two oracles on the tiny fp64 model: autograd through the HF model and the IR interpreter, every
+    rule exact and `kinds` trained; the logit change and every update agree to `bound`. The exact run."""
+    model = tiny_model(family, dtype=torch.float64)
+    graph = pipeline.trace(tiny_config(family, dtype="float64"), model)
+    ids, train = example(family)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    settings = TrainSettings(lr=0.05, kinds=tuple(kinds), approximations=EXACT)
+    exact, approx = exact_gd(model, graph, ids, train, settings), approx_gd(graph, params, ids, train, settings)
+    assert rel(exact.logits, exact.logits_before) > 1e-2
+    assert rel(approx.logits - exact.logits_before, exact.logits - exact.logits_before) <= bound
+    for name in exact.trained:
+        assert rel(approx.params[name] - params[name], exact.params[name] - params[name]) <= bound, name
+    return exact
