@@ -12,7 +12,7 @@ from tintc.config import parse_config
 from tintc.oracle.fidelity import example_input
 from tintc.oracle.reference import EXACT, TrainSettings, approx_gd, exact_gd
 from tests.helpers import EXACT_RULES, rel_err as rel  # noqa: F401  (the family tests import them from here)
-from tests.models import TINY, paper_rules, tiny_model
+from tests.models import TINY, paper_rules, tiny_config, tiny_model
 
 
 
