@@ -89,10 +89,10 @@ def test_any_option_value_gives_a_finite_result_or_a_named_refusal(workdir, caps
 
     compile_tint = pipeline.compile_tint
 
-    def compile_once(cfg, model=None):  # one compile per config for the whole test: the runs stay short
+    def compile_once(cfg, model=None, **kwargs):  # one compile per config for the whole test: the runs stay short
         key = cfg.model_dump_json()
         if key not in COMPILED:
-            COMPILED[key] = compile_tint(cfg, model)
+            COMPILED[key] = compile_tint(cfg, model, **kwargs)
         return COMPILED[key]
 
     monkeypatch.setattr(pipeline, "compile_tint", compile_once)

@@ -71,11 +71,13 @@ def trace_from_config(cfg: TintcConfig, config) -> Graph:
     and repeated). A model of MIN_LAYERS layers or fewer, or whose layers are not alike, or where the
     shallow path fails, is built whole with random weights and traced (that trace decides)."""
     family, seed, dtype = cfg.model.family, cfg.model.seed, cfg.torch_dtype
+    loaded = cfg.resolved_model_path is not None  # init-time constants as the folder's model will have them
     try:
-        graph = ir.frontend.trace_from_config(family, config, seed, dtype, name=cfg.name)
+        graph = ir.frontend.trace_from_config(family, config, seed, dtype, name=cfg.name, as_loaded=loaded)
     except (NotRepeatable, FrontendError):
         check_memory(cfg, config, whole=True)
-        graph = ir.frontend.trace(ir.frontend.random_model(family, config, seed, dtype), name=cfg.name)
+        graph = ir.frontend.trace(ir.frontend.random_model(family, config, seed, dtype, as_loaded=loaded),
+                                  name=cfg.name)
     return _settled(cfg, graph)
 
 

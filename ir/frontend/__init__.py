@@ -78,16 +78,25 @@ def meta_model(family: str, config, dtype=torch.float32):
         return adapter_for(family).model_class(config).to(dtype).eval()
 
 
-def random_model(family: str, config, seed: int = 0, dtype=torch.float32, layers: int | None = None):
+def random_model(family: str, config, seed: int = 0, dtype=torch.float32, layers: int | None = None,
+                 as_loaded: bool = False):
     """The model of `config`, randomly initialised; with `layers`, only the first that many decoder layers
-    (`layer_types` cut to match), the rest of the config unchanged."""
+    (`layer_types` cut to match), the rest of the config unchanged. `as_loaded`: built in `dtype` as
+    from_pretrained builds it, so that constants computed at init (Gemma 2's √D buffer) are the ones a
+    model loaded from a folder has, not float32 values cast up."""
     if layers is not None:
         config = copy.deepcopy(config)
         config.num_hidden_layers = layers  # every family's config maps this name to its own
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = config.layer_types[:layers]
     torch.manual_seed(seed)
-    return adapter_for(family).model_class(config).to(dtype).eval()
+    previous = torch.get_default_dtype()
+    if as_loaded:
+        torch.set_default_dtype(dtype)
+    try:
+        return adapter_for(family).model_class(config).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def load_model(family: str, path: str | os.PathLike, dtype=torch.float32):
@@ -146,7 +155,8 @@ def trace_repeated(model, name: str | None = None) -> Graph:
     return _checked(repeat.repeat_layers(small, n_layer, adapter.layers, exit_), adapter, model, headline)
 
 
-def trace_from_config(family: str, config, seed: int = 0, dtype=torch.float32, name: str | None = None) -> Graph:
+def trace_from_config(family: str, config, seed: int = 0, dtype=torch.float32, name: str | None = None,
+                      as_loaded: bool = False) -> Graph:
     """The graph `trace_repeated` gives for the model of `config`, without building that model: its
     layers are compared on the meta device (settings and shapes), a shallow random model of
     MIN_LAYERS layers is exported and checked against its HF logits, and its layer 0 is repeated to
@@ -160,7 +170,7 @@ def trace_from_config(family: str, config, seed: int = 0, dtype=torch.float32, n
     if n_layer <= repeat.MIN_LAYERS:
         raise repeat.NotRepeatable(f"{n_layer} layers: the model itself is as small as a shallow one")
     repeat.unlike_layers(whole, adapter.layers)
-    shallow = random_model(family, config, seed, dtype, layers=repeat.MIN_LAYERS)
+    shallow = random_model(family, config, seed, dtype, layers=repeat.MIN_LAYERS, as_loaded=as_loaded)
     small, exit_ = _layer_graph(adapter, shallow, headline, name)
     _checked(repeat.repeat_layers(small, repeat.MIN_LAYERS, adapter.layers, exit_), adapter, shallow, headline)
     graph = repeat.repeat_layers(small, n_layer, adapter.layers, exit_)
