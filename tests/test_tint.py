@@ -247,7 +247,8 @@ def test_the_fast_executor_runs_primitives_and_field_moves_only():
     with torch.no_grad(), OpLog() as ops:
         tint(ids, train, prefixes)
     assert ops.seen, "no op was recorded"
-    checks = {"min", "max", "_local_scalar_dense"}  # the input check: ids in the vocabulary (backends/torch/checks.py)
+    # the input checks (backends/torch/checks.py): ids in the vocabulary; η finite (isfinite: abs, eq, ne, all)
+    checks = {"min", "max", "_local_scalar_dense", "abs", "eq", "ne", "all"}
     assert ops.seen <= TRANSFORMER_OPS | checks, sorted(ops.seen - TRANSFORMER_OPS - checks)
     assert {"bmm", "_softmax", "native_layer_norm"} <= ops.seen | {"matmul"}
 
