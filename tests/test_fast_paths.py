@@ -99,7 +99,7 @@ def test_run_wirings_equal_index_wirings(family, monkeypatch):
     with torch.no_grad():
         by_runs, _ = tint(ids, train, prefixes)
     monkeypatch.setattr(calls, "MAX_RUNS", 0)  # every wiring an index tensor, as before runs
-    monkeypatch.setattr(calls, "_strided", lambda distinct: None)  # no strided views
+    monkeypatch.setattr(calls, "_strided", lambda distinct, width: None)  # no strided views
     tint = pipeline.compile_tint(cfg, model).tint
     assert not any(isinstance(w.target, list) for _, w in tint._wiring)
     with torch.no_grad():

@@ -55,11 +55,34 @@ def repeats(which: list[int], distinct: int):
     return torch.tensor(which)
 
 
-def _distinct(groups: list[list[int]]) -> tuple[list[tuple], object]:
-    """The distinct groups in order of first appearance, and how the groups repeat them."""
-    distinct = list(dict.fromkeys(tuple(g) for g in groups))
+def merged(fields) -> tuple:
+    """((start, length), …): the side-by-side stretches that (start, size) fields cover, in their order
+    (runs_of of their coordinates, computed from the fields: a wiring is built from a few fields, not
+    from the thousands of coordinates they cover)."""
+    runs = []
+    for start, size in fields:
+        if size <= 0:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == start:
+            runs[-1][1] += size
+        else:
+            runs.append([start, size])
+    return tuple((start, length) for start, length in runs)
+
+
+def _index(runs) -> torch.Tensor:
+    """The coordinates of (start, length) runs, in order, as an index tensor."""
+    if not runs:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(start, start + length) for start, length in runs])
+
+
+def _distinct(groups: list[tuple]) -> tuple[list[tuple], object]:
+    """The distinct groups (each its merged runs) in order of first appearance, and how the groups
+    repeat them."""
+    distinct = list(dict.fromkeys(groups))
     number = {g: i for i, g in enumerate(distinct)}
-    return distinct, repeats([number[tuple(g)] for g in groups], len(distinct))
+    return distinct, repeats([number[g] for g in groups], len(distinct))
 
 
 def _grid_axes(pattern, distinct: int, grid: tuple[int, int]):
@@ -90,17 +113,23 @@ def grid_of(patterns: list, groups: int) -> tuple[int, int]:
     return groups, 1
 
 
-def _strided(distinct: list[tuple]):
+def _strided(distinct: list[tuple], width: int):
     """(start, stride) when each distinct group is one run and the runs start at even strides no
     narrower than a group (a view of the stream), else None."""
-    width = len(distinct[0])
-    starts = [g[0] for g in distinct]
-    if any(list(g) != list(range(g[0], g[0] + width)) for g in distinct):
+    if any(len(g) != 1 for g in distinct):
         return None
+    starts = [g[0][0] for g in distinct]
     stride = starts[1] - starts[0] if len(starts) > 1 else width
     if stride < width or starts != list(range(starts[0], starts[0] + stride * len(starts), stride)):
         return None
     return starts[0], stride
+
+
+def _overlap(runs) -> bool:
+    """Whether any two (start, length) runs share a coordinate."""
+    ordered = sorted(runs)
+    return any(start < prev_start + prev_length
+               for (prev_start, prev_length), (start, _) in zip(ordered, ordered[1:]))
 
 
 def _spread(x: torch.Tensor, pattern) -> torch.Tensor:
@@ -134,17 +163,16 @@ class Gather:
     many) and laid on the call's grid [B, T, S or 1, C or 1, width]: a read that varies along one
     axis of the grid, or none, is not copied along the other (primitives broadcast it)."""
 
-    def __init__(self, groups: list[list[int]] | None, grid: tuple[int, int]):
+    def __init__(self, groups: list[tuple] | None, grid: tuple[int, int]):
         self.grid, self.whole = grid, groups is None
         if self.whole:  # the whole stream, one group for all
             return
         distinct, self.pick = _distinct(groups)
-        self.distinct, self.width = len(distinct), len(groups[0])
+        self.distinct, self.width = len(distinct), sum(length for _, length in groups[0])
         self.axes = _grid_axes(self.pick, self.distinct, grid)
-        self.strided = _strided(distinct)
-        flat = [i for g in distinct for i in g]
-        runs = runs_of(flat)
-        self.source = runs if len(runs) <= MAX_RUNS else torch.tensor(flat)  # runs: a tuple
+        self.strided = _strided(distinct, self.width)
+        runs = merged(run for g in distinct for run in g)
+        self.source = runs if len(runs) <= MAX_RUNS else _index(runs)  # runs: a tuple
 
     def read(self, stream: torch.Tensor) -> torch.Tensor:
         if self.whole:
@@ -170,15 +198,14 @@ class Scatter:
     tensor where runs would be many or distinct fields overlap (their sum is added). Nothing else of
     the stream is touched."""
 
-    def __init__(self, groups: list[list[int]], grid: tuple[int, int]):
+    def __init__(self, groups: list[tuple], grid: tuple[int, int]):
         distinct, self.sum = _distinct(groups)
         self.grid, self.distinct = grid, len(distinct)
         self.axes = _grid_axes(self.sum, self.distinct, grid)
-        flat = [i for g in distinct for i in g]
-        runs = runs_of(flat)
-        self.overlap = len(set(flat)) < len(flat)
+        runs = merged(run for g in distinct for run in g)
+        self.overlap = _overlap(runs)
         if self.overlap or len(runs) > MAX_RUNS:
-            self.target = torch.tensor(flat)
+            self.target = _index(runs)
         else:
             offsets = [0]
             for _, length in runs[:-1]:
@@ -216,8 +243,8 @@ class Scatter:
 def wiring(call: dict) -> tuple[list, Scatter]:
     """A call's wiring (JSON form): per read a Gather (an empty read: the whole stream), and the write's
     Scatter, all on one grid of the call's groups."""
-    def groups_of(groups) -> list[list[int]]:
-        return [coordinates(fields) for fields in groups]
+    def groups_of(groups) -> list[tuple]:
+        return [merged(fields) for fields in groups]
 
     reads = [groups_of(groups) if groups else None for groups in call["reads"]]
     write = groups_of([[field] for field in call["write"]])
