@@ -1,9 +1,9 @@
 """Gemma 2 (Gemma2ForCausalLM): RMSNorms of gain 1 + w before and after each sublayer, embeddings
 times √D, a tanh-GELU gated MLP, the score scale query_pre_attn_scalar^-1/2 with a head_dim of its
-own, eager attention with its logits soft-capped c·tanh(s/c), a sliding window on alternate layers;
-final-logit soft-capping refused. The trace, the
-refusals, and the TinT built from a `save_pretrained` folder against ĝ (the paper's rules) and
-against Hugging Face's own autograd (every rule exact), in float64 and in float32.
+own, eager attention with its logits soft-capped c·tanh(s/c), a sliding window on alternate layers, the
+final logits soft-capped c·tanh(z/c). The trace, the refusals, and the TinT built from a `save_pretrained`
+folder against ĝ (the paper's rules) and against Hugging Face's own autograd (every rule exact), in float64
+and in float32.
 
 HF's eager attention takes its softmax in float32 whatever the model's dtype: the float64 oracle runs
 HF's code with that cast read as float64 (hf_in_float64, tests/test_exact_hf.py); the norms run as the
@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from ir.errors import ConfigError, FrontendError
+from ir.errors import ConfigError
 from ir.frontend import trace
 from ir.passes.select_train import kinds_of
 from ir.text import dump
@@ -52,30 +52,28 @@ def test_gemma2_trace_reads_every_construct():
     assert attn[0]["scale"] == 10 ** -0.5  # query_pre_attn_scalar
     assert attn[0]["upcast"] == "float32"  # HF's eager softmax
     assert attn[0]["softcap"] == attn[1]["softcap"] == 0.5  # attn_logit_softcapping
+    assert graph.node("logits").attrs["softcap"] == 1.0  # final_logit_softcapping
     assert (attn[0].get("window"), attn[1].get("window")) == (32, None)  # sliding, full
     text = dump(graph)  # as `tintc inspect` shows it
-    assert "gain_offset=1.0" in text and "scale=5.65685415" in text and "softcap=0.5" in text
+    assert "gain_offset=1.0" in text and "scale=5.65685415" in text and "softcap=0.5" in text and "softcap=1.0" in text
     assert tuple(kinds_of(graph)) == tuple(ALL_KINDS)
     assert max_logit_error(model, graph, 16) <= 1e-10
     model32 = tiny_model("gemma2")
     assert max_logit_error(model32, trace(model32), 16) <= 1e-5
-    uncapped = tiny_model("gemma2", dtype=torch.float64, attn_logit_softcapping=None)
+    uncapped = tiny_model("gemma2", dtype=torch.float64, attn_logit_softcapping=None, final_logit_softcapping=None)
     graph = trace(uncapped)
     assert not any("softcap" in n.attrs for n in graph.nodes())
     assert max_logit_error(uncapped, graph, 16) <= 1e-10
 
 
-def test_gemma2_settings_without_a_construction_are_refused_by_name():
+def test_gemma2_with_the_released_soft_caps_compiles_and_a_short_window_is_refused_by_name():
+    """Gemma 2's released settings (attention 50.0, final logits 30.0) are accepted: no refusal left."""
     capped = {**TINY["gemma2"], "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
-    with pytest.raises(ConfigError) as info:
-        parse_config(json.dumps({"model": {"family": "gemma2", "config": capped}}))
-    assert info.value.problems == [  # the attention's soft-capping has a construction, the final logits' not
-        "<string>:1: model.config.final_logit_softcapping: got 30.0: soft-capping c·tanh(s/c) of the final logits "
-        "has no TinT construction yet; allowed: null (no soft-capping)"]
-    with pytest.raises(FrontendError) as info:  # a model given as an object is checked at the trace
-        trace(tiny_model("gemma2", final_logit_softcapping=30.0))
-    assert info.value.problems == ["lm_head: final_logit_softcapping: got 30.0: soft-capping c·tanh(s/c) of the final "
-                                   "logits has no TinT construction yet; allowed: null (no soft-capping)"]
+    assert parse_config(json.dumps({"model": {"family": "gemma2", "config": capped}})).model.config == capped
+    model = tiny_model("gemma2", dtype=torch.float64, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    graph = trace(model)
+    assert graph.node("logits").attrs["softcap"] == 30.0
+    assert max_logit_error(model, graph, 16) <= 1e-10
     with pytest.raises(ConfigError) as info:
         pipeline.trace(tiny_config("gemma2", max_length=16), tiny_model("gemma2", sliding_window=8))
     assert info.value.problems == ["model.config.sliding_window: got 8, shorter than the TinT's max length 16; "
