@@ -120,17 +120,19 @@ def test_gemma2_from_its_folder_with_every_rule_exact_is_hugging_faces_autograd(
 
 def test_gemma2_in_float32_with_the_papers_rules_is_at_the_float32_floor(tmp_path):
     """As `tintc verify` shows it: the TinT in float32 against ĝ in float64, beside the floor (ĝ in float32);
-    both are float32 rounding amplified by the finite differences (N = 1000). Measured: logit change 1.7e-3
-    beside 1.7e-3, the worst update 2.8e-3 beside 2.2e-3."""
+    both are float32 rounding amplified by the finite differences (N = 1000). Measured (final logits capped):
+    logit change 2.1e-3 beside 6.8e-3, the worst update 3.3e-3 beside 4.4e-3 (uncapped: 1.7e-3 beside 1.7e-3,
+    2.8e-3 beside 2.2e-3)."""
     tint, floor = float32_errors(*compiled_from_folder("gemma2", tmp_path, "float32", PAPER_RULE_KINDS, {}))
     assert tint["delta_rel_err"] <= 5 * floor["delta_rel_err"]
     assert tint["worst_update_rel"] <= 5 * floor["worst_update_rel"]
 
 
 def test_gemma2_in_float32_with_every_rule_exact_is_at_float32_precision(tmp_path):
-    """Measured: logit change 2.7e-6 beside a floor of 4.0e-7 (without soft-capping 2.3e-6 beside 4.9e-7), the
-    worst update 5.2e-6 beside 2.4e-6: the float32 bar of DESIGN §1 (~1e-5), not within 5× of this floor as
-    Phi-3 and OLMo 2 are; the float64 runs above are at 1e-14."""
+    """Measured: logit change 4.6e-6 beside a floor of 7.8e-7 (final logits uncapped: 2.7e-6 beside 4.0e-7;
+    without soft-capping 2.3e-6 beside 4.9e-7), the worst update 6.0e-6 beside 3.2e-6: the float32 bar of
+    DESIGN §1 (~1e-5), not within 5× of this floor as Phi-3 and OLMo 2 are; the float64 runs above are at
+    1e-14."""
     tint, floor = float32_errors(*compiled_from_folder("gemma2", tmp_path, "float32", ALL_KINDS, EXACT_RULES))
     assert floor["delta_rel_err"] < 1e-5 and tint["delta_rel_err"] <= 1e-5
     assert tint["worst_update_rel"] <= 5 * floor["worst_update_rel"]
