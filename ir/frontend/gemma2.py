@@ -23,6 +23,7 @@ class Gemma2Adapter(LlamaAdapter):
              "post_feedforward_layernorm": "ln_mlp_out"}
     activations = ("gelu_pytorch_tanh",)  # hidden_activation values the IR supports
     activation_key = "hidden_activation"
+    per_layer_attrs = ("layer_type", "sliding_window")  # alternate layers: attention_extras reads the window
 
     def check(self, model) -> list[str]:
         problems = super().check(model)
