@@ -50,6 +50,7 @@ CASES = {
     "gemma2-attention-capped": ("gemma2", {"final_logit_softcapping": None}, 1.0),
     "gemma2-final-capped": ("gemma2", {"attn_logit_softcapping": None}, 1.0),
     "gemma2-uncapped": ("gemma2", {"attn_logit_softcapping": None, "final_logit_softcapping": None}, 1.0),
+    "gemma2-untied": ("gemma2", {"tie_word_embeddings": False}, 1.0),  # the capped head's block reads lm_head
     "gpt2-small-activations": ("gpt2", {}, 1e-3),
     "llama-small-activations": ("llama", {}, 1e-3),
     "qwen2-small-activations": ("qwen2", {}, 1e-3),
