@@ -133,7 +133,7 @@ class Interpreter:
                                      upcast=a.get("upcast"), softcap=a.get("softcap")))
 
     def op_lm_head(self, node, args, w):
-        return args[0] @ w["weight"].T
+        return rules.capped_logits(args[0] @ w["weight"].T, node.attrs.get("softcap"))
 
     def op_output(self, node, args, w):
         return args[0]
@@ -144,7 +144,7 @@ class Interpreter:
 
     def op_loss_grad(self, node, args, w):
         x, ids, train, label = args
-        return rules.loss_grad(x, ids, w["weight"], rules.loss_weights(train, label))
+        return rules.loss_grad(x, ids, w["weight"], rules.loss_weights(train, label), node.attrs.get("softcap"))
 
     def op_linear_backward(self, node, args, w):
         return args[0] @ w["weight"]

@@ -124,6 +124,8 @@ def _lm_head(shapes, attrs, w):
     vocab, d = w["weight"]
     if x != (T, d):
         return f"input {list(x)} does not match unembedding [{vocab}, {d}]"
+    if not attrs.get("softcap", 1.0) > 0:
+        return f"softcap={attrs['softcap']}; allowed: a number > 0"
     return (T, vocab)
 
 
@@ -239,13 +241,15 @@ _specs = [
            "cast back (HF's eager attention); softcap c: the scores s are c·tanh(s/c) (Gemma 2)",
            optional_attrs={"kv_heads": int, "rope_theta": float, "rotary_dim": int, "window": int, "upcast": str,
                            "softcap": float}),
-    OpSpec("lm_head", 1, {}, ("weight",), _lm_head, "logits = x @ weight.T (weight [vocab, D])"),
+    OpSpec("lm_head", 1, {}, ("weight",), _lm_head, "logits = x @ weight.T (weight [vocab, D]); softcap c: "
+           "c·tanh(logits/c) (Gemma 2's final soft-capping)", optional_attrs={"softcap": float}),
     OpSpec("output", 1, {}, (), _output, "marks the graph's result (the logits)"),
     # training graph: inputs, the loss gradient, backward and descent ops
     OpSpec("mask", 0, {"which": str}, (), _mask, "a [T] 0/1 input: the train segment or the label tokens"),
     OpSpec("loss_grad", 4, {}, ("weight",), _loss_grad,
            "∂/∂x of Σ_t w_t·CE(z_{t+1} | x_t·weightᵀ), inputs (x, ids, train mask, label mask), "
-           "w_t = m_t·m_{t+1}·l_{t+1}"),
+           "w_t = m_t·m_{t+1}·l_{t+1}; softcap c: of the logits c·tanh(x_t·weightᵀ/c)",
+           optional_attrs={"softcap": float}),
     OpSpec("linear_backward", 1, {}, ("weight",), _linear_backward, "∂x = ∂y @ weight"),
     OpSpec("linear_descent", 2, {"lr": float}, ("weight", "bias"), _linear_descent,
            "inputs (x, ∂y): weight#n+1 = weight#n − lr·Σ_t ∂y_t x_tᵀ, bias#n+1 = bias#n − lr·Σ_t ∂y_t",

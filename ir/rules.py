@@ -155,9 +155,25 @@ def loss_weights(train_mask, label_mask=None):
     return w
 
 
-def loss_grad(x, input_ids, unembed, weights):
-    """∂/∂x_t of Σ_t w_t·CE(z_{t+1} | x_t) with logits x_t·Eᵀ: w_t·(Σ_v softmax_v(E x_t)·E_v − E_{z_{t+1}})."""
-    expected = (x @ unembed.T).softmax(-1) @ unembed  # [B, T, D]
+def capped_logits(logits, softcap: float | None):
+    """c·tanh(z/c) (Gemma 2's final soft-capping, in HF's order), or z without a cap."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def loss_grad(x, input_ids, unembed, weights, softcap: float | None = None):
+    """∂/∂x_t of Σ_t w_t·CE(z_{t+1} | x_t) with logits x_t·Eᵀ: w_t·(Σ_v softmax_v(E x_t)·E_v − E_{z_{t+1}}).
+    softcap c (logits c·tanh(z/c), τ = tanh(z/c)): ∂z = (softmax(c·τ) − y)⊙(1 − τ²), so
+    w_t·(Σ_v p_v(1 − τ_v²)·E_v − (1 − τ_y²)·E_y) with y = z_{t+1}, each 1 − τ² applied as the TinT does:
+    a − τ⊙(τ⊙a)."""
     target = torch.zeros_like(x)
     target[:, :-1] = unembed[input_ids[:, 1:]]
+    logits = x @ unembed.T
+    if softcap is None:
+        expected = logits.softmax(-1) @ unembed  # [B, T, D]
+    else:
+        tau = torch.tanh(logits / softcap)
+        p = (softcap * tau).softmax(-1)
+        expected = (p - tau * (tau * p)) @ unembed
+        tau_y = torch.tanh((x * target).sum(-1, keepdim=True) / softcap)  # τ at the target token
+        target = target - tau_y * (tau_y * target)
     return weights[..., None].to(x.dtype) * (expected - target)

@@ -73,11 +73,11 @@ TINY: dict[str, dict] = {
     # Gemma 2: (1 + w) RMSNorms before and after each sublayer, embeddings × √D, tanh-GELU gate, a head_dim of its
     # own (16, not 32/4) and a score scale from query_pre_attn_scalar; a sliding window (as long as the TinT) on
     # alternate layers; attention logits soft-capped at 0.5, where tanh bends (|s|/c up to 3.2 with weights of
-    # std 0.1: median 0.42); final-logit soft-capping off (refused)
+    # std 0.1: median 0.42); final logits soft-capped at 1.0, where tanh bends too (|z|/c up to 2.0, median 0.39)
     "gemma2": dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, query_pre_attn_scalar=10, vocab_size=64, max_position_embeddings=32, sliding_window=32,
-        initializer_range=0.1, attn_logit_softcapping=0.5, final_logit_softcapping=None,
+        initializer_range=0.1, attn_logit_softcapping=0.5, final_logit_softcapping=1.0,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     ),
 }
@@ -97,7 +97,7 @@ MICRO: dict[str, dict] = {
                      bos_token_id=0, eos_token_id=0, pad_token_id=0),
     "gemma2": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                    num_key_value_heads=1, head_dim=12, query_pre_attn_scalar=10, vocab_size=32, max_position_embeddings=16,
-                   sliding_window=16, initializer_range=0.1, attn_logit_softcapping=0.5, final_logit_softcapping=None,
+                   sliding_window=16, initializer_range=0.1, attn_logit_softcapping=0.5, final_logit_softcapping=1.0,
                    bos_token_id=0, eos_token_id=0, pad_token_id=0),
 }
 

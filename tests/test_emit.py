@@ -120,6 +120,7 @@ def test_the_package_runs_alone_and_matches_the_oracle(gpt2, tmp_path):
 @pytest.mark.parametrize("family,dtype,model_overrides,tint", [
     ("gpt2", "float64", {}, {}),
     ("opt", "float32", {"tie_word_embeddings": False}, {"loss": "label_only", "steps": 2}),
+    ("gemma2", "float64", {}, {}),  # the output head's soft-cap, tint_config.json's "logit_softcap"
 ])
 def test_the_emitted_module_equals_the_in_memory_tint_bit_for_bit(tmp_path, family, dtype, model_overrides, tint):
     cfg, model, compiled = compile_tiny(family, dtype, overrides=model_overrides, **tint)

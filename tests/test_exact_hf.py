@@ -46,8 +46,11 @@ CASES = {
     "olmo2": ("olmo2", {}, 1.0),
     "qwen3": ("qwen3", {}, 1.0),
     "bloom": ("bloom", {}, 1.0),
-    "gemma2": ("gemma2", {}, 1.0),  # attention logits soft-capped
-    "gemma2-uncapped": ("gemma2", {"attn_logit_softcapping": None}, 1.0),
+    "gemma2": ("gemma2", {}, 1.0),  # attention logits and final logits soft-capped
+    "gemma2-attention-capped": ("gemma2", {"final_logit_softcapping": None}, 1.0),
+    "gemma2-final-capped": ("gemma2", {"attn_logit_softcapping": None}, 1.0),
+    "gemma2-uncapped": ("gemma2", {"attn_logit_softcapping": None, "final_logit_softcapping": None}, 1.0),
+    "gemma2-untied": ("gemma2", {"tie_word_embeddings": False}, 1.0),  # the capped head's block reads lm_head
     "gpt2-small-activations": ("gpt2", {}, 1e-3),
     "llama-small-activations": ("llama", {}, 1e-3),
     "qwen2-small-activations": ("qwen2", {}, 1e-3),

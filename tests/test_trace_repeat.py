@@ -38,6 +38,8 @@ def deep_model(family: str, n_layer: int = 4, **overrides):
     ("gpt_neox", {}),  # parallel residual
     ("gpt_neox", dict(use_parallel_residual=False)),
     ("gemma2", dict(layer_types=["full_attention"] * 4)),  # eager attention, embeddings × √D, (1 + w) norms
+    ("gemma2", {}),  # alternate sliding and full layers: each repeated attention takes its layer's window
+    ("gemma2", dict(sliding_window=4)),  # a window the logit check (8 tokens) sees
 ], ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v[k]}" for k in v) or "default")
 def test_repeated_layers_give_the_whole_trace_byte_for_byte(family, overrides):
     model = deep_model(family, **overrides)
@@ -173,6 +175,7 @@ def test_an_error_in_the_exported_layers_is_reported_by_the_whole_trace(monkeypa
     ("gpt_neox", {}),
     ("phi3", {}),
     ("olmo2", {}),
+    ("gemma2", {}),  # alternate sliding and full layers
 ], ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v[k]}" for k in v) or "default")
 def test_the_graph_from_the_config_alone_is_the_trace_of_the_model(family, overrides, monkeypatch):
     model = deep_model(family, n_layer=5, **overrides)

@@ -69,6 +69,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
             widths["target_embed"] = width(layout.unembed)  # unembed[z]: the loss's target rows
         self.inputs = {name: self.alloc(n, f"input {name}") for name, n in widths.items()}
         self.logits: Field | None = None
+        self.logit_softcap: float | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------
     def alloc(self, width: int, name: str | None = None) -> Field:
@@ -145,7 +146,8 @@ class _Lowering(BackwardLowering, LlamaLowering):
             method(node)
         final = {b: block_stream(b, v) for b, v in self.block_version.items()}
         return Program(self.width, self.tmax, self.inputs, self.calls, self.layers, self.logits, final, self.layout,
-                       self.values, self.low_rank_log, self.rank is not None, self.graph.attrs["lr"])
+                       self.values, self.low_rank_log, self.rank is not None, self.graph.attrs["lr"],
+                       self.logit_softcap)
 
     def x(self, node: Node, i: int = 0) -> Field:
         return self.fields[node.inputs[i]]
@@ -246,12 +248,14 @@ class _Lowering(BackwardLowering, LlamaLowering):
         return self.inputs["one"] if chunk == 0 else self.inputs["zero"]
 
     def lower_linear(self, node):
+        block, version = self.block_of(node)
+        self.fields[node.name] = self._linear_forward(block, version, self.x(node))
+
+    def _linear_forward(self, block: str, version: int, x: Field) -> Field:
         """y = W x + b: head (s, ch) scores ⟨[x_ch; 1 or 0], [W[sK+j]_ch; b or 0]⟩ against each prefix
         token j and routes it by j's one-hot to y[sK+j]; the chunks' heads add up."""
-        block, version = self.block_of(node)
         b = self.layout.blocks[block]
         S, K, C, c = b.rows, b.tokens, b.chunks, b.chunk
-        x = self.x(node)
         layer = self.layer(("linear_forward", c, K), lambda: P.Attention(
             self.eye(c + 1), self.eye(c + 1), self.eye(K), self.eye(K), softmax=False, mask="full"))
         heads = [(s, ch) for s in range(S) for ch in range(C)]
@@ -261,7 +265,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
             self.block_read(block, version, [b.unit(s, ch) for s, ch in heads]),
             self.block_read(block, version, [b.onehot] * len(heads))],
             [out.part(s * K, K) for s, ch in heads])
-        self.fields[node.name] = out
+        return out
 
     def lower_activation(self, node):
         self.fields[node.name] = self._activated(self.x(node), node.attrs["fn"])
@@ -294,6 +298,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
 
     def lower_lm_head(self, node):
         self.logits = self.x(node)  # the TinT's output head reads it with the unembedding
+        self.logit_softcap = node.attrs.get("softcap")  # and caps it as the aux model's head does
 
     def lower_output(self, node):
         pass

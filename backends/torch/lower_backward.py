@@ -27,12 +27,14 @@ GELU_STEP = {torch.float64: 2.0 ** -10, torch.float32: 2.0 ** -4}  # _gelu_deriv
 
 class BackwardLowering:
     def lower_linear_backward(self, node):
+        block, version = self.block_of(node)
+        self.fields[node.name] = self._linear_backward(block, version, self.x(node))
+
+    def _linear_backward(self, block: str, version: int, dy: Field) -> Field:
         """∂x = Σ_r ∂y[r]·W[r]: head (s, ch) scores ∂y[sK+j] against j's one-hot and sums
         chunk ch of the rows into ∂x[ch]."""
-        block, version = self.block_of(node)
         b = self.layout.blocks[block]
         S, K, C, c = b.rows, b.tokens, b.chunks, b.chunk
-        dy = self.x(node)
         layer = self.layer(("linear_backward", c, K), lambda: P.Attention(
             self.eye(K), self.eye(K), self.eye(c), self.eye(c), softmax=False, mask="full"))
         heads = [(s, ch) for s in range(S) for ch in range(C)]
@@ -42,7 +44,7 @@ class BackwardLowering:
             self.block_read(block, version, [b.onehot] * len(heads)),
             self.block_read(block, version, [b.unit(s, ch)[:-1] for s, ch in heads])],
             [out.part(ch * c, c) for s, ch in heads])
-        self.fields[node.name] = out
+        return out
 
     def lower_layer_norm_backward(self, node):
         """finite_difference: N·[f(x + (γ⊙∂y)·(1/N)) − f(x)], step by step as the rule computes it.
@@ -290,7 +292,7 @@ class BackwardLowering:
             g, g_chunks = self.new(h * n, n)
             self.call(g_layer, [[(c,) for c in sum_chunks], [(c,) for c in rows.chunks(n)],
                                 [(c,) for c in weighted.chunks(n)]], g_chunks)
-            self.memo[key] = self._capped_gradient(node, g) if "softcap" in a else g
+            self.memo[key] = self._capped_gradient(self._capped_scores(node), g, group=n) if "softcap" in a else g
         return self.memo[key]
 
     def lower_attention_score_backward(self, node):
@@ -339,11 +341,15 @@ class BackwardLowering:
 
     def lower_loss_grad(self, node):
         """w_t·(Σ_v softmax_v(⟨E_v, x_t⟩)·E_v − E_{z_{t+1}}), w_t = m_t·m_{t+1}·l_{t+1}: the first term is
-        one softmax head whose keys and values are the vocabulary rows."""
+        one softmax head whose keys and values are the vocabulary rows. Soft-capped logits (Gemma 2):
+        _capped_loss_gradient (lower_llama.py)."""
         x, train = self.x(node, 0), self.x(node, 2)
         d = x.width
         next_embed, next_masks = self._next_token()
         weight = self._product(self._product(train, next_masks.part(0, 1)), next_masks.part(1, 1))
+        if "softcap" in node.attrs:
+            self.fields[node.name] = self._product(weight, self._capped_loss_gradient(node, x, next_embed))
+            return
         layer = self.layer(("expected_embedding", d), lambda: P.Attention(
             self.eye(d), self.eye(d), self.eye(d), self.eye(d), softmax=True, mask="full"))
         expected = self.alloc(d)

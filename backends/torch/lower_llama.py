@@ -190,19 +190,43 @@ class LlamaLowering:
         return self.memo[key]
 
     def _capped_softmax(self, node, values: list[tuple], width: int) -> Field:
-        """Σ_j softmax_j(c·τ_tj)·value_j per query head: a causal softmax head whose query is the row c·τ_t and
-        whose keys are the one-hot positions, so that its score of key j is the stored c·τ_tj exactly."""
-        a = node.attrs
-        n, c = self.tmax, a["softcap"]
+        """Σ_j softmax_j(c·τ_tj)·value_j per query head, keyed on the one-hot positions (causal)."""
+        n = self.tmax
         tau = self._capped_scores(node).chunks(n)
-        layer = self.layer(("capped_softmax", n, width, repr(c)), lambda: P.Attention(
-            c * self.eye(n), self.eye(n), self.eye(width), self.eye(width), softmax=True, mask="causal"))
+        keys = [(self.inputs["positions"],)] * len(tau)
+        return self._softmax_of_stored(tau, keys, values, node.attrs["softcap"], width, "causal")
+
+    def _softmax_of_stored(self, tau: list[Field], keys, values, c: float, width: int, mask: str) -> Field:
+        """Σ_j softmax_j(c·τ_j)·value_j, one head per row τ (n wide) of stored capped scores: a softmax head
+        whose query is the row c·τ and whose keys are one-hot indices (the positions, or the vocabulary's
+        in the capped head's block), so that its score of key j is c·τ_j exactly."""
+        n = tau[0].width
+        layer = self.layer(("capped_softmax", n, width, repr(c)) + (() if mask == "causal" else (mask,)), lambda:
+                           P.Attention(c * self.eye(n), self.eye(n), self.eye(width), self.eye(width), softmax=True,
+                                       mask=mask))
         out, chunks = self.new(len(tau) * width, width)
-        self.call(layer, [[(x,) for x in tau], [(self.inputs["positions"],)] * len(tau), values], chunks)
+        self.call(layer, [[(x,) for x in tau], keys, values], chunks)
         return out
 
-    def _capped_gradient(self, node, g: Field) -> Field:
-        """∂/∂s of the capped scores: g − τ⊙(τ⊙g) = g·(1 − τ²), elementwise per head row."""
-        n = self.tmax
-        tau = self._capped_scores(node)
-        return self._difference(g, self._product(tau, self._product(tau, g, group=n), group=n), group=n)
+    def _capped_gradient(self, tau: Field, g: Field, group: int | None = None) -> Field:
+        """∂ through a cap c·tanh(s/c): g − τ⊙(τ⊙g) = g·(1 − τ²), elementwise (τ of width 1: broadcast)."""
+        return self._difference(g, self._product(tau, self._product(tau, g, group=group), group=group), group=group)
+
+    # -- soft-capped final logits (Gemma 2): the logits as values in the stream -----------------
+    def _capped_loss_gradient(self, node, x: Field, target: Field) -> Field:
+        """Σ_v p_v(1 − τ_v²)·E_v − (1 − τ_y²)·E_y, the loss gradient of logits c·tanh(z/c) before the weight w_t:
+        z_t = E x_t (V wide) is a linear forward over the head's block (one row per prefix token, prefixes.py),
+        a tanh MLP makes τ_t = tanh(z_t/c), a softmax head whose query is c·τ_t and whose keys and values are
+        the block's one-hot vocabulary indices gives p_t = softmax(c·τ_t), 1 − τ² as in capped attention, and
+        Eᵀ(p_t(1 − τ_t²)) a linear backward over the block. The target's τ_y = tanh(⟨x_t, E_y⟩/c): a product,
+        a sum and a tanh unit, as E_y = target is already a value."""
+        c = node.attrs["softcap"]
+        block, version = self.block_of(node)
+        b = self.layout.blocks[block]
+        tau = self._activated(self._linear_forward(block, version, x), "tanh", 1 / c)
+        onehot = self.block_read(block, version, [b.onehot])
+        p = self._softmax_of_stored([tau], onehot, onehot, c, b.d_out, "full")
+        expected = self._linear_backward(block, version, self._capped_gradient(tau, p))
+        dot = self._linear_of("row_sum", torch.ones(1, x.width, dtype=self.dtype), [self._product(x, target)])
+        tau_y = self._activated(dot, "tanh", 1 / c)
+        return self._difference(expected, self._capped_gradient(tau_y, target))

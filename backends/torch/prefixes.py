@@ -9,6 +9,9 @@ Every aux op with weights gets one block of prefix tokens, named after the op:
   width S·C·(c+1) + K. Unit (s, ch) is what head (s, ch) of a linear forward reads.
 - a layer norm with gain γ and bias β: one token [γ, β, 1], width 2D + 1 (an RMSNorm too,
   with β = 0: block kind "layer_norm" holds both norms).
+- a soft-capped head (Gemma 2's final logits): the unembedding once more as a linear block of one row
+  per token (K = V, S = 1, c = D): its one-hot is the vocabulary index that the capped loss gradient's
+  softmax over the stored logits keys on (backends/torch/lower_backward.py); V·(V + D + 1) numbers.
 The token embedding table ("vocab"), the position table ("positions", where the model has one) and, when not
 tied to the vocab, the LM head ("unembed") are inputs too: the TinT reuses them for
 its own input and output.
@@ -87,6 +90,12 @@ def plan(graph: Graph) -> Layout:
             vocab = node.weights["table"]
         elif node.kind == "lm_head":
             unembed = node.weights["weight"]
+        elif node.kind == "loss_grad" and "softcap" in node.attrs and node.attrs["module"] not in blocks:
+            ref = node.weights["weight"].at(0)
+            vocab_size, d = ref.shape(graph.weight_shapes[ref.name])
+            name = node.attrs["module"]  # the head's module: its logits, capped
+            blocks[name] = Block(name, "linear", {"weight": ref}, d, vocab_size, vocab_size, 1, d)
+            by_ref[ref.key] = (name, "weight")
         elif node.kind == "pos_embed":
             positions, offset = node.weights["table"], node.attrs["offset"]
         elif node.kind in ("linear", "layer_norm", "rms_norm") and name not in blocks:

@@ -99,6 +99,7 @@ class Program:
     low_rank: list[dict]  # with tint.passes.low_rank: each projection, its rank, factorised or not
     factored: bool = False  # tint.passes.low_rank: the standard view factorises its projections too
     lr: float = 1e-3  # η where forward is given none (the config's tint.train.lr); an input, not in any weight
+    logit_softcap: float | None = None  # the output head's c·tanh(z/c), as the aux model's head (Gemma 2)
 
 
 def lives(program: Program) -> list[Value]:
@@ -150,4 +151,4 @@ def program_json(program: Program) -> dict:
         "calls": [call_json(c) for c in program.calls],
         "low_rank": program.factored,
         "lr": program.lr,
-    }
+    } | ({"logit_softcap": program.logit_softcap} if program.logit_softcap is not None else {})

@@ -237,7 +237,8 @@ class StandardTinT(nn.Module):
                   for name, b in self.config["layout"]["blocks"].items()}
         unembed = prefixes.get("unembed", prefixes["vocab"])
         unembed = unembed if unembed.dim() == 3 else unembed.expand(h.shape[0], -1, -1)
-        return finish(h[:, len(pos) :, :width], self.config["logits"], unembed, prefixes, blocks)
+        return finish(h[:, len(pos) :, :width], self.config["logits"], unembed, prefixes, blocks,
+                      self.config.get("logit_softcap"))
 
     def forward(self, input_ids, train_mask, prefixes, label_mask=None, lr=None):
         h = self.embed(input_ids, train_mask, prefixes, label_mask, lr)

@@ -32,11 +32,14 @@ def begin(fields: dict, width: int, max_length: int, position_offset: int, block
     return h, unembed, {block_stream(block, 0): batched[block] for block in blocks}
 
 
-def finish(h, logits_field, unembed, prefixes: dict, final_blocks: dict):
-    """The output head (the final hidden state's field against the unembedding) and the new prefixes:
-    the embedding tables as given, each block at its last version."""
+def finish(h, logits_field, unembed, prefixes: dict, final_blocks: dict, softcap: float | None = None):
+    """The output head (the final hidden state's field against the unembedding; softcap c: capped
+    c·tanh(z/c), as the aux model's own head, Gemma 2's) and the new prefixes: the embedding tables as
+    given, each block at its last version."""
     start, size = logits_field
     logits = h[..., start : start + size] @ unembed.transpose(-1, -2)  # [B, T, V]
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     new_prefixes = {name: prefixes[name] for name in ("vocab", "positions", "unembed", FINGERPRINT) if name in prefixes}
     return logits, {**new_prefixes, **final_blocks}
 

@@ -70,4 +70,4 @@ class TinT(nn.Module):
         """The output head and the new prefixes, from the streams after the last call."""
         p = self.program
         return runtime.finish(streams[TOKENS], [p.logits.start, p.logits.width], streams["unembed"], prefixes,
-                              {block: streams[stream] for block, stream in p.final_blocks.items()})
+                              {block: streams[stream] for block, stream in p.final_blocks.items()}, p.logit_softcap)

@@ -150,9 +150,15 @@ def trace_repeated(model, name: str | None = None) -> Graph:
     n_layer = len(repeat.layer_list(model, adapter.layers))
     if n_layer < repeat.MIN_LAYERS:
         raise repeat.NotRepeatable(f"{n_layer} layers: the whole trace costs about the same")
-    repeat.unlike_layers(model, adapter.layers)
+    repeat.unlike_layers(model, adapter.layers, adapter.per_layer_attrs)
     small, exit_ = _layer_graph(adapter, model, headline, name)
-    return _checked(repeat.repeat_layers(small, n_layer, adapter.layers, exit_), adapter, model, headline)
+    graph = repeat.repeat_layers(small, n_layer, adapter.layers, exit_, _extras(adapter, model))
+    return _checked(graph, adapter, model, headline)
+
+
+def _extras(adapter: Adapter, model):
+    """Each layer's attention attributes, where the adapter reads some per layer (repeat.repeat_layers)."""
+    return (lambda index: adapter.attention_extras(model, index)) if adapter.per_layer_attrs else None
 
 
 def trace_from_config(family: str, config, seed: int = 0, dtype=torch.float32, name: str | None = None,
@@ -169,11 +175,12 @@ def trace_from_config(family: str, config, seed: int = 0, dtype=torch.float32, n
     n_layer = len(repeat.layer_list(whole, adapter.layers))
     if n_layer <= repeat.MIN_LAYERS:
         raise repeat.NotRepeatable(f"{n_layer} layers: the model itself is as small as a shallow one")
-    repeat.unlike_layers(whole, adapter.layers)
+    repeat.unlike_layers(whole, adapter.layers, adapter.per_layer_attrs)
     shallow = random_model(family, config, seed, dtype, layers=repeat.MIN_LAYERS, as_loaded=as_loaded)
     small, exit_ = _layer_graph(adapter, shallow, headline, name)
-    _checked(repeat.repeat_layers(small, repeat.MIN_LAYERS, adapter.layers, exit_), adapter, shallow, headline)
-    graph = repeat.repeat_layers(small, n_layer, adapter.layers, exit_)
+    _checked(repeat.repeat_layers(small, repeat.MIN_LAYERS, adapter.layers, exit_, _extras(adapter, shallow)),
+             adapter, shallow, headline)
+    graph = repeat.repeat_layers(small, n_layer, adapter.layers, exit_, _extras(adapter, whole))
     _describe(graph, adapter, whole, headline)
     _check_weights(graph, adapter, dict(whole.named_parameters()), headline)
     return graph

@@ -24,6 +24,9 @@ class Adapter:
     norm_bias: bool = True  # its layer norms have a bias (RMSNorm has none)
     position_offset: int = 0  # learned positions: the table row of position 0
     config_keys: tuple[str, ...] = ()  # kwargs the HF config class reads but does not list (legacy names)
+    # attention-module attributes that attention_extras reads per layer: alike layers may differ in them
+    # (repeat.py then takes each layer's extras from the adapter)
+    per_layer_attrs: tuple[str, ...] = ()
 
     def config_refusals(self, config) -> list[tuple[str, str]]:
         """(HF config key, "got ...; allowed: ...") for each setting of `config` with no TinT construction;

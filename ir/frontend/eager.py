@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from torch import fx
 
-from .values import Const, Ids, Probs, Scores, Val, module_of
+from .values import CappedLogits, Const, Ids, Probs, Scores, Val, module_of
 
 
 class AttentionPatterns:
@@ -52,17 +52,33 @@ class AttentionPatterns:
         value = self.values.get(x)
         if isinstance(value, Scores) and isinstance(divisor, (int, float)) and not value.cap and not value.masked:
             return replace(value, cap="divided", softcap=float(divisor))  # soft-capping: s/c
+        head = self.graph.node(value.name) if isinstance(value, Val) else None
+        if head is not None and head.kind == "lm_head" and "softcap" not in head.attrs and value.scale == 1.0 \
+                and isinstance(divisor, (int, float)):
+            return CappedLogits(value, float(divisor))  # the final logits' soft-capping: z/c
         if self._constant(node):
             return Const()
-        self.fail(node, "a division other than the s/c of eager attention's soft-capping c·tanh(s/c)")
+        self.fail(node, "a division other than the s/c of a soft-capping c·tanh(s/c) (eager attention's scores or "
+                        "the final logits)")
 
     def op_tanh(self, node, x):
         value = self.values.get(x)
         if isinstance(value, Scores) and value.cap == "divided":
             return replace(value, cap="tanh")
+        if isinstance(value, CappedLogits) and value.stage == "divided":
+            return replace(value, stage="tanh")
         if self._constant(node):
             return Const()
-        self.fail(node, "a tanh other than that of eager attention's soft-capping c·tanh(s/c) (or of tanh-GELU)")
+        self.fail(node, "a tanh other than that of a soft-capping c·tanh(s/c) (eager attention's scores or the final "
+                        "logits) or of tanh-GELU")
+
+    def logits_times(self, node, value: CappedLogits, factor) -> Val:
+        """c·tanh(z/c) of the head's logits: the lm_head op's `softcap` c."""
+        if value.stage != "tanh" or factor != value.softcap:
+            self.fail(node, f"the final logits' tanh(z/c) times {factor}; allowed: times c = {value.softcap} "
+                            "(soft-capping c·tanh(z/c))")
+        self.graph.node(value.logits.name).attrs["softcap"] = value.softcap
+        return value.logits
 
     def _constant(self, node) -> bool:
         """Computed from positions alone (masks, rotary tables), as recognize.py's walk treats any op."""

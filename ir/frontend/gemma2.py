@@ -4,17 +4,13 @@ embeddings times √D (a buffer, read as the model rounds it), a tanh-GELU gated
 query_pre_attn_scalar^-1/2, a head_dim of its own, eager attention (the trace reads it op by op) and a
 sliding window on alternate layers (an attention attribute there; a window shorter than the TinT is
 refused as Mistral's is), attention logits soft-capped c·tanh(s/c) (eager.py reads it, the backend stores
-the scores). Soft-capping of the final logits has no TinT construction yet: refused by name
-(config_refusals, check)."""
+the scores) and final logits soft-capped the same way (recognize.py: the lm_head op's `softcap`)."""
 
 from __future__ import annotations
 
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from .llama import LlamaAdapter
-
-# config key -> (module path, what it caps): the soft-capping without a TinT construction
-SOFTCAPS = {"final_logit_softcapping": ("lm_head", "final logits")}
 
 
 class Gemma2Adapter(LlamaAdapter):
@@ -27,15 +23,10 @@ class Gemma2Adapter(LlamaAdapter):
              "post_feedforward_layernorm": "ln_mlp_out"}
     activations = ("gelu_pytorch_tanh",)  # hidden_activation values the IR supports
     activation_key = "hidden_activation"
-
-    def config_refusals(self, config) -> list[tuple[str, str]]:
-        return [(key, f"got {getattr(config, key)!r}: soft-capping c·tanh(s/c) of the {what} has no TinT "
-                      "construction yet; allowed: null (no soft-capping)")
-                for key, (_, what) in SOFTCAPS.items() if getattr(config, key, None) is not None]
+    per_layer_attrs = ("layer_type", "sliding_window")  # alternate layers: attention_extras reads the window
 
     def check(self, model) -> list[str]:
         problems = super().check(model)
-        problems += [f"{SOFTCAPS[key][0]}: {key}: {why}" for key, why in self.config_refusals(model.config)]
         if getattr(model.config, "use_bidirectional_attention", None):
             problems.append("model.layers.*.self_attn: use_bidirectional_attention=True is not supported; allowed: "
                             "causal attention (null or false)")

@@ -28,8 +28,8 @@ from ..graph import Graph, WeightRef
 from .eager import AttentionPatterns
 from .eager_attention import EagerAttention
 from .fused import FusedProjections
-from .values import (BOOKKEEPING, COMPOSITES, LAYOUT, Const, Fused, Ids, Rope, Scores, Val, feeds_split, module_of,
-                     normalised_width, op_name, reaches_attention, source_of)
+from .values import (BOOKKEEPING, COMPOSITES, LAYOUT, CappedLogits, Const, Fused, Ids, Rope, Scores, Val, feeds_split,
+                     module_of, normalised_width, op_name, reaches_attention, source_of)
 
 
 class Recognizer(FusedProjections, AttentionPatterns, EagerAttention):
@@ -267,6 +267,8 @@ class Recognizer(FusedProjections, AttentionPatterns, EagerAttention):
         va, vb = (self.values.get(v) if isinstance(v, fx.Node) else v for v in (a, b))
         if isinstance(va, Scores):
             return self.scores_times(node, va, vb)
+        if isinstance(va, CappedLogits):
+            return self.logits_times(node, va, vb)
         if isinstance(va, Val) and isinstance(vb, Const) and self.graph.node(va.name).kind == "embed":
             return self._scaled_embedding(node, va)
         if isinstance(va, Val) and isinstance(vb, (int, float)) and reaches_attention(node):  # q/k scaling

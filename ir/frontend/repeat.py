@@ -12,7 +12,9 @@ parameter names.
 
 That is sound only if the layers really are alike, so `unlike_layers` compares the
 modules of every layer first (types, settings, parameter and buffer shapes, buffers,
-hooks, per-instance patches), and a config with several `layer_types` is not repeated.
+hooks, per-instance patches), and a config with several `layer_types` is not repeated unless
+the adapter reads what differs per layer (`per_layer_attrs`: Gemma 2's alternate sliding
+windows, which each repeated attention op then takes from the adapter's attention_extras).
 Whatever is not alike or not as expected raises NotRepeatable, and `trace` exports the
 whole model instead. Forward code that branches on the layer index is invisible to both
 checks: the check of the IR against the HF logits, the final proof on either path, is
@@ -46,16 +48,17 @@ def layer_list(model, path: str) -> nn.ModuleList:
     return model.get_submodule(path)
 
 
-def unlike_layers(model, path: str) -> None:
+def unlike_layers(model, path: str, per_layer: tuple[str, ...] = ()) -> None:
     """Raise NotRepeatable naming the first module (path inside the model) that differs
-    from its counterpart in layer 0, or a config with several layer types."""
+    from its counterpart in layer 0 (but in the attributes `per_layer`, which the adapter reads
+    per layer), or a config with several layer types (unless the adapter reads them per layer)."""
     types = getattr(model.config, "layer_types", None)
-    if types is not None and len(set(types)) > 1:
+    if types is not None and len(set(types)) > 1 and not per_layer:
         raise NotRepeatable(f"config.layer_types holds several types: {sorted(set(types))}")
     layers = layer_list(model, path)
-    template = _signature(layers[0])
+    template = _signature(layers[0], per_layer)
     for index in range(1, len(layers)):
-        signature = _signature(layers[index])
+        signature = _signature(layers[index], per_layer)
         for (inner, a), (_, b) in zip(template, signature):
             if not _same(a, b):
                 raise NotRepeatable(f"{path}.{index}{'.' + inner if inner else ''} differs from {path}.0"
@@ -64,12 +67,13 @@ def unlike_layers(model, path: str) -> None:
             raise NotRepeatable(f"{path}.{index} has other submodules than {path}.0")
 
 
-def _signature(layer: nn.Module) -> list[tuple[str, tuple]]:
-    """Per submodule: its type, public attributes (but the layer index), parameters'
+def _signature(layer: nn.Module, per_layer: tuple[str, ...] = ()) -> list[tuple[str, tuple]]:
+    """Per submodule: its type, public attributes (but the layer index and `per_layer`), parameters'
     shapes and dtypes, buffers, and how many hooks it has."""
     out = []
+    ignored = PER_LAYER_INDEX | set(per_layer)
     for inner, module in layer.named_modules():
-        attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and k not in PER_LAYER_INDEX}
+        attrs = {k: v for k, v in vars(module).items() if not k.startswith("_") and k not in ignored}
         params = {k: (tuple(p.shape), p.dtype, p.requires_grad) for k, p in module._parameters.items()
                   if p is not None}
         buffers = {k: b for k, b in module._buffers.items() if b is not None}
@@ -159,10 +163,11 @@ def _shallow(module: nn.Module) -> nn.Module:
     return clone
 
 
-def repeat_layers(small: Graph, n_layer: int, path: str, exit_: str) -> Graph:
+def repeat_layers(small: Graph, n_layer: int, path: str, exit_: str, extras=None) -> Graph:
     """The graph of an `n_layer`-layer model from the graph `small` of its view (layers at
     module path `path`; layer 0 hands `exit_` to the next layer), node for node what the
-    whole trace gives."""
+    whole trace gives. extras(index): the attention attributes of layer `index` (the adapter's
+    attention_extras), in place of layer 0's."""
     prefix, layer, suffix = _parts(small)
     before = {n.name for n in prefix}
     entry = {i for n in layer for i in n.inputs if i in before}
@@ -175,7 +180,10 @@ def repeat_layers(small: Graph, n_layer: int, path: str, exit_: str) -> Graph:
     for index in range(1, n_layer):
         inputs = {n.name: _at(index, n.name) for n in layer} | {entry: _at(index - 1, exit_)}
         for node in layer:
-            _add(graph, _moved(node, index, path, inputs), small, node)
+            moved = _moved(node, index, path, inputs)
+            if extras is not None and node.kind == "attention":
+                moved = _with_extras(moved, extras(0), extras(index))
+            _add(graph, moved, small, node)
     for node in suffix:  # what follows the layers reads the last one's output
         inner = [i for i in node.inputs if i.startswith("h0.") and i != exit_]
         if inner:
@@ -200,6 +208,16 @@ def _moved(node: Node, index: int, path: str, inputs: dict[str, str]) -> Node:
     attrs = {**node.attrs, "module": module(node.attrs["module"]), "layer": index}
     weights = {slot: replace(ref, name=module(ref.name)) for slot, ref in node.weights.items()}
     return Node(inputs[node.name], node.kind, tuple(inputs.get(i, i) for i in node.inputs), node.shape, attrs, weights)
+
+
+def _with_extras(node: Node, first: dict, own: dict) -> Node:
+    """`node` with layer 0's attention extras `first` replaced by its layer's `own`, where the recogniser
+    puts them (after the other attributes, before module and layer)."""
+    if any(node.attrs.get(k) != v for k, v in first.items()):
+        raise NotRepeatable(f"%{node.name}: layer 0's attention attributes are not the adapter's {first}")
+    meta = ("module", "layer")
+    attrs = {k: v for k, v in node.attrs.items() if k not in first and k not in meta} | own
+    return replace(node, attrs=attrs | {k: node.attrs[k] for k in meta})
 
 
 def _add(graph: Graph, node: Node, small: Graph, template: Node | None = None) -> None:

@@ -88,6 +88,16 @@ class Scores:
 
 
 @dataclass(frozen=True)
+class CappedLogits:
+    """The head's logits on their way to c·tanh(z/c) (Gemma 2's final soft-capping): `stage` "divided"
+    (z/c), then "tanh"; the product with c sets the lm_head op's `softcap`."""
+
+    logits: Val
+    softcap: float
+    stage: str = "divided"
+
+
+@dataclass(frozen=True)
 class Probs:
     """The softmax of eager attention's scores; `upcast`: the dtype HF's softmax computes in."""
 

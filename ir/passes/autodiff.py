@@ -99,7 +99,8 @@ class _Builder:
         final = head.inputs[0]
         grads[final] = [self._add(f"{final}.grad_loss@{step}", "loss_grad",
                                   [self.value[final], self.ids, self.train_mask, self.label_mask],
-                                  self.src.node(final).shape, head, {"weight": head.weights["weight"]})]
+                                  self.src.node(final).shape, head, {"weight": head.weights["weight"]},
+                                  **{k: head.attrs[k] for k in ("softcap",) if k in head.attrs})]
         updates = []
         for node in reversed(self.src.nodes()):
             if node.name not in grads:
