@@ -73,3 +73,18 @@ def test_a_run_that_would_not_fit_is_refused_naming_its_largest_term(monkeypatch
     with pytest.raises(ConfigError, match=r"--length, --batch: the TinT run \(T=32, batch 64\) would need about "
                                         r"[\d.]+ GiB, process now [\d.]+ GiB the largest"):
         pipeline.verify_on(cfg, compiled, 32, 64)
+
+
+def test_a_final_logit_cap_over_a_real_vocabulary_is_refused_naming_the_cap(monkeypatch):
+    """Gemma 2's capped head builds V × V identities (the softmax over the vocabulary): at a real
+    vocabulary it is refused before any work, naming the config key; without the cap it fits."""
+    gemma = dict(TINY["gemma2"], vocab_size=60_000)
+    cfg = tiny_config("gemma2", table={"gemma2": gemma})
+    monkeypatch.setattr(ir.frontend, "random_model", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ConfigError, match=r"model.config.final_logit_softcapping \(1.0\): the compile would need "
+                                          r"about [\d.]+ GiB, final-logit cap's V × V identities [\d.]+ GiB the "
+                                          r"largest; allowed: at most 24 GiB: .* V² \(V = 60000\)"):
+        pipeline.compile_tint(cfg)
+    uncapped = tiny_config("gemma2", table={"gemma2": dict(gemma, final_logit_softcapping=None)})
+    prediction = memory.compile_prediction(uncapped, pipeline.aux_config(uncapped))
+    assert memory.CAPPED_HEAD not in prediction.terms and prediction.total < 2 * 2**30

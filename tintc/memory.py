@@ -30,6 +30,8 @@ EXPORT_BYTES = 34 * MIB  # torch.export's modules and caches, loaded at the firs
 SHALLOW_COPIES = 1.5  # the shallow model's parameters, and the copies its init and logit check make
 PROGRAM_BYTES = 1500  # the program (calls, wiring, JSON form) per unit of n_layer·d_model²/K, per step
 STREAM_COPIES = 2  # the stream and the full-width scratch of a write with many runs (calls.py)
+CAPPED_HEAD = "final-logit cap's V × V identities"
+CAPPED_IDENTITIES = 4  # the capped head's softmax over the vocabulary: its q, k, v, o built dense (lower_llama.py)
 
 
 def resident_bytes() -> int:
@@ -77,6 +79,8 @@ def compile_prediction(cfg, config, whole: bool = False) -> Prediction:
     trace = {"torch.export": EXPORT_BYTES,
              f"aux model ({built} layers, random)": int(SHALLOW_COPIES * aux_bytes(meta, path, built, itemsize))}
     program = {"program": int(PROGRAM_BYTES * n_layer * d_model**2 / cfg.tint.prefixes * cfg.tint.train.steps)}
+    if getattr(config, "final_logit_softcapping", None) is not None:  # Gemma 2: grows as V², not with depth
+        program[CAPPED_HEAD] = CAPPED_IDENTITIES * config.vocab_size**2 * itemsize
     stage = trace if sum(trace.values()) >= sum(program.values()) else program
     return Prediction("compile", {"process now": resident_bytes(), **stage})
 
