@@ -15,7 +15,6 @@ from tests.helpers import EXACT_RULES, rel_err as rel  # noqa: F401  (the family
 from tests.models import TINY, paper_rules, tiny_config, tiny_model
 
 
-
 def compiled_from_folder(family: str, folder, dtype: str, kinds: list[str], approximations: dict):
     """A tiny random model of `family` (tests/models.py), saved with save_pretrained under `folder`
     and compiled from there: (config, Compiled). `approximations` as tiny_config takes it: over the paper's rules."""
@@ -48,6 +47,14 @@ def run(cfg, compiled, oracle: str):
     return reference, logits, compiled.tint.decode(prefixes), params
 
 
+def tint_agrees(reference, logits, decoded, params, bound: float):
+    """The TinT's logit change and every decoded update within `bound` (relative) of the reference run's
+    (θ `params` before the step)."""
+    assert rel(logits - reference.logits_before, reference.logits - reference.logits_before) <= bound
+    for name in reference.trained:
+        assert rel(decoded[name] - params[name], reference.params[name] - params[name]) <= bound, name
+
+
 def float32_errors(cfg, compiled):
     """As `tintc verify` shows them: (TinT in float32 vs ĝ in float64, the floor: ĝ in float32 vs ĝ in
     float64), each a dict of errors (delta_rel_err: the logit change; worst_update_rel)."""
@@ -65,7 +72,5 @@ def oracles_agree(family: str, kinds, bound: float = 1e-10):
     settings = TrainSettings(lr=0.05, kinds=tuple(kinds), approximations=EXACT)
     exact, approx = exact_gd(model, graph, ids, train, settings), approx_gd(graph, params, ids, train, settings)
     assert rel(exact.logits, exact.logits_before) > 1e-2
-    assert rel(approx.logits - exact.logits_before, exact.logits - exact.logits_before) <= bound
-    for name in exact.trained:
-        assert rel(approx.params[name] - params[name], exact.params[name] - params[name]) <= bound, name
+    tint_agrees(exact, approx.logits, approx.params, params, bound)  # the interpreter in the TinT's place
     return exact

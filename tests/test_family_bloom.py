@@ -17,7 +17,7 @@ from ir.errors import FrontendError
 from ir.frontend import trace
 from ir.passes.select_train import kinds_of
 from ir.text import dump
-from tests.families import EXACT_RULES, compiled_from_folder, example, float32_errors, rel, run
+from tests.families import EXACT_RULES, compiled_from_folder, example, float32_errors, rel, run, tint_agrees
 from tests.models import tiny_config, tiny_model
 from tests.test_exact_hf import hf_in_float64
 from tests.test_interpret import max_logit_error
@@ -86,9 +86,7 @@ def test_bloom_from_its_folder_with_the_papers_rules_equals_g_hat_and_moves_only
     cfg, compiled = compiled_from_folder("bloom", tmp_path, "float64", PAPER_KINDS, {})
     g_hat, logits, decoded, params = run(cfg, compiled, "g_hat")
     assert rel(g_hat.logits, g_hat.logits_before) > 1e-3
-    assert rel(logits - g_hat.logits_before, g_hat.logits - g_hat.logits_before) <= 1e-9
-    for name in g_hat.trained:
-        assert rel(decoded[name] - params[name], g_hat.params[name] - params[name]) <= 1e-9, name
+    tint_agrees(g_hat, logits, decoded, params, 1e-9)
     for layer in range(2):
         name = f"transformer.h.{layer}.self_attention.query_key_value.weight"
         update = (decoded[name] - params[name]).view(2, 4, 3, HEAD_DIM, 32)  # [batch, head, q|k|v, row, column]
@@ -101,9 +99,7 @@ def test_bloom_with_exact_attention_equals_g_hat(tmp_path):
     Measured: logit change 6.3e-12, updates ≤ 1.3e-11."""
     cfg, compiled = compiled_from_folder("bloom", tmp_path, "float64", ALL_KINDS, {"attention": "exact"})
     g_hat, logits, decoded, params = run(cfg, compiled, "g_hat")
-    assert rel(logits - g_hat.logits_before, g_hat.logits - g_hat.logits_before) <= 1e-9
-    for name in g_hat.trained:
-        assert rel(decoded[name] - params[name], g_hat.params[name] - params[name]) <= 1e-9, name
+    tint_agrees(g_hat, logits, decoded, params, 1e-9)
 
 
 def test_bloom_from_its_folder_with_every_rule_exact_is_hugging_faces_autograd(tmp_path):
@@ -120,9 +116,7 @@ def test_bloom_from_its_folder_with_every_rule_exact_is_hugging_faces_autograd(t
     with hf_in_float64(model):
         exact = exact_gd(model, compiled.graph, ids, train, TrainSettings.from_config(cfg, 2), norms_as_graph=False)
     assert rel(exact.logits, exact.logits_before) > 1e-3
-    assert rel(logits - exact.logits_before, exact.logits - exact.logits_before) <= 1e-9
-    for name in exact.trained:
-        assert rel(decoded[name] - params[name], exact.params[name] - params[name]) <= 1e-9, name
+    tint_agrees(exact, logits, decoded, params, 1e-9)
 
 
 def test_bloom_in_float32_with_the_papers_rules_is_at_the_float32_floor(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from ir.errors import ConfigError
 from ir.frontend import trace
 from ir.passes.select_train import kinds_of
-from tests.families import EXACT_RULES, compiled_from_folder, float32_errors, oracles_agree, rel, run
+from tests.families import EXACT_RULES, compiled_from_folder, float32_errors, oracles_agree, rel, run, tint_agrees
 from tests.models import tiny_config, tiny_model
 from tests.test_interpret import max_logit_error
 
@@ -75,9 +75,7 @@ def test_olmo2_from_its_folder_with_every_rule_exact_is_hugging_faces_autograd(t
     cfg, compiled = compiled_from_folder("olmo2", tmp_path, "float64", ALL_KINDS, EXACT_RULES)
     exact, logits, decoded, params = run(cfg, compiled, "exact")
     assert rel(exact.logits, exact.logits_before) > 1e-2
-    assert rel(logits - exact.logits_before, exact.logits - exact.logits_before) <= 1e-9
-    for name in exact.trained:
-        assert rel(decoded[name] - params[name], exact.params[name] - params[name]) <= 1e-9, name
+    tint_agrees(exact, logits, decoded, params, 1e-9)
 
 
 def test_olmo2_in_float32_with_every_rule_exact_is_at_the_float32_floor(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from ir.errors import ConfigError, FrontendError
 from ir.frontend import trace
 from ir.passes.select_train import kinds_of
-from tests.families import EXACT_RULES, compiled_from_folder, float32_errors, oracles_agree, rel, run
+from tests.families import EXACT_RULES, compiled_from_folder, float32_errors, oracles_agree, rel, run, tint_agrees
 from tests.models import tiny_config, tiny_model
 from tests.test_interpret import max_logit_error
 
@@ -58,9 +58,7 @@ def test_qwen3_from_its_folder_with_the_papers_rules_equals_g_hat(tmp_path):
     cfg, compiled = compiled_from_folder("qwen3", tmp_path, "float64", PAPER_RULE_KINDS, {})
     g_hat, logits, decoded, params = run(cfg, compiled, "g_hat")
     assert rel(g_hat.logits, g_hat.logits_before) > 1e-3
-    assert rel(logits - g_hat.logits_before, g_hat.logits - g_hat.logits_before) <= 1e-9
-    for name in g_hat.trained:
-        assert rel(decoded[name] - params[name], g_hat.params[name] - params[name]) <= 1e-9, name
+    tint_agrees(g_hat, logits, decoded, params, 1e-9)
 
 
 def test_qwen3_q_k_norm_gains_with_the_papers_norm_rule_equal_g_hat(tmp_path):
@@ -79,9 +77,7 @@ def test_qwen3_from_its_folder_with_every_rule_exact_is_hugging_faces_autograd(t
     cfg, compiled = compiled_from_folder("qwen3", tmp_path, "float64", ALL_KINDS, EXACT_RULES)
     exact, logits, decoded, params = run(cfg, compiled, "exact")
     assert rel(exact.logits, exact.logits_before) > 1e-2
-    assert rel(logits - exact.logits_before, exact.logits - exact.logits_before) <= 1e-9
-    for name in exact.trained:
-        assert rel(decoded[name] - params[name], exact.params[name] - params[name]) <= 1e-9, name
+    tint_agrees(exact, logits, decoded, params, 1e-9)
 
 
 def test_qwen3_in_float32_with_the_papers_rules_is_at_the_float32_floor(tmp_path):
