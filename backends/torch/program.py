@@ -99,6 +99,7 @@ class Program:
     low_rank: list[dict]  # with tint.passes.low_rank: each projection, its rank, factorised or not
     factored: bool = False  # tint.passes.low_rank: the standard view factorises its projections too
     lr: float = 1e-3  # η where forward is given none (the config's tint.train.lr); an input, not in any weight
+    rows_at: int | None = None  # tint.passes.shared_rows: the standard view's first row coordinate (None: width)
 
 
 def lives(program: Program) -> list[Value]:
@@ -150,4 +151,4 @@ def program_json(program: Program) -> dict:
         "calls": [call_json(c) for c in program.calls],
         "low_rank": program.factored,
         "lr": program.lr,
-    }
+    } | ({"rows_at": program.rows_at} if program.rows_at is not None else {})  # only where set: bytes kept
