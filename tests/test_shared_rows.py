@@ -97,3 +97,21 @@ def test_the_shared_view_exports_as_blocks_and_counts_as_built():
     ref = counts["reference_convention"]
     assert ref["d_sim"] == max(ref["working_set"], ref["working_set_apart"] + ref["prefix_rows"])
     assert ref["working_set_apart"] < ref["working_set"]
+
+
+def test_the_emitted_package_builds_the_shared_view(tmp_path):
+    """tint_config.json carries rows_at: the package's own standard view places the rows there too."""
+    import json
+
+    from backends.torch.emit import import_package
+    from tintc.pipeline import emit
+
+    cfg, model, compiled = _compile("opt", {}, ON)
+    emit(compiled, cfg, tmp_path)
+    assert json.loads((tmp_path / "tint_config.json").read_text())["rows_at"] == compiled.tint.program.rows_at
+    ids, train, _ = example_input(model.config.vocab_size, 8, 1, seed=2)
+    prefixes = compiled.tint.encode({n: p.detach() for n, p in model.named_parameters()})
+    with torch.no_grad():
+        expected, _ = compiled.tint(ids, train, prefixes)
+        logits, _ = import_package(tmp_path).standard(tmp_path)(ids, train, prefixes)
+    assert rel_err(logits, expected) <= 1e-10
