@@ -177,7 +177,8 @@ def compile_tint(cfg: TintcConfig, model=None, announce=lambda line: None) -> Co
     graph = trace(cfg, model) if model is not None else trace_from_config(cfg, config)
     tg = train_graph(cfg, graph)
     layout = plan(tg)
-    program = allocate(lower(tg, layout, cfg.max_length(graph.attrs["max_positions"]), cfg.torch_dtype))
+    program = allocate(lower(tg, layout, cfg.max_length(graph.attrs["max_positions"]), cfg.torch_dtype),
+                       shared_rows=cfg.tint.passes.shared_rows.enabled)
     lint(program)  # the allocated program's invariants (backends/torch/lint.py)
     tint = TinT(program, label_only=cfg.tint.train.loss == "label_only").eval()
     seconds = time.perf_counter() - start

@@ -100,6 +100,7 @@ class Program:
     factored: bool = False  # tint.passes.low_rank: the standard view factorises its projections too
     lr: float = 1e-3  # η where forward is given none (the config's tint.train.lr); an input, not in any weight
     logit_softcap: float | None = None  # the output head's c·tanh(z/c), as the aux model's head (Gemma 2)
+    rows_at: int | None = None  # tint.passes.shared_rows: the standard view's first row coordinate (None: width)
 
 
 def lives(program: Program) -> list[Value]:
@@ -151,4 +152,5 @@ def program_json(program: Program) -> dict:
         "calls": [call_json(c) for c in program.calls],
         "low_rank": program.factored,
         "lr": program.lr,
-    } | ({"logit_softcap": program.logit_softcap} if program.logit_softcap is not None else {})
+    } | ({"logit_softcap": program.logit_softcap} if program.logit_softcap is not None else {}) \
+      | ({"rows_at": program.rows_at} if program.rows_at is not None else {})  # only where set: bytes kept

@@ -13,7 +13,10 @@ Positions: [null | vocabulary rows | each prefix block's K tokens | the T input 
 position stays 0: a query with no allowed key attends to it and gets 0, so a head acts only on
 its own query positions. Coordinates: [token fields (the fast executor's stream, width W) |
 block and vocabulary rows (width of the widest block)]; token fields are 0 at every other
-position, so per-position sublayers (which only read token fields) give 0 there too.
+position, so per-position sublayers (which only read token fields) give 0 there too. With
+tint.passes.shared_rows the rows start lower, at Program.rows_at, on token coordinates that no
+block reads ungated at a prefix position (backends/torch/allocate.py: `unshareable`): D_sim =
+max(W, rows_at + widest row), and every block still adds 0 at the positions it must not touch.
 
 Correspondence with the fast executor (calls.apply): one call = one block. Its gathers are
 the selection inside Q, K, V, W_a, W_b, W_in; its write field is the selection inside O, W_o;
@@ -220,20 +223,21 @@ class StandardTinT(nn.Module):
                                         layout["blocks"], input_ids, train_mask, label_mask, prefixes, self.contract,
                                         c["lr"] if lr is None else lr)
         batch, length = input_ids.shape
-        parts = [torch.zeros(batch, 1, self.plan.d_sim, dtype=tokens.dtype, device=tokens.device)]
+        d_sim, at = self.plan.d_sim, self.plan.row_start
+        parts = [torch.zeros(batch, 1, d_sim, dtype=tokens.dtype, device=tokens.device)]
         for rows in [unembed] + [blocks[f"{name}@0"] for name in layout["blocks"]]:
-            parts.append(F.pad(rows, (c["width"], self.plan.d_sim - c["width"] - rows.shape[-1])))
-        parts.append(F.pad(tokens, (0, self.plan.rows)))
+            parts.append(F.pad(rows, (at, d_sim - at - rows.shape[-1])))
+        parts.append(F.pad(tokens, (0, d_sim - c["width"])))
         return torch.cat(parts, 1)
 
     def read_out(self, h, prefixes):
         """The output head (the final hidden state's field against the unembedding) and the blocks."""
-        width = self.config["width"]
+        width, row = self.config["width"], self.plan.row_start
         pos = self.positions(0)
         starts = {}
         for at, (kind, _) in enumerate(pos):
             starts.setdefault(kind, at)
-        blocks = {name: h[:, starts[name] : starts[name] + b["tokens"], width : width + b["width"]]
+        blocks = {name: h[:, starts[name] : starts[name] + b["tokens"], row : row + b["width"]]
                   for name, b in self.config["layout"]["blocks"].items()}
         unembed = prefixes.get("unembed", prefixes["vocab"])
         unembed = unembed if unembed.dim() == 3 else unembed.expand(h.shape[0], -1, -1)

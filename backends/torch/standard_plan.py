@@ -124,15 +124,21 @@ class StreamPlan:
     rows: int  # the widest block or vocabulary row
     blocks: list[BlockPlan]
     one: int  # the constant-one coordinate
+    rows_at: int | None = None  # the first row coordinate: W (None), or lower where rows share token coordinates
+
+    @property
+    def row_start(self) -> int:
+        return self.width if self.rows_at is None else self.rows_at
 
     @property
     def d_sim(self) -> int:
-        return self.width + self.rows
+        return max(self.width, self.row_start + self.rows)
 
 
 def plan(config: dict, layers) -> StreamPlan:
     """The standard view of a TinT: config in tint_config.json's form, layers its primitives by name."""
-    width = config["width"]
+    width, rows_at = config["width"], config.get("rows_at")
+    row_start = width if rows_at is None else rows_at
     d = config["inputs"]["token_embed"][1]
     rows = max([d] + [b["width"] for b in config["layout"]["blocks"].values()])
     version = {name: 0 for name in config["layout"]["blocks"]}
@@ -145,8 +151,8 @@ def plan(config: dict, layers) -> StreamPlan:
             raise ValueError(f"{stream} is read after its block's next version was written; the standard view "
                              "keeps one version of a block per position")
         if stream == "unembed" and not fields:
-            return ((width, d),)
-        offset = 0 if stream == TOKENS else width
+            return ((row_start, d),)
+        offset = 0 if stream == TOKENS else row_start
         return tuple((offset + start, size) for start, size in fields)
 
     out, dense = [], _shared_dense()
@@ -159,7 +165,7 @@ def plan(config: dict, layers) -> StreamPlan:
         out.append(_block(layers[call["layer"]], call, kind(streams[-1]), kind(target), unique, dense))
         if kind(target) in version:
             version[kind(target)] += 1
-    return _place_erasures(StreamPlan(width, rows, out, config["inputs"]["one"][0]), config)
+    return _place_erasures(StreamPlan(width, rows, out, config["inputs"]["one"][0], rows_at), config)
 
 
 def _shared_dense():
@@ -200,9 +206,17 @@ def _block(layer, call, key_kind: str, query_kind: str, unique: dict, dense) -> 
     return block
 
 
+def vanishes_at_zero(act: str) -> bool:
+    """σ(0) = 0: erase units σ(one)·(−h) then leave prefix positions (one = 0 there) untouched."""
+    return float(ACTIVATIONS[act](torch.zeros((), dtype=torch.float64))) == 0.0
+
+
 def _place_erasures(stream: StreamPlan, config: dict) -> StreamPlan:
     """Each gated write over coordinates that may hold a dead value gets erase units (see the
-    module docstring). A coordinate may hold one once written; the input layer writes the inputs."""
+    module docstring). A coordinate may hold one once written; the input layer writes the inputs.
+    Where rows share token coordinates, an erasure is not placed in an earlier MLP whose σ(0) ≠ 0
+    (its σ(one) is not 0 at prefix positions); allocate.unshareable keeps such an MLP's own writes
+    off the shared coordinates."""
     accesses = Accesses(config["width"], config["inputs"].values())
     blocks = stream.blocks
     latest_mlp = -1
@@ -224,7 +238,7 @@ def _place_erasures(stream: StreamPlan, config: dict) -> StreamPlan:
                 if len(coords):
                     erase_in.setdefault(at, []).extend(coords.tolist())
         accesses.write(i, {tuple(f) for f in written_fields})
-        if block.kind == "mlp":
+        if block.kind == "mlp" and (stream.rows_at is None or vanishes_at_zero(block.act)):
             latest_mlp = i
     inserted = {}
     for at, coords in erase_in.items():

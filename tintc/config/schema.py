@@ -179,6 +179,10 @@ class LowRankSpec(PassSpec):
     rank: int = Field(64, ge=1, le=MAX_SIZE, strict=True, description=f"an integer from 1 to {MAX_SIZE}")
 
 
+class SharedRowsSpec(PassSpec):
+    enabled: bool = Field(False, strict=True, description="true | false")
+
+
 class PassesSpec(_Strict):
     """The optimisation passes (ir/passes/), each switchable, with its knobs."""
 
@@ -187,6 +191,7 @@ class PassesSpec(_Strict):
     sub_mlp: WidthPassSpec = Field(default_factory=WidthPassSpec)  # width: the head-splitting width
     block_sharing: PassSpec = Field(default_factory=PassSpec)
     low_rank: LowRankSpec = Field(default_factory=LowRankSpec)  # off by default
+    shared_rows: SharedRowsSpec = Field(default_factory=SharedRowsSpec)  # off by default (backends/torch/allocate.py)
 
 
 class TintSpec(_Strict):

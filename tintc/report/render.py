@@ -149,12 +149,16 @@ def _standard_view_table(report: dict) -> tuple[str, list[str], list[list[str]]]
         ["heads per attention block", f"{heads['median']}" if heads else "—",
          f"min {heads['min']}, max {heads['max']}" if heads else ""],
         ["ours: D_sim", _n(ours["d_sim"]), f"token fields {_n(ours['token_fields'])} + prefix rows "
-                                           f"{_n(ours['prefix_rows'])}"],
+                                           f"{_n(ours['prefix_rows'])}" if not sv.get("shared_rows") else
+         f"token fields {_n(ours['token_fields'])}, prefix rows {_n(ours['prefix_rows'])} on them from "
+         f"coordinate {_n(ours['rows_at'])} (tint.passes.shared_rows)"],
         ["ours: dense parameters", _n(ours["dense"]["total"]), _human(ours["dense"]["total"])],
         ["ours: dense, projections factored where smaller", _n(ours["dense"]["factored"]),
          _human(ours["dense"]["factored"])],
         ["reference convention: D_sim", _n(theirs["d_sim"]),
-         f"working set {_n(theirs['working_set'])} + prefix rows {_n(theirs['prefix_rows'])}; "
+         (f"working set {_n(theirs['working_set'])} + prefix rows {_n(theirs['prefix_rows'])}; "
+          if not sv.get("shared_rows") else f"working set {_n(theirs['working_set'])}, prefix rows "
+          f"{_n(theirs['prefix_rows'])} beside the {_n(theirs['working_set_apart'])} kept apart from them; ") +
          f"{_n(theirs['skip_edges'])} skip edges carry {_n(theirs['skip_edge_width'])} coordinates"],
         ["reference convention: dense parameters", _n(theirs["dense"]["total"]), _human(theirs["dense"]["total"])],
     ]
