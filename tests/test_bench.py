@@ -113,3 +113,25 @@ def test_the_direct_measurement_is_exact_gd_without_the_forward_before(tmp_path,
     result = bench.measure_direct(str(_config(tmp_path)), tmp_path, length=16, repeats=2)
     assert result["runs"] == 2
     assert seen == [((1, 16), {"before": False})] * 3  # a warm-up and two runs on [1, T] ids
+
+
+def test_a_failed_direct_run_keeps_the_tints_figures(tmp_path):
+    """A part that fails (a 1B direct run killed for memory) is a note; the other part's figures are
+    still printed and written, and bench.json is written even when no row has both parts."""
+    from rich.console import Console
+
+    tint = {"seconds": 2.0, "runs": 1, "warmup_seconds": 2.5, "peak_mib": 900.0, "predicted_peak_mib": 950.0,
+            "base_mib": 400.0, "threads": 2}
+    result = {"config": "big", "family": "opt", "dtype": "float32", "torch": "x", "rules": "paper", "batch": 1,
+              "threads": 2, "skipped": [], "exactness": None,
+              "compile": {"compile_seconds": 1.0, "emit_seconds": 1.0, "peak_mib": 500.0,
+                          "predicted_peak_mib": 520.0, "width": 10, "calls": 3, "parameters": 7, "max_length": 256},
+              "runs": [{"length": 256, "tint": tint, "direct": {"error": "direct process exited with code -9: "}}]}
+    bench.save(result, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "bench.json").read_text())["runs"][0]["tint"] == tint
+    assert (tmp_path / "out" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    console = Console(width=200, record=True)
+    console.print(bench.table(result))
+    printed = console.export_text()
+    assert "2" in printed and "128" in printed and "900" in printed and "950" in printed  # s, tokens/s, peaks
+    assert "T=256 direct: direct process exited with code -9" in bench.notes(result)[1]

@@ -107,8 +107,13 @@ def table(result: dict):
         t.add_column(column, justify="right")
     for row in result["runs"]:
         tint, direct = row["tint"], row["direct"]
-        if "error" in tint or "error" in direct:
+        if "error" in tint:
             t.add_row(str(row["length"]), *(["failed"] * 9), "", style="red")
+            continue
+        if "error" in direct:  # the TinT's figures still count (a 1B direct run can exceed the memory)
+            t.add_row(str(row["length"]), f"{tint['seconds']:.4g}", "failed", "",
+                      f"{batch * row['length'] / tint['seconds']:,.0f}", "", f"{tint['peak_mib']:,.0f}",
+                      f"{tint['predicted_peak_mib']:,.0f}", "failed", "", f"{tint['runs']}/", style="yellow")
             continue
         tokens = batch * row["length"]
         t.add_row(str(row["length"]), f"{tint['seconds']:.4g}", f"{direct['seconds']:.4g}", f"{row['time_ratio']:.1f}",
@@ -178,13 +183,15 @@ def _plot(result: dict):
     for axis, key, label in panels:
         for part, marker in (("tint", "o"), ("direct", "s")):
             axis.plot(lengths, [r[part][key] for r in rows], marker=marker, label="TinT" if part == "tint" else part)
+        if not rows:  # every run failed (notes() says why): an empty figure, and bench.json still written
+            continue
         axis.set_xscale("log", base=2)
         axis.set_xticks(lengths, [str(n) for n in lengths])
         axis.xaxis.set_minor_locator(NullLocator())
         axis.set_xlabel("input length T")
         axis.set_ylabel(label)
         axis.legend()
-    time_axis.set_yscale("log")
+    time_axis.set_yscale("log" if rows else "linear")
     memory_axis.set_ylim(bottom=0)
     figure.suptitle(f"{result['config']}: TinT forward vs direct autograd ({result['dtype']})")
     return figure
