@@ -175,3 +175,42 @@ def test_gather_and_write_equal_a_loop_over_groups(name, gated, shared_rows):
         into[..., start : start + size] += d
     got = calls.apply(lambda *inputs: on_grid, reads, write, [stream], stream.clone(), gated)
     assert torch.allclose(got, into, rtol=0, atol=1e-14)
+
+
+def _attention_cases():
+    """(softmax, mask, Tq, Tk, which inputs vary along S and C): linear and softmax attention, more
+    keys than queries (the other association), and inputs shared along either grid axis."""
+    shapes = {"q on C, k on S and C, v shared": ("c", "sc", ""), "q on S, v on S and C": ("s", "", "sc"),
+              "all on both": ("sc", "sc", "sc"), "k on C only": ("", "c", "")}
+    return [(softmax, mask, tq, tk, name, axes) for softmax in (False, True) for mask in ("full", "causal")
+            for tq, tk in ((6, 6), (3, 7)) for name, axes in shapes.items() if mask == "full" or tq == tk]
+
+
+@pytest.mark.parametrize("softmax,mask,tq,tk,name,axes", _attention_cases())
+@pytest.mark.parametrize("summed", [(-2,), (-3,), (-3, -2)])
+def test_attention_sums_grid_axes_inside_its_products(softmax, mask, tq, tk, name, axes, summed):
+    """Attention given the grid axes its write sums (calls.py) returns the sum of its per-group outputs
+    over them, whichever products the sum joins; and apply's write of it equals the write of the
+    per-group outputs."""
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = 2, 3
+
+    def x(tokens, varies, width):
+        return torch.randn(2, tokens, rows if "s" in varies else 1, cols if "c" in varies else 1, width,
+                           generator=gen, dtype=torch.float64)
+
+    w = [torch.randn(4, 5, generator=gen, dtype=torch.float64) for _ in range(2)]
+    layer = runtime.Attention(w[0], w[1], torch.randn(6, 5, generator=gen, dtype=torch.float64),
+                              torch.randn(3, 6, generator=gen, dtype=torch.float64), softmax, mask)
+    xq, xk, xv = x(tq, axes[0], 5), x(tk, axes[1], 5), x(tk, axes[2], 5)
+    present = tuple(a for a in summed if any(t.shape[a] > 1 for t in (xq, xk, xv)))
+    per_group = layer(xq, xk, xv).expand(2, tq, rows, cols, 3)
+    expected = per_group.sum(present, keepdim=True) if present else per_group
+    got = layer(xq, xk, xv, summed=present) if present else layer(xq, xk, xv)
+    assert torch.allclose(got.expand_as(expected), expected, rtol=0, atol=1e-12)
+    if summed == (-2,):  # a write whose rows each sum the C heads of their field
+        write = calls.Scatter([list(range(10 * s, 10 * s + 3)) for s in range(rows) for _ in range(cols)], (rows, cols))
+        assert write.summed_axes == summed
+        into = torch.zeros(2, tq, 30, dtype=torch.float64)
+        assert torch.allclose(write.write(into.clone(), got, True, present), write.write(into.clone(), per_group, True),
+                              rtol=0, atol=1e-12)
