@@ -3,14 +3,12 @@
     PYTHONPATH=. python scripts/in_memory_vs_package.py [n_layer] [repeats]
 
 Compiles GPT-2 shapes (768 wide, n_layer layers, K = 256, T = 256) with every rule exact, then times one
-forward (median of `repeats` after a warm-up) five ways: the in-memory TinT right after the compile; the
+forward (median of `repeats` after a warm-up) four ways: the in-memory TinT right after the compile; the
 same after tintc/report/exactness.py's costs() (the standard view's dense count, which the exactness
-rows make before they time), without and with `settled` (the compile's garbage collected, the rest
-frozen, as the exactness rows now time); the emitted package loaded in this process; the package in a fresh
+rows make before they time); the emitted package loaded in this process; the package in a fresh
 process. Each line carries the load average: on a shared machine compare lines of one run only.
 """
 
-import contextlib
 import json
 import os
 import statistics
@@ -25,7 +23,7 @@ from backends.torch.emit import import_package
 from tintc import pipeline
 from tintc.config import parse_config
 from tintc.oracle.fidelity import example_input
-from tintc.report.exactness import costs, settled
+from tintc.report.exactness import costs
 
 VOCAB, LENGTH = 50257, 256
 FRESH = """
@@ -50,11 +48,11 @@ def line(what: str, times: list[float]) -> None:
                       "load": os.getloadavg()[0]}), flush=True)
 
 
-def timed(tint, theta, repeats: int, settle: bool = False) -> list[float]:
+def timed(tint, theta, repeats: int) -> list[float]:
     prefixes = tint.encode(theta)
     ids, train, _ = example_input(VOCAB, LENGTH, 1, seed=0)
     times = []
-    with torch.no_grad(), settled() if settle else contextlib.nullcontext():
+    with torch.no_grad():
         for _ in range(repeats + 1):  # the first is the warm-up
             start = time.perf_counter()
             tint(ids, train, prefixes)
@@ -72,7 +70,6 @@ def main(n_layer: int = 2, repeats: int = 3) -> None:
     line("in-memory, right after the compile", timed(compiled.tint, theta, repeats))
     costs(compiled)
     line("in-memory, after costs()", timed(compiled.tint, theta, repeats))
-    line("in-memory, after costs(), settled (as bench times it)", timed(compiled.tint, theta, repeats, settle=True))
     with tempfile.TemporaryDirectory(prefix="tintc-in-memory-") as directory:
         pipeline.emit(compiled, cfg, directory)
         torch.save(theta, os.path.join(directory, "theta.pt"))

@@ -221,13 +221,6 @@ def _resident_mib() -> float | None:
 
 
 def _timed(fn, repeats: int | None) -> dict:
-    from tintc.report.exactness import settled
-
-    with settled():  # the collector does not walk what loading and tracing left (both sides alike)
-        return _timed_runs(fn, repeats)
-
-
-def _timed_runs(fn, repeats: int | None) -> dict:
     start = time.perf_counter()
     fn()  # warm-up
     warm = time.perf_counter() - start

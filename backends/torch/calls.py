@@ -212,17 +212,10 @@ class Scatter:
                 offsets.append(offsets[-1] + length)
             self.target = [(start, length, offset) for (start, length), offset in zip(runs, offsets)]
 
-    @property
-    def summed_axes(self) -> tuple:
-        """The grid axes of delta (-3: S, -2: C) summed before the write: those along which groups share a field."""
-        return {"s": (-2,), "c": (-3,), "": (-3, -2)}.get(self.axes, ())
-
-    def reduced(self, delta: torch.Tensor, summed: tuple = ()) -> torch.Tensor:
-        """delta [B, T, S or 1, C or 1, width] -> [B, T, D·width]: one output per distinct field.
-        `summed`: axes of summed_axes that the primitive has summed already (size 1, not a broadcast)."""
+    def reduced(self, delta: torch.Tensor) -> torch.Tensor:
+        """delta [B, T, S or 1, C or 1, width] -> [B, T, D·width]: one output per distinct field."""
         rows, cols = self.grid
-        full = delta.expand(*delta.shape[:-3], 1 if -3 in summed else rows, 1 if -2 in summed else cols,
-                            delta.shape[-1])
+        full = delta.expand(*delta.shape[:-3], rows, cols, delta.shape[-1])
         if self.axes == "s":
             return full.sum(-2).flatten(-2)
         if self.axes == "c":
@@ -231,10 +224,9 @@ class Scatter:
             return full.sum((-3, -2))
         return _summed(full.flatten(-3, -2), self.sum, self.distinct).flatten(-2)
 
-    def write(self, into: torch.Tensor, delta: torch.Tensor, gated: bool, summed: tuple = ()) -> torch.Tensor:
-        """delta [B, T, S or 1, C or 1, width] into its fields; gated: replacing what they held; summed: as
-        for reduced."""
-        delta = self.reduced(delta, summed)
+    def write(self, into: torch.Tensor, delta: torch.Tensor, gated: bool) -> torch.Tensor:
+        """delta [B, T, S or 1, C or 1, width] into its fields; gated: replacing what they held."""
+        delta = self.reduced(delta)
         if isinstance(self.target, list):  # distinct coordinates, each written once
             for start, length, offset in self.target:
                 field, part = into[..., start : start + length], delta[..., offset : offset + length]
@@ -275,8 +267,5 @@ def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tenso
     W_in; the write field is the selection inside O or W_o; a group is a head or a set of units;
     a new prefix-block version is the same positions after the residual add; the gate is the
     block's erase units (−h on a field whose value is dead)."""
-    xs = [gather(s, index) for s, index in zip(streams, reads)]  # each [B, T, S or 1, C or 1, width]
-    # an attention call sums the axes its write sums inside its products (those some input varies along)
-    summed = tuple(a for a in write.summed_axes if any(x.shape[a] > 1 for x in xs)) if getattr(layer, "sums_groups", False) else ()
-    delta = layer(*xs, summed=summed) if summed else layer(*xs)
-    return write.write(into, delta, gated, summed)
+    delta = layer(*(gather(s, index) for s, index in zip(streams, reads)))  # [B, T, S or 1, C or 1, width]
+    return write.write(into, delta, gated)

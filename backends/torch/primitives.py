@@ -70,23 +70,20 @@ class Norm(nn.Module):
         return f"eps={self.eps}"
 
 
-def grouped_matmul(a: torch.Tensor, b: torch.Tensor, summed: tuple = ()) -> torch.Tensor:
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [*lead, n, m] @ b [*lead, m, p] whose leading axes (batch, groups) broadcast: an axis of size 1
     on one side is not copied along the other's (as matmul's broadcast would) but folded into the
-    other's rows or columns, so that heads sharing a query, a key or a value make one larger product.
-    `summed`: leading axes (negative, counted from the leading axes' end) that the product sums over,
-    kept with size 1: they join the contraction, one larger product instead of one per group and a sum."""
+    other's rows or columns, so that heads sharing a query, a key or a value make one larger product."""
     lead = a.dim() - 2
     letters = "abcdefgh"[:lead]
-    summed = {lead + axis for axis in summed}
     sides = []
     for t in (a, b):
         axes = [i for i in range(lead) if t.shape[i] != 1]
         sides.append((t.squeeze(tuple(i for i in range(lead) if i not in axes)), "".join(letters[i] for i in axes)))
     (a1, la), (b1, lb) = sides
-    out = "".join(l for i, l in enumerate(letters) if (l in la or l in lb) and i not in summed)
+    out = "".join(l for l in letters if l in la or l in lb)
     product = torch.einsum(f"{la}xy,{lb}yz->{out}xz", a1, b1)
-    shape = [1 if i in summed else max(a.shape[i], b.shape[i]) for i in range(lead)] + list(product.shape[-2:])
+    shape = [max(a.shape[i], b.shape[i]) for i in range(lead)] + list(product.shape[-2:])
     return product.reshape(shape)
 
 
@@ -102,8 +99,6 @@ class Attention(nn.Module):
     for less work.
     """
 
-    sums_groups = True  # forward takes `summed` (calls.py's apply passes the axes its write sums)
-
     def __init__(self, w_q, w_k, w_v, w_o, softmax: bool, mask: str):
         super().__init__()
         if mask not in MASKS:
@@ -111,30 +106,22 @@ class Attention(nn.Module):
         self.w_q, self.w_k, self.w_v, self.w_o = (stored(w) for w in (w_q, w_k, w_v, w_o))
         self.softmax, self.mask = softmax, mask
 
-    def forward(self, xq, xk, xv, summed: tuple = ()):
-        """[B, Tq, *groups, out]. `summed`: group axes (negative, of the output) that the caller sums
-        over (calls.py: heads writing one field), returned summed with size 1. Shared weights make the
-        sum part of a product: of the scores for linear attention whose values do not vary along the
-        axis (Σ_g q_g·k_gᵀ is one contraction over g and the head width), else of the values product."""
+    def forward(self, xq, xk, xv):
         w_q, w_k, w_v, w_o = (as_projection(w) for w in (self.w_q, self.w_k, self.w_v, self.w_o))
         q = w_q.apply(xq).movedim(1, -2)  # [B, *groups, Tq, dq]
-        # axis a of the output [B, T, S, C, out] is axis a + 1 counted from the end of [B, S, C]
-        early = tuple(a for a in summed if not self.softmax and xv.shape[a] == 1)
-        late = tuple(a for a in summed if a not in early)
-        early_at, late_at = tuple(a + 1 for a in early), tuple(a + 1 for a in late)
         keys_first = xk.shape[1] <= xq.shape[1]
         if keys_first:  # the usual order: project the keys and values
-            scores = grouped_matmul(q, w_k.apply(xk).movedim(1, -1), early_at)
+            scores = grouped_matmul(q, w_k.apply(xk).movedim(1, -1))
         else:  # more keys than queries (a prefix block): apply w_k to the queries instead, same scores
-            scores = grouped_matmul(w_k.apply_transposed(q), xk.movedim(1, -1), early_at)
+            scores = grouped_matmul(w_k.apply_transposed(q), xk.movedim(1, -1))
         if self.mask == "causal":
             future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
             scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
         weights = scores.softmax(-1) if self.softmax else scores  # [B, *groups, Tq, Tk]
         if keys_first:
-            heads = grouped_matmul(weights, w_v.apply(xv).movedim(1, -2), late_at)
+            heads = grouped_matmul(weights, w_v.apply(xv).movedim(1, -2))
         else:  # weigh the raw values, then project: (A·X)·Wᵀ = A·(X·Wᵀ)
-            heads = w_v.apply(grouped_matmul(weights, xv.movedim(1, -2), late_at))
+            heads = w_v.apply(grouped_matmul(weights, xv.movedim(1, -2)))
         return w_o.apply(heads.movedim(-2, 1))  # [B, Tq, *groups, out]
 
     def extra_repr(self) -> str:

@@ -16,10 +16,8 @@ construction for this model gives a row with its error.
 
 from __future__ import annotations
 
-import gc
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -63,26 +61,13 @@ def forward_seconds(compiled, length: int, repeats: int) -> float:
     labels = labels if tint.label_only else None
     prefixes = tint.encode({n: p.detach() for n, p in compiled.model.named_parameters()})
     times = []
-    with torch.no_grad(), settled():
+    with torch.no_grad():
         for i in range(repeats + 1):  # the first is the warm-up
             start = time.perf_counter()
             tint(ids, train, prefixes, labels)
             if i:
                 times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-@contextmanager
-def settled():
-    """Time in a process that has just compiled as in a fresh one: the compile's garbage collected and
-    what survives it frozen, so that the collector does not walk the compile's objects (graphs,
-    programs) during the timed runs."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def cost_of_exactness(cfg: TintcConfig, model=None, length: int | None = None, repeats: int = 3,
