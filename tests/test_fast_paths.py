@@ -90,6 +90,35 @@ def test_structured_weights_give_the_tint_of_dense_matrices_bit_for_bit(family):
     assert torch.equal(fast, dense)
 
 
+@pytest.mark.parametrize("family,dtype", [("gpt2", "float32"), ("llama", "float64"), ("gemma2", "float32"),
+                                          ("bloom", "float64")])
+def test_products_with_one_hot_positions_skipped_give_the_products_bit_for_bit(family, dtype):
+    """Attention's `positional` input (a prefix block's one-hot positions, or the token positions) is not
+    multiplied by: every rule exact, every kind trained (the linear maps' forward, backward and descent, the
+    exact attention backward's rows and score products, the next-token shift, Gemma 2's capped softmax)."""
+    from tests.helpers import compile_tiny, params_of
+
+    gated = ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down", "norm_gain"]
+    kinds = gated if family in ("llama", "gemma2") else ["attn_q", "attn_k", "attn_v", "attn_o", "mlp_in", "mlp_out",
+                                                          "norm_gain", "norm_bias"]
+    cfg, model, compiled = compile_tiny(family, dtype, kinds=kinds, approximations="exact")
+    tint = compiled.tint
+    ids, train, _ = example_input(model.config.vocab_size, 16, 2, seed=1)
+    prefixes = tint.encode(params_of(model))
+    with torch.no_grad():
+        skipped, new = tint(ids, train, prefixes)
+    sides = {}
+    for module in tint.layers.values():
+        if isinstance(module, runtime.Attention) and module.positional:
+            sides[module.positional] = sides.get(module.positional, 0) + 1
+            module.positional = None
+    assert set(sides) == {"queries", "keys", "values"}, sides
+    with torch.no_grad():
+        multiplied, new_multiplied = tint(ids, train, prefixes)
+    assert torch.equal(skipped, multiplied)
+    assert all(torch.equal(new[k], new_multiplied[k]) for k in new if k != "tint_layout")
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_run_wirings_equal_index_wirings(family, monkeypatch):
     cfg, model, ids, train, prefixes = _compiled(family)

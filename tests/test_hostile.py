@@ -69,6 +69,20 @@ def _block(t, args, fn):
     return prefixes
 
 
+def _swapped_routing(block):
+    """The block's tokens 0 and 1 trade their one-hot positions (its last K coordinates)."""
+    block = block.clone()
+    k = block.shape[-2]
+    block[..., [0, 1], -k:] = block[..., [1, 0], -k:]
+    return block
+
+
+def _scaled_routing(block, token):
+    block = block.clone()
+    block[..., token, -block.shape[-2] :] *= 2
+    return block
+
+
 # case -> (change to a valid call, error type, text the message must hold)
 FORWARD_CASES = {
     "opt-tiny prefixes in the gpt2 TinT": (
@@ -92,6 +106,11 @@ FORWARD_CASES = {
         _edit(prefixes=lambda t, a: {k: v for k, v in a["prefixes"].items() if k != "h0.q"}), ValueError, "'h0.q'"),
     "one block in another dtype": (
         _edit(prefixes=lambda t, a: _block(t, a, lambda b: b.double())), TypeError, "prefixes['h0.q']"),
+    "a block's one-hot positions swapped (tokens 0 and 1)": (
+        _edit(prefixes=lambda t, a: _block(t, a, lambda b: _swapped_routing(b))), ValueError,
+        "prefixes['h0.q']: got coordinates"),
+    "a block's one-hot scaled by 2 at token 3": (
+        _edit(prefixes=lambda t, a: _block(t, a, lambda b: _scaled_routing(b, 3))), ValueError, "one-hot"),
     "per-sequence prefixes for 3 sequences, batch 2": (
         _edit(prefixes=lambda t, a: _block(t, a, lambda b: b.expand(3, -1, -1))), ValueError, "3"),
     "train_mask value 2": (_edit(train_mask=lambda t, a: a["train_mask"].long() * 2), ValueError, "train_mask"),
@@ -170,8 +189,9 @@ def test_decode_and_encode_refuse(tints, case):
 
 
 def test_the_check_costs_well_under_one_percent_of_a_forward(tints):
-    """Counted, not timed: the tensor elements the check reads are a few passes over the ids and masks
-    (shapes and dtypes of the prefixes only), well under 1% of what the forward reads."""
+    """Counted, not timed: the tensor elements the check reads are a few passes over the ids and masks and
+    one over each linear block's one-hot positions (K² numbers of a block's K·width; of the rest of the
+    prefixes only shapes and dtypes), well under 1% of what the forward reads."""
     from backends.torch.checks import check_inputs
 
     tint = tints["gpt2"]
@@ -183,7 +203,10 @@ def test_the_check_costs_well_under_one_percent_of_a_forward(tints):
         tint(ids, train, prefixes)
     with OpLog() as check:
         check_inputs(tint.contract, ids, train, None, prefixes)
-    assert 0 < check.elements <= 4 * (ids.numel() + train.numel())
+    # OpLog counts a view's input whole (the slice of a block's one-hot positions: the block once), then a few
+    # passes over the K² one-hot numbers
+    blocks = sum(prefixes[name].numel() + 4 * prefixes[name].shape[-2] ** 2 for name in tint.contract["routing"])
+    assert blocks > 0 and 0 < check.elements <= 4 * (ids.numel() + train.numel()) + blocks
     assert check.elements < 0.01 * forward.elements, (check.elements, forward.elements)
 
 

@@ -231,7 +231,7 @@ TRANSFORMER_OPS = {
     "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "clone", "copy_", "add_", "index",
     "embedding", "unsqueeze", "squeeze", "contiguous", "detach", "alias", "lift_fresh", "_to_copy", "fill_",
     "new_zeros", "empty", "empty_like", "zeros_like", "arange", "ones_like", "stack", "expand_as", "as_strided",
-    "sum", "unfold",
+    "sum", "unfold", "constant_pad_nd",  # pad: a weight row [A 0] where the values are one-hot positions
 }
 
 
@@ -247,8 +247,9 @@ def test_the_fast_executor_runs_primitives_and_field_moves_only():
     with torch.no_grad(), OpLog() as ops:
         tint(ids, train, prefixes)
     assert ops.seen, "no op was recorded"
-    # the input checks (backends/torch/checks.py): ids in the vocabulary; η finite (isfinite: abs, eq, ne, all)
-    checks = {"min", "max", "_local_scalar_dense", "abs", "eq", "ne", "all"}
+    # the input checks (backends/torch/checks.py): ids in the vocabulary; η finite (isfinite: abs, eq, ne, all);
+    # the prefix blocks' one-hot positions (count_nonzero, diagonal)
+    checks = {"min", "max", "_local_scalar_dense", "abs", "eq", "ne", "all", "count_nonzero", "diagonal"}
     assert ops.seen <= TRANSFORMER_OPS | checks, sorted(ops.seen - TRANSFORMER_OPS - checks)
     assert {"bmm", "_softmax", "native_layer_norm"} <= ops.seen | {"matmul"}
 

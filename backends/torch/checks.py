@@ -58,8 +58,10 @@ def contract(layout: dict, max_length: int, label_only: bool) -> dict:
     if not layout["tied"]:
         tables["unembed"] = _ref_shape(layout["unembed"], layout["shapes"])
     blocks = {name: (block["tokens"], block["width"]) for name, block in layout["blocks"].items()}
+    routing = {name: block["width"] - block["tokens"] for name, block in layout["blocks"].items()
+               if block["kind"] == "linear"}  # where each linear block's one-hot positions start
     return {"fingerprint": fingerprint(layout), "prefixes": {**tables, **blocks}, "vocab": tables["vocab"][0],
-            "max_length": max_length, "label_only": label_only}
+            "max_length": max_length, "label_only": label_only, "routing": routing}
 
 
 def _shape(shape) -> str:
@@ -161,6 +163,21 @@ def check_inputs(expected: dict, input_ids, train_mask, label_mask, prefixes) ->
     _check_mask_values("train_mask", train_mask)
     if label_mask is not None:
         _check_mask_values("label_mask", label_mask)
+    for name, start in expected["routing"].items():
+        _check_routing(name, start, prefixes[name])
+
+
+def _check_routing(name: str, start: int, block: torch.Tensor) -> None:
+    """A linear block's last K coordinates are the one-hot of each prefix token's position, as encode()
+    writes them and every descent keeps them: the TinT routes by them, and its fast executor does not
+    multiply by them (primitives.Attention's `positional`), so other numbers there are refused."""
+    routing = block[..., start:]
+    tokens = routing.shape[-1]  # one nonzero per token, and it is the 1 on the diagonal: a read of K², no K² made
+    onehot = bool((routing.count_nonzero(-1) == 1).all()) and bool((routing.diagonal(0, -2, -1) == 1).all())
+    if not onehot:
+        raise ValueError(f"prefixes[{name!r}]: got coordinates {start} to {start + tokens - 1} that are not the "
+                         f"one-hot of each token's position (0 to {tokens - 1}); allowed: the identity that encode() "
+                         "writes there (the TinT routes by it)")
 
 
 def check_lr(lr, batch: int) -> None:

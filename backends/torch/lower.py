@@ -257,7 +257,8 @@ class _Lowering(BackwardLowering, LlamaLowering):
         b = self.layout.blocks[block]
         S, K, C, c = b.rows, b.tokens, b.chunks, b.chunk
         layer = self.layer(("linear_forward", c, K), lambda: P.Attention(
-            self.eye(c + 1), self.eye(c + 1), self.eye(K), self.eye(K), softmax=False, mask="full"))
+            self.eye(c + 1), self.eye(c + 1), self.eye(K), self.eye(K), softmax=False, mask="full",
+            positional="values"))
         heads = [(s, ch) for s in range(S) for ch in range(C)]
         out = self.alloc(b.d_out)
         self.call(layer, [
@@ -336,7 +337,8 @@ class _Lowering(BackwardLowering, LlamaLowering):
             dy, one = self._times_lr(dy), self.inputs["one"]
         keep = torch.tensor([1.0 if has_w else 0.0] * c + [1.0 if has_b else 0.0], dtype=self.dtype)
         layer = self.layer(("linear_descent", c, K, has_w, has_b), lambda: P.Attention(
-            self.eye(K), self.eye(K), -torch.diag(keep), self.eye(c + 1), softmax=False, mask="full"))
+            self.eye(K), self.eye(K), -torch.diag(keep), self.eye(c + 1), softmax=False, mask="full",
+            positional="queries"))
         heads = [(s, ch) for s in range(S) for ch in range(C)]
         base, new = self._next_version(block, version)
         units = [b.unit(s, ch) for s, ch in heads]

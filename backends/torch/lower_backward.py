@@ -36,7 +36,7 @@ class BackwardLowering:
         b = self.layout.blocks[block]
         S, K, C, c = b.rows, b.tokens, b.chunks, b.chunk
         layer = self.layer(("linear_backward", c, K), lambda: P.Attention(
-            self.eye(K), self.eye(K), self.eye(c), self.eye(c), softmax=False, mask="full"))
+            self.eye(K), self.eye(K), self.eye(c), self.eye(c), softmax=False, mask="full", positional="keys"))
         heads = [(s, ch) for s in range(S) for ch in range(C)]
         out = self.alloc(b.d_in)
         self.call(layer, [
@@ -244,7 +244,7 @@ class BackwardLowering:
         if key not in self.memo:  # the scores as attention computes them (rope, alibi, grouped-query)
             queries, keys, w_q, w_k, suffix = self._score_inputs(node)
             layer = self.layer(("attention_rows", hd, n, repr(a["scale"])) + suffix, lambda: P.Attention(
-                w_q, w_k, self.eye(n), self.eye(n), softmax=True, mask="causal"))
+                w_q, w_k, self.eye(n), self.eye(n), softmax=True, mask="causal", positional="values"))
             rows, row_chunks = self.new(h * n, n)
             self.call(layer, [queries, keys, [(self.inputs["positions"],)] * h], row_chunks)
             self.memo[key] = rows
@@ -258,7 +258,7 @@ class BackwardLowering:
         do = self.x(node, 2).chunks(hd)
         rows = self._attention_rows(node).chunks(n)
         back_layer = self.layer(("attention_backward", hd, n), lambda: P.Attention(
-            self.eye(n), self.eye(n), self.eye(hd), self.eye(hd), softmax=False, mask="full"))
+            self.eye(n), self.eye(n), self.eye(hd), self.eye(hd), softmax=False, mask="full", positional="queries"))
         out, chunks = self.new(h * hd, hd)
         self.call(back_layer, [[(self.inputs["positions"],)] * h, [(c,) for c in rows], [(c,) for c in do]], chunks)
         groups = h // a.get("kv_heads", h)
@@ -277,7 +277,7 @@ class BackwardLowering:
         if key not in self.memo:
             rows = self._attention_rows(node)
             d_layer = self.layer(("attention_score_products", hd, n), lambda: P.Attention(
-                self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=False, mask="causal"))
+                self.eye(hd), self.eye(hd), self.eye(n), self.eye(n), softmax=False, mask="causal", positional="values"))
             d, d_chunks = self.new(h * n, n)
             v_heads = v.chunks(hd)  # query head i reads k/v head _kv_head(i)
             self.call(d_layer, [[(c,) for c in do.chunks(hd)], [(v_heads[self._kv_head(a, i)],) for i in range(h)],
@@ -306,8 +306,10 @@ class BackwardLowering:
         q, k = (self._rotated(a, self.x(node, i)).chunks(hd) for i in range(2))
         values = [k[self._kv_head(a, i)] for i in range(h)] if a["wrt"] == "q" else q
         pos = [(self.inputs["positions"],)] * h
-        layer = self.layer(("attention_score_backward", hd, n, repr(a["scale"])), lambda: P.Attention(
-            self.eye(n), self.eye(n), a["scale"] * self.eye(hd), self.eye(hd), softmax=False, mask="full"))
+        positional = "keys" if a["wrt"] == "q" else "queries"  # the side that reads the one-hot positions
+        layer = self.layer(("attention_score_backward", hd, n, repr(a["scale"]), positional), lambda: P.Attention(
+            self.eye(n), self.eye(n), a["scale"] * self.eye(hd), self.eye(hd), softmax=False, mask="full",
+            positional=positional))
         queries, keys = ([(c,) for c in g], pos) if a["wrt"] == "q" else (pos, [(c,) for c in g])
         out, chunks = self.new(h * hd, hd)
         self.call(layer, [queries, keys, [(c,) for c in values]], chunks)
@@ -328,7 +330,7 @@ class BackwardLowering:
 
             def shifted(groups: list[tuple[Field, ...]], width: int) -> Field:
                 layer = self.layer(("next_token", n, width), lambda: P.Attention(
-                    shift, self.eye(n), self.eye(width), self.eye(width), softmax=False, mask="full"))
+                    shift, self.eye(n), self.eye(width), self.eye(width), softmax=False, mask="full", positional="keys"))
                 out, outs = self.new(width * len(groups), width)
                 self.call(layer, [[(pos,)] * len(groups), [(pos,)] * len(groups), groups], outs)
                 return out

@@ -180,7 +180,7 @@ class LlamaLowering:
         if key not in self.memo:  # the scores as attention computes them (rope, grouped-query)
             queries, keys, w_q, w_k, suffix = self._score_inputs(node)
             layer = self.layer(("attention_scores", hd, n, repr(a["scale"])) + suffix, lambda: P.Attention(
-                w_q, w_k, self.eye(n), self.eye(n), softmax=False, mask="causal"))
+                w_q, w_k, self.eye(n), self.eye(n), softmax=False, mask="causal", positional="values"))
             scores, chunks = self.new(h * n, n)
             self.call(layer, [queries, keys, [(self.inputs["positions"],)] * h], chunks)
             tanh = self.layer(("softcap_tanh", n, repr(c)), lambda: P.MLP(self.eye(n) / c, self.eye(n), "tanh"))
@@ -203,7 +203,7 @@ class LlamaLowering:
         n = tau[0].width
         layer = self.layer(("capped_softmax", n, width, repr(c)) + (() if mask == "causal" else (mask,)), lambda:
                            P.Attention(c * self.eye(n), self.eye(n), self.eye(width), self.eye(width), softmax=True,
-                                       mask=mask))
+                                       mask=mask, positional="keys"))
         out, chunks = self.new(len(tau) * width, width)
         self.call(layer, [[(x,) for x in tau], keys, values], chunks)
         return out

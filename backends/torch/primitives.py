@@ -16,6 +16,7 @@ from ir.activations import ACTIVATIONS
 from .projection import as_projection, stored
 
 MASKS = ("causal", "full")
+POSITIONAL = (None, "queries", "keys", "values")
 
 
 class Linear(nn.Module):
@@ -97,35 +98,50 @@ class Attention(nn.Module):
     j <= i, same stream) or "full". With more keys than queries (prefix blocks are often
     longer than the input) the products are associated the other way: the same function
     for less work.
+
+    positional names the input ("queries", "keys" or "values"), if any, that holds the one-hot of its
+    own position, e_i at position i (a prefix block's routing coordinates, which checks.py holds the
+    prefixes to, or the token positions the input layer writes): a product with it only places
+    numbers, so it is not computed (the standard view's block multiplies; the numbers are the same,
+    as the product adds exact zeros).
     """
 
-    def __init__(self, w_q, w_k, w_v, w_o, softmax: bool, mask: str):
+    def __init__(self, w_q, w_k, w_v, w_o, softmax: bool, mask: str, positional: str | None = None):
         super().__init__()
         if mask not in MASKS:
             raise ValueError(f"mask={mask!r}; allowed: {', '.join(MASKS)}")
+        if positional not in POSITIONAL:
+            raise ValueError(f"positional={positional!r}; allowed: {', '.join(map(repr, POSITIONAL))}")
         self.w_q, self.w_k, self.w_v, self.w_o = (stored(w) for w in (w_q, w_k, w_v, w_o))
-        self.softmax, self.mask = softmax, mask
+        self.softmax, self.mask, self.positional = softmax, mask, positional
 
     def forward(self, xq, xk, xv):
         w_q, w_k, w_v, w_o = (as_projection(w) for w in (self.w_q, self.w_k, self.w_v, self.w_o))
-        q = w_q.apply(xq).movedim(1, -2)  # [B, *groups, Tq, dq]
         keys_first = xk.shape[1] <= xq.shape[1]
-        if keys_first:  # the usual order: project the keys and values
-            scores = grouped_matmul(q, w_k.apply(xk).movedim(1, -1))
+        # (contiguous: the scores as a product would make them; a view of the gathered input cost 25% more peak)
+        if self.positional == "queries":  # Q = [I 0]·W_qᵀ, so Q·Kᵀ = ((K·W_q)[:, :Tq])ᵀ
+            scores = w_q.apply_transposed(w_k.apply(xk))[..., : xq.shape[1]].movedim(1, -1).contiguous()
+        elif self.positional == "keys":  # K = [I 0]·W_kᵀ, so Q·Kᵀ = (Q·W_k)[:, :Tk]
+            scores = w_k.apply_transposed(w_q.apply(xq))[..., : xk.shape[1]].movedim(1, -2).contiguous()
+        elif keys_first:  # the usual order: project the keys and values
+            scores = grouped_matmul(w_q.apply(xq).movedim(1, -2), w_k.apply(xk).movedim(1, -1))
         else:  # more keys than queries (a prefix block): apply w_k to the queries instead, same scores
-            scores = grouped_matmul(w_k.apply_transposed(q), xk.movedim(1, -1))
+            scores = grouped_matmul(w_k.apply_transposed(w_q.apply(xq).movedim(1, -2)), xk.movedim(1, -1))
         if self.mask == "causal":
             future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
             scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
         weights = scores.softmax(-1) if self.softmax else scores  # [B, *groups, Tq, Tk]
-        if keys_first:
+        if self.positional == "values":  # V = [I 0]·W_vᵀ, so A·V = [A 0]·W_vᵀ
+            pad = xv.shape[-1] - xv.shape[1]  # token positions are max_length wide; a prefix block's are K
+            heads = w_v.apply(F.pad(weights, (0, pad)) if pad else weights)
+        elif keys_first:
             heads = grouped_matmul(weights, w_v.apply(xv).movedim(1, -2))
         else:  # weigh the raw values, then project: (A·X)·Wᵀ = A·(X·Wᵀ)
             heads = w_v.apply(grouped_matmul(weights, xv.movedim(1, -2)))
         return w_o.apply(heads.movedim(-2, 1))  # [B, Tq, *groups, out]
 
     def extra_repr(self) -> str:
-        return f"softmax={self.softmax}, mask={self.mask}"
+        return f"softmax={self.softmax}, mask={self.mask}" + (f", positional={self.positional}" if self.positional else "")
 
 
 PRIMITIVES = (Linear, MLP, Gate, Norm, Attention)

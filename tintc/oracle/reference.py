@@ -168,17 +168,24 @@ class ApproxInterpreter(Interpreter):
 
 
 # -- the SGD loop -----------------------------------------------------------------------
-def update_masks(graph: Graph, params: dict[str, torch.Tensor], settings: TrainSettings) -> dict[str, torch.Tensor]:
-    """For every (partly) trained parameter, a 0/1 mask of its trained entries.
+def update_masks(graph: Graph, params: dict[str, torch.Tensor], settings: TrainSettings) \
+        -> dict[str, torch.Tensor | None]:
+    """For every (partly) trained parameter, a 0/1 mask of its trained entries, or None where every entry
+    is trained (no mask is held: at 1B+ a mask per tensor would be one more copy of θ).
 
     GPT-2 fuses q|k|v in one tensor, so training V alone updates a slice of it."""
     layers = list(range(graph.attrs["n_layer"])) if settings.layers is None else list(settings.layers)
     selected = select_train(graph, layers, list(settings.kinds)).graph
-    masks: dict[str, torch.Tensor] = {}
+    refs: dict[str, list] = {}
     for ref in trained_refs(selected):
-        mask = masks.setdefault(ref.name, torch.zeros_like(params[ref.name]))
-        view = mask.T if ref.transpose else mask
-        view[ref.row_index(view.shape[0])] = 1.0
+        refs.setdefault(ref.name, []).append(ref)
+    masks: dict[str, torch.Tensor | None] = {}
+    for name, named_refs in refs.items():
+        mask = torch.zeros_like(params[name])
+        for ref in named_refs:
+            view = mask.T if ref.transpose else mask
+            view[ref.row_index(view.shape[0])] = 1.0
+        masks[name] = None if bool(mask.all()) else mask
     return masks
 
 
@@ -190,8 +197,9 @@ def _descend(forward, params, input_ids, train_mask, label_mask, settings, masks
         labels = None if label_mask is None or settings.loss != "label_only" else label_mask[b : b + 1]
         runs.append(_descend_one(forward, params, input_ids[b : b + 1], train_mask[b : b + 1], labels,
                                  settings, masks, before))
+    one = len(runs) == 1  # a view, not a copy of θ (untrained entries then share the model's storage)
     return GDResult(
-        params={n: torch.stack([r[0][n] for r in runs]) for n in params},
+        params={n: runs[0][0][n].unsqueeze(0) if one else torch.stack([r[0][n] for r in runs]) for n in params},
         logits=torch.cat([r[1] for r in runs]),
         logits_before=torch.cat([r[2] for r in runs]) if before else None,
         trained=list(masks),
@@ -207,12 +215,14 @@ def _descend_one(forward, params, input_ids, train_mask, label_mask, settings, m
             logits_before = forward(params, input_ids)
     for _ in range(settings.steps):
         leaves = dict(params)
-        for name in masks:
-            leaves[name] = params[name].clone().requires_grad_(True)
+        for name in masks:  # a new leaf on the same storage: nothing is copied, nothing written in place
+            leaves[name] = params[name].detach().requires_grad_(True)
         loss = summed_loss(forward(leaves, input_ids), input_ids, weights)
-        grads = torch.autograd.grad(loss, [leaves[n] for n in masks])
-        for (name, mask), grad in zip(masks.items(), grads):
-            params[name] = (leaves[name] - settings.lr * grad * mask).detach()
+        grads = list(torch.autograd.grad(loss, [leaves[n] for n in masks]))
+        for i, (name, mask) in enumerate(masks.items()):
+            step = settings.lr * grads[i]  # not in place: two leaves may receive one gradient tensor
+            grads[i] = None  # dropped once applied: θ_n, θ_{n+1} and the gradients not yet applied
+            params[name] = leaves[name].detach() - (step if mask is None else step * mask)
     with torch.no_grad():
         logits = forward(params, input_ids)
     return params, logits, logits_before
