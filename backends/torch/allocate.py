@@ -23,12 +23,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import replace
 
-import torch
-
-from ir.activations import ACTIVATIONS
-
 from .primitives import MLP, PER_POSITION, Gate, Norm
 from .program import TOKENS, Field, Program, Read, Write, lives
+from .standard_plan import vanishes_at_zero
 
 
 def allocate(program: Program, shared_rows: bool = False) -> Program:
@@ -104,12 +101,11 @@ def unshareable(program: Program, owner) -> set:
     (LN(row) ≠ 0); both inputs of a Gate's product; what an MLP whose σ(0) ≠ 0 writes (the erase
     units of its write, σ(one)·(−h), would reach a prefix position's row)."""
     apart = {owner(program.inputs["one"])}
-    zero = torch.zeros((), dtype=torch.float64)
     for call in program.calls:
         layer = program.layers[call.layer]
         reads = {Norm: call.reads, Gate: call.reads[:2]}.get(type(layer), ())
         apart |= {owner(f) for r in reads if r.stream == TOKENS for g in r.groups for f in g}
-        if isinstance(layer, MLP) and float(ACTIVATIONS[layer.fn](zero)) != 0.0 and call.write.stream == TOKENS:
+        if isinstance(layer, MLP) and not vanishes_at_zero(layer.fn) and call.write.stream == TOKENS:
             apart |= {owner(f) for f in call.write.groups}
     return apart
 
