@@ -59,7 +59,7 @@ def test_compile_writes_the_package_and_the_ir_dumps(gpt2):
     used = {type(m).__name__ for m in program.layers.values()}
     classes = set(re.findall(r"^class (\w+)\(nn\.Module\)", source, re.M))  # the runtime's, and the TinT
     view = {"AttentionBlock", "MLPBlock", "NormBlock", "Stack", "StandardTinT"}  # backends/torch/standard.py
-    assert used <= classes == {c.__name__ for c in runtime.PRIMITIVES} | {"Diagonal", "LowRank", "Selection", "TinT"} | view
+    assert used <= classes == {c.__name__ for c in runtime.PRIMITIVES} | {"Diagonal", "DiagonalBlocks", "LowRank", "Selection", "TinT"} | view
     comments = re.findall(r"^        # %(\S+): (\w+), (\w+)$", source, re.M)
     assert comments == [(c.node, c.op, c.phase) for c in program.calls]
     assert json.loads(config)["layout"]["blocks"]["h0.q"]["refs"]["weight"] == {

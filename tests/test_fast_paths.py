@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from backends.torch import calls, runtime
-from backends.torch.projection import Dense, Diagonal, LowRank, Selection, as_projection
+from backends.torch.projection import Dense, Diagonal, DiagonalBlocks, LowRank, Selection, as_projection
 from backends.torch.structured import compact
 from tintc import pipeline
 from tintc.oracle.fidelity import example_input
@@ -36,7 +36,14 @@ def _forms():
     selected[torch.arange(4), index] = coef
     left, right = torch.randn(4, 2, generator=gen, dtype=torch.float64), torch.randn(2, 5, generator=gen, dtype=torch.float64)
     matrix = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    d = torch.randn(2, 2, generator=gen, dtype=torch.float64)
+    blocks = torch.zeros(6, 4, dtype=torch.float64)  # [[I, diag(d0)], [0, −I], [diag(d1), I]], 2 × 2 blocks
+    blocks[[0, 1, 4, 5], [0, 1, 2, 3]] = 1.0
+    blocks[[0, 1], [2, 3]], blocks[[2, 3], [2, 3]], blocks[[4, 5], [0, 1]] = d[0], -1.0, d[1]
+    diagonals = torch.stack([torch.stack([torch.ones(2), d[0]]), torch.stack([torch.zeros(2), -torch.ones(2)]),
+                             torch.stack([d[1], torch.ones(2)])]).to(torch.float64)
     return [("dense", Dense(matrix), matrix, 20), ("diagonal", Diagonal(diagonal), torch.diag(diagonal), 5),
+            ("diagonal blocks", DiagonalBlocks(diagonals), blocks, 12),
             ("identity", Diagonal(torch.ones(5, dtype=torch.float64), identity=True), torch.eye(5, dtype=torch.float64), 5),
             ("selection", Selection(index, coef, 5), selected, 8), ("factored", LowRank(left, right), left @ right, 18)]
 
@@ -69,6 +76,11 @@ def test_compact_keeps_the_matrix_it_replaces():
     assert torch.equal(gate(xa, x, x), before)  # the products only dropped exact zeros
     assert torch.equal(forms["b"].dense(), mirror)
     assert compact(runtime.Linear(torch.ones(4, 6))) == 0
+    difference = runtime.Linear(torch.cat([eye, -eye], 1))  # [I −I]: a difference of two fields
+    x2 = torch.randn(2, 4, 3, 10, generator=gen, dtype=torch.float64)
+    before = difference(x2)
+    assert compact(difference) == 1 and runtime.projections(difference)["weight"].kind == "diagonal blocks"
+    assert torch.equal(difference(x2), before) and torch.equal(difference(x2), x2[..., :5] - x2[..., 5:])
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -155,9 +167,37 @@ def test_grid_wirings_equal_a_copy_per_group(family, monkeypatch):
     monkeypatch.setattr(calls, "grid_of", lambda patterns, groups: (groups, 1))  # one group axis
     tint = pipeline.compile_tint(cfg, model).tint
     assert not any(r.axes in ("s", "c") for reads, _ in tint._wiring for r in reads if not r.whole)
+    assert not any(w.summed_axis for _, w in tint._wiring)  # no heads summed inside a product
     with torch.no_grad():
         per_group, _ = tint(ids, train, prefixes)
     assert ((on_grid - per_group).norm() / per_group.norm()).item() <= 1e-14
+
+
+@pytest.mark.parametrize("axis", [-3, -2])
+@pytest.mark.parametrize("case", ["values shared", "queries shared", "values per head", "weights shared"])
+def test_linear_attention_sums_its_heads_inside_its_products(axis, case):
+    """Attention(softmax=False).forward(..., summed=axis) is the sum of its heads along that group axis:
+    the scores summed (values one for all heads: the linear map's forward), or the weights and values
+    side by side (its backward), or one side summed first where the other does not vary along the axis."""
+    gen = torch.Generator().manual_seed(3)
+    grid = [3, 4]  # S, C
+    q_varies, k_varies, v_varies = {"values shared": (True, True, False), "queries shared": (False, True, False),
+                                    "values per head": (True, True, True), "weights shared": (False, False, True)}[case]
+    def make(t, varies):
+        shape = [2, t, *grid, 5]
+        if not varies:
+            shape[axis] = 1
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+    xq, xk, xv = make(6, q_varies), make(4, k_varies), make(4, v_varies)
+    w = lambda: torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    layer = runtime.Attention(w(), w(), w(), w(), softmax=False, mask="full")
+    assert layer.sums(axis, xq, xk, xv)
+    per_head = layer(xq, xk, xv)
+    per_head = per_head.expand(*per_head.shape[:2], *grid, 5).sum(axis, keepdim=True)
+    summed = layer(xq, xk, xv, summed=axis)
+    assert summed.shape == per_head.shape
+    assert torch.allclose(summed, per_head, rtol=0, atol=1e-12)
+    assert not runtime.Attention(w(), w(), w(), w(), softmax=True, mask="full").sums(axis, xq, xk, xv)
 
 
 def _wiring_cases():
@@ -204,3 +244,15 @@ def test_gather_and_write_equal_a_loop_over_groups(name, gated, shared_rows):
         into[..., start : start + size] += d
     got = calls.apply(lambda *inputs: on_grid, reads, write, [stream], stream.clone(), gated)
     assert torch.allclose(got, into, rtol=0, atol=1e-14)
+
+
+def test_a_read_shared_by_every_group_does_not_set_the_grid():
+    """A linear map's descent reads one prefix one-hot for all S·C heads, then ∂y by row (each C times in
+    a row) and x by chunk (tiled S times): the grid is S × C, not 1 × S·C (which copied ∂y and x per head)."""
+    S, C = 24, 3
+    onehot, dy = [[(0, 4)]] * (S * C), [[(10 + 4 * s, 4)] for s in range(S) for _ in range(C)]
+    x = [[(200 + 5 * c, 5)] for _ in range(S) for c in range(C)]
+    write = [(1000 + 5 * g, 5) for g in range(S * C)]
+    reads, scatter = calls.wiring({"reads": [onehot, dy, x], "write": write})
+    assert scatter.grid == (S, C)
+    assert [r.axes for r in reads] == ["", "s", "c"]

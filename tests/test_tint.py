@@ -231,7 +231,7 @@ TRANSFORMER_OPS = {
     "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "clone", "copy_", "add_", "index",
     "embedding", "unsqueeze", "squeeze", "contiguous", "detach", "alias", "lift_fresh", "_to_copy", "fill_",
     "new_zeros", "empty", "empty_like", "zeros_like", "arange", "ones_like", "stack", "expand_as", "as_strided",
-    "sum", "unfold", "constant_pad_nd",  # pad: a weight row [A 0] where the values are one-hot positions
+    "sum", "unfold", "addcmul", "constant_pad_nd",  # addcmul: a sum of diagonal blocks; pad: a weight row [A 0] where the values are one-hot positions
 }
 
 
@@ -240,7 +240,7 @@ def test_the_fast_executor_runs_primitives_and_field_moves_only():
     tint = compiled.tint
     for name, module in tint.layers.items():
         assert isinstance(module, runtime.PRIMITIVES), name
-    assert {type(m).__name__ for m in tint.modules()} <= {"TinT", "ModuleDict", "Diagonal", "Selection"} | {
+    assert {type(m).__name__ for m in tint.modules()} <= {"TinT", "ModuleDict", "Diagonal", "DiagonalBlocks", "Selection"} | {
         p.__name__ for p in runtime.PRIMITIVES}  # Diagonal, Selection: structured projections
     ids, train, _ = example_input(model.config.vocab_size, 16, 2, seed=1)
     prefixes = tint.encode(params_of(model))

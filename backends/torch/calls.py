@@ -107,7 +107,7 @@ def grid_of(patterns: list, groups: int) -> tuple[int, int]:
     """The call's group grid (S, C), S·C = G: groups g = s·C + c, C taken from the first read or write
     whose groups repeat in a row (C = r) or tile (C = distinct groups); (G, 1) where none does."""
     for pattern, distinct in patterns:
-        if isinstance(pattern, tuple):
+        if isinstance(pattern, tuple) and distinct > 1:  # one group for all (distinct 1) says nothing of C
             kind, r = pattern
             return (groups // r, r) if kind == "interleave" else (r, distinct)
     return groups, 1
@@ -212,9 +212,18 @@ class Scatter:
                 offsets.append(offsets[-1] + length)
             self.target = [(start, length, offset) for (start, length), offset in zip(runs, offsets)]
 
-    def reduced(self, delta: torch.Tensor) -> torch.Tensor:
-        """delta [B, T, S or 1, C or 1, width] -> [B, T, D·width]: one output per distinct field."""
+    @property
+    def summed_axis(self) -> int | None:
+        """The grid axis of the output (-3: S, -2: C) whose groups add into one field, where one is."""
+        return {"s": -2, "c": -3}.get(self.axes)
+
+    def reduced(self, delta: torch.Tensor, summed: bool = False) -> torch.Tensor:
+        """delta [B, T, S or 1, C or 1, width] -> [B, T, D·width]: one output per distinct field (summed:
+        delta already holds the sum along summed_axis)."""
         rows, cols = self.grid
+        if summed:
+            kept = (rows, 1) if self.axes == "s" else (1, cols)
+            return delta.expand(*delta.shape[:-3], *kept, delta.shape[-1]).flatten(-3)
         full = delta.expand(*delta.shape[:-3], rows, cols, delta.shape[-1])
         if self.axes == "s":
             return full.sum(-2).flatten(-2)
@@ -224,9 +233,9 @@ class Scatter:
             return full.sum((-3, -2))
         return _summed(full.flatten(-3, -2), self.sum, self.distinct).flatten(-2)
 
-    def write(self, into: torch.Tensor, delta: torch.Tensor, gated: bool) -> torch.Tensor:
+    def write(self, into: torch.Tensor, delta: torch.Tensor, gated: bool, summed: bool = False) -> torch.Tensor:
         """delta [B, T, S or 1, C or 1, width] into its fields; gated: replacing what they held."""
-        delta = self.reduced(delta)
+        delta = self.reduced(delta, summed)
         if isinstance(self.target, list):  # distinct coordinates, each written once
             for start, length, offset in self.target:
                 field, part = into[..., start : start + length], delta[..., offset : offset + length]
@@ -267,5 +276,8 @@ def apply(layer: nn.Module, reads: list, write, streams: list, into: torch.Tenso
     W_in; the write field is the selection inside O or W_o; a group is a head or a set of units;
     a new prefix-block version is the same positions after the residual add; the gate is the
     block's erase units (−h on a field whose value is dead)."""
-    delta = layer(*(gather(s, index) for s, index in zip(streams, reads)))  # [B, T, S or 1, C or 1, width]
-    return write.write(into, delta, gated)
+    gathered = [gather(s, index) for s, index in zip(streams, reads)]
+    axis = write.summed_axis
+    if axis is not None and hasattr(layer, "sums") and layer.sums(axis, *gathered):  # the heads summed inside
+        return write.write(into, layer(*gathered, summed=axis), gated, summed=True)
+    return write.write(into, layer(*gathered), gated)  # delta: [B, T, S or 1, C or 1, width]

@@ -115,8 +115,20 @@ class Attention(nn.Module):
         self.w_q, self.w_k, self.w_v, self.w_o = (stored(w) for w in (w_q, w_k, w_v, w_o))
         self.softmax, self.mask, self.positional = softmax, mask, positional
 
-    def forward(self, xq, xk, xv):
+    def sums(self, axis: int, xq, xk, xv) -> bool:
+        """Whether forward(..., summed=axis) sums its heads along that group axis inside its products:
+        linear attention whose inputs vary along it (the caller sums the heads otherwise)."""
+        return not self.softmax and max(x.shape[axis] for x in (xq, xk, xv)) > 1
+
+    def forward(self, xq, xk, xv, summed: int | None = None):
+        """summed (where sums() allows): the group axis (-3 or -2) whose heads add into one field, summed
+        inside the products (their output adds over the heads) and returned of size 1: one larger
+        product where there were many small ones and their sum."""
         w_q, w_k, w_v, w_o = (as_projection(w) for w in (self.w_q, self.w_k, self.w_v, self.w_o))
+        if summed is not None and xv.shape[summed] == 1 and self.positional in (None, "values"):
+            # Σ_g Q_g·K_gᵀ·V: the heads' scores add up
+            xq, xk = _summed_scores(xq, xk, summed, w_q, w_k)
+            w_q, w_k, summed = _IDENTITY, _IDENTITY, None
         keys_first = xk.shape[1] <= xq.shape[1]
         # (contiguous: the scores as a product would make them; a view of the gathered input cost 25% more peak)
         if self.positional == "queries":  # Q = [I 0]·W_qᵀ, so Q·Kᵀ = ((K·W_q)[:, :Tq])ᵀ
@@ -131,6 +143,8 @@ class Attention(nn.Module):
             future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
             scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
         weights = scores.softmax(-1) if self.softmax else scores  # [B, *groups, Tq, Tk]
+        if summed is not None:  # Σ_g A_g·V_g: the heads' weights and values side by side, one product
+            weights, xv = _summed_values(weights, xv, summed - 1, summed)
         if self.positional == "values":  # V = [I 0]·W_vᵀ, so A·V = [A 0]·W_vᵀ
             pad = xv.shape[-1] - xv.shape[1]  # token positions are max_length wide; a prefix block's are K
             heads = w_v.apply(F.pad(weights, (0, pad)) if pad else weights)
@@ -142,6 +156,42 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"softmax={self.softmax}, mask={self.mask}" + (f", positional={self.positional}" if self.positional else "")
+
+
+class _Identity:
+    """The projection of scores and values that _summed_scores has already projected."""
+
+    @staticmethod
+    def apply(x):
+        return x
+
+    apply_transposed = apply
+
+
+_IDENTITY = _Identity()
+
+
+def _summed_scores(xq, xk, axis: int, w_q, w_k):
+    """Queries and keys [B, T, S, C, width] (projected) whose scores are Σ_g ⟨q_g, k_g⟩ over group axis
+    `axis`, with that axis of size 1: a side that does not vary along it meets the other's sum; two that
+    do are laid side by side along their width (one longer product)."""
+    q, k = w_q.apply(xq), w_k.apply(xk)
+    if q.shape[axis] == 1 or k.shape[axis] == 1:
+        return q.sum(axis, keepdim=True), k.sum(axis, keepdim=True)
+    side_by_side = lambda x: x.movedim(axis, -2).flatten(-2).unsqueeze(axis)
+    return side_by_side(q), side_by_side(k)
+
+
+def _summed_values(weights, xv, weights_axis: int, values_axis: int):
+    """Σ_g A_g·V_g over one group axis as one product: weights [B, *groups, Tq, Tk] and values
+    [B, Tk, *groups, width] with the axis of size 1 and (g, key) laid side by side as the keys; where
+    the weights do not vary along it the values are summed (A·Σ_g V_g), and where the values do not,
+    the weights."""
+    if weights.shape[weights_axis] == 1 or xv.shape[values_axis] == 1:
+        return weights.sum(weights_axis, keepdim=True), xv.sum(values_axis, keepdim=True)
+    weights = weights.movedim(weights_axis, -2).flatten(-2).unsqueeze(weights_axis)  # [.., Tq, g·Tk]
+    xv = xv.movedim(values_axis, 1).flatten(1, 2).unsqueeze(values_axis)  # [B, g·Tk, .., width]
+    return weights, xv
 
 
 PRIMITIVES = (Linear, MLP, Gate, Norm, Attention)

@@ -1,8 +1,10 @@
-"""A primitive's projection W [out, in], in one of four stored forms with one interface.
+"""A primitive's projection W [out, in], in one of five stored forms with one interface.
 
     dense      the matrix itself (a bare tensor on the primitive; `as_projection` wraps it in Dense)
     diagonal   a square W that is zero off its diagonal (identities, scalings, masks of units),
                stored as that diagonal and applied as an elementwise product
+    diagonal blocks  n × n blocks that are all diagonal (sums, differences, signed copies of fields),
+               stored as their diagonals and applied as products and sums of the input's parts
     selection  one nonzero per row, W[i, index[i]] = coef[i] (signed copies such as [I; −I]),
                stored as both and applied as a gather and a product
     factored   W = left @ right, two factors (tint.passes.low_rank)
@@ -118,6 +120,69 @@ class Selection(nn.Module):
         return f"Selection(torch.empty({n}, dtype=torch.long), torch.empty({n}), {self.columns})"
 
 
+class DiagonalBlocks(nn.Module):
+    """W [p·n, m·n] whose n × n blocks are all diagonal (sums and differences of fields [I I], [I −I],
+    signed copies [I; −I], a point and its finite-difference neighbours [I εI; I −εI]): stored as the
+    blocks' diagonals [p, m, n] and applied as elementwise products and sums of the input's m parts,
+    skipping the zero blocks and the products with ±1."""
+
+    kind = "diagonal blocks"
+
+    def __init__(self, diagonals: torch.Tensor, terms: tuple | None = None):
+        super().__init__()
+        self.diagonals = stored_parameter(diagonals)  # [p, m, n]
+        self.terms = _block_terms(diagonals) if terms is None else terms  # ((i, k, "+" | "-" | "*"), …)
+
+    @property
+    def shape(self) -> torch.Size:  # the matrix's
+        p, m, n = self.diagonals.shape
+        return torch.Size((p * n, m * n))
+
+    def apply(self, x):
+        p, m, n = self.diagonals.shape
+        parts = x.unflatten(-1, (m, n))
+        rows = [None] * p
+        for i, k, how in self.terms:  # in column order, as the matrix product adds them
+            part = parts[..., k, :]
+            if rows[i] is None:
+                rows[i] = part if how == "+" else part * self.diagonals[i, k]
+            elif how == "*":  # one rounding, as a fused multiply-add (a point's finite-difference neighbours)
+                rows[i] = torch.addcmul(rows[i], part, self.diagonals[i, k])
+            else:
+                rows[i] = rows[i] + part if how == "+" else rows[i] - part
+        rows = [x.new_zeros(*x.shape[:-1], n) if r is None else r for r in rows]
+        if p > 1:
+            return torch.cat(rows, -1)
+        return rows[0].clone() if rows[0]._base is not None else rows[0]  # a lone + block: not a view of x
+
+    def apply_transposed(self, x):
+        return x @ self.dense()
+
+    def dense(self) -> torch.Tensor:
+        p, m, n = self.diagonals.shape
+        return torch.diag_embed(self.diagonals).transpose(1, 2).reshape(p * n, m * n)
+
+    def count(self) -> int:
+        return self.diagonals.numel()
+
+    def literal(self) -> str:
+        return f"DiagonalBlocks(torch.empty{tuple(self.diagonals.shape)}, {self.terms!r})"
+
+    def extra_repr(self) -> str:
+        return f"terms={self.terms}"
+
+
+def _block_terms(diagonals: torch.Tensor) -> tuple:
+    """The nonzero blocks (i, k) of [p, m, n] diagonals, each marked "+" (all 1), "-" (all −1) or "*"."""
+    terms = []
+    for i in range(diagonals.shape[0]):
+        for k in range(diagonals.shape[1]):
+            d = diagonals[i, k]
+            if bool((d != 0).any()):
+                terms.append((i, k, "+" if bool((d == 1).all()) else "-" if bool((d == -1).all()) else "*"))
+    return tuple(terms)
+
+
 class LowRank(nn.Module):
     """W = left @ right (tint.passes.low_rank)."""
 
@@ -147,7 +212,7 @@ class LowRank(nn.Module):
         return f"LowRank(torch.empty{tuple(self.left.shape)}, torch.empty{tuple(self.right.shape)})"
 
 
-STRUCTURED = (Diagonal, Selection, LowRank)  # the forms stored as modules of their own
+STRUCTURED = (Diagonal, DiagonalBlocks, Selection, LowRank)  # the forms stored as modules of their own
 
 
 def as_projection(w):
