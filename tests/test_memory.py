@@ -71,7 +71,7 @@ def test_a_run_that_would_not_fit_is_refused_naming_its_largest_term(monkeypatch
     assert large.terms["token streams"] == 4 * 64 * small.terms["token streams"]
     monkeypatch.setattr(pipeline, "MEMORY_BUDGET", (small.total + large.total) // 2)  # ~50 MiB of streams apart
     with pytest.raises(ConfigError, match=r"--length, --batch: the TinT run \(T=32, batch 64\) would need about "
-                                        r"[\d.]+ GiB, process now [\d.]+ GiB the largest"):
+                                        r"[\d.]+ GiB, token streams [\d.]+ GiB the largest"):  # of the work: not the process
         pipeline.verify_on(cfg, compiled, 32, 64)
 
 

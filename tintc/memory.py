@@ -33,6 +33,7 @@ EXPORT_BYTES = 34 * MIB  # torch.export's modules and caches, loaded at the firs
 PROGRAM_BYTES = 500  # the program (calls, wiring, JSON form) per unit of n_layer·d_model²/K, per step
 # (measured after the trace is freed: ~210 MB at the 360M shape, ~100 MB at OLMo 2-1B)
 STREAM_COPIES = 2  # the stream and the full-width scratch of a write with many runs (calls.py)
+PROCESS = "process now"  # the resident size when asked: interpreter, torch, what the process holds
 CAPPED_HEAD = "final-logit cap's V × V identities"
 CAPPED_IDENTITIES = 4  # the capped head's softmax over the vocabulary: its q, k, v, o built dense (lower_llama.py)
 
@@ -86,7 +87,7 @@ def compile_prediction(cfg, config, whole: bool = False) -> Prediction:
     if getattr(config, "final_logit_softcapping", None) is not None:  # Gemma 2: grows as V², not with depth
         program[CAPPED_HEAD] = CAPPED_IDENTITIES * config.vocab_size**2 * itemsize
     stage = trace if sum(trace.values()) >= sum(program.values()) else program
-    return Prediction("compile", {"process now": resident_bytes(), **stage})
+    return Prediction("compile", {PROCESS: resident_bytes(), **stage})
 
 
 def _tied(meta_model) -> bool:
@@ -117,7 +118,7 @@ def run_shape(program) -> dict[str, int]:
 def run_prediction(shape: dict, length: int, batch: int = 1, holds_package: bool = True) -> Prediction:
     """The peak of one TinT forward of `batch` sequences of `length` tokens (`shape`: run_shape's);
     `holds_package`: the process holds the TinT and θ's prefixes already (else they are counted)."""
-    terms = {"process now": resident_bytes()}
+    terms = {PROCESS: resident_bytes()}
     if not holds_package:
         terms["TinT weights"] = shape["weights_bytes"]
         terms["prefixes"] = shape["prefix_bytes"]
@@ -129,10 +130,12 @@ def run_prediction(shape: dict, length: int, batch: int = 1, holds_package: bool
 
 
 def refuse_above(prediction: Prediction, keys: str, advice: str, budget: int | None = None) -> None:
-    """Raise ConfigError naming `keys` and the largest term when the prediction exceeds the budget."""
+    """Raise ConfigError naming `keys` and the largest term of the work (not the process's own resident
+    size, which no setting changes) when the prediction exceeds the budget."""
     budget = BUDGET if budget is None else budget
     if prediction.total > budget:
-        largest = max(prediction.terms, key=prediction.terms.get)
+        work = {name: size for name, size in prediction.terms.items() if name != PROCESS} or prediction.terms
+        largest = max(work, key=work.get)
         raise ConfigError(f"{keys}: the {prediction.what} would need about {prediction.total / 2**30:.1f} GiB, "
                           f"{largest} {prediction.terms[largest] / 2**30:.1f} GiB the largest; allowed: at most "
                           f"{budget / 2**30:.0f} GiB: {advice}")

@@ -4,9 +4,9 @@ Selection) and applied as elementwise products (and sums), or a gather and a pro
 
 Most of a TinT's projections are identities, scalings (−η, 1/N), masks of units, signed copies
 ([I; −I]) or sums and differences of fields ([I I], [I −I]): as dense matrices they were most of
-the fast executor's arithmetic (an n-wide identity costs n multiply-adds per number it passes on). The cheaper forms give the same
-numbers, since the matrix product only adds exact zeros; the standard view and the dense counts
-see the same matrices.
+the fast executor's arithmetic (an n-wide identity costs n multiply-adds per number it passes on).
+The cheaper forms give the same numbers, since the matrix product only adds exact zeros; the
+standard view and the dense counts see the same matrices.
 """
 
 from __future__ import annotations
