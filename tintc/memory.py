@@ -56,6 +56,12 @@ class Prediction:
     def total(self) -> int:
         return sum(self.terms.values())
 
+    @property
+    def largest(self) -> str:
+        """The largest term of the work (not the process's own resident size, which no setting changes)."""
+        work = {name: size for name, size in self.terms.items() if name != PROCESS} or self.terms
+        return max(work, key=work.get)
+
     def line(self) -> str:
         terms = ", ".join(f"{name} {size / MIB:,.0f}" for name, size in self.terms.items())
         return f"predicted peak of the {self.what}: {self.total / MIB:,.0f} MiB ({terms} MiB)"
@@ -134,8 +140,7 @@ def refuse_above(prediction: Prediction, keys: str, advice: str, budget: int | N
     size, which no setting changes) when the prediction exceeds the budget."""
     budget = BUDGET if budget is None else budget
     if prediction.total > budget:
-        work = {name: size for name, size in prediction.terms.items() if name != PROCESS} or prediction.terms
-        largest = max(work, key=work.get)
+        largest = prediction.largest
         raise ConfigError(f"{keys}: the {prediction.what} would need about {prediction.total / 2**30:.1f} GiB, "
                           f"{largest} {prediction.terms[largest] / 2**30:.1f} GiB the largest; allowed: at most "
                           f"{budget / 2**30:.0f} GiB: {advice}")

@@ -148,7 +148,7 @@ def check_memory(cfg: TintcConfig, config, whole: bool = False, announce=lambda 
     """The compile's predicted peak (tintc/memory.py), announced; refused above MEMORY_BUDGET."""
     prediction = memory.compile_prediction(cfg, config, whole)
     announce(prediction.line())
-    if max(prediction.terms, key=prediction.terms.get) == memory.CAPPED_HEAD:
+    if prediction.largest == memory.CAPPED_HEAD:
         memory.refuse_above(prediction, f"model.config.final_logit_softcapping ({config.final_logit_softcapping})",
                             f"the capped head's softmax over the vocabulary grows as V² (V = {config.vocab_size}): "
                             "null (no final cap) or a smaller vocabulary", MEMORY_BUDGET)

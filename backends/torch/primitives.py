@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ir.activations import ACTIVATIONS
-from .projection import as_projection, stored
+from .projection import Diagonal, as_projection, stored
 
 MASKS = ("causal", "full")
 POSITIONAL = (None, "queries", "keys", "values")
@@ -158,17 +158,7 @@ class Attention(nn.Module):
         return f"softmax={self.softmax}, mask={self.mask}" + (f", positional={self.positional}" if self.positional else "")
 
 
-class _Identity:
-    """The projection of scores and values that _summed_scores has already projected."""
-
-    @staticmethod
-    def apply(x):
-        return x
-
-    apply_transposed = apply
-
-
-_IDENTITY = _Identity()
+_IDENTITY = Diagonal(torch.ones(1), identity=True)  # applied as x itself at any width: q, k already projected
 
 
 def _summed_scores(xq, xk, axis: int, w_q, w_k):
