@@ -4,6 +4,9 @@ backends/torch/calls.py) give the numbers of the plain forms they replace."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -256,3 +259,50 @@ def test_a_read_shared_by_every_group_does_not_set_the_grid():
     reads, scatter = calls.wiring({"reads": [onehot, dy, x], "write": write})
     assert scatter.grid == (S, C)
     assert [r.axes for r in reads] == ["", "s", "c"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_stream_lets_go_of_what_is_never_read_again_and_computes_the_same(family, tmp_path):
+    """Values that outlive the training sit below the others, so the backward frees the top of the
+    stream layer by layer; the executor lets its pages go there (allocate.narrowing), in memory and as
+    the emitted package, with the same numbers bit for bit as a run that keeps the whole stream."""
+    from backends.torch.emit import import_package
+
+    cfg, model, ids, train, prefixes = _compiled(family)
+    cfg = cfg.model_copy(update={"output": str(tmp_path)})
+    compiled = pipeline.compile_tint(cfg, model)
+    tint = compiled.tint
+    program = tint.program
+    assert len(program.narrowing) >= 3 and min(program.narrowing.values()) < program.width / 2
+    released = []
+    original = runtime.release_beyond
+    with torch.no_grad():
+        runtime.release_beyond = lambda h, width: released.append(width) or original(h, width)
+        try:
+            narrow, new = tint(ids, train, prefixes)
+        finally:
+            runtime.release_beyond = original
+    assert released == list(program.narrowing.values())
+    pipeline.save(compiled, cfg)
+    assert (tmp_path / "tint_model.py").read_text().count("release_beyond(h, ") == 1 + len(program.narrowing)  # and its def
+    with torch.no_grad():
+        packaged, packaged_new = import_package(tmp_path).load(tmp_path)(ids, train, prefixes)
+    tint.program = replace(program, narrowing={})  # the whole stream to the end
+    with torch.no_grad():
+        whole, whole_new = tint(ids, train, prefixes)
+    assert torch.equal(narrow, whole) and torch.equal(packaged, whole)
+    assert all(torch.equal(new[k], whole_new[k]) and torch.equal(packaged_new[k], whole_new[k]) for k in new)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are let go on Linux only")
+def test_release_beyond_hands_back_the_whole_pages_past_the_width_and_keeps_the_rest():
+    h = torch.ones(2, 8, 8192)  # rows of 32 KiB: eight pages each
+    runtime.release_beyond(h, 1000)
+    assert torch.equal(h[..., :1000], torch.ones(2, 8, 1000))
+    # a released page reads as zeros; kept past 1000: the rest of its page, and the page the row ends in
+    # (rows need not start on a page)
+    kept = (h[..., 1000:] != 0).sum(-1)
+    assert bool(kept.le(2 * 1024).all()) and bool(((h[..., 1000:] == 0).sum(-1) == 8192 - 1000 - kept).all())
+    wide = torch.ones(2, 8, 8192)
+    runtime.release_beyond(wide, 8192)  # nothing beyond: kept
+    assert bool((wide == 1).all())

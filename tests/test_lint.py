@@ -78,6 +78,11 @@ def _stale_block_version():
                            replace(p.values[4], born=3, last=4)])
 
 
+def _cut_below_a_live_value():
+    """The stream cut to 5 coordinates before call 2, which writes %out at 5:9."""
+    return _program(narrowing={2: 5})
+
+
 BROKEN = [
     (_broken_read, r"call 2 \(%n2, layer linear\) reads tokens\[5:9\], which holds no live value \(no value at 5\)"),
     (_write_over_a_live_value, r"call 1 \(%n1, layer linear\): value %z is placed on tokens\[0:4\] over value "
@@ -86,6 +91,8 @@ BROKEN = [
     (_write_outside_a_value, r"call 2 \(%n2, layer linear\) writes tokens\[6:10\], which holds no live value"),
     (_ungated_token_write, r"call 1 \(%n1, layer linear\) adds to tokens without gating \(base b@0\)"),
     (_stale_block_version, r"call 2 \(%d, layer linear\) writes b@1 from b@1; allowed: version 1 from a copy of b@0"),
+    (_cut_below_a_live_value, r"call 2 \(%n2, layer linear\) writes tokens\[5:9\], beyond the stream's width 5 "
+                              r"\(cut before call 2\)"),
 ]
 
 

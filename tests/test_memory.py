@@ -1,5 +1,5 @@
 """The memory model (tintc/memory.py): the predicted peak of a compile and of a TinT run against the
-peak measured in a fresh process (getrusage's ru_maxrss, through the bench's own measurement parts:
+peak measured in a fresh process (VmHWM, a run's after its first run, through the bench's own measurement parts:
 `python -m tintc.bench compile|tint`), within ±20%; and a compile from shapes that never reads the
 aux weights."""
 

@@ -172,3 +172,26 @@ def test_exact_gd_can_skip_the_forward_with_theta_0():
     settings = TrainSettings(lr=0.05)
     full, lean = exact_gd(model, graph, ids, train, settings), exact_gd(model, graph, ids, train, settings, before=False)
     assert lean.logits_before is None and torch.equal(lean.logits, full.logits)
+
+
+@pytest.mark.parametrize("family,kinds,steps,rules", [
+    ("gpt2", ("attn_v", "mlp_in"), 2, EXACT),  # exact attention: q and k have gradients that the mask drops
+    ("llama", ("attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down"), 1, TrainSettings().approximations)])
+def test_g_hat_in_place_equals_g_hat_and_overwrites_only_its_own_theta(family, kinds, steps, rules):
+    """scripts/verify_at_scale.py's ĝ: each trained tensor steps as soon as its gradient is complete,
+    over θ's own storage (GPT-2's value slice of c_attn through its mask), the same numbers bit for bit."""
+    model, graph, ids, train, _ = traced_tiny(family)
+    settings = TrainSettings(lr=0.05, steps=steps, kinds=kinds, approximations=rules)
+    ids, train = ids[:1], train[:1]
+    reference = approx_gd(graph, params_of(model), ids, train, settings)
+    own = {n: p.clone() for n, p in params_of(model).items()}
+    storage = {n: p.data_ptr() for n, p in own.items()}
+    in_place = approx_gd(graph, own, ids, train, settings, in_place=True)
+    assert in_place.trained == reference.trained and len(reference.trained) >= 3
+    assert torch.equal(in_place.logits, reference.logits) and torch.equal(in_place.logits_before, reference.logits_before)
+    for name in reference.params:
+        assert torch.equal(in_place.params[name], reference.params[name])
+        assert in_place.params[name].data_ptr() == storage[name]  # θ_N written over θ
+        assert torch.equal(own[name], reference.params[name][0])
+    with pytest.raises(ValueError, match="a batch of 2 sequences; allowed: 1"):
+        approx_gd(graph, own, *traced_tiny(family)[2:4], settings, in_place=True)

@@ -17,7 +17,7 @@ from ir.text import dump
 from ir.errors import FrontendError
 from tests.models import tiny_model
 
-LAYERS = {"gpt2": "n_layer"}  # the config key of the layer count; the others: num_hidden_layers
+LAYERS = {"gpt2": "n_layer", "bloom": "n_layer"}  # the config key of the layer count; the others: num_hidden_layers
 
 
 def deep_model(family: str, n_layer: int = 4, **overrides):
@@ -40,6 +40,7 @@ def deep_model(family: str, n_layer: int = 4, **overrides):
     ("gemma2", dict(layer_types=["full_attention"] * 4)),  # eager attention, embeddings × √D, (1 + w) norms
     ("gemma2", {}),  # alternate sliding and full layers: each repeated attention takes its layer's window
     ("gemma2", dict(sliding_window=4)),  # a window the logit check (8 tokens) sees
+    ("bloom", {}),  # its layers return (output, attention weights): the relay returns a tuple too
 ], ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v[k]}" for k in v) or "default")
 def test_repeated_layers_give_the_whole_trace_byte_for_byte(family, overrides):
     model = deep_model(family, **overrides)
@@ -176,6 +177,7 @@ def test_an_error_in_the_exported_layers_is_reported_by_the_whole_trace(monkeypa
     ("phi3", {}),
     ("olmo2", {}),
     ("gemma2", {}),  # alternate sliding and full layers
+    ("bloom", {}),
 ], ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v[k]}" for k in v) or "default")
 def test_the_graph_from_the_config_alone_is_the_trace_of_the_model(family, overrides, monkeypatch):
     model = deep_model(family, n_layer=5, **overrides)

@@ -10,14 +10,18 @@ whatever the process holds already: measured, /proc/self/statm) plus what the wo
   program and its JSON form, whose wiring grows with the prefix rows each layer's linear maps stack:
   n_layer·d_model²/K per step;
 - a TinT run (one forward of B sequences of T tokens): the TinT's weights, the prefixes (θ's blocks
-  and embedding tables, unless the caller holds them already), STREAM_COPIES token streams of
-  B·T·width, the new versions of the trained blocks, and the logits.
+  and embedding tables, unless the caller holds them already), the logits, and at the worst moment
+  the token stream (B·T·its live width then) beside the new block versions made by then: the stream's
+  tail is let go as the backward walks down the layers while the new versions pile up
+  (allocate.narrowing), so the worst moment is just before a cut or at the end.
 
 The constants were fitted on GPT-2 (256 and 768 wide), SmolLM2-135M/360M, Qwen3-0.6B, OPT-1.3B, OLMo 2-1B,
 Phi-3 and Gemma 2 (8 layers) shapes, by the peak of each stage measured alone (the figures are in the
-bench's rows; BLOOM-560m's compile peaks 2 GB above its prediction, not explained); tests/test_memory.py
-holds both predictions to ±20% of the peak measured in a fresh process (getrusage's ru_maxrss). Block
-sharing off is not fitted (its primitives are not counted).
+bench's rows); tests/test_memory.py holds both predictions to ±20% of the peak measured in a fresh
+process (the run's: after its first run). Block sharing off is not fitted (its primitives are not
+counted). A model whose shallow trace fails is traced whole (pipeline.trace_from_config), which the
+compile's prediction of record does not count (it is made before the trace is tried; the fallback
+announces its own).
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ BUDGET = 24 * 2**30  # bytes: the machine tintc is sized for
 EXPORT_BYTES = 34 * MIB  # torch.export's modules and caches, loaded at the first export
 PROGRAM_BYTES = 500  # the program (calls, wiring, JSON form) per unit of n_layer·d_model²/K, per step
 # (measured after the trace is freed: ~210 MB at the 360M shape, ~100 MB at OLMo 2-1B)
-STREAM_COPIES = 2  # the stream and the full-width scratch of a write with many runs (calls.py)
 PROCESS = "process now"  # the resident size when asked: interpreter, torch, what the process holds
 CAPPED_HEAD = "final-logit cap's V × V identities"
 CAPPED_IDENTITIES = 4  # the capped head's softmax over the vocabulary: its q, k, v, o built dense (lower_llama.py)
@@ -103,22 +106,31 @@ def _tied(meta_model) -> bool:
 
 def run_shape(program) -> dict[str, int]:
     """What a run's prediction needs of a compiled TinT (JSON-able, for a process that holds only its
-    package): the stream's width, the vocabulary, the itemsize, the elements of the trained blocks (each
-    gets a new version), and the bytes of the TinT's weights (each shared tensor once) and of θ's prefixes
-    (its blocks and embedding tables)."""
-    from backends.torch.stream_io import block_stream
-
+    package): the stream's width, the vocabulary, the itemsize, the moments that can be the worst
+    ("moments": [stream coordinates held, elements of new block versions made by then], before each
+    narrowing cut and at the end), and the bytes of the TinT's weights (each shared tensor once) and of
+    θ's prefixes (its blocks and embedding tables)."""
     layout, tensors = program.layout, {}
     for module in program.layers.values():
         tensors.update({id(t): t for t in [*module.parameters(), *module.buffers()]})
     itemsize = next(t for m in program.layers.values() for t in m.parameters()).element_size()
     tables = {layout.vocab.name, layout.unembed.name} | ({layout.positions.name} if layout.positions else set())
     prefixes = sum(b.tokens * b.width for b in layout.blocks.values()) + sum(_numel(layout.shapes[n]) for n in tables)
-    updated = sum(layout.blocks[b].tokens * layout.blocks[b].width for b, stream in program.final_blocks.items()
-                  if stream != block_stream(b, 0))
     return {"width": program.width, "vocab": layout.shapes[layout.vocab.name][0], "itemsize": itemsize,
-            "updated_numel": updated, "weights_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+            "moments": _moments(program), "weights_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             "prefix_bytes": prefixes * itemsize}
+
+
+def _moments(program) -> list[list[int]]:
+    """[stream coordinates held, new block-version elements made] at each moment that can be the run's
+    worst: just before a narrowing cut, and the end."""
+    from backends.torch.allocate import versions_made
+
+    made, moments, width = versions_made(program), [], program.width
+    for i, narrow in sorted(program.narrowing.items()):
+        moments.append([width, made[i]])
+        width = narrow
+    return [*moments, [width, made[-1]]]
 
 
 def run_prediction(shape: dict, length: int, batch: int = 1, holds_package: bool = True) -> Prediction:
@@ -129,8 +141,9 @@ def run_prediction(shape: dict, length: int, batch: int = 1, holds_package: bool
         terms["TinT weights"] = shape["weights_bytes"]
         terms["prefixes"] = shape["prefix_bytes"]
     tokens, itemsize = batch * length, shape["itemsize"]
-    terms |= {"token streams": STREAM_COPIES * tokens * shape["width"] * itemsize,
-              "trained blocks' new versions": shape["updated_numel"] * itemsize,
+    held, made = max(shape["moments"], key=lambda m: tokens * m[0] + m[1])
+    terms |= {"token streams": tokens * held * itemsize,
+              "trained blocks' new versions": made * itemsize,
               "logits": tokens * shape["vocab"] * itemsize}
     return Prediction(f"TinT run (T={length}, batch {batch})", terms)
 

@@ -8,6 +8,13 @@ output is placed, so it may write over its inputs; by attention or a norm: after
 stream is only as wide as the values alive at once. A write gates out what its field held before (h ← (1−m)⊙h + Δ,
 m the field's indicator), so reused coordinates need no clearing layer.
 
+Values that outlive the training (born before the first backward or descent call, read after the
+last: the norms' values that the evaluation reads again) take a pool of their own below the others. So
+the coordinates above the still-live values of the layers not yet differentiated fall free as the
+backward walks down the layers, and the fast executor lets the stream's tail go there (`narrowing`):
+it holds the stream up to where the last value still needed ends, not where the widest point of the
+program did.
+
 With `shared_rows` (tint.passes.shared_rows), the standard view places the prefix and vocabulary
 rows on coordinates that token fields use too: prefix and token positions are distinct positions,
 so a coordinate can hold a weight row at a prefix position and an activation at a token position.
@@ -26,6 +33,7 @@ from dataclasses import replace
 from .primitives import MLP, PER_POSITION, Gate, Norm
 from .program import TOKENS, Field, Program, Read, Write, lives
 from .standard_plan import vanishes_at_zero
+from .stream_io import stream_block
 
 
 def allocate(program: Program, shared_rows: bool = False) -> Program:
@@ -49,13 +57,19 @@ def allocate(program: Program, shared_rows: bool = False) -> Program:
     for v in values:
         dying.setdefault(v.last, []).append(v)
 
-    pools = {True: _Ranges(), False: _Ranges()}  # values kept apart from the rows, and shareable ones
+    training = [i for i, call in enumerate(program.calls) if call.phase in ("backward", "descent")]
+    lasting = {v for v in values if training and v.born < training[0] and v.last > training[-1]}
+    # per pool (kept apart from the rows or not, outlives the training or not) its free ranges
+    pools = {(a, o): _Ranges() for a in (True, False) for o in (True, False)}
+
+    def pool(v) -> tuple[bool, bool]:
+        return v in apart, v in lasting
 
     def take(v) -> int:
-        return pools[v in apart].take(v.field.width)
+        return pools[pool(v)].take(v.field.width)
 
     def release(v) -> None:
-        pools[v in apart].release(placed[v], v.field.width)
+        pools[pool(v)].release(placed[v], v.field.width)
 
     placed = {owner(f): take(owner(f)) for f in program.inputs.values()}
     for v in dying.get(-1, []):
@@ -72,8 +86,11 @@ def allocate(program: Program, shared_rows: bool = False) -> Program:
         for v in dying.get(i, []):
             if v.born == i or not in_place:  # written and never read again, or read for the last time
                 release(v)
-    rows_at = pools[True].width  # the shareable pool sits above the other
-    placed = {v: start + (0 if v in apart else rows_at) for v, start in placed.items()}
+    # in the stream, bottom up: kept apart and lasting, kept apart, shareable and lasting, shareable
+    order = [(True, True), (True, False), (False, True), (False, False)]
+    offset = dict(zip(order, [sum(pools[k].width for k in order[:n]) for n in range(len(order))]))
+    rows_at = offset[(False, True)]  # the shareable pools sit above the others
+    placed = {v: start + offset[pool(v)] for v, start in placed.items()}
 
     def move(f: Field) -> Field:
         v = owner(f)
@@ -87,9 +104,45 @@ def allocate(program: Program, shared_rows: bool = False) -> Program:
 
     calls = [replace(c, reads=tuple(move_read(r) for r in c.reads), write=move_write(c.write))
              for c in program.calls]
-    return replace(program, width=rows_at + pools[False].width, calls=calls,
-                   inputs={k: move(f) for k, f in program.inputs.items()}, logits=move(program.logits),
-                   values=[replace(v, field=move(v.field)) for v in values], rows_at=rows_at if shared_rows else None)
+    moved = [replace(v, field=move(v.field)) for v in values]
+    width = sum(p.width for p in pools.values())
+    return replace(program, width=width, calls=calls, inputs={k: move(f) for k, f in program.inputs.items()},
+                   logits=move(program.logits), values=moved, rows_at=rows_at if shared_rows else None,
+                   narrowing=narrowing(moved, len(calls), width))
+
+
+NARROW_STEP = 1 / 64  # let the stream's tail go each time a 64th of its width falls free
+
+
+def narrowing(values, calls: int, width: int) -> dict[int, int]:
+    """{call: width}: before these calls the fast executor lets go of the token stream beyond its first
+    `width` coordinates (stream_io.release_beyond: never read again, so their pages go back to the
+    system, in place), each time the values read at or after the call (and the output head's) end a
+    NARROW_STEP of the width below where they ended at the last cut. The stream narrows as the backward
+    walks down the layers while the new block versions pile up: at the SmolLM2-360M shape (T 256, paper
+    rules) the run's worst moment, stream and new versions together, falls from 1,815 to 1,197 MiB (47
+    cuts, each a madvise per position)."""
+    ends = [0] * (calls + 1)  # per call, where the last value read there or later ends
+    for v in values:
+        at = min(v.last, calls)
+        ends[at] = max(ends[at], v.field.stop)
+    for i in range(calls - 1, -1, -1):
+        ends[i] = max(ends[i], ends[i + 1])
+    cuts, current = {}, width
+    for i in range(calls):
+        if ends[i] <= current - NARROW_STEP * width:
+            cuts[i] = current = ends[i]
+    return cuts
+
+
+def versions_made(program: Program) -> list[int]:
+    """Per call (and after the last), the elements of the new prefix-block versions made before it: each
+    descent's write is a new version, a copy of the last one, then written (the run holds them all)."""
+    made = [0]
+    for call in program.calls:
+        block = program.layout.blocks[stream_block(call.write.stream)[0]] if call.write.base is not None else None
+        made.append(made[-1] + (block.tokens * block.width if block else 0))
+    return made
 
 
 def unshareable(program: Program, owner) -> set:

@@ -9,7 +9,9 @@ on them, and register allocation is where they would break.
   add), and a call writes only inside values that are live there;
 - every gated write erased: token writes are gated (the field's old contents are gated out; the
   standard view erases them), and a write to a prefix block is its next version, added to a copy
-  of the current one, never gated.
+  of the current one, never gated;
+- nothing read or written beyond a cut: after the fast executor lets the stream's tail go
+  (Program.narrowing), every token field accessed lies below the cut.
 
 `lint(program)` raises a BackendError naming the call, its training-graph op, the field and the value.
 """
@@ -79,8 +81,12 @@ def lint(program: Program) -> None:
     for v in dying.get(-1, []):
         occupancy.release(v)
     version = {block: 0 for block in program.layout.blocks}
+    width, cut = program.width, None
     for i, call in enumerate(program.calls):
         where = _where(i, call)
+        if i in program.narrowing:
+            width, cut = program.narrowing[i], i
+        _check_narrowing(call.token_fields(), width, cut, where)
         for read in call.reads:
             if read.stream == TOKENS:
                 for f in {f for group in read.groups for f in group}:
@@ -98,8 +104,20 @@ def lint(program: Program) -> None:
         for v in dying.get(i, []):
             if v.born == i or not in_place:
                 occupancy.release(v)
+    head = [(f.start, f.width) for f in (program.logits, program.inputs["one"])]
+    _check_narrowing((head, []), width, cut, _where(len(program.calls), None))
     for f in (program.logits, program.inputs["one"]):
         occupancy.check(f, _where(len(program.calls), None), "reads")
+
+
+def _check_narrowing(fields: tuple[list, list], width: int, cut: int | None, where: str) -> None:
+    """The (read, written) token fields lie inside the stream's first `width` coordinates (cut to that
+    before call `cut`; None: never cut)."""
+    for verb, accessed in zip(("reads", "writes"), fields):
+        for start, size in accessed:
+            if start + size > width:
+                raise BackendError(f"{where} {verb} tokens[{start}:{start + size}], beyond the stream's width "
+                                   f"{width} (cut before call {cut}); allowed: fields inside it")
 
 
 def _check_write(call: Call, where: str, occupancy: _Occupancy, version: dict) -> None:

@@ -12,6 +12,7 @@ replace what the field held), while a new prefix-block version adds to a copy of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as default
 
 import torch
 from torch import nn
@@ -101,6 +102,7 @@ class Program:
     lr: float = 1e-3  # η where forward is given none (the config's tint.train.lr); an input, not in any weight
     logit_softcap: float | None = None  # the output head's c·tanh(z/c), as the aux model's head (Gemma 2)
     rows_at: int | None = None  # tint.passes.shared_rows: the standard view's first row coordinate (None: width)
+    narrowing: dict[int, int] = default(default_factory=dict)  # call -> the token stream's live width from there on (allocate.py)
 
 
 def lives(program: Program) -> list[Value]:
@@ -153,4 +155,5 @@ def program_json(program: Program) -> dict:
         "low_rank": program.factored,
         "lr": program.lr,
     } | ({"logit_softcap": program.logit_softcap} if program.logit_softcap is not None else {}) \
-      | ({"rows_at": program.rows_at} if program.rows_at is not None else {})  # only where set: bytes kept
+      | ({"rows_at": program.rows_at} if program.rows_at is not None else {}) \
+      | ({"narrowing": {str(i): w for i, w in program.narrowing.items()}} if program.narrowing else {})  # only where set

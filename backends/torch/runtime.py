@@ -22,6 +22,6 @@ from .checks import FINGERPRINT, contract  # noqa: F401
 from .prefix_codec import decode, encode  # noqa: F401
 from .primitives import MLP, PRIMITIVES, WEIGHTS, Attention, Gate, Linear, Norm, projections  # noqa: F401
 from .projection import STRUCTURED, Dense, Diagonal, DiagonalBlocks, LowRank, Selection, as_projection  # noqa: F401
-from .stream_io import begin, block_stream, finish  # noqa: F401
+from .stream_io import begin, block_stream, finish, release_beyond  # noqa: F401
 
 CARRIED = (activations, checks, projection, primitives, calls, stream_io, prefix_codec)

@@ -6,9 +6,17 @@ Streams by name (tint_config.json's form): "tokens", "unembed", and each prefix 
 backends/torch/program.py's Stream is the typed form every compiler module uses.
 """
 
+import ctypes
+import mmap
+import sys
+
 import torch
 
 from .checks import FINGERPRINT, check_inputs, check_lr
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4  # Linux's value
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
 def block_stream(block: str, version: int) -> str:
@@ -71,6 +79,22 @@ def input_layer(fields: dict, width: int, position_offset: int, input_ids, train
     h[..., fields["lr"][0]] = lr.reshape(-1, 1).to(h) if isinstance(lr, torch.Tensor) else lr
     return h
 
+
+def release_beyond(h, width: int) -> None:
+    """Let go of the token stream beyond its first `width` coordinates, which are never read or written
+    again (backends/torch/allocate.py's narrowing), in place and without a copy: on Linux the whole pages
+    of each position's row past `width` go back to the system (madvise MADV_DONTNEED: an untouched
+    page of a private mapping reads as zeros, and nothing touches these). Elsewhere (another system, a
+    GPU, a stream that is not one contiguous block) the stream is kept whole: the same numbers, more memory."""
+    if _LIBC is None or h.device.type != "cpu" or not h.is_contiguous() or width >= h.shape[-1]:
+        return
+    size, row = h.element_size(), h.shape[-1] * h.element_size()
+    for r in range(h.numel() // h.shape[-1]):
+        start = h.data_ptr() + r * row
+        low = -(-(start + width * size) // _PAGE) * _PAGE  # the first whole page past `width`
+        high = (start + row) // _PAGE * _PAGE
+        if high > low:
+            _LIBC.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), _MADV_DONTNEED)
 
 
 def stream_block(name: str) -> tuple[str, int]:

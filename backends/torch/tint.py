@@ -58,9 +58,12 @@ class TinT(nn.Module):
         return {TOKENS: h, "unembed": unembed, **blocks}
 
     def run(self, streams: dict, start: int, stop: int) -> None:
-        """Calls [start, stop) on `streams`, in place (each call replaces the stream it writes)."""
+        """Calls [start, stop) on `streams`, in place (each call replaces the stream it writes; the token
+        stream's tail is let go where the program says)."""
         p = self.program
-        for call, (reads, write) in zip(p.calls[start:stop], self._wiring[start:stop]):
+        for i, call, (reads, write) in zip(range(start, stop), p.calls[start:stop], self._wiring[start:stop]):
+            if i in p.narrowing:
+                runtime.release_beyond(streams[TOKENS], p.narrowing[i])
             base = call.write.base
             into = streams[call.write.stream] if base is None else streams[base].clone()
             streams[call.write.stream] = runtime.apply(self.layers[call.layer], reads, write,

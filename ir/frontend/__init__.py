@@ -188,7 +188,7 @@ def trace_from_config(family: str, config, seed: int = 0, dtype=torch.float32, n
 
 def _layer_graph(adapter: Adapter, model, headline: str, name: str | None) -> tuple[Graph, str]:
     """The graph of the view [layer 0, relay] of `model`, and the node layer 0 hands to the next layer."""
-    view = repeat.relayed(model, adapter.layers)
+    view = repeat.relayed(model, adapter.layers, adapter.layer_returns_tuple)
     with repeat.lean_export():
         program = _export(adapter, view, model, headline)
     recognizer = Recognizer(adapter, view, program, name or adapter.family)

@@ -27,6 +27,7 @@ class Adapter:
     # attention-module attributes that attention_extras reads per layer: alike layers may differ in them
     # (repeat.py then takes each layer's extras from the adapter)
     per_layer_attrs: tuple[str, ...] = ()
+    layer_returns_tuple: bool = False  # a decoder layer returns (hidden_states, …) and the model takes [0]
 
     def config_refusals(self, config) -> list[tuple[str, str]]:
         """(HF config key, "got ...; allowed: ...") for each setting of `config` with no TinT construction;

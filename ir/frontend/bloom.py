@@ -22,6 +22,7 @@ class BloomAdapter(Adapter):
              "self_attention.dense": "o", "post_attention_layernorm": "ln_mlp", "mlp.dense_h_to_4h": "mlp_in",
              "mlp.dense_4h_to_h": "mlp_out"}
     outer_roles = {"transformer.word_embeddings_layernorm": "ln_embed"}
+    layer_returns_tuple = True  # BloomBlock returns (output, attention weights)
 
     def check(self, model) -> list[str]:
         c = model.config

@@ -119,16 +119,22 @@ def lean_export():
 
 
 class Relay(nn.Module):
-    """Stands in for layer 1 in the exported view: hands back the stream it is given. Its
-    one op, a clone (a view for the recogniser), marks where the model calls layer 1."""
+    """Stands in for layer 1 in the exported view: hands back the stream it is given, as the
+    layers return it (alone, or first of a tuple where the model takes the layer's output [0]).
+    Its one op, a clone (a view for the recogniser), marks where the model calls layer 1."""
+
+    def __init__(self, returns_tuple: bool = False):
+        super().__init__()
+        self.returns_tuple = returns_tuple
 
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states.clone()
+        return (hidden_states.clone(), None) if self.returns_tuple else hidden_states.clone()
 
 
-def relayed(model, path: str) -> nn.Module:
+def relayed(model, path: str, returns_tuple: bool = False) -> nn.Module:
     """A view of `model` whose layer list at `path` is [layer 0, a Relay]: new containers
-    along the path, every other module (and so every parameter) shared."""
+    along the path, every other module (and so every parameter) shared. `returns_tuple`: the
+    adapter's layer_returns_tuple."""
     view = _shallow(model)
     parent = view
     *outer, last = path.split(".")
@@ -136,7 +142,7 @@ def relayed(model, path: str) -> nn.Module:
         child = _shallow(parent._modules[part])
         parent._modules[part] = child
         parent = child
-    parent._modules[last] = nn.ModuleList([parent._modules[last][0], Relay()])
+    parent._modules[last] = nn.ModuleList([parent._modules[last][0], Relay(returns_tuple)])
     return view
 
 

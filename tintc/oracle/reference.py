@@ -189,14 +189,19 @@ def update_masks(graph: Graph, params: dict[str, torch.Tensor], settings: TrainS
     return masks
 
 
-def _descend(forward, params, input_ids, train_mask, label_mask, settings, masks, before=True) -> GDResult:
+def _descend(forward, params, input_ids, train_mask, label_mask, settings, masks, before=True,
+             in_place: bool = False) -> GDResult:
     """SGD on each sequence of the batch separately: every sequence is its own context.
-    before=False skips the forward with θ_0 (logits_before is then None), as timings want."""
+    before=False skips the forward with θ_0 (logits_before is then None), as timings want.
+    in_place: see _descend_one (one sequence only: it consumes θ)."""
+    if in_place and input_ids.shape[0] != 1:
+        raise ValueError(f"in_place descent: got a batch of {input_ids.shape[0]} sequences; allowed: 1 (it "
+                         "overwrites θ, which each sequence starts from)")
     runs = []
     for b in range(input_ids.shape[0]):
         labels = None if label_mask is None or settings.loss != "label_only" else label_mask[b : b + 1]
         runs.append(_descend_one(forward, params, input_ids[b : b + 1], train_mask[b : b + 1], labels,
-                                 settings, masks, before))
+                                 settings, masks, before, in_place))
     one = len(runs) == 1  # a view, not a copy of θ (untrained entries then share the model's storage)
     return GDResult(
         params={n: runs[0][0][n].unsqueeze(0) if one else torch.stack([r[0][n] for r in runs]) for n in params},
@@ -206,13 +211,21 @@ def _descend(forward, params, input_ids, train_mask, label_mask, settings, masks
     )
 
 
-def _descend_one(forward, params, input_ids, train_mask, label_mask, settings, masks, before):
+def _descend_one(forward, params, input_ids, train_mask, label_mask, settings, masks, before, in_place=False):
+    """in_place: θ's trained tensors are the caller's to overwrite; each steps as soon as its gradient is
+    complete (a post-accumulate-grad hook), so no step holds θ_n, θ_{n+1} and the gradients at once (what
+    lets tensor code check a 1B-class model in float64 here: scripts/verify_at_scale.py)."""
     weights = rules.loss_weights(train_mask, label_mask)
     params = {n: p.detach() for n, p in params.items()}
     logits_before = None
     if before:
         with torch.no_grad():
             logits_before = forward(params, input_ids)
+    if in_place:
+        for _ in range(settings.steps):
+            _step_in_place(forward, params, input_ids, weights, settings.lr, masks)
+        with torch.no_grad():
+            return params, forward(params, input_ids), logits_before
     for _ in range(settings.steps):
         leaves = dict(params)
         for name in masks:  # a new leaf on the same storage: nothing is copied, nothing written in place
@@ -226,6 +239,26 @@ def _descend_one(forward, params, input_ids, train_mask, label_mask, settings, m
     with torch.no_grad():
         logits = forward(params, input_ids)
     return params, logits, logits_before
+
+
+def _step_in_place(forward, params, input_ids, weights, lr, masks) -> None:
+    """One SGD step that writes θ_{n+1} over θ_n tensor by tensor, each once its gradient is complete:
+    autograd has then run every node that saved it, so nothing reads it afterwards."""
+    def step(leaf, mask):
+        with torch.no_grad():
+            leaf.sub_(lr * leaf.grad if mask is None else lr * leaf.grad * mask)
+        leaf.grad = None
+
+    leaves = {name: params[name].requires_grad_(True) for name in masks}
+    hooks = [leaf.register_post_accumulate_grad_hook(lambda p, m=masks[name]: step(p, m))
+             for name, leaf in leaves.items()]
+    try:
+        summed_loss(forward(params, input_ids), input_ids, weights).backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for name, leaf in leaves.items():
+            params[name] = leaf.detach().requires_grad_(False)
 
 
 def exact_gd(model, graph: Graph, input_ids, train_mask, settings: TrainSettings, label_mask=None,
@@ -266,12 +299,14 @@ def _norms_as_in_graph(model, graph: Graph):
 
 
 def approx_gd(graph: Graph, params: dict[str, torch.Tensor], input_ids, train_mask, settings: TrainSettings,
-              label_mask=None, before: bool = True) -> GDResult:
+              label_mask=None, before: bool = True, in_place: bool = False) -> GDResult:
     """ĝ: the IR interpreter with the approximate backward rules of `settings.approximations`
-    (before=False skips the forward with θ_0, as in exact_gd)."""
+    (before=False skips the forward with θ_0, as in exact_gd; in_place: the trained tensors of `params`
+    are overwritten with θ_N, one sequence only, see _descend_one)."""
     interpreter = ApproxInterpreter(graph, settings.approximations)
     masks = update_masks(graph, params, settings)
-    return _descend(interpreter.run, dict(params), input_ids, train_mask, label_mask, settings, masks, before)
+    return _descend(interpreter.run, dict(params), input_ids, train_mask, label_mask, settings, masks, before,
+                    in_place)
 
 
 def with_approximations(settings: TrainSettings, **changes) -> TrainSettings:
