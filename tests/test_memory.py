@@ -68,7 +68,11 @@ def test_a_run_that_would_not_fit_is_refused_naming_its_largest_term(monkeypatch
     shape = memory.run_shape(compiled.tint.program)
     small = memory.run_prediction(shape, 8, holds_package=False)
     large = memory.run_prediction(shape, 32, 64, holds_package=False)
-    assert large.terms["token streams"] == 4 * 64 * small.terms["token streams"]
+    for prediction, tokens in ((small, 8), (large, 32 * 64)):  # the worst moment at this many tokens
+        worst = max(tokens * held + made for held, made in shape["moments"]) * shape["itemsize"]
+        assert prediction.terms["token streams"] + prediction.terms["trained blocks' new versions"] == worst
+    # more tokens weigh the stream more: the worst moment holds a stream at least as wide
+    assert large.terms["token streams"] / (32 * 64) >= small.terms["token streams"] / 8
     monkeypatch.setattr(pipeline, "MEMORY_BUDGET", (small.total + large.total) // 2)  # ~50 MiB of streams apart
     with pytest.raises(ConfigError, match=r"--length, --batch: the TinT run \(T=32, batch 64\) would need about "
                                         r"[\d.]+ GiB, token streams [\d.]+ GiB the largest"):  # of the work: not the process

@@ -111,8 +111,10 @@ def lint(program: Program) -> None:
 
 
 def _check_narrowing(fields: tuple[list, list], width: int, cut: int | None, where: str) -> None:
-    """The (read, written) token fields lie inside the stream's first `width` coordinates (cut to that
-    before call `cut`; None: never cut)."""
+    """The (read, written) token fields lie inside the stream's first `width` coordinates, where it was
+    cut to that before call `cut` (None: not cut yet; the value checks cover the whole stream)."""
+    if cut is None:
+        return
     for verb, accessed in zip(("reads", "writes"), fields):
         for start, size in accessed:
             if start + size > width:

@@ -85,8 +85,10 @@ def release_beyond(h, width: int) -> None:
     again (backends/torch/allocate.py's narrowing), in place and without a copy: on Linux the whole pages
     of each position's row past `width` go back to the system (madvise MADV_DONTNEED: an untouched
     page of a private mapping reads as zeros, and nothing touches these). Elsewhere (another system, a
-    GPU, a stream that is not one contiguous block) the stream is kept whole: the same numbers, more memory."""
-    if _LIBC is None or h.device.type != "cpu" or not h.is_contiguous() or width >= h.shape[-1]:
+    GPU, a stream that is not one contiguous block, under torch.compile, which plans its own buffers) the
+    stream is kept whole: the same numbers, more memory."""
+    if torch.compiler.is_compiling() or _LIBC is None or h.device.type != "cpu" or not h.is_contiguous() \
+            or width >= h.shape[-1]:
         return
     size, row = h.element_size(), h.shape[-1] * h.element_size()
     for r in range(h.numel() // h.shape[-1]):
