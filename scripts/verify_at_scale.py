@@ -26,17 +26,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tintc import pipeline
+from tintc import bench, pipeline
 from tintc.config import load_config
 from tintc.oracle import metrics
 from tintc.oracle.reference import TrainSettings, approx_gd, update_masks
 
 
 def peak_gib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+    return bench._peak_mib() / 1024  # the bench's reading of this process's peak
 
 
 def tensors(path: Path, dtype=None) -> dict[str, torch.Tensor]:
@@ -72,7 +69,6 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--work", help="a folder for θ and the updates (default: a temporary one)")
     args = parser.parse_args()
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="tintc-scale-") as scratch:
         work = Path(args.work or scratch)
         work.mkdir(parents=True, exist_ok=True)
@@ -93,6 +89,7 @@ def verify_at_scale(config: str, length: int, work: Path) -> dict:
     save_file({n: p.contiguous() for n, p in params.items()}, str(theta))
     trained = list(update_masks(graph, params, settings))
     dtype = next(iter(params.values())).dtype
+    low_name = str(dtype).removeprefix("torch.")  # the TinT's dtype, ĝ's first run
 
     start = time.perf_counter()  # the TinT, in memory, from θ's prefixes (copies: the aux model is let go)
     prefixes = tint.encode(params)
@@ -105,7 +102,7 @@ def verify_at_scale(config: str, length: int, work: Path) -> dict:
     phases["tint"] = {"seconds": time.perf_counter() - start, "peak_gib": peak_gib()}
 
     runs = {}
-    for name, run_dtype in ((str(dtype).removeprefix("torch."), None), ("float64", torch.float64)):
+    for name, run_dtype in ((low_name, None), ("float64", torch.float64)):
         start = time.perf_counter()
         own = tensors(theta, run_dtype)
         result = approx_gd(graph, own, ids, train, settings, labels, in_place=True)
@@ -114,7 +111,7 @@ def verify_at_scale(config: str, length: int, work: Path) -> dict:
         del own, result
         phases[f"g_hat {name}"] = {"seconds": time.perf_counter() - start, "peak_gib": peak_gib()}
 
-    low, high = runs[str(dtype).removeprefix("torch.")], runs["float64"]
+    low, high = runs[low_name], runs["float64"]
     tint_run = SimpleNamespace(logits=logits, logits_before=low.logits_before)
     evaluated = metrics.eval_mask(train)
 
@@ -124,7 +121,7 @@ def verify_at_scale(config: str, length: int, work: Path) -> dict:
         out["worst_update_rel"] = update_errors(work / run_file, work / ref_file, trained)
         return out
 
-    low_file, high_file = f"g_hat_{str(dtype).removeprefix('torch.')}.safetensors", "g_hat_float64.safetensors"
+    low_file, high_file = f"g_hat_{low_name}.safetensors", "g_hat_float64.safetensors"
     return {"config": cfg.name, "length": ids.shape[1], "dtype": str(dtype), "trained_tensors": len(trained),
             "tint_vs_g_hat": errors(tint_run, low, "tint.safetensors", low_file),
             "rounding_floor": errors(low, high, low_file, high_file),
