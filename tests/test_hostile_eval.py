@@ -284,12 +284,25 @@ def test_int32_ids_give_the_int64_logits(package):
         assert torch.equal(tint(ids.int(), train, prefixes)[0], tint(ids, train, prefixes)[0])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_prefixes_are_refused(package, dtype):
+def test_float16_prefixes_are_refused(package):
     _, tint, prefixes, _, _ = package
-    half = {k: v.to(dtype) if k != "tint_layout" else v for k, v in prefixes.items()}
-    with pytest.raises(TypeError, match=f"got a {dtype} tensor .*; allowed: a float32 or float64 tensor"):
+    half = {k: v.half() if k != "tint_layout" else v for k, v in prefixes.items()}
+    with pytest.raises(TypeError, match="got a torch.float16 tensor .*; allowed: a float32, float64 or bfloat16 "
+                                        "tensor"):
         tint(torch.ones(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.bool), half)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_prefixes_of_another_dtype_than_the_tints_are_refused_and_encode_makes_its_own(package, dtype):
+    """A float32 TinT given bfloat16 or float64 prefixes is refused at the boundary (not deep inside a
+    product), and its encode() casts θ of any floating dtype to float32."""
+    _, tint, prefixes, _, _ = package
+    other = {k: v.to(dtype) if k != "tint_layout" else v for k, v in prefixes.items()}
+    with pytest.raises(TypeError, match=f"got dtype {dtype}; allowed: torch.float32, the dtype of this TinT's "
+                                        "weights \\(its encode\\(\\) casts θ to it"):
+        tint(torch.ones(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.bool), other)
+    theta = {k: v.to(dtype) for k, v in tint.decode(prefixes).items()}
+    assert {t.dtype for k, t in tint.encode(theta).items() if k != "tint_layout"} == {torch.float32}
 
 
 def _header(header: bytes, data: bytes = b"") -> bytes:

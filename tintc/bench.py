@@ -11,7 +11,9 @@ activations; `base_mib` is the resident size just before the runs. The parts:
 - tint: load the emitted package (torch and safetensors only) and the prefixes; one forward
   of the TinT on T tokens (a batch of `--batch` sequences, default one, each the first half train), under no_grad.
 - direct: the aux model; `tintc.oracle.reference.exact_gd(..., before=False)` on the same input: per
-  step a forward, a backward and the SGD update, then the evaluation forward.
+  step a forward, a backward and the SGD update, then the evaluation forward; in the aux model's dtype
+  (a bfloat16 TinT's is float32: torch's CPU bfloat16 kernels ran SmolLM2-135M's direct step 21× slower
+  than float32 here, 63 s against 2.95 s at T = 256, on a machine without bfloat16 units).
 - exactness (unless turned off): the cost of each exact backward rule against the paper's rules
   (tintc/report/exactness.py): the config compiled under each rule set, its parameters, calls and the
   in-memory TinT's forward time at T = EXACTNESS_LENGTH (or the TinT's max length if shorter).
@@ -76,13 +78,20 @@ def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambd
             progress(f"cost of exactness at T={EXACTNESS_LENGTH}")
             cost = _child(["exactness", str(config_path), work, "--length", str(EXACTNESS_LENGTH)]
                           + (["--repeats", str(repeats)] if repeats else []))
-    return {"config": cfg.name, "family": cfg.model.family, "dtype": cfg.tint.dtype, "torch": torch.__version__,
+    return {"config": cfg.name, "family": cfg.model.family, "dtype": cfg.tint.dtype,
+            "direct_dtype": str(cfg.torch_dtype).removeprefix("torch."), "torch": torch.__version__,
             "rules": cfg.tint.approximations.rule_set, "batch": batch,
             "threads": torch.get_num_threads(), "compile": compiled, "runs": runs, "skipped": skipped,
             "exactness": cost,
             "method": "one process per measurement; peak = VmHWM of that process after its first run (the "
                       "warm-up), peak_repeated after all; time = median after the warm-up; direct = "
                       "tintc.oracle.reference.exact_gd (see tintc/bench.py)"}
+
+
+def _dtypes(result: dict) -> str:
+    """The TinT's dtype, and the direct run's where it differs (a bfloat16 TinT's aux model is float32)."""
+    direct = result.get("direct_dtype", result["dtype"])
+    return result["dtype"] if direct == result["dtype"] else f"{result['dtype']} (direct: {direct})"
 
 
 def _child(args: list[str]) -> dict:
@@ -101,7 +110,7 @@ def table(result: dict):
 
     batch = result.get("batch", 1)
     title = (f"{result['config']}: TinT forward ({result.get('rules', '?')} rules) vs direct autograd (exact_gd), "
-             f"{result['dtype']}, batch {batch}, {result['threads']} threads")
+             f"{_dtypes(result)}, batch {batch}, {result['threads']} threads")
     t = Table(title=title)
     for column in ("T", "TinT s", "direct s", "time ×", "TinT tokens/s", "direct tokens/s", "TinT peak MiB",
                    "predicted", "direct peak MiB", "memory ×", "runs"):
@@ -194,7 +203,7 @@ def _plot(result: dict):
         axis.legend()
     time_axis.set_yscale("log" if rows else "linear")
     memory_axis.set_ylim(bottom=0)
-    figure.suptitle(f"{result['config']}: TinT forward vs direct autograd ({result['dtype']})")
+    figure.suptitle(f"{result['config']}: TinT forward vs direct autograd ({_dtypes(result)})")
     return figure
 
 

@@ -320,7 +320,8 @@ def eval_(
                                                     "(default: <output>/eval)"),
     stages: int = StagesOption,
     rules: str = typer.Option(None, "--rules", help="lm: the rule sets whose TinTs run, each its own compile: a "
-                                                     "list of exact, paper (default exact,paper), or config"),
+                                                     "list of exact, paper (default exact,paper; exact for a bfloat16 "
+                                                     "config), or config"),
     batch: int = typer.Option(None, "--batch", min=1, max=64,
                               help="lm: chunks run together, each its own context (default 1)"),
 ) -> None:
@@ -347,7 +348,8 @@ def eval_(
         else:
             source, chunks = options.check_lm(data, text, dataset, chunks)
         pipeline.check_memory(cfg, pipeline.aux_config(cfg))  # each rule set's compile: refused before any work
-        rule_sets = None if task is Task.classify else options.eval_rules(rules or "exact,paper")
+        default_rules = "exact" if cfg.tint.dtype == "bfloat16" else "exact,paper"  # bfloat16: no finite differences
+        rule_sets = None if task is Task.classify else options.eval_rules(rules or default_rules)
         group = Group.from_environment(device)
         out_dir = protocol.check_outputs(output or cfg.resolved_output / "eval", rule_sets)
         if task is Task.classify:

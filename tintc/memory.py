@@ -13,7 +13,9 @@ whatever the process holds already: measured, /proc/self/statm) plus what the wo
   and embedding tables, unless the caller holds them already), the logits, and at the worst moment
   the token stream (B·T·its live width then) beside the new block versions made by then: the stream's
   tail is let go as the backward walks down the layers while the new versions pile up
-  (allocate.narrowing), so the worst moment is just before a cut or at the end.
+  (allocate.narrowing), so the worst moment is just before a cut or at the end; a bfloat16 TinT
+  multiplies in float32 on a CPU (projection.widened), and its largest product, the output head's,
+  holds the unembedding and the logits in float32 at the end.
 
 The constants were fitted on GPT-2 (256 and 768 wide), SmolLM2-135M/360M, Qwen3-0.6B, OPT-1.3B, OLMo 2-1B,
 Phi-3 and Gemma 2 (8 layers) shapes, by the peak of each stage measured alone (the figures are in the
@@ -38,6 +40,7 @@ PROGRAM_BYTES = 500  # the program (calls, wiring, JSON form) per unit of n_laye
 # (measured after the trace is freed: ~210 MB at the 360M shape, ~100 MB at OLMo 2-1B)
 PROCESS = "process now"  # the resident size when asked: interpreter, torch, what the process holds
 CAPPED_HEAD = "final-logit cap's V × V identities"
+WIDE, WIDENED_HEAD = 4, "output head widened to float32"  # a bfloat16 TinT's products on a CPU
 CAPPED_IDENTITIES = 4  # the capped head's softmax over the vocabulary: its q, k, v, o built dense (lower_llama.py)
 
 
@@ -117,6 +120,7 @@ def run_shape(program) -> dict[str, int]:
     tables = {layout.vocab.name, layout.unembed.name} | ({layout.positions.name} if layout.positions else set())
     prefixes = sum(b.tokens * b.width for b in layout.blocks.values()) + sum(_numel(layout.shapes[n]) for n in tables)
     return {"width": program.width, "vocab": layout.shapes[layout.vocab.name][0], "itemsize": itemsize,
+            "head_width": program.logits.width,
             "moments": _moments(program), "weights_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             "prefix_bytes": prefixes * itemsize}
 
@@ -145,6 +149,8 @@ def run_prediction(shape: dict, length: int, batch: int = 1, holds_package: bool
     terms |= {"token streams": tokens * held * itemsize,
               "trained blocks' new versions": made * itemsize,
               "logits": tokens * shape["vocab"] * itemsize}
+    if itemsize < WIDE:  # bfloat16: the output head's product in float32 (on a CPU)
+        terms[WIDENED_HEAD] = (shape["vocab"] * shape["head_width"] + tokens * shape["vocab"]) * WIDE
     return Prediction(f"TinT run (T={length}, batch {batch})", terms)
 
 

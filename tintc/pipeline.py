@@ -180,7 +180,8 @@ def compile_tint(cfg: TintcConfig, model=None, announce=lambda line: None) -> Co
     program = allocate(lower(tg, layout, cfg.max_length(graph.attrs["max_positions"]), cfg.torch_dtype),
                        shared_rows=cfg.tint.passes.shared_rows.enabled)
     lint(program)  # the allocated program's invariants (backends/torch/lint.py)
-    tint = TinT(program, label_only=cfg.tint.train.loss == "label_only").eval()
+    # a bfloat16 TinT is built in float32 (its constants rounded once, at the end)
+    tint = TinT(program, label_only=cfg.tint.train.loss == "label_only").to(cfg.tint_dtype).eval()
     seconds = time.perf_counter() - start
     shapes = model if model is not None else ir.frontend.meta_model(cfg.model.family, config, cfg.torch_dtype)
     parameters = sum(p.numel() for p in shapes.parameters())
@@ -213,8 +214,8 @@ class Verification:
     construction: dict[str, float]  # TinT vs ĝ
     approximation: dict[str, float]  # ĝ vs exact GD
     tint_seconds: float
-    # float32 only: ĝ in float32 vs ĝ in float64, the rounding the rules themselves incur (the
-    # finite differences amplify it by N), and the TinT vs ĝ in float64
+    # a TinT below float64 only: ĝ in the TinT's dtype vs ĝ in float64, the rounding the rules themselves
+    # incur in that dtype (the finite differences amplify it by N), and the TinT vs ĝ in float64
     rounding: dict[str, float] | None = None
     construction_vs_float64: dict[str, float] | None = None
     input_shape: tuple[int, int] = (0, 0)  # [B, T] of the input
@@ -246,10 +247,12 @@ def verify(cfg: TintcConfig, compiled: Compiled, input_ids, train_mask, label_ma
     evaluated = metrics.eval_mask(train_mask)
     result = Verification(_errors(tint_run, g_hat, params, evaluated), _errors(g_hat, exact, params, evaluated),
                           seconds, input_shape=tuple(input_ids.shape), lr=lr)
-    if g_hat.logits.dtype == torch.float32:
+    if tint.dtype != torch.float64:
         params64 = {n: p.double() for n, p in params.items()}
         g_hat64 = approx_gd(graph, params64, input_ids, train_mask, settings, labels)
-        result.rounding = _errors(g_hat, g_hat64, params64, evaluated)
+        g_hat_low = g_hat if tint.dtype == g_hat.logits.dtype else approx_gd(  # a bfloat16 TinT: ĝ in bfloat16
+            graph, {n: p.to(tint.dtype) for n, p in params.items()}, input_ids, train_mask, settings, labels)
+        result.rounding = _errors(g_hat_low, g_hat64, params64, evaluated)
         result.construction_vs_float64 = _errors(tint_run, g_hat64, params64, evaluated)
     return require_finite(result, "verify")
 

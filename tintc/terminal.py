@@ -37,7 +37,7 @@ def compiled_line(compiled) -> str:
 
 
 def verification_table(cfg, result) -> Table:
-    """`tintc verify`: the two errors of DESIGN §1 (a pipeline.Verification), and in float32 the floor."""
+    """`tintc verify`: the two errors of DESIGN §1 (a pipeline.Verification), and below float64 the floor."""
     table = Table(title=f"{cfg.name}: T={result.input_shape[1]}, batch {result.input_shape[0]}, {cfg.tint.dtype}, "
                         f"lr {result.lr:g}, rules {cfg.tint.approximations.rule_set}, "
                         f"TinT forward {result.tint_seconds:.2f} s")
@@ -46,8 +46,9 @@ def verification_table(cfg, result) -> Table:
         table.add_column(column, justify="left" if column == "error" else "right")
     rows = [("construction: TinT vs ĝ oracle", result.construction)]
     if result.rounding is not None:
-        rows += [("  TinT (float32) vs ĝ in float64", result.construction_vs_float64),
-                 ("  the float32 floor: ĝ (float32) vs ĝ in float64", result.rounding)]
+        dtype = cfg.tint.dtype
+        rows += [(f"  TinT ({dtype}) vs ĝ in float64", result.construction_vs_float64),
+                 (f"  the {dtype} floor: ĝ ({dtype}) vs ĝ in float64", result.rounding)]
     rows.append(("approximation: ĝ vs exact GD", result.approximation))
     for name, e in rows:
         table.add_row(name, f"{e['logits_rel']:.3e}", f"{e['delta_rel_err']:.3e}", f"{e['delta_cosine']:.9f}",

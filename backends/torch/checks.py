@@ -12,7 +12,7 @@ sit in which block, every shape, K, the chunk width, tied embeddings) and of
 PREFIX_FORMAT. A shape costs no memory, survives torch.stack (batched prefixes get
 [B, f0, …, 0]) and safetensors, and is static under torch.compile. Another checkpoint of
 the same architecture has the same layout, so its prefixes pass; the dtype is checked on
-the tensors themselves (one floating dtype for the whole dict).
+the tensors themselves (one floating dtype for the whole dict, the TinT's own in forward).
 """
 
 import hashlib
@@ -22,7 +22,7 @@ import os
 import torch
 
 ID_DTYPES = (torch.int64, torch.int32)
-PREFIX_DTYPES = (torch.float32, torch.float64)
+PREFIX_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 FINGERPRINT = "tint_layout"  # the prefix dict's key holding the layout fingerprint
 PREFIX_FORMAT = "tintc.prefixes/1"
 
@@ -74,10 +74,10 @@ def _got(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def check_prefixes(expected: dict, prefixes, batch: int | None = None) -> tuple:
+def check_prefixes(expected: dict, prefixes, batch: int | None = None, dtype: torch.dtype | None = None) -> tuple:
     """Prefix dict against a contract (or a layout): fingerprint, keys, shapes, one floating
-    dtype, one batch size (unbatched tensors hold one checkpoint for every sequence). Returns the
-    batch shape: () when every tensor is unbatched, else (B,)."""
+    dtype (`dtype`, the TinT's, when given), one batch size (unbatched tensors hold one checkpoint for
+    every sequence). Returns the batch shape: () when every tensor is unbatched, else (B,)."""
     if "fingerprint" not in expected:  # a layout: decode's check
         expected = contract(expected, 0, False)
     if not isinstance(prefixes, dict):
@@ -98,15 +98,17 @@ def check_prefixes(expected: dict, prefixes, batch: int | None = None) -> tuple:
         raise ValueError(f"prefixes: got keys {', '.join(map(repr, unknown)) or 'none'} that this TinT does not take "
                          f"and lacks {', '.join(map(repr, missing)) or 'none'}; allowed: exactly "
                          f"{', '.join(map(repr, shapes))}, {FINGERPRINT!r}")
-    dtype, batches = None, set()
+    own, batches = dtype, set()
     for name, shape in shapes.items():
         t = prefixes[name]
         if not isinstance(t, torch.Tensor) or t.dtype not in PREFIX_DTYPES:
-            raise TypeError(f"prefixes[{name!r}]: got {_got(t)}; allowed: a float32 or float64 tensor (the dtypes "
-                            "a TinT computes in)")
+            raise TypeError(f"prefixes[{name!r}]: got {_got(t)}; allowed: a float32, float64 or bfloat16 tensor (the "
+                            "dtypes a TinT computes in)")
         dtype = dtype or t.dtype
         if t.dtype != dtype:
-            raise TypeError(f"prefixes[{name!r}]: got dtype {t.dtype}; allowed: {dtype}, the dtype of the other prefixes")
+            raise TypeError(f"prefixes[{name!r}]: got dtype {t.dtype}; allowed: {dtype}, "
+                            + ("the dtype of this TinT's weights (its encode() casts θ to it; load(dtype=) or .to() "
+                               "makes a TinT of another dtype)" if own else "the dtype of the other prefixes"))
         if t.dim() not in (2, 3) or tuple(t.shape[-2:]) != shape:
             raise ValueError(f"prefixes[{name!r}]: got shape {_shape(t.shape)}; allowed: {_shape(shape)} "
                              f"or [B, {_shape(shape)[1:]}")
@@ -134,9 +136,9 @@ def _check_mask_values(name: str, mask) -> None:
         raise ValueError(f"{name}: got value {bad}; allowed: True/False or 0/1")
 
 
-def check_inputs(expected: dict, input_ids, train_mask, label_mask, prefixes) -> None:
-    """forward's arguments against the TinT's contract. The value checks (ids in range, masks
-    0/1) are skipped while torch.compile traces, as they branch on data; shapes are checked always."""
+def check_inputs(expected: dict, input_ids, train_mask, label_mask, prefixes, dtype: torch.dtype | None = None) -> None:
+    """forward's arguments against the TinT's contract (`dtype`: its weights'). The value checks (ids in
+    range, masks 0/1) are skipped while torch.compile traces, as they branch on data; shapes are checked always."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in ID_DTYPES:
         raise TypeError(f"input_ids: got {_got(input_ids)}; allowed: an int64 or int32 tensor [B, T] (the index "
                         "dtypes of an embedding)")
@@ -153,7 +155,7 @@ def check_inputs(expected: dict, input_ids, train_mask, label_mask, prefixes) ->
                          "context, which trains on every train position)")
     if label_mask is not None:
         _check_mask("label_mask", label_mask, input_ids)
-    check_prefixes(expected, prefixes, batch=input_ids.shape[0])
+    check_prefixes(expected, prefixes, batch=input_ids.shape[0], dtype=dtype)
     if torch.compiler.is_compiling():
         return
     low, high = input_ids.min().item(), input_ids.max().item()

@@ -26,9 +26,9 @@ def resolve(ref: dict, params: dict) -> torch.Tensor:
     return t
 
 
-def encode(layout: dict, params: dict) -> dict:
+def encode(layout: dict, params: dict, dtype=None) -> dict:
     """θ (Hugging Face names) -> {block: [K, width]} plus "vocab", "positions" (and "unembed"), and the
-    layout fingerprint under "tint_layout" (checks.py)."""
+    layout fingerprint under "tint_layout" (checks.py); in `dtype` (the TinT's), else θ's."""
     check_state_dict(layout, params)
     out = {FINGERPRINT: fingerprint_tensor(layout, params[layout["vocab"]["name"]].device),
            "vocab": resolve(layout["vocab"], params).detach().clone()}
@@ -56,7 +56,7 @@ def encode(layout: dict, params: dict) -> dict:
                 tokens[0, d : 2 * d] = resolve(refs["bias"], params)
             tokens[0, 2 * d] = 1.0
         out[name] = tokens
-    return out
+    return {name: t if name == FINGERPRINT or dtype is None else t.to(dtype) for name, t in out.items()}
 
 
 def decode(layout: dict, prefixes: dict) -> dict:

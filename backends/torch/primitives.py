@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ir.activations import ACTIVATIONS
-from .projection import Diagonal, as_projection, stored
+from .projection import Diagonal, as_projection, stored, widened
 
 MASKS = ("causal", "full")
 POSITIONAL = (None, "queries", "keys", "values")
@@ -83,7 +83,10 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         sides.append((t.squeeze(tuple(i for i in range(lead) if i not in axes)), "".join(letters[i] for i in axes)))
     (a1, la), (b1, lb) = sides
     out = "".join(l for l in letters if l in la or l in lb)
-    product = torch.einsum(f"{la}xy,{lb}yz->{out}xz", a1, b1)
+    dtype = a1.dtype
+    if widened(a1):  # bfloat16 on a CPU: multiplied in float32, rounded once
+        a1, b1 = a1.float(), b1.float()
+    product = torch.einsum(f"{la}xy,{lb}yz->{out}xz", a1, b1).to(dtype)
     shape = [max(a.shape[i], b.shape[i]) for i in range(lead)] + list(product.shape[-2:])
     return product.reshape(shape)
 

@@ -13,6 +13,7 @@ import sys
 import torch
 
 from .checks import FINGERPRINT, check_inputs, check_lr
+from .projection import matmul
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4  # Linux's value
@@ -25,11 +26,11 @@ def block_stream(block: str, version: int) -> str:
 
 
 def begin(fields: dict, width: int, max_length: int, position_offset: int, blocks, input_ids, train_mask,
-          label_mask, prefixes: dict, contract: dict, lr):
-    """Check the input against the TinT's contract (checks.py), let every input hold one checkpoint
-    for all sequences or one per sequence, and return the token stream after the input layer, the
-    unembedding and the prefix streams at version 0. `lr`: η, one for all sequences or one each."""
-    check_inputs(contract, input_ids, train_mask, label_mask, prefixes)
+          label_mask, prefixes: dict, contract: dict, lr, dtype=None):
+    """Check the input against the TinT's contract (checks.py) and its weights' dtype, let every input hold
+    one checkpoint for all sequences or one per sequence, and return the token stream after the input layer,
+    the unembedding and the prefix streams at version 0. `lr`: η, one for all sequences or one each."""
+    check_inputs(contract, input_ids, train_mask, label_mask, prefixes, dtype)
     batch, length = input_ids.shape
     check_lr(lr, batch)
     batched = {name: t if t.dim() == 3 else t.expand(batch, -1, -1)
@@ -45,7 +46,7 @@ def finish(h, logits_field, unembed, prefixes: dict, final_blocks: dict, softcap
     c·tanh(z/c), as the aux model's own head, Gemma 2's) and the new prefixes: the embedding tables as
     given, each block at its last version."""
     start, size = logits_field
-    logits = h[..., start : start + size] @ unembed.transpose(-1, -2)  # [B, T, V]
+    logits = matmul(h[..., start : start + size], unembed.transpose(-1, -2))  # [B, T, V]
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     new_prefixes = {name: prefixes[name] for name in ("vocab", "positions", "unembed", FINGERPRINT) if name in prefixes}

@@ -34,10 +34,16 @@ class TinT(nn.Module):
         from .standard import standard_view
 
         config = {**program_json(self.program), "label_only": self.label_only}
-        return standard_view(config, self.layers, dtype or next(self.parameters()).dtype, factored)
+        return standard_view(config, self.layers, dtype or self.dtype, factored)
+
+    @property
+    def dtype(self):
+        """The dtype of its weights: the prefixes and the stream have it too."""
+        return next(self.parameters()).dtype
 
     def encode(self, state_dict):
-        return runtime.encode(self.layout, state_dict)
+        """θ (Hugging Face names) -> prefixes in this TinT's dtype."""
+        return runtime.encode(self.layout, state_dict, self.dtype)
 
     def decode(self, prefixes):
         return runtime.decode(self.layout, prefixes)
@@ -54,7 +60,7 @@ class TinT(nn.Module):
         p = self.program
         h, unembed, blocks = runtime.begin(self.fields, p.width, p.max_length, p.layout.position_offset,
                                            p.layout.blocks, input_ids, train_mask, label_mask, prefixes,
-                                           self.contract, p.lr if lr is None else lr)
+                                           self.contract, p.lr if lr is None else lr, self.dtype)
         return {TOKENS: h, "unembed": unembed, **blocks}
 
     def run(self, streams: dict, start: int, stop: int) -> None:

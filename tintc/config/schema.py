@@ -111,6 +111,21 @@ QUERY_KEY_KINDS = ("attn_q", "attn_k", "qk_norm_gain")  # trained only where att
 APPROXIMATIONS_ALLOWED = "exact | paper | a mapping of attention, layer_norm, activation, scale"
 
 
+DTYPES_ALLOWED = "float32 | float64 | bfloat16 (the TinT's weights, prefixes and stream)"
+BFLOAT16_RULES = ("bfloat16 only with exact layer_norm and activation rules (finite differences at scale N lose every "
+                  "digit of its 8-bit mantissa)")
+
+
+def bfloat16_refusal(dtype: str, rules: dict[str, str]) -> str | None:
+    """Why `dtype` cannot run these backward rules, or None: a finite difference at scale N divides a
+    difference of two nearly equal bfloat16 numbers (relative step 2^-8) by 1/N, which leaves no digit
+    (measured: GPT-2 tiny, updates off by 130-160%)."""
+    fd = [name for name in ("layer_norm", "activation") if rules.get(name) == "finite_difference"]
+    if dtype == "bfloat16" and fd:
+        return f"{' and '.join(fd)} finite_difference"
+    return None
+
+
 class ApproximationSpec(_Strict):
     attention: Literal["stop_gradient", "exact"] = "exact"
     layer_norm: Literal["finite_difference", "exact"] = "exact"
@@ -198,11 +213,20 @@ class TintSpec(_Strict):
     prefixes: int = Field(16, ge=1, le=MAX_SIZE, strict=True, description="an integer >= 1 that divides the hidden size")
     train: TrainSpec = Field(default_factory=TrainSpec)
     approximations: ApproximationSpec = Field(default_factory=ApproximationSpec, description=APPROXIMATIONS_ALLOWED)
-    dtype: Literal["float32", "float64"] = "float32"
+    dtype: Literal["float32", "float64", "bfloat16"] = Field("float32", description=DTYPES_ALLOWED)
     passes: PassesSpec = Field(default_factory=PassesSpec)
     max_length: int | None = Field(None, ge=2, le=MAX_LENGTH, strict=True,
                                    description="an integer >= 2: the longest input the TinT takes "
                                                "(default: the aux model's, at most 256)")
+
+    @field_validator("dtype")
+    @classmethod
+    def _rules_keep_digits(cls, dtype: str, info) -> str:
+        approximations = info.data.get("approximations")
+        refused = approximations is not None and bfloat16_refusal(dtype, approximations.rules)
+        if refused:
+            raise _not_allowed(f"float32 | float64 with tint.approximations' {refused}; {BFLOAT16_RULES}")
+        return dtype
 
 
 MAX_SHOTS = 64
@@ -287,9 +311,18 @@ class TintcConfig(_Strict):
 
     @property
     def torch_dtype(self):
+        """The dtype the aux model is loaded, traced and compiled in, and its oracles run in: the TinT's,
+        except for a bfloat16 TinT, which is compiled in float32 and stored in bfloat16 (tint_dtype)."""
         import torch
 
-        return {"float32": torch.float32, "float64": torch.float64}[self.tint.dtype]
+        return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}[self.tint.dtype]
+
+    @property
+    def tint_dtype(self):
+        """The dtype of the TinT's weights, prefixes and stream."""
+        import torch
+
+        return getattr(torch, self.tint.dtype)
 
     def max_length(self, aux_max_positions: int) -> int:
         """The longest input the TinT is built for (its one-hot positions have this width)."""
@@ -304,6 +337,10 @@ class TintcConfig(_Strict):
         """This config with the backward rules in `rules` changed (scale kept), and the kinds those rules
         can train: attn_q, attn_k and qk_norm_gain get no gradient under stop_gradient attention."""
         approximations = self.tint.approximations.model_copy(update=rules)
+        refused = bfloat16_refusal(self.tint.dtype, approximations.rules)
+        if refused:
+            raise ConfigError(f"tint.dtype: got bfloat16 with the rules {approximations.rule_set}; allowed: "
+                              f"float32 | float64 with {refused}; {BFLOAT16_RULES}")
         kinds = [k for k in self.tint.train.kinds if approximations.attention == "exact" or k not in QUERY_KEY_KINDS]
         tint = self.tint.model_copy(update={"approximations": approximations,
                                             "train": self.tint.train.model_copy(update={"kinds": kinds})})

@@ -174,7 +174,8 @@ class Rows:
         self.float64 = None  # (graph, θ) in float64 for the G_HAT64 row
         if float64_reference:
             if cfg.tint.dtype != "float32":
-                raise ConfigError(f"--float64-reference: got tint.dtype {cfg.tint.dtype}; allowed: float32 configs")
+                raise ConfigError(f"--float64-reference: got tint.dtype {cfg.tint.dtype}; allowed: float32 configs "
+                                  "(a bfloat16 TinT's floor, ĝ in bfloat16, is in `tintc verify`)")
             model64 = pipeline.load_aux_model(cfg.model_copy(update={"tint": cfg.tint.model_copy(
                 update={"dtype": "float64"})})).to(self.device)
             self.float64 = (pipeline.trace(cfg, model64), {n: p.detach() for n, p in model64.named_parameters()})
