@@ -294,6 +294,48 @@ def test_the_stream_lets_go_of_what_is_never_read_again_and_computes_the_same(fa
     assert all(torch.equal(new[k], whole_new[k]) and torch.equal(packaged_new[k], whole_new[k]) for k in new)
 
 
+def test_a_multi_step_run_drops_the_block_versions_no_later_step_reads(tmp_path):
+    """allocate.released: a descent's version that is not the final one is dropped after its last reader
+    (the next step's descent, which copies it), in memory and in the emitted package, so a run of 3 steps
+    holds at most 2 versions of a block at a time, not 3; the numbers are those of a run that keeps every
+    version, bit for bit; the memory prediction's versions follow (allocate.versions_held)."""
+    from backends.torch.allocate import versions_held
+    from backends.torch.emit import import_package
+
+    cfg = tiny_config("gpt2", dtype="float64", steps=3).model_copy(update={"output": str(tmp_path)})
+    model = tiny_model("gpt2", dtype=torch.float64)
+    ids, train, _ = example_input(model.config.vocab_size, 16, 2, seed=1)
+    compiled = pipeline.compile_tint(cfg, model)
+    tint = compiled.tint
+    program, prefixes = tint.program, tint.encode({n: p.detach() for n, p in model.named_parameters()})
+
+    def run():
+        """The logits, the new prefixes, and the most versions (≥ 1) of one block held after any call."""
+        most = 0
+        with torch.no_grad():
+            streams = tint.begin(ids, train, prefixes)
+            for i in range(len(program.calls)):
+                tint.run(streams, i, i + 1)
+                blocks = [name.split("@")[0] for name in streams if "@" in name and not name.endswith("@0")]
+                most = max([most] + [blocks.count(b) for b in blocks])
+            return (*tint.finish(streams, prefixes), most)
+
+    logits, new, most = run()
+    pipeline.save(compiled, cfg)
+    released = [stream for streams in program.released.values() for stream in streams]
+    trained = [b for b, stream in program.final_blocks.items() if not stream.endswith("@0")]
+    assert len(released) == 2 * len(trained) > 0  # versions 1 and 2 of each trained block
+    assert (tmp_path / "tint_model.py").read_text().count("        del s[") == len(released)
+    with torch.no_grad():
+        packaged, packaged_new = import_package(tmp_path).load(tmp_path)(ids, train, prefixes)
+    tint.program = replace(program, released={})  # every version kept
+    whole, whole_new, most_whole = run()
+    assert (most, most_whole) == (1, 3)  # after each call: the last version only (a descent's copy is dropped with it)
+    assert max(versions_held(program)) < max(versions_held(tint.program)) == versions_held(tint.program)[-1]
+    assert torch.equal(logits, whole) and torch.equal(packaged, whole)
+    assert all(torch.equal(new[k], whole_new[k]) and torch.equal(packaged_new[k], whole_new[k]) for k in new)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are let go on Linux only")
 def test_release_beyond_hands_back_the_whole_pages_past_the_width_and_keeps_the_rest():
     h = torch.ones(2, 8, 8192)  # rows of 32 KiB: eight pages each

@@ -11,9 +11,10 @@ whatever the process holds already: measured, /proc/self/statm) plus what the wo
   n_layer·d_model²/K per step;
 - a TinT run (one forward of B sequences of T tokens): the TinT's weights, the prefixes (θ's blocks
   and embedding tables, unless the caller holds them already), the logits, and at the worst moment
-  the token stream (B·T·its live width then) beside the new block versions made by then: the stream's
+  the token stream (B·T·its live width then) beside the new block versions held then: the stream's
   tail is let go as the backward walks down the layers while the new versions pile up
-  (allocate.narrowing), so the worst moment is just before a cut or at the end; a bfloat16 TinT
+  (allocate.narrowing; a version no later step reads is dropped, allocate.released), so the worst
+  moment is in the last stretch of calls before a cut or at the end; a bfloat16 TinT
   multiplies in float32 on a CPU (projection.widened), and its largest product, the output head's,
   holds the unembedding and the logits in float32 at the end.
 
@@ -110,8 +111,8 @@ def _tied(meta_model) -> bool:
 def run_shape(program) -> dict[str, int]:
     """What a run's prediction needs of a compiled TinT (JSON-able, for a process that holds only its
     package): the stream's width, the vocabulary, the itemsize, the moments that can be the worst
-    ("moments": [stream coordinates held, elements of new block versions made by then], before each
-    narrowing cut and at the end), and the bytes of the TinT's weights (each shared tensor once) and of
+    ("moments": [stream coordinates held, the most elements of new block versions held], for each stretch
+    of calls between narrowing cuts), and the bytes of the TinT's weights (each shared tensor once) and of
     θ's prefixes (its blocks and embedding tables)."""
     layout, tensors = program.layout, {}
     for module in program.layers.values():
@@ -126,15 +127,16 @@ def run_shape(program) -> dict[str, int]:
 
 
 def _moments(program) -> list[list[int]]:
-    """[stream coordinates held, new block-version elements made] at each moment that can be the run's
-    worst: just before a narrowing cut, and the end."""
-    from backends.torch.allocate import versions_made
+    """[stream coordinates held, the most new block-version elements held] for each stretch of calls
+    between narrowing cuts (the last stretch ends after the last call): the moments that can be the run's
+    worst."""
+    from backends.torch.allocate import versions_held
 
-    made, moments, width = versions_made(program), [], program.width
+    held, moments, width, start = versions_held(program), [], program.width, 0
     for i, narrow in sorted(program.narrowing.items()):
-        moments.append([width, made[i]])
-        width = narrow
-    return [*moments, [width, made[-1]]]
+        moments.append([width, max(held[start:i], default=0)])
+        width, start = narrow, i
+    return [*moments, [width, max(held[start:])]]
 
 
 def run_prediction(shape: dict, length: int, batch: int = 1, holds_package: bool = True) -> Prediction:

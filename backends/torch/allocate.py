@@ -13,7 +13,7 @@ last: the norms' values that the evaluation reads again) take a pool of their ow
 the coordinates above the still-live values of the layers not yet differentiated fall free as the
 backward walks down the layers, and the fast executor lets the stream's tail go there (`narrowing`):
 it holds the stream up to where the last value still needed ends, not where the widest point of the
-program did.
+program did. Likewise a prefix block's version that no later call reads is dropped (`released`).
 
 With `shared_rows` (tint.passes.shared_rows), the standard view places the prefix and vocabulary
 rows on coordinates that token fields use too: prefix and token positions are distinct positions,
@@ -108,7 +108,7 @@ def allocate(program: Program, shared_rows: bool = False) -> Program:
     width = sum(p.width for p in pools.values())
     return replace(program, width=width, calls=calls, inputs={k: move(f) for k, f in program.inputs.items()},
                    logits=move(program.logits), values=moved, rows_at=rows_at if shared_rows else None,
-                   narrowing=narrowing(moved, len(calls), width))
+                   narrowing=narrowing(moved, len(calls), width), released=released(program))
 
 
 NARROW_STEP = 1 / 64  # let the stream's tail go each time a 64th of its width falls free
@@ -135,14 +135,35 @@ def narrowing(values, calls: int, width: int) -> dict[int, int]:
     return cuts
 
 
-def versions_made(program: Program) -> list[int]:
-    """Per call (and after the last), the elements of the new prefix-block versions made before it: each
-    descent's write is a new version, a copy of the last one, then written (the run holds them all)."""
-    made = [0]
-    for call in program.calls:
-        block = program.layout.blocks[stream_block(call.write.stream)[0]] if call.write.base is not None else None
-        made.append(made[-1] + (block.tokens * block.width if block else 0))
-    return made
+def released(program: Program) -> dict[int, tuple[str, ...]]:
+    """{call: streams}: after these calls the fast executor drops the prefix-block versions that descents
+    made (version ≥ 1) which no later call reads or copies and which are not final: a run of S steps holds
+    at most two versions of a block at a time, not S + 1."""
+    last = {}
+    for i, call in enumerate(program.calls):
+        for name in [r.stream for r in call.reads] + [call.write.base]:
+            if name is not None and "@" in name and stream_block(name)[1] > 0:
+                last[name] = i
+    after = {}
+    for name, i in last.items():
+        if name not in program.final_blocks.values():
+            after.setdefault(i, []).append(name)
+    return {i: tuple(sorted(names)) for i, names in sorted(after.items())}
+
+
+def versions_held(program: Program) -> list[int]:
+    """Per call, the elements of the new prefix-block versions held while it runs (a descent's new
+    version, a copy of the last one, beside those not yet released), and after the last call."""
+    def size(stream: str) -> int:
+        block = program.layout.blocks[stream_block(stream)[0]]
+        return block.tokens * block.width
+
+    held, out = 0, []
+    for i, call in enumerate(program.calls):
+        held += size(call.write.stream) if call.write.base is not None else 0
+        out.append(held)
+        held -= sum(size(name) for name in program.released.get(i, ()))
+    return out + [held]
 
 
 def unshareable(program: Program, owner) -> set:

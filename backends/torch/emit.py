@@ -70,7 +70,7 @@ def source(program: Program, version: str, cfg=None) -> str:
     layers = [{"key": _str(name), "constructor": _constructor(name, module)} for name, module in program.layers.items()]
     return TEMPLATES.get_template("tint_model.py.jinja").render(
         version=version, summary=_summary(cfg), format=FORMAT, runtime=code, standard=view, layers=layers,
-        calls=[_call(i, c, program.narrowing.get(i)) for i, c in enumerate(program.calls)],
+        calls=[_call(i, c, program.narrowing.get(i), program.released.get(i, ())) for i, c in enumerate(program.calls)],
         final_blocks=[(_str(block), _stream(stream)) for block, stream in program.final_blocks.items()],
     ) + "\n"
 
@@ -127,13 +127,15 @@ def _constructor(name: str, module: nn.Module) -> str:
     return f"{kind}({', '.join(shapes + settings)})"
 
 
-def _call(index: int, call, narrow: int | None = None) -> dict:
-    """The template's view of a call (narrow: where the token stream's tail is let go before it, if it is)."""
+def _call(index: int, call, narrow: int | None = None, released: tuple = ()) -> dict:
+    """The template's view of a call (narrow: where the token stream's tail is let go before it, if it is;
+    released: the block versions dropped after it)."""
     layer = f"L.{call.layer}" if _attribute(call.layer) else f"L[{_str(call.layer)}]"
     into = _stream(call.write.stream) if call.write.base is None else f"{_stream(call.write.base)}.clone()"
     return {"node": call.node, "op": call.op, "phase": call.phase, "layer": layer, "index": index,
             "streams": [_stream(r.stream) for r in call.reads], "target": _stream(call.write.stream),
-            "into": into, "gated": call.write.base is None, "narrow": narrow}
+            "into": into, "gated": call.write.base is None, "narrow": narrow,
+            "released": [_stream(name) for name in released]}
 
 
 def _attribute(name: str) -> bool:

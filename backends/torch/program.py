@@ -103,6 +103,7 @@ class Program:
     logit_softcap: float | None = None  # the output head's c·tanh(z/c), as the aux model's head (Gemma 2)
     rows_at: int | None = None  # tint.passes.shared_rows: the standard view's first row coordinate (None: width)
     narrowing: dict[int, int] = default(default_factory=dict)  # call -> the token stream's live width from there on (allocate.py)
+    released: dict[int, tuple] = default(default_factory=dict)  # call -> block versions never read after it (allocate.py)
 
 
 def lives(program: Program) -> list[Value]:

@@ -65,7 +65,7 @@ class TinT(nn.Module):
 
     def run(self, streams: dict, start: int, stop: int) -> None:
         """Calls [start, stop) on `streams`, in place (each call replaces the stream it writes; the token
-        stream's tail is let go where the program says)."""
+        stream's tail and the block versions never read again are let go where the program says)."""
         p = self.program
         for i, call, (reads, write) in zip(range(start, stop), p.calls[start:stop], self._wiring[start:stop]):
             if i in p.narrowing:
@@ -74,6 +74,8 @@ class TinT(nn.Module):
             into = streams[call.write.stream] if base is None else streams[base].clone()
             streams[call.write.stream] = runtime.apply(self.layers[call.layer], reads, write,
                                                        [streams[r.stream] for r in call.reads], into, base is None)
+            for name in p.released.get(i, ()):  # a block version no later call reads
+                del streams[name]
 
     def finish(self, streams: dict, prefixes):
         """The output head and the new prefixes, from the streams after the last call."""
