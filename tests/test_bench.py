@@ -124,6 +124,21 @@ def test_the_direct_measurement_is_exact_gd_without_the_forward_before(tmp_path,
     assert seen == [((1, 16), {"before": False})] * 3  # a warm-up and two runs on [1, T] ids
 
 
+def test_a_bfloat16_bench_runs_no_exactness_part_and_says_why(tmp_path, monkeypatch):
+    """The cost of exactness compares the exact rules with the paper's, which a bfloat16 TinT refuses: the
+    part is not started, and the notes say why; the direct run is the aux model's, in float32."""
+    path = tmp_path / "bf16.yaml"
+    path.write_text(json.dumps({"model": {"family": "gpt2", "config": TINY["gpt2"]},
+                                "tint": {"prefixes": 8, "max_length": 32, "dtype": "bfloat16"}, "output": "out"}))
+    parts = []
+    monkeypatch.setattr(bench, "_child", lambda args: parts.append(args[0]) or (
+        {"max_length": 32} if args[0] == "compile" else {"seconds": 1.0, "peak_mib": 1.0}))
+    result = bench.run(path, lengths=(16,), repeats=1)
+    assert parts == ["compile", "tint", "direct"]
+    assert (result["dtype"], result["direct_dtype"]) == ("bfloat16", "float32")
+    assert "not measured: a bfloat16 TinT runs the exact rules only" in result["exactness"]["error"]
+
+
 def test_a_failed_direct_run_keeps_the_tints_figures(tmp_path):
     """A part that fails (a 1B direct run killed for memory) is a note; the other part's figures are
     still printed and written, and bench.json is written even when no row has both parts."""

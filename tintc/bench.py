@@ -74,7 +74,10 @@ def run(config_path, lengths=LENGTHS, repeats: int | None = None, progress=lambd
                 row["memory_ratio"] = row["tint"]["peak_mib"] / row["direct"]["peak_mib"]
             runs.append(row)
         cost = None
-        if exactness:
+        if exactness and cfg.tint.dtype == "bfloat16":  # its cost is against the paper's rules
+            cost = {"error": "not measured: a bfloat16 TinT runs the exact rules only (the paper's finite "
+                             "differences lose every digit of bfloat16)"}
+        elif exactness:
             progress(f"cost of exactness at T={EXACTNESS_LENGTH}")
             cost = _child(["exactness", str(config_path), work, "--length", str(EXACTNESS_LENGTH)]
                           + (["--repeats", str(repeats)] if repeats else []))
