@@ -22,7 +22,8 @@ class WeightRef:
     GPT-2 stores Conv1D weights as [in, out] and fuses q|k|v on the output axis, so its
     query weight is `transformer.h.0.attn.c_attn.weight`, transposed, rows 0:D. With a
     `period`, the rows are start:stop of every block of `period` rows: GPT-NeoX interleaves
-    q|k|v per head, so its query weight is rows 0:head_dim of every 3·head_dim.
+    q|k|v per head, so its query weight is rows 0:head_dim of every 3·head_dim. `cols` then selects
+    columns start:stop (a chunk of a map's inputs: tint.passes.split_mlp's down projections).
     """
 
     name: str
@@ -30,14 +31,15 @@ class WeightRef:
     rows: tuple[int, int] | None = None
     version: int = 0  # θ_0 is the aux weight; θ_{n+1} is written by a descent op of step n
     period: int | None = None  # rows repeat every `period` rows (None: one contiguous range)
+    cols: tuple[int, int] | None = None  # columns start:stop of the (transposed, row-selected) matrix
 
     @property
     def key(self) -> tuple:
         """The weight independent of its version."""
-        return (self.name, self.transpose, self.rows, self.period)
+        return (self.name, self.transpose, self.rows, self.period, self.cols)
 
     def at(self, version: int) -> "WeightRef":
-        return WeightRef(self.name, self.transpose, self.rows, version, self.period)
+        return WeightRef(self.name, self.transpose, self.rows, version, self.period, self.cols)
 
     def row_index(self, n: int) -> slice | torch.Tensor:
         """The selected rows of a tensor with n rows: a slice, or an index for periodic rows."""
@@ -52,6 +54,8 @@ class WeightRef:
             t = t.T
         if self.rows is not None:
             t = t[self.row_index(t.shape[0])]
+        if self.cols is not None:
+            t = t[:, self.cols[0] : self.cols[1]]
         return t
 
     def shape(self, declared: tuple[int, ...]) -> tuple[int, ...]:
@@ -59,12 +63,16 @@ class WeightRef:
         if self.rows is not None:
             blocks = s[0] // self.period if self.period else 1
             s = ((self.rows[1] - self.rows[0]) * blocks, *s[1:])
+        if self.cols is not None:
+            s = (s[0], self.cols[1] - self.cols[0])
         return s
 
     def __str__(self) -> str:
         text = "@" + self.name + (".T" if self.transpose else "")
         if self.rows is not None:
             text += f"[{self.rows[0]}:{self.rows[1]}" + (f"%{self.period}" if self.period else "") + "]"
+        if self.cols is not None:
+            text += f"[:,{self.cols[0]}:{self.cols[1]}]"
         if self.version:
             text += f"#{self.version}"
         return text

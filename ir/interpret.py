@@ -75,10 +75,14 @@ class Interpreter:
             if version > latest.get(key, (0, None))[0]:
                 latest[key] = (version, value)
         out = dict(params)
-        for (name, transpose, rows, period), (_, value) in latest.items():
+        for (name, transpose, rows, period, cols), (_, value) in latest.items():
             full = out[name].detach().clone() if out[name] is params[name] else out[name]
             view = full.T if transpose else full
-            view[WeightRef(name, transpose, rows, period=period).row_index(view.shape[0])] = value
+            index = WeightRef(name, transpose, rows, period=period).row_index(view.shape[0])
+            if cols is None:
+                view[index] = value
+            else:  # a column chunk of contiguous rows (split_mlp)
+                view[index, cols[0] : cols[1]] = value
             out[name] = full
         return out
 

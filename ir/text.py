@@ -5,8 +5,8 @@
     %h0.q : [T, 64] = linear(%h0.ln_attn) weight=@transformer.h.0.attn.c_attn.weight.T[0:64] ... layer=0 role="q"
 
 Attribute values are JSON scalars (so floats print exactly and strings are quoted);
-weight slots are `slot=@param[.T][start:stop[%period]][#version]` (version n: the weight after n SGD steps;
-%period: rows start:stop of every `period` rows).
+weight slots are `slot=@param[.T][start:stop[%period]][[:,start:stop]][#version]` (version n: the weight
+after n SGD steps; %period: rows start:stop of every `period` rows; [:,a:b]: columns a:b).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ _GRAPH = re.compile(r"^graph (\S+) (\{.*\})$")
 _WEIGHT = re.compile(r"^weight @(\S+) : \[([0-9, ]*)\]$")
 _NODE = re.compile(r"^%(\S+) : \[([^\]]*)\] = (\w+)\(([^)]*)\)(.*)$")
 _FIELD = re.compile(r'\s+(\w+)=(@\S+|"(?:[^"\\]|\\.)*"|\S+)')
-_REF = re.compile(r"^@([^\[\]#]+?)(\.T)?(?:\[(\d+):(\d+)(?:%(\d+))?\])?(?:#(\d+))?$")  # names hold no brackets
+_REF = re.compile(r"^@([^\[\]#]+?)(\.T)?(?:\[(\d+):(\d+)(?:%(\d+))?\])?(?:\[:,(\d+):(\d+)\])?(?:#(\d+))?$")  # names hold no brackets
 
 
 def _parse_shape(text: str):
@@ -58,7 +58,8 @@ def _parse_ref(text: str) -> WeightRef:
         raise ValueError(f"bad weight reference {text!r}")
     rows = (int(m.group(3)), int(m.group(4))) if m.group(3) else None
     period = int(m.group(5)) if m.group(5) else None
-    return WeightRef(m.group(1), bool(m.group(2)), rows, int(m.group(6) or 0), period)
+    cols = (int(m.group(6)), int(m.group(7))) if m.group(6) else None
+    return WeightRef(m.group(1), bool(m.group(2)), rows, int(m.group(8) or 0), period, cols)
 
 
 def parse(text: str, source: str = "<ir>") -> Graph:

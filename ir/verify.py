@@ -62,6 +62,11 @@ def _check_node(graph: Graph, node, shapes: dict) -> list[str]:
                 problems.append(f"{where}: rows {start}:{stop}%{ref.period} of {ref.name}: the period must divide "
                                 f"its {full} rows and hold stop")
                 continue
+        if ref.cols is not None:
+            full = declared[0] if ref.transpose else declared[-1]
+            if len(declared) != 2 or not 0 <= ref.cols[0] < ref.cols[1] <= full:
+                problems.append(f"{where}: columns {ref.cols[0]}:{ref.cols[1]} of {ref.name} out of range 0:{full}")
+                continue
         weight_shapes[slot] = ref.shape(declared)
     for slot in node.weights:
         if slot not in spec.weights:

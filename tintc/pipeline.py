@@ -34,6 +34,7 @@ from ir.passes.head_splitting import head_splitting  # noqa: E402
 from ir.passes.low_rank import low_rank  # noqa: E402
 from ir.passes.prefix_stacking import prefix_stacking  # noqa: E402
 from ir.passes.select_train import select_train  # noqa: E402
+from ir.passes.split_mlp import split_mlp  # noqa: E402
 from ir.passes.sub_mlp import sub_mlp  # noqa: E402
 from ir.text import dump  # noqa: E402
 
@@ -105,6 +106,7 @@ def train_graph(cfg: TintcConfig, graph: Graph) -> Graph:
     d = math.gcd(graph.attrs["d_model"], *(graph.node(n.inputs[0]).shape[-1] for n in graph.nodes()
                                            if n.kind == "linear"))
     return run_passes(graph, [
+        (split_mlp, {"width": cfg.split_width(graph.attrs["d_model"])}),
         (select_train, {"layers": cfg.trained_layers(graph.attrs["n_layer"]), "kinds": list(t.kinds)}),
         (autodiff, {"steps": t.steps, "lr": t.lr, "attention": a.attention, "layer_norm": a.layer_norm,
                     "activation": a.activation, "scale": a.scale}),

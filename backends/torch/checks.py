@@ -46,6 +46,8 @@ def _ref_shape(ref: dict, shapes: dict) -> tuple:
     if ref["rows"] is not None:
         blocks = shape[0] // ref["period"] if ref.get("period") else 1
         shape = ((ref["rows"][1] - ref["rows"][0]) * blocks, *shape[1:])
+    if ref.get("cols") is not None:
+        shape = (shape[0], ref["cols"][1] - ref["cols"][0])
     return shape
 
 

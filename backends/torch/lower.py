@@ -138,8 +138,15 @@ class _Lowering(BackwardLowering, LlamaLowering):
 
     # -- the driver ----------------------------------------------------------------------
     def run(self) -> Program:
+        phase = None
         for node in self.graph.nodes():
             self.node = node
+            now = self._phase(node) if "@" in node.name else phase  # the inputs and masks have no step
+            if now in ("forward", "eval") and phase in ("backward", "descent"):
+                # each forward pass (the next step's, the evaluation) derives its own x̂, γ/β copies and
+                # tables: one kept from the last would sit in the stream through a whole backward pass
+                self.memo.clear()
+            phase = now
             method = getattr(self, "lower_" + node.kind, None)
             if method is None:
                 raise BackendError(f"node %{node.name}: op kind {node.kind!r} has no TinT construction")
@@ -211,7 +218,10 @@ class _Lowering(BackwardLowering, LlamaLowering):
 
     def _norm_params(self, block: str, version: int) -> tuple[Field, Field]:
         """Copy a layer norm's [γ, β] from its prefix token into every token: linear attention
-        with score 1, one head per chunk."""
+        with score 1, one head per chunk. From the block's current version, whatever `version` the op
+        names: it holds the same γ and β (an untrained slot never changes; a trained one changes only
+        after the backward of the step that reads it), and only the current version may be read."""
+        version = self.block_version[block]
         key = ("norm_params", block, version)
         if key not in self.memo:
             d = self.layout.blocks[block].d_out

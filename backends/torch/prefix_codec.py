@@ -17,12 +17,14 @@ def row_index(ref: dict, n: int):
 
 
 def resolve(ref: dict, params: dict) -> torch.Tensor:
-    """The matrix or vector a weight reference names: param (transposed?) [rows start:stop]."""
+    """The matrix or vector a weight reference names: param (transposed?) [rows start:stop][:, cols]."""
     t = params[ref["name"]]
     if ref["transpose"]:
         t = t.T
     if ref["rows"] is not None:
         t = t[row_index(ref, t.shape[0])]
+    if ref.get("cols") is not None:
+        t = t[:, ref["cols"][0] : ref["cols"][1]]
     return t
 
 
@@ -69,6 +71,8 @@ def decode(layout: dict, prefixes: dict) -> dict:
 
     def put(ref, value):
         view = params[ref["name"]].transpose(-1, -2) if ref["transpose"] else params[ref["name"]]
+        if ref.get("cols") is not None:  # a column chunk (split_mlp): its columns of every row
+            view = view[..., ref["cols"][0] : ref["cols"][1]]
         if ref["rows"] is None:
             view.copy_(value)
         elif view.dim() - len(batch) == 2:

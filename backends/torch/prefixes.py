@@ -122,7 +122,8 @@ def layout_json(layout: Layout) -> dict:
         if r is None:
             return None
         out = {"name": r.name, "transpose": r.transpose, "rows": list(r.rows) if r.rows is not None else None}
-        return out | ({"period": r.period} if r.period else {})  # only where set: older layouts keep their bytes
+        return out | ({"period": r.period} if r.period else {}) \
+            | ({"cols": list(r.cols)} if r.cols else {})  # only where set: older layouts keep their bytes
 
     blocks = {name: {"kind": b.kind, "refs": {slot: ref(r) for slot, r in b.refs.items()}, "d_in": b.d_in,
                      "d_out": b.d_out, "tokens": b.tokens, "rows": b.rows, "chunk": b.chunk, "width": b.width}

@@ -24,7 +24,8 @@ a group (head or chunk) is a head or a set of units; all versions of a prefix bl
 the same positions, so a descent is the residual add of its attention. A gated write (the fast
 executor overwrites a field that may hold a dead value) becomes erase units −h_c in a gated
 MLP: in the writing block itself when it is one, else in the latest gated MLP after the dead
-value's last read, else in an erase block inserted before the write.
+value's last read, else in an erase block inserted before the write. Where a unit on the constant
+branch of that MLP already writes c (a linear map's, a Gate's linear term), −h_c joins its input.
 
 This module and its plan (standard_plan.py) import only torch and the runtime (the emitted package
 carries their source); they build the view from a TinT's config (tint_config.json's form) and its

@@ -56,10 +56,18 @@ class BlockPlan:
     eps: float = 0.0
 
     def erase(self, coords: list[int]) -> None:
-        """Add −h_c for each coordinate: linear units on the constant branch σ(1)."""
-        runs = runs_of(coords)
-        scale = 1.0 / float(ACTIVATIONS[self.act](torch.tensor(1.0, dtype=torch.float64)))
-        self.units.append(Units(len(coords), None, ("negate", runs), (None, scale, [runs])))
+        """Add −h_c for each coordinate. Where a unit on the constant branch already writes c alone
+        (a linear map's, a Gate's linear term), −h_c joins its input (one more column, no more units);
+        the rest get units of their own: linear units on the constant branch σ(1)."""
+        sigma_one = float(ACTIVATIONS[self.act](torch.tensor(1.0, dtype=torch.float64)))
+        left = set(coords)
+        for i, u in enumerate(self.units):
+            if left and u.a is None and u.b is not None and not isinstance(u.b[0], str) and u.o[0] is None \
+                    and len(u.o[2]) == 1:
+                self.units[i], left = _fold_erasure(u, left, sigma_one)
+        if left:
+            runs = runs_of(sorted(left))
+            self.units.append(Units(len(left), None, ("negate", runs), (None, 1.0 / sigma_one, [runs])))
 
     @property
     def width(self) -> int:
@@ -102,6 +110,25 @@ class BlockPlan:
             return sum(n * d_sim for n in self.rows().values())
         runs = self.column_runs(one)
         return sum(factored_size(n, _covered(runs[name]), d_sim) for name, n in self.rows().items())
+
+
+def _fold_erasure(u: Units, coords: set, sigma_one: float) -> tuple[Units, set]:
+    """Units u (constant branch, identity output: unit r adds scale·σ(1)·(b_r·h) to the r-th coordinate it
+    writes) with −h_c added to the unit writing each c of `coords` it writes; and the coordinates left."""
+    written = coordinates(u.o[2][0])
+    rows = {c: r for r, c in enumerate(written) if c in coords}
+    if not rows:
+        return u, coords
+    matrix, runs = u.b
+    read = coordinates(runs)
+    matrix = torch.eye(len(read), dtype=torch.float64) if matrix is None else matrix
+    column = {c: j for j, c in reversed(list(enumerate(read)))}
+    extra = sorted(c for c in rows if c not in column)
+    column.update({c: len(read) + j for j, c in enumerate(extra)})
+    matrix = torch.cat([matrix, matrix.new_zeros(matrix.shape[0], len(extra))], 1)  # a copy: the primitive's is shared
+    for c, r in rows.items():
+        matrix[r, column[c]] -= 1.0 / (u.o[1] * sigma_one)
+    return Units(u.n, None, (matrix, runs + runs_of(extra)), u.o), coords - set(rows)
 
 
 def factored_size(n: int, k: int, d_sim: int) -> int:

@@ -94,23 +94,29 @@ class _Builder:
             self.value[node.name] = self.memo[key]
 
     def backward(self, step: int) -> None:
-        grads: dict[str, list[str]] = {}  # source node -> gradient contributions
+        grads: dict[str, str] = {}  # source node -> the sum of its gradient contributions so far
+        counts: dict[str, int] = {}  # source node -> how many contributions that sum holds
         head = next(n for n in self.src.nodes() if n.kind == "lm_head")
         final = head.inputs[0]
-        grads[final] = [self._add(f"{final}.grad_loss@{step}", "loss_grad",
-                                  [self.value[final], self.ids, self.train_mask, self.label_mask],
-                                  self.src.node(final).shape, head, {"weight": head.weights["weight"]},
-                                  **{k: head.attrs[k] for k in ("softcap",) if k in head.attrs})]
+        grads[final] = self._add(f"{final}.grad_loss@{step}", "loss_grad",
+                                 [self.value[final], self.ids, self.train_mask, self.label_mask],
+                                 self.src.node(final).shape, head, {"weight": head.weights["weight"]},
+                                 **{k: head.attrs[k] for k in ("softcap",) if k in head.attrs})
         updates = []
         for node in reversed(self.src.nodes()):
             if node.name not in grads:
                 continue
-            dy = self._sum(node, grads[node.name], step)
+            dy = grads[node.name]
             contributions = self._backward_op(node, dy, step)
             updates += self._descend(node, dy, step)  # after the backward: it reads the old weights
             for target, contribution in contributions:
-                if target in self.carries_grad:
-                    grads.setdefault(target, []).append(contribution)
+                if target not in self.carries_grad:
+                    continue
+                # summed as each contribution arrives, so that none waits in the stream for the others
+                n = counts[target] = counts.get(target, 0) + 1
+                grads[target] = contribution if n == 1 else self._add(
+                    f"{target}.grad{n - 1}@{step}", "add", [grads[target], contribution],
+                    self.src.node(target).shape, self.src.node(target))
         for refs in updates:  # versions change only after the whole backward pass of the step
             for ref in refs:
                 self.version[ref.key] = step + 1
@@ -119,12 +125,6 @@ class _Builder:
     def _add(self, name, kind, inputs, shape, like: Node, weights=None, **attrs) -> str:
         meta = {k: like.attrs[k] for k in ("module", "layer", "role") if k in like.attrs}
         return self.out.add(name, kind, inputs, shape, {**attrs, **meta}, weights or {})
-
-    def _sum(self, node: Node, contributions: list[str], step: int) -> str:
-        total = contributions[0]
-        for i, c in enumerate(contributions[1:], 1):
-            total = self._add(f"{node.name}.grad{i}@{step}", "add", [total, c], node.shape, node)
-        return total
 
     def _descend(self, node: Node, dy: str, step: int) -> list:
         slots = [s for s in node.attrs.get("train", "").split(",") if s]

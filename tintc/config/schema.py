@@ -194,6 +194,10 @@ class LowRankSpec(PassSpec):
     rank: int = Field(64, ge=1, le=MAX_SIZE, strict=True, description=f"an integer from 1 to {MAX_SIZE}")
 
 
+class SplitMlpSpec(WidthPassSpec):
+    enabled: bool = Field(False, strict=True, description="true | false")
+
+
 class SharedRowsSpec(PassSpec):
     enabled: bool = Field(False, strict=True, description="true | false")
 
@@ -207,6 +211,7 @@ class PassesSpec(_Strict):
     block_sharing: PassSpec = Field(default_factory=PassSpec)
     low_rank: LowRankSpec = Field(default_factory=LowRankSpec)  # off by default
     shared_rows: SharedRowsSpec = Field(default_factory=SharedRowsSpec)  # off by default (backends/torch/allocate.py)
+    split_mlp: SplitMlpSpec = Field(default_factory=SplitMlpSpec)  # off by default; width: the aux hidden size
 
 
 class TintSpec(_Strict):
@@ -359,6 +364,11 @@ class TintcConfig(_Strict):
         if not spec.enabled:
             return None
         return spec.width or self.head_width(hidden) or _default_width(hidden)
+
+    def split_width(self, hidden: int) -> int | None:
+        """The width of each sub-MLP an FFN is split into; None: the split is off."""
+        spec = self.tint.passes.split_mlp
+        return (spec.width or hidden) if spec.enabled else None
 
     def trained_layers(self, n_layer: int) -> list[int]:
         """Indices of the trained layers, ascending: all of them, or the top N."""
