@@ -9,7 +9,8 @@ messages): `module` (HF module path), `layer` (aux layer index, -1 outside layer
 and the construction choices the optimisation passes make for the backend:
 `prefixes` (K prefix tokens for the op's weight: passes/prefix_stacking.py),
 `head_width` (the input chunk each head reads: passes/head_splitting.py) and
-`group_width` (the chunk width of elementwise work: passes/sub_mlp.py).
+`group_width` (the chunk width of elementwise work: passes/sub_mlp.py) and `row_heads` (the aux heads
+whose attention rows a stop-gradient attention backward makes at a time: passes/attention_rows.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Callable
 
 T = "T"
 COMMON_ATTRS = {"module": str, "layer": int, "role": str, "train": str, "prefixes": int, "head_width": int,
-                "group_width": int}
+                "group_width": int, "row_heads": int}
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu", "gelu_bloom")  # gelu_tanh = GPT-2's gelu_new
 # none: absolute positions are added by pos_embed; rope: q and k are rotated inside attention;

@@ -5,7 +5,9 @@ conventions (tintc/report/dense_count.py).
 Not a test. Run from the repository root, alone on the machine:
     python scripts/lever_curve.py examples/opt-125m.yaml --length 256
 Levers (tint.passes keys): shared_rows (prefix rows on token coordinates), split_mlp (an FFN as F/D
-sub-MLPs of width D), wide_heads (head_splitting.width = D: one head per weight-row slot, its whole row).
+sub-MLPs of width D), wide_heads (head_splitting.width = D: one head per weight-row slot, its whole row),
+attention_rows (the stop-gradient backward's attention rows D/T heads at a time), unstacked
+(prefix_stacking off: one weight row per prefix token, K = Dout, so one head per simulated map).
 The counts come from shapes: no dense matrix is built.
 """
 
@@ -24,7 +26,7 @@ from tintc import pipeline  # noqa: E402
 from tintc.config import load_config  # noqa: E402
 from tintc.report.dense_count import dense_counts  # noqa: E402
 
-LEVERS = ("shared_rows", "split_mlp", "wide_heads")
+LEVERS = ("shared_rows", "split_mlp", "wide_heads", "attention_rows", "unstacked")
 
 
 def _set(cfg, levers: tuple[str, ...], hidden: int) -> None:
@@ -32,6 +34,8 @@ def _set(cfg, levers: tuple[str, ...], hidden: int) -> None:
     passes.shared_rows.enabled = "shared_rows" in levers
     passes.split_mlp.enabled = "split_mlp" in levers
     passes.head_splitting.width = hidden if "wide_heads" in levers else None
+    passes.attention_rows.enabled = "attention_rows" in levers
+    passes.prefix_stacking.enabled = "unstacked" not in levers
 
 
 def main() -> None:

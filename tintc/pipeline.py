@@ -28,6 +28,7 @@ from backends.torch.prefixes import plan  # noqa: E402
 from backends.torch.tint import TinT  # noqa: E402
 from ir.graph import Graph  # noqa: E402
 from ir.passes import run_passes  # noqa: E402
+from ir.passes.attention_rows import attention_rows  # noqa: E402
 from ir.passes.autodiff import autodiff  # noqa: E402
 from ir.passes.block_sharing import block_sharing  # noqa: E402
 from ir.passes.head_splitting import head_splitting  # noqa: E402
@@ -103,16 +104,18 @@ def train_graph(cfg: TintcConfig, graph: Graph) -> Graph:
     then the construction choices of the optimisation passes."""
     t, a, p = cfg.tint.train, cfg.tint.approximations, cfg.tint.passes
     # default widths divide every linear input: a gated MLP's inner width need not be a multiple of D
-    d = math.gcd(graph.attrs["d_model"], *(graph.node(n.inputs[0]).shape[-1] for n in graph.nodes()
+    d_model = graph.attrs["d_model"]
+    d = math.gcd(d_model, *(graph.node(n.inputs[0]).shape[-1] for n in graph.nodes()
                                            if n.kind == "linear"))
     return run_passes(graph, [
-        (split_mlp, {"width": cfg.split_width(graph.attrs["d_model"])}),
+        (split_mlp, {"width": cfg.split_width(d_model)}),
         (select_train, {"layers": cfg.trained_layers(graph.attrs["n_layer"]), "kinds": list(t.kinds)}),
         (autodiff, {"steps": t.steps, "lr": t.lr, "attention": a.attention, "layer_norm": a.layer_norm,
                     "activation": a.activation, "scale": a.scale}),
         (prefix_stacking, {"prefixes": cfg.tint.prefixes if p.prefix_stacking.enabled else None}),
         (head_splitting, {"width": cfg.head_width(d)}),
         (sub_mlp, {"width": cfg.group_width(d)}),
+        (attention_rows, {"heads": cfg.row_heads(d_model, cfg.max_length(graph.attrs["max_positions"]))}),
         (block_sharing, {"enabled": p.block_sharing.enabled}),
         (low_rank, {"rank": p.low_rank.rank if p.low_rank.enabled else None}),
     ])

@@ -198,6 +198,12 @@ class SplitMlpSpec(WidthPassSpec):
     enabled: bool = Field(False, strict=True, description="true | false")
 
 
+class AttentionRowsSpec(PassSpec):
+    enabled: bool = Field(False, strict=True, description="true | false")
+    heads: int | None = Field(None, ge=1, le=MAX_SIZE, strict=True,
+                              description=f"an integer from 1 to {MAX_SIZE}, or null for the default")
+
+
 class SharedRowsSpec(PassSpec):
     enabled: bool = Field(False, strict=True, description="true | false")
 
@@ -212,6 +218,7 @@ class PassesSpec(_Strict):
     low_rank: LowRankSpec = Field(default_factory=LowRankSpec)  # off by default
     shared_rows: SharedRowsSpec = Field(default_factory=SharedRowsSpec)  # off by default (backends/torch/allocate.py)
     split_mlp: SplitMlpSpec = Field(default_factory=SplitMlpSpec)  # off by default; width: the aux hidden size
+    attention_rows: AttentionRowsSpec = Field(default_factory=AttentionRowsSpec)  # off; heads: hidden // T
 
 
 class TintSpec(_Strict):
@@ -369,6 +376,11 @@ class TintcConfig(_Strict):
         """The width of each sub-MLP an FFN is split into; None: the split is off."""
         spec = self.tint.passes.split_mlp
         return (spec.width or hidden) if spec.enabled else None
+
+    def row_heads(self, hidden: int, length: int) -> int | None:
+        """The aux heads whose attention rows the backward makes at a time; None: all at once."""
+        spec = self.tint.passes.attention_rows
+        return (spec.heads or max(1, hidden // length)) if spec.enabled else None
 
     def trained_layers(self, n_layer: int) -> list[int]:
         """Indices of the trained layers, ascending: all of them, or the top N."""
