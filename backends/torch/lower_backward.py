@@ -240,9 +240,9 @@ class BackwardLowering:
         a = node.attrs
         hd, h, n = a["head_dim"], a["heads"], self.tmax
         key = ("attention_rows", self.x(node, 0), self.x(node, 1))
-        if heads is None and key not in self.memo and "softcap" in a:  # the capped scores' softmax (lower_llama.py)
+        if heads is None and key not in self.memo and "softcap" in a:  # the capped scores' softmax (lower_llama)
             self.memo[key] = self._capped_softmax(node, [(self.inputs["positions"],)] * h, n)
-        if heads is not None or key not in self.memo:  # the scores as attention computes them (rope, alibi, grouped-query)
+        if heads is not None or key not in self.memo:  # the scores as attention computes them (rope, alibi, GQA)
             queries, keys, w_q, w_k, suffix = self._score_inputs(node)
             heads = range(h) if heads is None else heads
             layer = self.layer(("attention_rows", hd, n, repr(a["scale"])) + suffix, lambda: P.Attention(
