@@ -9,8 +9,9 @@ TinT holds w-wide activations at a time instead of F-wide ones: the stream narro
 the reference's D_sim = 4·D at K = 256). Runs on the traced forward graph, before select_train:
 the chunks keep their op's role, so they train as their op did.
 
-An FFN is split when F is a multiple of w above it (a w that does not divide F is refused), every op inside it (the input projections, the
-activation, the gated product) is read only inside it, and no input projection selects periodic rows.
+An FFN is split when F is a multiple of w above it (a w that does not divide F is refused), every op
+inside it (the input projections, the activation, the gated product) is read only inside it, and no
+input projection selects periodic rows.
 """
 
 from __future__ import annotations
