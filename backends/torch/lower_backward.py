@@ -233,27 +233,30 @@ class BackwardLowering:
         (4e-11), where relu' is 1 or 0; it differs only closer to 0 (relu'(0) = 0, sigmoid(0) = ½)."""
         return self._product(self._activated(x, "sigmoid", 2.0 ** 40), v)
 
-    def _attention_rows(self, node, heads: range | None = None) -> Field:
+    def _attention_rows(self, node) -> Field:
         """Each token's attention row a_t over one-hot positions, per aux head (h·T wide): a softmax
-        head whose values are the one-hot positions. Computed once per (q, k); `heads`: only these
-        heads' rows, made anew (attention_rows' head groups)."""
+        head whose values are the one-hot positions. Computed once per (q, k)."""
         a = node.attrs
-        hd, h, n = a["head_dim"], a["heads"], self.tmax
+        h, n = a["heads"], self.tmax
         key = ("attention_rows", self.x(node, 0), self.x(node, 1))
-        if heads is None and key not in self.memo and "softcap" in a:  # the capped scores' softmax (lower_llama)
+        if key not in self.memo and "softcap" in a:  # the capped scores' softmax (lower_llama.py)
             self.memo[key] = self._capped_softmax(node, [(self.inputs["positions"],)] * h, n)
-        if heads is not None or key not in self.memo:  # the scores as attention computes them (rope, alibi, GQA)
-            queries, keys, w_q, w_k, suffix = self._score_inputs(node)
-            heads = range(h) if heads is None else heads
-            layer = self.layer(("attention_rows", hd, n, repr(a["scale"])) + suffix, lambda: P.Attention(
-                w_q, w_k, self.eye(n), self.eye(n), softmax=True, mask="causal", positional="values"))
-            rows, row_chunks = self.new(len(heads) * n, n)
-            self.call(layer, [[queries[i] for i in heads], [keys[i] for i in heads],
-                              [(self.inputs["positions"],)] * len(heads)], row_chunks)
-            if len(heads) < h:
-                return rows
-            self.memo[key] = rows
+        if key not in self.memo:
+            self.memo[key] = self._rows_of(node, range(h))
         return self.memo[key]
+
+    def _rows_of(self, node, heads: range) -> Field:
+        """The attention rows of these heads, made anew: the scores as attention computes them (rope,
+        alibi, grouped-query)."""
+        a = node.attrs
+        hd, n = a["head_dim"], self.tmax
+        queries, keys, w_q, w_k, suffix = self._score_inputs(node)
+        layer = self.layer(("attention_rows", hd, n, repr(a["scale"])) + suffix, lambda: P.Attention(
+            w_q, w_k, self.eye(n), self.eye(n), softmax=True, mask="causal", positional="values"))
+        rows, row_chunks = self.new(len(heads) * n, n)
+        self.call(layer, [[queries[i] for i in heads], [keys[i] for i in heads],
+                          [(self.inputs["positions"],)] * len(heads)], row_chunks)
+        return rows
 
     def lower_attention_backward(self, node):
         """∂v_j = Σ_t a_tj ∂o_t (exact under both rules), per aux head: a linear head with query e_j and
@@ -267,7 +270,7 @@ class BackwardLowering:
         per = a.get("row_heads", h)  # passes/attention_rows.py: the rows of `per` heads at a time
         for start in range(0, h, per):
             heads = range(start, min(h, start + per))
-            rows = self._attention_rows(node, heads if per < h else None).chunks(n)
+            rows = (self._attention_rows(node) if per >= h else self._rows_of(node, heads)).chunks(n)
             self.call(back_layer, [[(self.inputs["positions"],)] * len(heads), [(c,) for c in rows],
                                    [(do[i],) for i in heads]], [chunks[i] for i in heads])
         groups = h // a.get("kv_heads", h)
