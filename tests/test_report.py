@@ -53,7 +53,8 @@ def test_unrolled_counts_each_call_in_full(compiled, report):
     assert report["tint"]["max_length"] == tint.program.max_length
     # block sharing: some primitive serves several calls, so the unrolled TinT is larger
     assert expected > report["counts"]["unique"]["dense"]
-    nonzero = sum(int(torch.count_nonzero(p)) for call in calls for p in tint.layers[call.layer].parameters())
+    nonzero = sum(int(torch.count_nonzero(t)) for call in calls
+                  for t in [*tint.layers[call.layer].parameters(), *tint.layers[call.layer].buffers()])
     assert report["counts"]["unrolled"]["nonzero"] == nonzero
 
 

@@ -71,6 +71,17 @@ def test_the_split_graph_round_trips_as_text_and_names_its_column_chunks():
     assert parse(text) == graph
 
 
+def test_the_sub_mlps_add_into_the_residual_one_by_one():
+    """An FFN read only by a residual add: each sub-MLP's output joins the residual in turn (the add's
+    name on the last sum), so no partial sum of the FFN is held beside the residual."""
+    _, _, compiled = _compile("gpt2", {}, ON)
+    graph = compiled.train_graph
+    inputs = {n.name: list(n.inputs) for n in graph.nodes()}
+    assert "h0.mlp_out@0" not in inputs
+    assert inputs["h0.mlp_out.sum0@0"] == ["h0.resid_attn@0", "h0.mlp_out.c0@0"]
+    assert inputs["h0.resid_mlp@0"] == ["h0.mlp_out.sum2@0", "h0.mlp_out.c3@0"]
+
+
 def test_a_width_that_divides_no_ffn_is_refused_and_one_as_wide_as_the_ffn_changes_nothing():
     with pytest.raises(PassError, match=r"split_mlp\.width: got 24, which does not divide the inner width 64"):
         _compile("opt", {}, {"split_mlp": {"enabled": True, "width": 24}})

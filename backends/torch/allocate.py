@@ -171,16 +171,24 @@ def unshareable(program: Program, owner) -> set:
     would read at a prefix position without a gate. Attention is gated by its mask (queries, keys and
     values only at positions of their kind); a gated MLP's unit σ(a·h) ⊙ (b·h) is gated where one
     branch is the constant one (0 at prefix positions; σ(0) = 0 on the a side) or reads only
-    coordinates that are 0 there. So kept apart: the constant one itself; what a norm reads
-    (LN(row) ≠ 0); both inputs of a Gate's product; what an MLP whose σ(0) ≠ 0 writes (the erase
-    units of its write, σ(one)·(−h), would reach a prefix position's row)."""
+    coordinates that are 0 there: those kept apart (no block writes a nonzero at a prefix position
+    below the rows). So kept apart: the constant one itself; what a norm reads (LN(row) ≠ 0); what an
+    MLP whose σ(0) ≠ 0 writes (the erase units of its write, σ(one)·(−h), would reach a prefix
+    position's row); and one input of each Gate's product, the narrower where neither is apart yet
+    (η⊙x keeps η apart, not x)."""
     apart = {owner(program.inputs["one"])}
+    products = []  # per Gate call, the values of each side of its product
     for call in program.calls:
         layer = program.layers[call.layer]
-        reads = {Norm: call.reads, Gate: call.reads[:2]}.get(type(layer), ())
-        apart |= {owner(f) for r in reads if r.stream == TOKENS for g in r.groups for f in g}
-        if isinstance(layer, MLP) and not vanishes_at_zero(layer.fn) and call.write.stream == TOKENS:
+        if isinstance(layer, Norm):
+            apart |= {owner(f) for r in call.reads if r.stream == TOKENS for g in r.groups for f in g}
+        elif isinstance(layer, Gate):
+            products.append([{owner(f) for g in r.groups for f in g} for r in call.reads[:2] if r.stream == TOKENS])
+        elif isinstance(layer, MLP) and not vanishes_at_zero(layer.fn) and call.write.stream == TOKENS:
             apart |= {owner(f) for f in call.write.groups}
+    for sides in products:  # (a side read from a prefix block is not 0 at a prefix position)
+        if sides and not any(side <= apart for side in sides):
+            apart |= min(sides, key=lambda side: sum(v.field.width for v in side))
     return apart
 
 

@@ -36,7 +36,7 @@ from . import checks, liveness, runtime, standard, standard_plan
 from .program import TOKENS, Program, program_json
 
 FORMAT = "tintc.tint/2"  # of tint_config.json; the generated code checks it
-SETTINGS = {"Linear": (), "MLP": ("fn",), "Gate": (), "Norm": ("eps",), "Attention": ("softmax", "mask", "positional")}
+SETTINGS = {"Linear": (), "MLP": ("fn",), "Gate": (), "Norm": ("eps",), "Attention": ("softmax", "mask", "positional", "heads")}
 
 VIEW = (liveness, standard_plan, standard)  # the standard view's modules
 CARRIED = (*runtime.CARRIED, *VIEW)  # the modules whose source the package holds, in order

@@ -216,42 +216,50 @@ class _Lowering(BackwardLowering, LlamaLowering):
             self.memo[key] = out
         return self.memo[key]
 
-    def _norm_params(self, block: str, version: int) -> tuple[Field, Field]:
-        """Copy a layer norm's [γ, β] from its prefix token into every token: linear attention
-        with score 1, one head per chunk. From the block's current version, whatever `version` the op
-        names: it holds the same γ and β (an untrained slot never changes; a trained one changes only
-        after the backward of the step that reads it), and only the current version may be read."""
+    def _gained(self, node, y: Field, bias: bool = False) -> Field:
+        """γ⊙y (+ β with `bias`), γ and β the node's norm's, read from its prefix token [γ, β, 1] by linear
+        attention: one head per coordinate i, with score ⟨[y_i, 1], [γ_i, β_i]⟩ (⟨y_i, γ_i⟩ without
+        β) against the token and its constant 1 as the value, so the score is the output. γ is never
+        copied into the stream (a copy of [γ, β] beside x̂ set the width of the narrowest standard view).
+        With a gain offset c (Gemma 2's 1 + w; the token holds w) the key is w_i + c·1, so it rounds as
+        HF's x̂·(1 + w). A norm of each head: γ repeats along y. The heads of a chunk of g coordinates
+        share a group (multi-head attention, one head per coordinate). From the block's current
+        version: it holds the same γ and β as the one the op names (an untrained slot never changes; a
+        trained one changes only after the backward of the step that reads it), and only the current
+        one may be read."""
+        block = self.block_of(node)[0]
         version = self.block_version[block]
-        key = ("norm_params", block, version)
-        if key not in self.memo:
-            d = self.layout.blocks[block].d_out
-            g = self.group(d)
-            one = torch.ones(1, 1, dtype=self.dtype)
-            layer = self.layer(("copy_norm_params", g), lambda: P.Attention(
-                one, one, self.eye(g), self.eye(g), softmax=False, mask="full"))
-            out, chunks = self.new(2 * d, g)
-            heads = len(chunks)
-            self.call(layer, [[(self.inputs["one"],)] * heads,
-                              self.block_read(block, version, [range(2 * d, 2 * d + 1)] * heads),
-                              self.block_read(block, version, [range(i, i + g) for i in range(0, 2 * d, g)])],
-                      chunks)
-            self.memo[key] = out
-        gb = self.memo[key]
-        return gb.part(0, gb.width // 2), gb.part(gb.width // 2, gb.width // 2)
+        d = self.layout.blocks[block].d_out
+        g = math.gcd(self.group(y.width), d)
+        offset = node.attrs.get("gain_offset")
+        eye, rows = self.eye(g), [range(i % d, i % d + g) for i in range(0, y.width, g)]
+        if bias:  # head j: q = [y_j, 1], k = [γ_j, β_j]
+            w_q = torch.zeros(2 * g, g + 1, dtype=self.dtype)
+            w_q[0::2, :g], w_q[1::2, g] = eye, 1.0
+            w_k = torch.zeros(2 * g, 2 * g, dtype=self.dtype)
+            w_k[0::2, :g], w_k[1::2, g:] = eye, eye
+            queries = [(part, self.inputs["one"]) for part in y.chunks(g)]
+            keys = [(Field(r.start, g), Field(d + r.start, g)) for r in rows]
+        else:  # head j: q = y_j, k = γ_j (+ c·1)
+            w_q = eye
+            w_k = eye if offset is None else torch.cat([eye, torch.full((g, 1), offset, dtype=self.dtype)], 1)
+            queries = [(part,) for part in y.chunks(g)]
+            keys = [(Field(r.start, g),) + (() if offset is None else (Field(2 * d, 1),)) for r in rows]
+        key = ("gain", g, bias) + (() if offset is None else (repr(offset),))
+        layer = self.layer(key, lambda: P.Attention(w_q, w_k, torch.ones(g, 1, dtype=self.dtype), eye,
+                                                    softmax=False, mask="full", heads=g))
+        out, chunks = self.new(y.width, g)
+        constant = self.block_read(block, version, [range(2 * d, 2 * d + 1)] * len(chunks))
+        self.call(layer, [queries, Read(block_stream(block, version), tuple(keys)), constant], chunks)
+        return out
 
     # -- forward ops ---------------------------------------------------------------------
     def lower_add(self, node):
         self.fields[node.name] = self._sum(self.x(node, 0), self.x(node, 1))
 
     def lower_layer_norm(self, node):
-        block, version = self.block_of(node)
         xhat = self._normalised(self.x(node), node.attrs["eps"])
-        gamma, beta = self._norm_params(block, version)
-        g = self.group(xhat.width)
-        layer = self.layer(("affine", g), lambda: P.Gate(self.eye(g), self.eye(g), self.eye(g)))
-        out, chunks = self.new(xhat.width, g)
-        self.call(layer, [[(c,) for c in f.chunks(g)] for f in (xhat, gamma, beta)], chunks)
-        self.fields[node.name] = out
+        self.fields[node.name] = self._gained(node, xhat, bias=True)
 
     def _one_or_zero(self, chunk: int) -> Field:
         """The bias input of row chunk `chunk`: 1 for the first chunk, 0 for the others."""

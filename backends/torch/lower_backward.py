@@ -67,8 +67,7 @@ class BackwardLowering:
         if node.attrs["rule"] not in ("finite_difference", "exact"):
             raise BackendError(f"node %{node.name}: {what} backward rule {node.attrs['rule']!r} has no TinT "
                                "construction; allowed: finite_difference, exact")
-        gamma, _ = self._norm_params(*self.block_of(node))
-        return self.x(node, 0), self._gained(node, gamma, self.x(node, 1))
+        return self.x(node, 0), self._gained(node, self.x(node, 1))
 
     def _finite_difference_backward(self, node, x: Field, u: Field, normalise) -> None:
         """The paper's rule: N·[f(x + u·(1/N)) − f(x)], step by step as the rule computes it."""

@@ -50,23 +50,8 @@ class LlamaLowering:
         return lambda x, eps: self._rms_normalised(x, eps, heads)
 
     def lower_rms_norm(self, node):
-        block, version = self.block_of(node)
-        gamma, _ = self._norm_params(block, version)  # the block's β is 0 and unused; heads: γ repeats
         y = self._rms_normalise_of(node)(self.x(node), node.attrs["eps"])
-        self.fields[node.name] = self._gained(node, gamma, y)
-
-    def _gained(self, node, gamma: Field, y: Field) -> Field:
-        """γ⊙y, or with a gain offset c (Gemma 2's 1 + w; the block holds w) (w + c)⊙y: a gated unit whose
-        first projection adds c·one to w, so it rounds as HF's x̂·(1 + w)."""
-        if "gain_offset" not in node.attrs:
-            return self._product(gamma, y)
-        c = node.attrs["gain_offset"]
-        g = self.group(y.width)
-        offset = lambda: torch.cat([self.eye(g), torch.full((g, 1), c, dtype=self.dtype)], 1)  # noqa: E731
-        layer = self.layer(("offset_product", g, repr(c)), lambda: P.Gate(offset(), self.eye(g)))
-        out, chunks = self.new(y.width, g)
-        self.call(layer, [[(w, self.inputs["one"]) for w in gamma.chunks(g)], [(v,) for v in y.chunks(g)]], chunks)
-        return out
+        self.fields[node.name] = self._gained(node, y)  # the block's β is 0 and unused
 
     def lower_rms_norm_backward(self, node):
         """finite_difference: N·[f(x + (γ⊙∂y)·(1/N)) − f(x)], f the RMS normalisation, as the rule computes it.

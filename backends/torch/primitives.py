@@ -102,6 +102,9 @@ class Attention(nn.Module):
     longer than the input) the products are associated the other way: the same function
     for less work.
 
+    heads > 1: each group is multi-head attention, its projected q, k and v split into that many equal
+    parts (one head each) and the heads' outputs side by side before w_o.
+
     positional names the input ("queries", "keys" or "values"), if any, that holds the one-hot of its
     own position, e_i at position i (a prefix block's routing coordinates, which checks.py holds the
     prefixes to, or the token positions the input layer writes): a product with it only places
@@ -109,25 +112,30 @@ class Attention(nn.Module):
     as the product adds exact zeros).
     """
 
-    def __init__(self, w_q, w_k, w_v, w_o, softmax: bool, mask: str, positional: str | None = None):
+    def __init__(self, w_q, w_k, w_v, w_o, softmax: bool, mask: str, positional: str | None = None,
+                 heads: int = 1):
         super().__init__()
         if mask not in MASKS:
             raise ValueError(f"mask={mask!r}; allowed: {', '.join(MASKS)}")
         if positional not in POSITIONAL:
             raise ValueError(f"positional={positional!r}; allowed: {', '.join(map(repr, POSITIONAL))}")
+        if heads > 1 and (positional is not None or any(w.shape[0] % heads for w in (w_q, w_k, w_v))):
+            raise ValueError(f"heads={heads}: w_q, w_k and w_v split into that many equal parts, without positional")
         self.w_q, self.w_k, self.w_v, self.w_o = (stored(w) for w in (w_q, w_k, w_v, w_o))
-        self.softmax, self.mask, self.positional = softmax, mask, positional
+        self.softmax, self.mask, self.positional, self.heads = softmax, mask, positional, heads
 
     def sums(self, axis: int, xq, xk, xv) -> bool:
         """Whether forward(..., summed=axis) sums its heads along that group axis inside its products:
         linear attention whose inputs vary along it (the caller sums the heads otherwise)."""
-        return not self.softmax and max(x.shape[axis] for x in (xq, xk, xv)) > 1
+        return not self.softmax and self.heads == 1 and max(x.shape[axis] for x in (xq, xk, xv)) > 1
 
     def forward(self, xq, xk, xv, summed: int | None = None):
         """summed (where sums() allows): the group axis (-3 or -2) whose heads add into one field, summed
         inside the products (their output adds over the heads) and returned of size 1: one larger
         product where there were many small ones and their sum."""
         w_q, w_k, w_v, w_o = (as_projection(w) for w in (self.w_q, self.w_k, self.w_v, self.w_o))
+        if self.heads > 1:
+            return self._heads(w_q.apply(xq), w_k.apply(xk), w_v.apply(xv), w_o)
         if summed is not None and xv.shape[summed] == 1 and self.positional in (None, "values"):
             # Σ_g Q_g·K_gᵀ·V: the heads' scores add up
             xq, xk = _summed_scores(xq, xk, summed, w_q, w_k)
@@ -157,8 +165,24 @@ class Attention(nn.Module):
             heads = w_v.apply(grouped_matmul(weights, xv.movedim(1, -2)))
         return w_o.apply(heads.movedim(-2, 1))  # [B, Tq, *groups, out]
 
+    def _heads(self, q, k, v, w_o):
+        """Each group's projected q, k, v split into `heads` equal parts, one head each (multi-head
+        attention inside a group): [B, T, *groups, heads·d] → [B, *groups, heads, T, d]."""
+        q, k, v = (x.unflatten(-1, (self.heads, -1)) for x in (q, k, v))  # [B, T, *groups, heads, d]
+        if k.shape[1] == 1 and not self.softmax:  # one key (a norm's prefix token): products, not matmuls
+            scores = sum(q[..., i] * k[..., i] for i in range(q.shape[-1]))  # [B, Tq, *groups, heads]
+            return w_o.apply((scores.unsqueeze(-1) * v).flatten(-2))
+        q, k, v = (x.movedim(1, -2) for x in (q, k, v))  # [B, *groups, heads, T, d]
+        scores = q @ k.mT
+        if self.mask == "causal":
+            future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
+        weights = scores.softmax(-1) if self.softmax else scores
+        return w_o.apply((weights @ v).movedim(-2, 1).flatten(-2))  # [B, Tq, *groups, out]
+
     def extra_repr(self) -> str:
-        return f"softmax={self.softmax}, mask={self.mask}" + (f", positional={self.positional}" if self.positional else "")
+        return (f"softmax={self.softmax}, mask={self.mask}" + (f", positional={self.positional}" if self.positional else "")
+                + (f", heads={self.heads}" if self.heads > 1 else ""))
 
 
 _IDENTITY = Diagonal(torch.ones(1), identity=True)  # applied as x itself at any width: q, k already projected

@@ -211,7 +211,10 @@ def _block(layer, call, key_kind: str, query_kind: str, unique: dict, dense) -> 
     node, phase = call["node"], call["phase"]
     if isinstance(layer, Attention):
         wq, wk, wv, wo = (dense(w) for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_o))
-        heads = [Head((wq, q), (wk, k), (wv, v), (wo, written)) for (q, k, v), written in unique.items()]
+        n = layer.heads  # heads per group: each reads its rows of W_q, W_k, W_v and writes through its columns of W_o
+        dq, dk, dv = (w.shape[0] // n for w in (wq, wk, wv))
+        heads = [Head((wq[h * dq:(h + 1) * dq], q), (wk[h * dk:(h + 1) * dk], k), (wv[h * dv:(h + 1) * dv], v),
+                      (wo[:, h * dv:(h + 1) * dv], written)) for (q, k, v), written in unique.items() for h in range(n)]
         return BlockPlan("attention", node, phase, heads=heads, softmax=layer.softmax,
                          mask=(query_kind, key_kind, layer.mask == "causal"))
     if isinstance(layer, Norm):

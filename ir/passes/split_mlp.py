@@ -2,7 +2,9 @@
 summed (the reference construction's MLP sub-partition). Each sub-MLP is an MLP of its own: chunk c
 of the input projections (rows cw:(c+1)w of W_in, W_gate, W_up and their biases), its activation and
 gated product, and chunk c of the output projection (columns cw:(c+1)w of W_out; the bias once, on
-chunk 0). The maths is the FFN's; only the order of the output sum changes.
+chunk 0). The maths is the FFN's; only the order of the output sum changes. Where the FFN's output is
+read only by a residual add, the sub-MLPs' outputs are added to the residual one by one (the add's
+name on the last sum): the FFN's partial sum is never held beside the residual.
 
 Why: every simulated map then has w inputs and outputs, so its prefix rows are w wide, and the
 TinT holds w-wide activations at a time instead of F-wide ones: the stream narrows (DESIGN §6 has
@@ -38,16 +40,30 @@ def split_mlp(graph: Graph, width: int | None) -> PassResult:
     if not groups:
         return PassResult(graph, False)
     member_of = {name: out for out, inside in groups.items() for name in inside}
+    residual_of = {out: _residual_add(graph, graph.node(out)) for out in groups}  # (add node, residual) or None
+    absorbed = {found[0].name for found in residual_of.values() if found}
     result = Graph(graph.name, graph.attrs)
     result.weight_shapes = dict(graph.weight_shapes)
     for node in graph.nodes():
-        if node.name in member_of:
+        if node.name in member_of or node.name in absorbed:
             continue  # emitted with its FFN, at the output projection
         if node.name in groups:
-            _emit_chunks(graph, result, node, groups[node.name], width)
+            _emit_chunks(graph, result, node, groups[node.name], width, residual_of[node.name])
         else:
             result.add(node.name, node.kind, node.inputs, node.shape, node.attrs, node.weights)
     return PassResult(result, True)
+
+
+def _residual_add(graph: Graph, out: Node):
+    """(the add node, its other input) where the FFN's output is read only by a residual add, else None:
+    then each sub-MLP's output is added to the residual in turn, so no partial sum of the FFN is held
+    beside the residual (its sum is never needed on its own)."""
+    readers = list(graph.nx.successors(out.name))
+    if len(readers) != 1 or graph.node(readers[0]).kind != "add":
+        return None
+    add = graph.node(readers[0])
+    others = [i for i in add.inputs if i != out.name]
+    return (add, others[0]) if len(others) == 1 else None
 
 
 def _ffn(graph: Graph, out: Node, width: int) -> list[str]:
@@ -80,10 +96,12 @@ def _ffn(graph: Graph, out: Node, width: int) -> list[str]:
     return [n.name for n in graph.nodes() if n.name in inside]
 
 
-def _emit_chunks(graph: Graph, result: Graph, out: Node, inside: list[str], width: int) -> None:
-    """Sub-MLP c for each chunk, then the sum of their outputs under the output projection's name."""
+def _emit_chunks(graph: Graph, result: Graph, out: Node, inside: list[str], width: int, residual) -> None:
+    """Sub-MLP c for each chunk, then the sum of their outputs under the output projection's name; with
+    `residual` (the add that reads the FFN, and its other input), the outputs are added to the residual
+    one by one, the last sum under the add's name."""
     chunks = graph.node(out.inputs[0]).shape[-1] // width
-    total = None
+    total = None if residual is None else residual[1]
     for c in range(chunks):
         rename = {}
         for name in inside:
@@ -99,8 +117,9 @@ def _emit_chunks(graph: Graph, result: Graph, out: Node, inside: list[str], widt
             total = part
             continue
         attrs = {k: out.attrs[k] for k in ("module", "layer") if k in out.attrs}
-        name = out.name if c == chunks - 1 else f"{out.name}.sum{c}"
-        total = result.add(name, "add", [total, part], out.shape, attrs)
+        last = out if residual is None else residual[0]
+        name = last.name if c == chunks - 1 else f"{out.name}.sum{c}"
+        total = result.add(name, "add", [total, part], last.shape, last.attrs if residual else attrs)
 
 
 def _rows(ref: WeightRef, c: int, width: int) -> WeightRef:
