@@ -217,16 +217,14 @@ class _Lowering(BackwardLowering, LlamaLowering):
         return self.memo[key]
 
     def _gained(self, node, y: Field, bias: bool = False) -> Field:
-        """γ⊙y (+ β with `bias`), γ and β the node's norm's, read from its prefix token [γ, β, 1] by linear
-        attention: one head per coordinate i, with score ⟨[y_i, 1], [γ_i, β_i]⟩ (⟨y_i, γ_i⟩ without
-        β) against the token and its constant 1 as the value, so the score is the output. γ is never
-        copied into the stream (a copy of [γ, β] beside x̂ set the width of the narrowest standard view).
-        With a gain offset c (Gemma 2's 1 + w; the token holds w) the key is w_i + c·1, so it rounds as
-        HF's x̂·(1 + w). A norm of each head: γ repeats along y. The heads of a chunk of g coordinates
-        share a group (multi-head attention, one head per coordinate). From the block's current
-        version: it holds the same γ and β as the one the op names (an untrained slot never changes; a
-        trained one changes only after the backward of the step that reads it), and only the current
-        one may be read."""
+        """γ⊙y (+ β with `bias`), read from the norm's prefix token [γ, β, 1] by linear attention: one head
+        per coordinate i scores ⟨[y_i, 1], [γ_i, β_i]⟩ (⟨y_i, γ_i⟩ without β) against the token, whose
+        constant 1 is the value, so the score is the output. γ is never copied into the stream (a copy of
+        [γ, β] beside x̂ set the width of the narrowest standard view). A gain offset c (Gemma 2's 1 + w;
+        the token holds w) makes the key w_i + c·1, rounded as HF's (1 + w). A norm of each head: γ
+        repeats along y. A chunk's g heads share one group (Attention(heads=g)). From the block's current
+        version: it holds the γ and β of the one the op names (a trained slot changes only after the
+        backward of the step that reads it), and only the current one may be read."""
         block = self.block_of(node)[0]
         version = self.block_version[block]
         d = self.layout.blocks[block].d_out

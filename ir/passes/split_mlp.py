@@ -63,7 +63,10 @@ def _residual_add(graph: Graph, out: Node):
         return None
     add = graph.node(readers[0])
     others = [i for i in add.inputs if i != out.name]
-    return (add, others[0]) if len(others) == 1 else None
+    order = [n.name for n in graph.nodes()]
+    if len(others) != 1 or order.index(others[0]) > order.index(out.name):
+        return None  # the chunks come where the output projection was: the residual must be there before it
+    return add, others[0]
 
 
 def _ffn(graph: Graph, out: Node, width: int) -> list[str]:
