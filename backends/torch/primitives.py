@@ -150,10 +150,7 @@ class Attention(nn.Module):
             scores = grouped_matmul(w_q.apply(xq).movedim(1, -2), w_k.apply(xk).movedim(1, -1))
         else:  # more keys than queries (a prefix block): apply w_k to the queries instead, same scores
             scores = grouped_matmul(w_k.apply_transposed(w_q.apply(xq).movedim(1, -2)), xk.movedim(1, -1))
-        if self.mask == "causal":
-            future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
-            scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
-        weights = scores.softmax(-1) if self.softmax else scores  # [B, *groups, Tq, Tk]
+        weights = self._weights(scores)  # [B, *groups, Tq, Tk]
         if summed is not None:  # Σ_g A_g·V_g: the heads' weights and values side by side, one product
             weights, xv = _summed_values(weights, xv, summed - 1, summed)
         if self.positional == "values":  # V = [I 0]·W_vᵀ, so A·V = [A 0]·W_vᵀ
@@ -173,12 +170,15 @@ class Attention(nn.Module):
             scores = sum(q[..., i] * k[..., i] for i in range(q.shape[-1]))  # [B, Tq, *groups, heads]
             return w_o.apply((scores.unsqueeze(-1) * v).flatten(-2))
         q, k, v = (x.movedim(1, -2) for x in (q, k, v))  # [B, *groups, heads, T, d]
-        scores = q @ k.mT
+        return w_o.apply((self._weights(q @ k.mT) @ v).movedim(-2, 1).flatten(-2))  # [B, Tq, *groups, out]
+
+    def _weights(self, scores):
+        """The attention weights of scores [..., Tq, Tk]: masked (causal: no future key), then softmax
+        or the raw scores (linear attention)."""
         if self.mask == "causal":
             future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
             scores = scores.masked_fill(future, float("-inf") if self.softmax else 0.0)
-        weights = scores.softmax(-1) if self.softmax else scores
-        return w_o.apply((weights @ v).movedim(-2, 1).flatten(-2))  # [B, Tq, *groups, out]
+        return scores.softmax(-1) if self.softmax else scores
 
     def extra_repr(self) -> str:
         return (f"softmax={self.softmax}, mask={self.mask}" + (f", positional={self.positional}" if self.positional else "")

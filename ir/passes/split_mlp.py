@@ -40,7 +40,8 @@ def split_mlp(graph: Graph, width: int | None) -> PassResult:
     if not groups:
         return PassResult(graph, False)
     member_of = {name: out for out, inside in groups.items() for name in inside}
-    residual_of = {out: _residual_add(graph, graph.node(out)) for out in groups}  # (add node, residual) or None
+    position = {n.name: i for i, n in enumerate(graph.nodes())}
+    residual_of = {out: _residual_add(graph, graph.node(out), position) for out in groups}  # (add, residual) or None
     absorbed = {found[0].name for found in residual_of.values() if found}
     result = Graph(graph.name, graph.attrs)
     result.weight_shapes = dict(graph.weight_shapes)
@@ -54,7 +55,7 @@ def split_mlp(graph: Graph, width: int | None) -> PassResult:
     return PassResult(result, True)
 
 
-def _residual_add(graph: Graph, out: Node):
+def _residual_add(graph: Graph, out: Node, position: dict[str, int]):
     """(the add node, its other input) where the FFN's output is read only by a residual add, else None:
     then each sub-MLP's output is added to the residual in turn, so no partial sum of the FFN is held
     beside the residual (its sum is never needed on its own)."""
@@ -63,8 +64,7 @@ def _residual_add(graph: Graph, out: Node):
         return None
     add = graph.node(readers[0])
     others = [i for i in add.inputs if i != out.name]
-    order = [n.name for n in graph.nodes()]
-    if len(others) != 1 or order.index(others[0]) > order.index(out.name):
+    if len(others) != 1 or position[others[0]] > position[out.name]:
         return None  # the chunks come where the output projection was: the residual must be there before it
     return add, others[0]
 
@@ -105,6 +105,8 @@ def _emit_chunks(graph: Graph, result: Graph, out: Node, inside: list[str], widt
     one by one, the last sum under the add's name."""
     chunks = graph.node(out.inputs[0]).shape[-1] // width
     total = None if residual is None else residual[1]
+    last = out if residual is None else residual[0]  # the node whose name and attrs the last sum takes
+    attrs = last.attrs if residual else {k: out.attrs[k] for k in ("module", "layer") if k in out.attrs}
     for c in range(chunks):
         rename = {}
         for name in inside:
@@ -119,10 +121,8 @@ def _emit_chunks(graph: Graph, result: Graph, out: Node, inside: list[str], widt
         if total is None:
             total = part
             continue
-        attrs = {k: out.attrs[k] for k in ("module", "layer") if k in out.attrs}
-        last = out if residual is None else residual[0]
         name = last.name if c == chunks - 1 else f"{out.name}.sum{c}"
-        total = result.add(name, "add", [total, part], last.shape, last.attrs if residual else attrs)
+        total = result.add(name, "add", [total, part], last.shape, attrs)
 
 
 def _rows(ref: WeightRef, c: int, width: int) -> WeightRef:
