@@ -23,7 +23,7 @@ import torch
 from ir.errors import BackendError
 
 from .primitives import PER_POSITION
-from .program import TOKENS, Call, Field, Program, Value
+from .program import TOKENS, Call, Field, Program, Value, head_reads
 from .stream_io import block_stream, stream_block
 
 FREE = -1
@@ -104,9 +104,9 @@ def lint(program: Program) -> None:
         for v in dying.get(i, []):
             if v.born == i or not in_place:
                 occupancy.release(v)
-    head = [(f.start, f.width) for f in (program.logits, program.inputs["one"])]
+    head = [(f.start, f.width) for f in head_reads(program)]
     _check_narrowing((head, []), width, cut, _where(len(program.calls), None))
-    for f in (program.logits, program.inputs["one"]):
+    for f in head_reads(program):
         occupancy.check(f, _where(len(program.calls), None), "reads")
 
 

@@ -106,17 +106,23 @@ class Program:
     released: dict[int, tuple] = default(default_factory=dict)  # call -> block versions never read after it (allocate.py)
 
 
+def head_reads(program: Program) -> list[Field]:
+    """What the output head reads at the end: the logits' value and, for the standard view, the constant
+    one (its gated MLPs' constant branch) and the one-hot positions (its erase heads attend by them)."""
+    return [program.logits, program.inputs["one"]] + [program.inputs[k] for k in ("positions",) if k in program.inputs]
+
+
 def lives(program: Program) -> list[Value]:
     """program.values with their live ranges, from the accesses of a program whose values tile the
-    token stream without sharing coordinates (before allocation). The output head reads the logits'
-    value and, in the standard view, the constant one (its gated MLPs' constant branch) at the end."""
+    token stream without sharing coordinates (before allocation), the output head's reads (head_reads)
+    at the end."""
     end = len(program.calls)
     accesses = Accesses(program.width, [(f.start, f.width) for f in program.inputs.values()])
     for i, call in enumerate(program.calls):
         read, written = call.token_fields()
         accesses.read(i, set(read))
         accesses.write(i, set(written))
-    accesses.read(end, [(f.start, f.width) for f in (program.logits, program.inputs["one"])])
+    accesses.read(end, [(f.start, f.width) for f in head_reads(program)])
     widths = torch.tensor([v.field.width for v in program.values])
     if [v.field.start for v in program.values] != (widths.cumsum(0) - widths).tolist() or widths.sum() != program.width:
         raise BackendError("program.lives: the values do not tile the token stream (run it before allocation)")

@@ -22,10 +22,11 @@ Correspondence with the fast executor (calls.apply): one call = one block. Its g
 the selection inside Q, K, V, W_a, W_b, W_in; its write field is the selection inside O, W_o;
 a group (head or chunk) is a head or a set of units; all versions of a prefix block live on
 the same positions, so a descent is the residual add of its attention. A gated write (the fast
-executor overwrites a field that may hold a dead value) becomes erase units −h_c in a gated
-MLP: in the writing block itself when it is one, else in the latest gated MLP after the dead
-value's last read, else in an erase block inserted before the write. Where a unit on the constant
-branch of that MLP already writes c (a linear map's, a Gate's linear term), −h_c joins its input.
+executor overwrites a field that may hold a dead value) adds −h_c (standard_plan._place_erasures):
+folded into the writing MLP's unit that writes c where it can (no more units), else by an erase head
+between the dead value's last access and the write (a linear head that attends each token to
+itself through the one-hot positions, which live to the end for it), else (the writer reads the dead
+value) by erase units σ(one)·(−h_c) in the writing MLP.
 
 This module and its plan (standard_plan.py) import only torch and the runtime (the emitted package
 carries their source); they build the view from a TinT's config (tint_config.json's form) and its
@@ -84,15 +85,15 @@ class AttentionBlock(nn.Module):
         super().__init__()
         columns = p.columns(one) if factored else {}
         for name in ("q", "k", "v"):
-            w = torch.zeros(len(p.heads), getattr(p.heads[0], name)[0].shape[0], d_sim, dtype=dtype)
+            w = torch.zeros(len(p.heads), p.heads[0].size(name), d_sim, dtype=dtype)
             for i, head in enumerate(p.heads):
                 _add(w[i], slice(None), *getattr(head, name))
             _factor(self, name, w, columns.get(name))  # w_q, w_k, w_v [H, d, D_sim]
-        w_o = torch.zeros(len(p.heads), p.heads[0].v[0].shape[0], d_sim, dtype=dtype)
+        w_o = torch.zeros(len(p.heads), p.heads[0].size("o"), d_sim, dtype=dtype)
         for i, head in enumerate(p.heads):
             matrix, written = head.o
             for runs in written:
-                _add(w_o[i], slice(None), matrix.T, runs)
+                _add(w_o[i], slice(None), None if matrix is None else matrix.T, runs)
         _factor(self, "o", w_o, columns.get("o"))  # [H, dv, D_sim]: O_h transposed
         self.softmax = p.softmax
 

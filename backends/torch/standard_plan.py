@@ -28,10 +28,15 @@ def run_width(runs) -> int:
 
 @dataclass
 class Head:
-    q: tuple  # (matrix [dq, n], runs): the query reads these coordinates
+    q: tuple  # (matrix [dq, n], runs): the query reads these coordinates; matrix None: the identity
     k: tuple
-    v: tuple
-    o: tuple  # (matrix [out, dv], per written field: runs)
+    v: tuple  # matrix "negate": −identity (an erase head)
+    o: tuple  # (matrix [out, dv] or None, per written field: runs)
+
+    def size(self, part: str) -> int:
+        """The head's dimension on projection `part` (q, k, v; o: v's)."""
+        matrix, runs = getattr(self, "v" if part == "o" else part)
+        return run_width(runs) if matrix is None or isinstance(matrix, str) else matrix.shape[0]
 
 
 @dataclass
@@ -55,19 +60,25 @@ class BlockPlan:
     mask: tuple = ()  # (query kind, key kind, causal)
     eps: float = 0.0
 
-    def erase(self, coords: list[int]) -> None:
-        """Add −h_c for each coordinate. Where a unit on the constant branch already writes c alone
-        (a linear map's, a Gate's linear term), −h_c joins its input (one more column, no more units);
-        the rest get units of their own: linear units on the constant branch σ(1)."""
-        sigma_one = float(ACTIVATIONS[self.act](torch.tensor(1.0, dtype=torch.float64)))
+    def fold_erasures(self, coords: set[int]) -> set[int]:
+        """Add −h_c for each coordinate that a unit on the constant branch already writes alone (a linear
+        map's, a Gate's linear term): −h_c joins its input (one more column, no more units). Returns the
+        coordinates left."""
         left = set(coords)
         for i, u in enumerate(self.units):
             if left and u.a is None and u.b is not None and not isinstance(u.b[0], str) and u.o[0] is None \
                     and len(u.o[2]) == 1:
-                self.units[i], left = _fold_erasure(u, left, sigma_one)
-        if left:
-            runs = runs_of(sorted(left))
-            self.units.append(Units(len(left), None, ("negate", runs), (None, 1.0 / sigma_one, [runs])))
+                self.units[i], left = _fold_erasure(u, left, self.sigma_one)
+        return left
+
+    def erase_units(self, coords: set[int]) -> None:
+        """Add −h_c for each coordinate by units of their own: linear units on the constant branch σ(1)."""
+        runs = runs_of(sorted(coords))
+        self.units.append(Units(len(coords), None, ("negate", runs), (None, 1.0 / self.sigma_one, [runs])))
+
+    @property
+    def sigma_one(self) -> float:
+        return float(ACTIVATIONS[self.act](torch.tensor(1.0, dtype=torch.float64)))
 
     @property
     def width(self) -> int:
@@ -99,8 +110,7 @@ class BlockPlan:
         """Per projection, its size on the block's side: query, key, value dims of all heads, units,
         normalised coordinates."""
         if self.kind == "attention":
-            return {name: sum(getattr(h, part)[0].shape[0] for h in self.heads)
-                    for name, part in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "v"))}
+            return {part: sum(h.size(part) for h in self.heads) for part in ("q", "k", "v", "o")}
         return {name: self.width for name in (("a", "b", "o") if self.kind == "mlp" else ("in", "o"))}
 
     def dense_parameters(self, d_sim: int, one: int, factored: bool = False) -> int:
@@ -109,7 +119,7 @@ class BlockPlan:
         if not factored:
             return sum(n * d_sim for n in self.rows().values())
         runs = self.column_runs(one)
-        return sum(factored_size(n, _covered(runs[name]), d_sim) for name, n in self.rows().items())
+        return sum(factored_size(n, covered_width(runs[name]), d_sim) for name, n in self.rows().items())
 
 
 def _fold_erasure(u: Units, coords: set, sigma_one: float) -> tuple[Units, set]:
@@ -135,7 +145,7 @@ def factored_size(n: int, k: int, d_sim: int) -> int:
     return min(n * d_sim, k * (n + d_sim))
 
 
-def _covered(runs_lists) -> int:
+def covered_width(runs_lists) -> int:
     """How many coordinates the union of these runs covers (without listing them)."""
     total, end = 0, 0
     for start, size in sorted(r for runs in runs_lists for r in runs):
@@ -242,40 +252,52 @@ def vanishes_at_zero(act: str) -> bool:
 
 
 def _place_erasures(stream: StreamPlan, config: dict) -> StreamPlan:
-    """Each gated write over coordinates that may hold a dead value gets erase units (see the
-    module docstring). A coordinate may hold one once written; the input layer writes the inputs.
-    Where rows share token coordinates, an erasure is not placed in an earlier MLP whose σ(0) ≠ 0
-    (its σ(one) is not 0 at prefix positions); allocate.unshareable keeps such an MLP's own writes
-    off the shared coordinates."""
+    """Each gated write over coordinates that may hold a dead value gets −h_c (a coordinate may hold one
+    once written; the input layer writes the inputs):
+    - in the writing MLP, where a unit on its constant branch writes c (free: BlockPlan.fold_erasures);
+    - else, where the dead value's last access comes before the write, in an erase head: an attention
+      block inserted between the two whose one linear head attends each token to itself through the
+      one-hot positions (query and key: the positions; 1 on the diagonal, 0 elsewhere) and adds −h_c,
+      two rows per coordinate. One block serves every write whose range it lies in (the fewest blocks:
+      each is placed before the earliest pending write);
+    - else (the writer reads the dead value itself: only an MLP may) in erase units of the writer,
+      σ(one)·(−h_c), three rows per coordinate. Where rows share token coordinates, allocate.unshareable
+      keeps such an MLP's writes apart when σ(0) ≠ 0."""
     accesses = Accesses(config["width"], config["inputs"].values())
     blocks = stream.blocks
-    latest_mlp = -1
-    erase_in: dict[int, list[int]] = {}  # block index (or −1 − index: a new block before it) -> coordinates
+    pending: list[tuple[int, int, list[int]]] = []  # (first block it may precede, the writer, coordinates)
     for i, (block, call) in enumerate(zip(blocks, config["calls"])):
         read_fields, written_fields = json_token_fields(call)
         accesses.read(i, {tuple(f) for f in read_fields})
         written = coordinate_tensor(written_fields)
         if call["gated"] and len(written):
             dirty = written[accesses.written(written)]
-            # the dead value may be erased from its last read on, or after its last write
-            earliest = accesses.last_access(dirty) + (~accesses.last_was_read(dirty)).long()
             if block.kind == "mlp":
-                targets = [(i, dirty)]
-            else:
-                late = earliest <= latest_mlp
-                targets = [(latest_mlp, dirty[late]), (-1 - i, dirty[~late])]
-            for at, coords in targets:
-                if len(coords):
-                    erase_in.setdefault(at, []).extend(coords.tolist())
+                dirty = torch.tensor(sorted(block.fold_erasures(set(dirty.tolist()))), dtype=torch.long)
+            after = accesses.last_access(dirty) + 1  # an erase block may precede blocks after..i
+            in_place = after > i
+            if in_place.any():
+                if block.kind != "mlp":
+                    raise ValueError(f"call {call['node']} ({block.kind}) writes over a value it reads; only "
+                                     "an MLP block can erase it in the same block")
+                block.erase_units(set(dirty[in_place].tolist()))
+            for start in torch.unique(after[~in_place]).tolist():
+                pending.append((start, i, dirty[after == start].tolist()))
         accesses.write(i, {tuple(f) for f in written_fields})
-        if block.kind == "mlp" and (stream.rows_at is None or vanishes_at_zero(block.act)):
-            latest_mlp = i
-    inserted = {}
-    for at, coords in erase_in.items():
-        if at < 0:
-            inserted[-1 - at] = BlockPlan("mlp", "erase", blocks[-1 - at].phase)
-            inserted[-1 - at].erase(coords)
-        else:
-            blocks[at].erase(coords)
-    stream.blocks = [b for i, block in enumerate(blocks) for b in ([inserted[i]] if i in inserted else []) + [block]]
+    positions = (tuple(config["inputs"]["positions"]),)
+    inserted: dict[int, list[int]] = {}  # block index -> the coordinates its erase block clears
+    at = -1
+    for start, writer, coords in sorted(pending, key=lambda p: p[1]):
+        if start > at:
+            at = writer
+        inserted.setdefault(at, []).extend(coords)
+    erase = {i: BlockPlan("attention", "erase", blocks[i].phase, heads=[_erase_head(coords, positions)],
+                          mask=(TOKENS, TOKENS, True)) for i, coords in inserted.items()}
+    stream.blocks = [b for i, block in enumerate(blocks) for b in ([erase[i]] if i in erase else []) + [block]]
     return stream
+
+
+def _erase_head(coords: list[int], positions: tuple) -> Head:
+    """A linear head that scores each token against itself only (one-hot positions) and adds −h_c."""
+    runs = runs_of(sorted(coords))
+    return Head((None, positions), (None, positions), ("negate", runs), (None, [runs]))

@@ -8,8 +8,12 @@ Two conventions, both reported (README "The parameter report"):
 - both also with the standard view's low-rank option: a projection that touches k stream
   coordinates stored as two factors [n, k]·[k, D_sim] where that is smaller (exact).
 - **the reference's**: the reference code keeps the activations its backward needs in Python lists,
-  outside the stream and the count. Here: a value written or read in a forward phase and next read
-  in a backward or descent phase travels on a skip edge in between; D_sim is the widest working set
+  and the first trained layer's input in a Python variable from the first forward to the final one
+  (`continued_forward_state`), outside the stream and the count; it passes the one-hot positions to
+  every module beside the stream (`position_embeddings`), and counts its maps over them as small maps.
+  Here: a value written or read in a forward phase and next read in a later phase (backward, descent
+  or evaluation) travels on a skip edge in between; the positions input is outside the stream while
+  it lives, and each projection that reads it is charged a dense map over the T positions; D_sim is the widest working set
   (the values in the stream at once, which a dense projection may place anywhere) plus the widest
   prefix row, and every skip edge is listed; with shared rows, the rows need only be apart from the
   values kept apart from them: max(working set, their working set + widest row).
@@ -24,7 +28,7 @@ import torch
 from backends.torch.calls import coordinate_tensor
 from backends.torch.liveness import Accesses
 from backends.torch.program import Program, program_json
-from backends.torch.standard_plan import StreamPlan, plan
+from backends.torch.standard_plan import StreamPlan, covered_width, factored_size, plan, run_width
 from backends.torch.view_budget import check_plan_budget
 
 
@@ -52,34 +56,92 @@ def dense_counts(program: Program, layers) -> dict:
                  "rows_at": stream.row_start, "dense": _dense(stream, stream.d_sim)},
         "reference_convention": {"d_sim": d_ref, "working_set": working, "working_set_apart": apart,
                                  "prefix_rows": stream.rows,
-                                 "dense": _dense(stream, d_ref), "skip_edges": len(edges),
+                                 "dense": _dense(stream, d_ref, beside=_positions_life(program)),
+                                 "skip_edges": len(edges),
                                  "skip_edge_width": sum(e["width"] for e in edges), "edges": edges},
     }
 
 
-def _dense(stream: StreamPlan, d_sim: int) -> dict:
+def _dense(stream: StreamPlan, d_sim: int, beside: tuple[range, int] | None = None) -> dict:
     """Dense parameters over d_sim by block kind; "factored": with every projection that touches k
-    coordinates stored as [n, k]·[k, D_sim] where smaller (exact; the standard view's low-rank option)."""
-    by_kind, factored = Counter(), Counter()
+    coordinates stored as [n, k]·[k, D_sim] where smaller (exact; the standard view's low-rank option).
+    `beside`: (the positions' coordinates, the call before which they live): there they are not in the
+    stream, and a head or unit group that reads them is charged a dense map over them instead (its rows
+    × T), beside its map over the stream where it reads more ("position_maps": those charges)."""
+    by_kind, factored, position_maps = Counter(), Counter(), 0
+    call = 0
     for b in stream.blocks:
-        by_kind[b.kind] += b.dense_parameters(d_sim, stream.one)
-        factored[b.kind] += b.dense_parameters(d_sim, stream.one, factored=True)
-    return {"total": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items())),
-            "factored": sum(factored.values()), "factored_by_kind": dict(sorted(factored.items()))}
+        if beside is None or call >= beside[1]:
+            by_kind[b.kind] += b.dense_parameters(d_sim, stream.one)
+            factored[b.kind] += b.dense_parameters(d_sim, stream.one, factored=True)
+        else:
+            charge, dense, small = _beside(b, stream.one, d_sim, beside[0])
+            position_maps += charge
+            by_kind[b.kind] += dense + charge
+            factored[b.kind] += small + charge
+        call += b.node != "erase"  # erase blocks come before the call they serve
+    out = {"total": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items())),
+           "factored": sum(factored.values()), "factored_by_kind": dict(sorted(factored.items()))}
+    return out if beside is None else {**out, "position_maps": position_maps}
+
+
+def _beside(block, one: int, d_sim: int, positions: range) -> tuple[int, int, int]:
+    """(the charge for the position maps, dense, factored) of a block whose reads of `positions` are maps
+    over the T positions beside the stream: per head, unit group or norm group of each projection."""
+    sizes = {"q": [h.size("q") for h in block.heads], "k": [h.size("k") for h in block.heads],
+             "v": [h.size("v") for h in block.heads]} if block.kind == "attention" else \
+        {"a": [u.n for u in block.units], "b": [u.n for u in block.units]} if block.kind == "mlp" else \
+        {"in": [run_width(runs) for runs, _ in block.heads]}
+    rows = block.rows()
+    charge = dense = small = 0
+    for name, runs_lists in block.column_runs(one).items():
+        if name not in sizes:  # a projection that writes
+            dense += rows[name] * d_sim
+            small += factored_size(rows[name], covered_width(runs_lists), d_sim)
+            continue
+        n, rest = 0, []
+        for size, runs in zip(sizes[name], runs_lists):
+            cut = [piece for r in runs for piece in _outside(r, positions)]
+            charge += size * len(positions) * (sum(w for _, w in cut) < run_width(runs))
+            if cut:
+                n, rest = n + size, rest + [tuple(cut)]
+        dense += n * d_sim
+        small += factored_size(n, covered_width(rest), d_sim) if n else 0
+    return charge, dense, small
+
+
+def _outside(run: tuple[int, int], positions: range) -> list[tuple[int, int]]:
+    """The parts of a run outside the positions' coordinates."""
+    start, size = run
+    stop = start + size
+    pieces = [(start, min(stop, positions.start) - start), (max(start, positions.stop), stop - max(start, positions.stop))]
+    return [(s, w) for s, w in pieces if w > 0]
+
+
+def _positions_life(program: Program) -> tuple[range, int]:
+    """The one-hot positions' coordinates, and the first call that writes over them (they live before it)."""
+    field = program.inputs.get("positions")
+    coords = range(0) if field is None else range(field.start, field.stop)
+    rewrites = (i for i, call in enumerate(program.calls)
+                if any(s < coords.stop and coords.start < s + w for s, w in call.token_fields()[1]))
+    return coords, next(rewrites, len(program.calls))
 
 
 def working_set(program: Program, below: int | None = None) -> tuple[int, list[dict]]:
     """The widest set of token-stream coordinates in the stream at once when stored activations
     travel on skip edges, and those edges (width, from the call that last touched the coordinates in
-    a forward phase to the backward or descent call that reads them next). A coordinate is in the
+    a forward phase to the backward, descent or evaluation call that reads them next). A coordinate is in the
     stream from an access to the next read of it; from an access to a write it is free. The accesses
-    are backends/torch/liveness.py's. `below`: only coordinates under it (shared rows: the values
-    kept apart from the rows)."""
+    are backends/torch/liveness.py's. The one-hot positions are not in it while they live (the
+    reference passes them beside its stream). `below`: only coordinates under it (shared rows: the
+    values kept apart from the rows)."""
     calls = program.calls
     end = len(calls)
+    residual = [c.op == "residual" for c in calls] + [False]
     phase = torch.tensor([0 if c.phase == "forward" else 1 if c.phase in ("backward", "descent") else 2
                           for c in calls] + [2])
     accesses = Accesses(program.width, [(f.start, f.width) for f in program.inputs.values()])
+    positions, dies = _positions_life(program)
     delta = torch.zeros(end + 3, dtype=torch.long)  # coverage of calls −1 … end, at index call + 1
     edges = Counter()
 
@@ -91,13 +153,16 @@ def working_set(program: Program, below: int | None = None) -> tuple[int, list[d
         """Coordinates read at b: in the stream since their last access a, at a itself if that was a
         write not counted yet (by a read at a); only at both ends on a skip edge."""
         idx = idx[accesses.written(idx) & (idx < (program.width if below is None else below))]
+        if b < dies:
+            idx = idx[(idx < positions.start) | (idx >= positions.stop)]
         a, first = accesses.last_access(idx), accesses.unread_write(idx)
         points(a[first])
-        skip = (a >= 0) & (phase[a.clamp(min=0)] == 0) & (phase[b] == 1)
+        skip = (a >= 0) & (((phase[a.clamp(min=0)] == 0) & (phase[b] >= 1) & (b < end)) | residual[b])
         through = a[~skip]  # (a, b]
         delta.index_add_(0, through + 2, torch.ones_like(through))
         delta[b + 2] -= len(through)
-        points(torch.full((int(skip.sum()),), b))
+        if not residual[b]:
+            points(torch.full((int(skip.sum()),), b))
         for a_, n in zip(*torch.unique(a[skip], return_counts=True)):
             edges[(calls[int(a_)].node, calls[b].node)] += int(n)
         accesses.read_coordinates(b, idx)
