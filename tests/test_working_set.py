@@ -60,3 +60,40 @@ def test_erasures_fold_into_units_that_already_write_the_coordinate(monkeypatch)
     monkeypatch.setattr(standard_plan, "_fold_erasure", lambda u, coords, sigma_one: (u, coords))
     unfolded, units_unfolded = erase_units(compiled)
     assert folded < unfolded and units_unfolded - units == unfolded - folded
+
+
+def test_products_take_the_erasure_of_the_coordinate_they_overwrite(monkeypatch):
+    """η⊙x written over x: (a·h)(b·h) − h_c = (a·h − one)(b·h) where b reads h_c alone, so the product's
+    own unit erases the dead x (no erase units); the view stays the fast executor. Without the fold the
+    same writes need erase units."""
+    from backends.torch import standard_plan
+
+    def erase_units(compiled) -> int:
+        return sum(u.n for b in compiled.tint.standard().plan.blocks for u in b.units
+                   if u.b and isinstance(u.b[0], str))
+
+    _, model, compiled = _compile("gpt2", {}, SPLIT)
+    folded = erase_units(compiled)
+    logits_error, prefix_error, _ = _view_against_fast(compiled, model)
+    assert logits_error <= 1e-10 and prefix_error <= 1e-10
+    monkeypatch.setattr(standard_plan, "_fold_into_product", lambda u, coords, one: (u, coords))
+    assert erase_units(compiled) > folded
+
+
+def test_erase_heads_attend_each_token_to_itself(monkeypatch):
+    """Each erase block is one linear head whose query and key are the one-hot positions under the causal
+    token mask (score 1 on the diagonal, 0 elsewhere) and whose value is −h_c. With +h_c the view is wrong."""
+    from backends.torch import standard_plan
+
+    _, model, compiled = _compile("gpt2", {}, SPLIT)
+    program = compiled.tint.program
+    positions = ((program.inputs["positions"].start, program.inputs["positions"].width),)
+    erase = [b for b in compiled.tint.standard().plan.blocks if b.node == "erase"]
+    assert erase and all(b.kind == "attention" and not b.softmax and b.mask == ("tokens", "tokens", True)
+                         and len(b.heads) == 1 and b.heads[0].q == b.heads[0].k == (None, positions)
+                         and b.heads[0].v[0] == "negate" for b in erase)
+    real = standard_plan._erase_head
+    monkeypatch.setattr(standard_plan, "_erase_head",
+                        lambda coords, pos: standard_plan.Head(*(lambda h: (h.q, h.k, (None, h.v[1]), h.o))(real(coords, pos))))
+    logits_error, prefix_error, _ = _view_against_fast(compiled, model)
+    assert max(logits_error, prefix_error) > 1e-3

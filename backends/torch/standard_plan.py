@@ -60,15 +60,19 @@ class BlockPlan:
     mask: tuple = ()  # (query kind, key kind, causal)
     eps: float = 0.0
 
-    def fold_erasures(self, coords: set[int]) -> set[int]:
-        """Add −h_c for each coordinate that a unit on the constant branch already writes alone (a linear
-        map's, a Gate's linear term): −h_c joins its input (one more column, no more units). Returns the
+    def fold_erasures(self, coords: set[int], one: int) -> set[int]:
+        """Add −h_c for each coordinate that a unit already writes alone, without more units: on the
+        constant branch (a linear map's, a Gate's linear term) −h_c joins its input; in a product of a
+        bilinear block whose one side reads h_c alone, the other side takes a constant. Returns the
         coordinates left."""
         left = set(coords)
         for i, u in enumerate(self.units):
-            if left and u.a is None and u.b is not None and not isinstance(u.b[0], str) and u.o[0] is None \
-                    and len(u.o[2]) == 1:
+            if not left or u.o[0] is not None or len(u.o[2]) != 1 or u.b is None or isinstance(u.b[0], str):
+                continue
+            if u.a is None:
                 self.units[i], left = _fold_erasure(u, left, self.sigma_one)
+            elif self.act == "identity":
+                self.units[i], left = _fold_into_product(u, left, one)
         return left
 
     def erase_units(self, coords: set[int]) -> None:
@@ -139,6 +143,34 @@ def _fold_erasure(u: Units, coords: set, sigma_one: float) -> tuple[Units, set]:
     for c, r in rows.items():
         matrix[r, column[c]] -= 1.0 / (u.o[1] * sigma_one)
     return Units(u.n, None, (matrix, runs + runs_of(extra)), u.o), coords - set(rows)
+
+
+def _fold_into_product(u: Units, coords: set, one: int) -> tuple[Units, set]:
+    """Gate units u (σ the identity, identity output: unit r adds scale·(a_r·h)(b_r·h) to the r-th
+    coordinate it writes) where one side of unit r reads h_c alone, β·h_c, for the c it writes: the other
+    side gets −1/(scale·β) on the constant one, so the unit adds scale·(a_r·h)(b_r·h) − h_c at tokens
+    (one = 1) and what it added before at prefix positions (one = 0). Returns the units and the
+    coordinates left."""
+    written = coordinates(u.o[2][0])
+    rows = {c: r for r, c in enumerate(written) if c in coords}
+    shift: dict[int, list] = {0: [], 1: []}  # side to shift -> (row, β)
+    for side, (matrix, runs) in enumerate((u.a, u.b)):
+        read = coordinates(runs)
+        for c, r in list(rows.items()):
+            nonzero = matrix[r].nonzero().flatten()
+            if len(nonzero) == 1 and read[int(nonzero[0])] == c:
+                shift[1 - side].append((r, float(matrix[r, nonzero[0]])))
+                del rows[c]
+    sides = [u.a, u.b]
+    for side, entries in shift.items():
+        if entries:
+            matrix, runs = sides[side]
+            matrix = torch.cat([matrix, matrix.new_zeros(matrix.shape[0], 1)], 1)  # a copy: the primitive's is shared
+            for r, beta in entries:
+                matrix[r, -1] -= 1.0 / (u.o[1] * beta)
+            sides[side] = (matrix, runs + ((one, 1),))
+    folded = {written[r] for side in shift.values() for r, _ in side}
+    return Units(u.n, sides[0], sides[1], u.o), coords - folded
 
 
 def factored_size(n: int, k: int, d_sim: int) -> int:
@@ -254,7 +286,7 @@ def vanishes_at_zero(act: str) -> bool:
 def _place_erasures(stream: StreamPlan, config: dict) -> StreamPlan:
     """Each gated write over coordinates that may hold a dead value gets −h_c (a coordinate may hold one
     once written; the input layer writes the inputs):
-    - in the writing MLP, where a unit on its constant branch writes c (free: BlockPlan.fold_erasures);
+    - in the writing MLP, where a unit that writes c can take it (free: BlockPlan.fold_erasures);
     - else, where the dead value's last access comes before the write, in an erase head: an attention
       block inserted between the two whose one linear head attends each token to itself through the
       one-hot positions (query and key: the positions; 1 on the diagonal, 0 elsewhere) and adds −h_c,
@@ -273,7 +305,7 @@ def _place_erasures(stream: StreamPlan, config: dict) -> StreamPlan:
         if call["gated"] and len(written):
             dirty = written[accesses.written(written)]
             if block.kind == "mlp":
-                dirty = torch.tensor(sorted(block.fold_erasures(set(dirty.tolist()))), dtype=torch.long)
+                dirty = torch.tensor(sorted(block.fold_erasures(set(dirty.tolist()), stream.one)), dtype=torch.long)
             after = accesses.last_access(dirty) + 1  # an erase block may precede blocks after..i
             in_place = after > i
             if in_place.any():
