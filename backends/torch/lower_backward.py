@@ -139,7 +139,8 @@ class BackwardLowering:
         return [means.part(i * heads, heads) for i in range(len(values))]
 
     def lower_activation_backward(self, node):
-        """finite_difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: an MLP with hidden [x + ∂y/N; x] per chunk.
+        """finite_difference: N·[σ(x + ∂y·(1/N)) − σ(x)]: an MLP with hidden [x + ∂y·(1/N); x] per chunk
+        and output N·σ(·) − N·σ(·), both scales inside its two maps.
         exact: σ'(x)⊙∂y from units whose activation is σ' built of tanh or sigmoid, or for erf GELU
         from GELU units (EXACT_DERIVATIVES)."""
         a = node.attrs
@@ -151,14 +152,14 @@ class BackwardLowering:
             raise BackendError(f"node %{node.name}: activation backward rule {a['rule']!r} for {a['fn']} has no "
                                f"TinT construction; allowed: finite_difference, or exact for "
                                f"{', '.join(EXACT_DERIVATIVES)}")
-        g = self.group(x.width)
+        g, n = self.group(x.width), a["scale"]
         e, z = self.eye(g), torch.zeros(g, g, dtype=self.dtype)
-        layer = self.layer(("activation_difference", a["fn"], g), lambda: P.MLP(
-            torch.cat([torch.cat([e, e], 1), torch.cat([e, z], 1)], 0), torch.cat([e, -e], 1), a["fn"]))
-        scaled = self._scaled(dy, 1.0 / a["scale"])
+        layer = self.layer(("activation_difference", a["fn"], g, repr(n)), lambda: P.MLP(
+            torch.cat([torch.cat([e, (1.0 / n) * e], 1), torch.cat([e, z], 1)], 0), torch.cat([n * e, -n * e], 1),
+            a["fn"]))
         change, chunks = self.new(x.width, g)
-        self.call(layer, [list(zip(x.chunks(g), scaled.chunks(g)))], chunks)
-        self.fields[node.name] = self._scaled(change, a["scale"])
+        self.call(layer, [list(zip(x.chunks(g), dy.chunks(g)))], chunks)
+        self.fields[node.name] = change
 
     def _gate_of(self, name: str, weights, a: tuple[Field, ...], b: tuple[Field, ...], c: tuple[Field, ...] = ()):
         """(A·a) ⊙ (B·b) + C·c chunk by chunk, one gated unit: `weights(g)` gives A, B, C (C None without c)

@@ -28,7 +28,7 @@ import torch
 from backends.torch.calls import coordinate_tensor
 from backends.torch.liveness import Accesses
 from backends.torch.program import Program, program_json
-from backends.torch.standard_plan import StreamPlan, covered_width, factored_size, plan, run_width
+from backends.torch.standard_plan import BlockPlan, StreamPlan, covered_width, factored_size, plan, run_width
 from backends.torch.view_budget import check_plan_budget
 
 
@@ -56,33 +56,40 @@ def dense_counts(program: Program, layers) -> dict:
                  "rows_at": stream.row_start, "dense": _dense(stream, stream.d_sim)},
         "reference_convention": {"d_sim": d_ref, "working_set": working, "working_set_apart": apart,
                                  "prefix_rows": stream.rows,
-                                 "dense": _dense(stream, d_ref, beside=_positions_life(program)),
+                                 "dense": _dense(stream, d_ref, reference=program),
                                  "skip_edges": len(edges),
                                  "skip_edge_width": sum(e["width"] for e in edges), "edges": edges},
     }
 
 
-def _dense(stream: StreamPlan, d_sim: int, beside: tuple[range, int] | None = None) -> dict:
+def _dense(stream: StreamPlan, d_sim: int, reference: Program | None = None) -> dict:
     """Dense parameters over d_sim by block kind; "factored": with every projection that touches k
     coordinates stored as [n, k]·[k, D_sim] where smaller (exact; the standard view's low-rank option).
-    `beside`: (the positions' coordinates, the call before which they live): there they are not in the
-    stream, and a head or unit group that reads them is charged a dense map over them instead (its rows
-    × T), beside its map over the stream where it reads more ("position_maps": those charges)."""
-    by_kind, factored, position_maps = Counter(), Counter(), 0
+    `reference`: the program, counted in the reference's convention: while the positions live they are
+    not in the stream, and a head or unit group that reads them is charged a dense map over them instead
+    (its rows × T) beside its map over the stream where it reads more ("position_maps": those charges);
+    a sum is a Python add, its block not counted but for any erase units it holds ("python_sums": what
+    the sums' own units would add)."""
+    by_kind, factored, position_maps, python_sums = Counter(), Counter(), 0, 0
+    positions, dies = _positions_life(reference) if reference is not None else (range(0), 0)
     call = 0
     for b in stream.blocks:
-        if beside is None or call >= beside[1]:
+        if reference is not None and b.node != "erase" and reference.calls[call].op == "residual":
+            kept = [u for u in b.units if u.b is not None and isinstance(u.b[0], str)]
+            python_sums += b.dense_parameters(d_sim, stream.one) - 3 * sum(u.n for u in kept) * d_sim
+            b = BlockPlan(b.kind, b.node, b.phase, units=kept, act=b.act)
+        if call >= dies:
             by_kind[b.kind] += b.dense_parameters(d_sim, stream.one)
             factored[b.kind] += b.dense_parameters(d_sim, stream.one, factored=True)
         else:
-            charge, dense, small = _beside(b, stream.one, d_sim, beside[0])
+            charge, dense, small = _beside(b, stream.one, d_sim, positions)
             position_maps += charge
             by_kind[b.kind] += dense + charge
             factored[b.kind] += small + charge
         call += b.node != "erase"  # erase blocks come before the call they serve
     out = {"total": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items())),
            "factored": sum(factored.values()), "factored_by_kind": dict(sorted(factored.items()))}
-    return out if beside is None else {**out, "position_maps": position_maps}
+    return out if reference is None else {**out, "position_maps": position_maps, "python_sums": python_sums}
 
 
 def _beside(block, one: int, d_sim: int, positions: range) -> tuple[int, int, int]:
