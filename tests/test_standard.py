@@ -202,6 +202,43 @@ def test_the_dense_count_equals_the_built_standard_view():
     assert counts["ours"]["dense"]["factored"] < counts["ours"]["dense"]["total"]
 
 
+def test_the_reference_convention_counts_positions_beside_and_sums_as_python_adds():
+    """By hand, coordinate sets per head, unit group and norm group: what reads the one-hot positions is
+    charged [its rows, T] for them and [its rows, D_sim] for what else it reads, if anything; a sum's block
+    counts only erase units (a Python add in the reference); every other projection [its rows, D_sim]."""
+    from backends.torch.calls import coordinates
+    from backends.torch.standard_plan import run_width
+    from tintc.report.dense_count import dense_counts, standard_plan
+
+    _, _, compiled = _compile("gpt2", steps=1)
+    program, layers = compiled.tint.program, compiled.tint.layers
+    reference = dense_counts(program, layers)["reference_convention"]
+    d, dense = reference["d_sim"], reference["dense"]
+    field = program.inputs["positions"]
+    positions = set(range(field.start, field.stop))
+    assert not any(set(coordinates(c.token_fields()[1])) & positions for c in program.calls)  # they live to the end
+    one, calls, total, sums, charged = program.inputs["one"].start, iter(program.calls), 0, 0, 0
+    for b in standard_plan(program, layers).blocks:
+        if b.node != "erase" and next(calls).op == "residual":
+            own = sum(u.n for u in b.units if not (u.b and isinstance(u.b[0], str)))
+            sums += 3 * own * d
+            total += 3 * (b.width - own) * d
+            continue
+        if b.kind == "attention":
+            reads = [(h.size(p), getattr(h, p)[1]) for p in "qkv" for h in b.heads]
+        elif b.kind == "mlp":
+            reads = [(u.n, side[1] if side else ((one, 1),)) for u in b.units for side in (u.a, u.b)]
+        else:
+            reads = [(run_width(runs), runs) for runs, _ in b.heads]
+        for size, runs in reads:
+            read = set(coordinates(runs))
+            charged += size * len(positions) * bool(read & positions)
+            total += size * len(positions) * bool(read & positions) + size * d * bool(read - positions)
+        total += b.rows()["o"] * d
+    assert sums == dense["python_sums"] > 0 and charged == dense["position_maps"] > 0
+    assert total == dense["total"]
+
+
 def test_the_low_rank_option_factorises_the_standard_view_exactly():
     """tint.passes.low_rank: each projection of the standard view that touches k coordinates is stored
     as [n, k]·[k, D_sim]; the counts fall and the output stays that of the fast executor."""

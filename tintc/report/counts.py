@@ -14,8 +14,9 @@ counted dense, as stored (`numel`), and its nonzeros separately (`count_nonzero`
 - The prefix tokens are what `encode(θ)` produces for one checkpoint.
 - **standard view, dense** (tintc/report/dense_count.py): the same TinT as a plain stack of transformer
   blocks (backends/torch/standard.py), every projection a dense matrix over the stream width
-  D_sim, the paper's convention; and the same under the reference code's convention (stored
-  activations on skip edges outside the stream). The reference code's figures (DESIGN §6) are
+  D_sim, the paper's convention; and the same under the reference code's convention (what it keeps
+  in Python outside the stream: stored activations, the evaluation's input, the positions, the sums'
+  operands; tintc/report/dense_count.py). The reference code's figures (DESIGN §6) are
   shown only beside the latter, the count made like theirs.
 
     report = parameter_report(compiled)      # a JSON-able dict

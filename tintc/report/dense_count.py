@@ -7,13 +7,15 @@ Two conventions, both reported (README "The parameter report"):
   tint.passes.shared_rows the rows share token coordinates: max(width, rows_at + widest row).
 - both also with the standard view's low-rank option: a projection that touches k stream
   coordinates stored as two factors [n, k]·[k, D_sim] where that is smaller (exact).
-- **the reference's**: the reference code keeps the activations its backward needs in Python lists,
-  and the first trained layer's input in a Python variable from the first forward to the final one
-  (`continued_forward_state`), outside the stream and the count; it passes the one-hot positions to
-  every module beside the stream (`position_embeddings`), and counts its maps over them as small maps.
-  Here: a value written or read in a forward phase and next read in a later phase (backward, descent
-  or evaluation) travels on a skip edge in between; the positions input is outside the stream while
-  it lives, and each projection that reads it is charged a dense map over the T positions; D_sim is the widest working set
+- **the reference's**: what the reference code keeps in Python stays outside the stream and the count:
+  the activations its backward needs (Python lists), the first trained layer's input from the first
+  forward to the final one (`continued_forward_state`), the one-hot positions (passed to every module
+  beside the stream as `position_embeddings`; its maps over them are small maps), and every sum (a
+  residual, the sub-MLP outputs, gradient contributions: Python adds). Here: a value written or read in
+  a forward phase and next read in a later phase (backward, descent or evaluation) travels on a skip
+  edge in between; a sum's operands travel outside the stream up to it, and its block is not counted
+  but for erase units it holds; while the positions live they are not in the stream, and a head or unit
+  group that reads them is charged a dense map over the T positions. D_sim is the widest working set
   (the values in the stream at once, which a dense projection may place anywhere) plus the widest
   prefix row, and every skip edge is listed; with shared rows, the rows need only be apart from the
   values kept apart from them: max(working set, their working set + widest row).

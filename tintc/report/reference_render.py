@@ -18,10 +18,11 @@ CONVENTIONS_TEXT = [
     "called many times, its block-structured Conv2D maps), so this compares what each program holds, not "
     "the size of a transformer.", "",
     "**(2) Dense, activations outside the stream** (the reference's convention). Every projection is a dense "
-    "D_sim×D_sim matrix plus bias over the residual stream, and the activations kept for the backward travel "
-    "outside it, as the reference keeps them in Python lists. Ours is the standard view with those "
-    "activations on skip edges; the reference's counts the Conv2D maps a forward pass applies, its position "
-    "maps and gates as stored.", "",
+    "D_sim×D_sim matrix plus bias over the residual stream, and what the reference keeps in Python travels "
+    "outside it: the activations kept for the backward (its Python lists), the evaluation's input, the "
+    "one-hot positions (its maps over them are small maps) and the operands of every sum (its Python adds). "
+    "Ours is the standard view with those values on skip edges and its sums not counted; the reference's "
+    "counts the Conv2D maps a forward pass applies, its position maps and gates as stored.", "",
     "**(3) Dense, everything in the stream.** The same dense count with every value the TinT keeps inside "
     "the stream, so that it is one plain stack of transformer blocks. The reference has no such count: its "
     "blocks read stored activations and per-layer prefixes from Python lists.", "",
