@@ -160,7 +160,10 @@ def _standard_view_table(report: dict) -> tuple[str, list[str], list[list[str]]]
           if not sv.get("shared_rows") else f"working set {_n(theirs['working_set'])}, prefix rows "
           f"{_n(theirs['prefix_rows'])} beside the {_n(theirs['working_set_apart'])} kept apart from them; ") +
          f"{_n(theirs['skip_edges'])} skip edges carry {_n(theirs['skip_edge_width'])} coordinates"],
-        ["reference convention: dense parameters", _n(theirs["dense"]["total"]), _human(theirs["dense"]["total"])],
+        ["reference convention: dense parameters", _n(theirs["dense"]["total"]),
+         f"{_human(theirs['dense']['total'])}; of which maps over the positions "
+         f"{_n(theirs['dense']['position_maps'])}; not counted, the sums (Python adds there) "
+         f"{_n(theirs['dense']['python_sums'])}"],
     ]
     rows.append(["reference convention: dense, projections factored where smaller", _n(theirs["dense"]["factored"]),
                  _human(theirs["dense"]["factored"])])
