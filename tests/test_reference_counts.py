@@ -12,7 +12,7 @@ from tintc import pipeline
 from tintc.report import counts as R
 from tintc.report import reference_counts as C
 from tintc.report import render as V
-from tintc.report.reference_render import CONVENTION_LABELS
+from tintc.report.reference_render import CONVENTION_LABELS, like_with_like_table
 from tests.models import MICRO, tiny_config, tiny_model
 
 GPT2 = GPT2Config(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)
@@ -124,3 +124,21 @@ def test_families_without_a_reference_construction_say_why():
     assert all(c["ratio"] is None and c["tintc"] for c in section["conventions"].values())
     md = V.to_markdown(report)
     assert "no figures | family llama: gated MLP" in md
+
+
+def test_a_k_the_reference_cannot_take_falls_back_to_its_readme_k():
+    """At K = 768 (the compact TinT: one weight row per prefix token) the reference's heads would be 768 wide
+    and only 4 fit its narrowest stream, fewer than GPT-2's 12: its figures are those at its README's K = 256,
+    and the report says so in the table's title."""
+    report = {"family": "gpt2", "settings": {"prefixes": 768, "trained_layers": list(range(12)), "steps": 1},
+              "counts": {"unique": {"dense": 176_910}},
+              "standard_view": {"ours": {"dense": {"total": 7.7e11}, "d_sim": 160_005},
+                                "reference_convention": {"dense": {"total": 1.2e10}, "d_sim": 3_076}}}
+    section = C.like_with_like(report, GPT2)
+    assert section["applies"] and section["settings"]["prefixes"] == 256 and section["settings"]["width"] == 3072
+    assert section["own_k"].startswith("at our K = 768 its construction does not apply (n_head 12: must be at most 4")
+    assert section["conventions"]["dense_activations_outside"]["reference"] == DESIGN["gpt2"]["dense_applied_maps"]
+    title, _, _ = like_with_like_table({"reference_counts": section})
+    assert title.endswith("shown at its README's K = 256)")
+    report["settings"]["prefixes"] = 256  # where ours applies, nothing is said
+    assert C.like_with_like(report, GPT2)["own_k"] is None

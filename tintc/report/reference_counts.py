@@ -301,9 +301,20 @@ def _ratio(ours, theirs) -> float | None:
     return ours / theirs if ours is not None and theirs else None
 
 
+def _settings_that_apply(shape: Shape, prefixes: int, trained_layers: int, steps: int) -> tuple[Settings, str | None]:
+    """The reference's settings at our K; where its construction does not take our K (its heads are K
+    wide: a wide K leaves too few of them), at its README's K instead, said so (None: ours applied)."""
+    ours = Settings.for_shape(shape.d_model, prefixes, trained_layers, steps)
+    readme = Settings.for_shape(shape.d_model, Settings.prefixes, trained_layers, steps)
+    if not problems(shape, ours) or prefixes == readme.prefixes or problems(shape, readme):
+        return ours, None
+    return readme, (f"at our K = {prefixes} its construction does not apply ({'; '.join(problems(shape, ours))}): "
+                    f"shown at its README's K = {readme.prefixes}")
+
+
 def like_with_like(report: dict, config) -> dict:
-    """report.json's "reference_counts": the reference's TinT for this aux config (its shape, our K,
-    trained layers and steps, its narrowest stream) and ours beside it in three conventions, with a
+    """report.json's "reference_counts": the reference's TinT for this aux config (its shape, our K or,
+    where its construction does not take ours, its README's; trained layers and steps; its narrowest stream) and ours beside it in three conventions, with a
     ratio only between like counts. `config` is the aux model's HF config."""
     family, s, sv = report["family"], report["settings"], report["standard_view"]
     ours = {"as_stored": report["counts"]["unique"]["dense"],
@@ -311,7 +322,7 @@ def like_with_like(report: dict, config) -> dict:
             "dense_everything_in_stream": sv["ours"]["dense"]["total"]}
     d_sim = {"as_stored": None, "dense_activations_outside": sv["reference_convention"]["d_sim"],
              "dense_everything_in_stream": sv["ours"]["d_sim"]}
-    found, shape, settings, ref = [], None, None, None
+    found, shape, settings, ref, own_k = [], None, None, None, None
     if family in NO_CONSTRUCTION:
         found.append(f"family {family}: {NO_CONSTRUCTION[family]} have no construction in the reference code; "
                      f"it builds GPT-2 and OPT (pre-LN)")
@@ -322,7 +333,7 @@ def like_with_like(report: dict, config) -> dict:
         if not isinstance(s["prefixes"], int):
             found.append(f"tint.prefixes {s['prefixes']}: the reference uses one K for every map")
         else:
-            settings = Settings.for_shape(shape.d_model, s["prefixes"], len(s["trained_layers"]), s["steps"])
+            settings, own_k = _settings_that_apply(shape, s["prefixes"], len(s["trained_layers"]), s["steps"])
             found += problems(shape, settings)
     if not found:
         ref = reference_counts(shape, settings)
@@ -334,6 +345,6 @@ def like_with_like(report: dict, config) -> dict:
                "d_sim": {"tintc": d_sim[name], "reference": None if name == "as_stored" or theirs[name] is None
                          else width}}
         for name in ours}
-    return {"applies": ref is not None, "why_not": "; ".join(found) or None,
+    return {"applies": ref is not None, "why_not": "; ".join(found) or None, "own_k": own_k,
             "shape": asdict(shape) if shape else None, "settings": asdict(settings) if settings else None,
             "reference": ref, "conventions": conventions}

@@ -67,7 +67,8 @@ def like_with_like_table(report: dict) -> tuple[str, list[str], list[list[str]]]
     ]
     title = (f"Like with like: tintc and the reference code's TinT at this shape (D_sim {s['width']:,}, "
              f"K {s['prefixes']}, {s['heads']} TinT heads, {s['trained_layers']} layers trained, "
-             f"{s['steps']} step(s), one-hot positions {ref['position_width']:,} wide)")
+             f"{s['steps']} step(s), one-hot positions {ref['position_width']:,} wide"
+             + (f"; {section['own_k']})" if section.get("own_k") else ")"))
     return title, ["", "tintc", "reference", "tintc / reference"], rows
 
 
