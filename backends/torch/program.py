@@ -109,7 +109,8 @@ class Program:
 def head_reads(program: Program) -> list[Field]:
     """What the output head reads at the end: the logits' value and, for the standard view, the constant
     one (its gated MLPs' constant branch) and the one-hot positions (its erase heads attend by them)."""
-    return [program.logits, program.inputs["one"]] + [program.inputs[k] for k in ("positions",) if k in program.inputs]
+    positions = program.inputs.get("positions")  # hand-built programs may have none
+    return [program.logits, program.inputs["one"]] + ([positions] if positions is not None else [])
 
 
 def lives(program: Program) -> list[Value]:

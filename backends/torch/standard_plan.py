@@ -110,12 +110,20 @@ class BlockPlan:
         return {name: sorted({c for runs in runs_lists for c in coordinates(runs)})
                 for name, runs_lists in self.column_runs(one).items()}
 
+    def group_sizes(self) -> dict[str, list[int]]:
+        """Per projection that reads, the size of each head, unit group or norm group on the block's side,
+        in column_runs' order."""
+        if self.kind == "attention":
+            return {part: [h.size(part) for h in self.heads] for part in ("q", "k", "v")}
+        if self.kind == "mlp":
+            return {name: [u.n for u in self.units] for name in ("a", "b")}
+        return {"in": [run_width(runs) for runs, _ in self.heads]}
+
     def rows(self) -> dict[str, int]:
         """Per projection, its size on the block's side: query, key, value dims of all heads, units,
-        normalised coordinates."""
-        if self.kind == "attention":
-            return {part: sum(h.size(part) for h in self.heads) for part in ("q", "k", "v", "o")}
-        return {name: self.width for name in (("a", "b", "o") if self.kind == "mlp" else ("in", "o"))}
+        normalised coordinates (the output's: the value's, or the block's width)."""
+        sizes = {name: sum(n) for name, n in self.group_sizes().items()}
+        return {**sizes, "o": sizes["v"] if self.kind == "attention" else self.width}
 
     def dense_parameters(self, d_sim: int, one: int, factored: bool = False) -> int:
         """Parameters of the block's projections as dense matrices over the stream; `factored`: each

@@ -77,9 +77,10 @@ def _dense(stream: StreamPlan, d_sim: int, reference: Program | None = None) -> 
     call = 0
     for b in stream.blocks:
         if reference is not None and b.node != "erase" and reference.calls[call].op == "residual":
-            kept = [u for u in b.units if u.b is not None and isinstance(u.b[0], str)]
-            python_sums += b.dense_parameters(d_sim, stream.one) - 3 * sum(u.n for u in kept) * d_sim
-            b = BlockPlan(b.kind, b.node, b.phase, units=kept, act=b.act)
+            erase = BlockPlan(b.kind, b.node, b.phase, act=b.act,
+                              units=[u for u in b.units if u.b is not None and isinstance(u.b[0], str)])
+            python_sums += b.dense_parameters(d_sim, stream.one) - erase.dense_parameters(d_sim, stream.one)
+            b = erase
         if call >= dies:
             by_kind[b.kind] += b.dense_parameters(d_sim, stream.one)
             factored[b.kind] += b.dense_parameters(d_sim, stream.one, factored=True)
@@ -97,11 +98,7 @@ def _dense(stream: StreamPlan, d_sim: int, reference: Program | None = None) -> 
 def _beside(block, one: int, d_sim: int, positions: range) -> tuple[int, int, int]:
     """(the charge for the position maps, dense, factored) of a block whose reads of `positions` are maps
     over the T positions beside the stream: per head, unit group or norm group of each projection."""
-    sizes = {"q": [h.size("q") for h in block.heads], "k": [h.size("k") for h in block.heads],
-             "v": [h.size("v") for h in block.heads]} if block.kind == "attention" else \
-        {"a": [u.n for u in block.units], "b": [u.n for u in block.units]} if block.kind == "mlp" else \
-        {"in": [run_width(runs) for runs, _ in block.heads]}
-    rows = block.rows()
+    sizes, rows = block.group_sizes(), block.rows()
     charge = dense = small = 0
     for name, runs_lists in block.column_runs(one).items():
         if name not in sizes:  # a projection that writes
