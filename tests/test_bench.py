@@ -61,6 +61,22 @@ def test_bench_measures_the_tint_and_the_direct_evaluation(tmp_path, monkeypatch
     assert "Cost of exactness" in result.output
 
 
+def test_the_tints_predicted_peak_is_for_the_batch_it_runs(tmp_path, monkeypatch):
+    from tintc import memory
+
+    seen = []
+
+    def record(shape, length, batch=1, holds_package=True):
+        seen.append((length, batch, holds_package))
+        raise RuntimeError("recorded")  # stop before the package is loaded
+
+    monkeypatch.setattr(memory, "run_prediction", record)
+    (tmp_path / "run.json").write_text(json.dumps({"shape": {}}))
+    with pytest.raises(RuntimeError, match="recorded"):
+        bench.measure_tint(tmp_path, 64, 1, batch=4)
+    assert seen == [(64, 4, False)]
+
+
 def test_bench_refuses_bad_lengths(tmp_path):
     result = CliRunner().invoke(app, ["bench", str(_config(tmp_path)), "--lengths", "16,x"])
     assert result.exit_code == 2

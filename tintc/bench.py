@@ -296,7 +296,7 @@ def measure_tint(work: Path, length: int, repeats: int | None, batch: int = 1) -
     from tintc import memory
 
     run = json.loads((work / "run.json").read_text())
-    predicted = memory.run_prediction(run["shape"], length, holds_package=False)  # before anything is loaded
+    predicted = memory.run_prediction(run["shape"], length, batch, holds_package=False)  # before anything is loaded
     package = import_package(run["package"])
     tint = package.load(run["package"])
     prefixes = load_file(str(work / "prefixes.safetensors"))

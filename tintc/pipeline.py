@@ -34,6 +34,7 @@ from ir.passes.block_sharing import block_sharing  # noqa: E402
 from ir.passes.head_splitting import head_splitting  # noqa: E402
 from ir.passes.low_rank import low_rank  # noqa: E402
 from ir.passes.prefix_stacking import prefix_stacking  # noqa: E402
+from ir.passes.rematerialise import rematerialise  # noqa: E402
 from ir.passes.select_train import select_train  # noqa: E402
 from ir.passes.split_mlp import split_mlp  # noqa: E402
 from ir.passes.sub_mlp import sub_mlp  # noqa: E402
@@ -112,6 +113,7 @@ def train_graph(cfg: TintcConfig, graph: Graph) -> Graph:
         (select_train, {"layers": cfg.trained_layers(graph.attrs["n_layer"]), "kinds": list(t.kinds)}),
         (autodiff, {"steps": t.steps, "lr": t.lr, "attention": a.attention, "layer_norm": a.layer_norm,
                     "activation": a.activation, "scale": a.scale}),
+        (rematerialise, {"enabled": p.rematerialise.enabled}),
         (prefix_stacking, {"prefixes": cfg.tint.prefixes if p.prefix_stacking.enabled else None}),
         (head_splitting, {"width": cfg.head_width(d)}),
         (sub_mlp, {"width": cfg.group_width(d)}),

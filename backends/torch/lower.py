@@ -25,6 +25,7 @@ from torch import nn
 
 from ir.graph import Graph, Node
 from ir.errors import BackendError
+from ir.passes.rematerialise import REMAT, phase_of
 
 from . import runtime as P
 from .low_rank import factorise
@@ -113,12 +114,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
         return g if width % g == 0 else width
 
     def _phase(self, node: Node) -> str:
-        if node.kind.endswith("_descent"):
-            return "descent"
-        if node.kind.endswith("_backward") or node.kind == "loss_grad" or ".grad" in node.name:
-            return "backward"
-        step = int(node.name.rsplit("@", 1)[1])
-        return "eval" if step == self.steps else "forward"
+        return phase_of(node, self.steps)
 
     @staticmethod
     def _op(node: Node) -> str:
@@ -138,15 +134,17 @@ class _Lowering(BackwardLowering, LlamaLowering):
 
     # -- the driver ----------------------------------------------------------------------
     def run(self) -> Program:
-        phase = None
+        phase, remaking = None, False
         for node in self.graph.nodes():
             self.node = node
             now = self._phase(node) if "@" in node.name else phase  # the inputs and masks have no step
-            if now in ("forward", "eval") and phase in ("backward", "descent"):
-                # each forward pass (the next step's, the evaluation) derives its own x̂, γ/β copies and
-                # tables: one kept from the last would sit in the stream through a whole backward pass
+            remade = REMAT in node.name
+            if (now in ("forward", "eval") and phase in ("backward", "descent")) or (remade and not remaking):
+                # each forward pass (the next step's, the evaluation, a layer's recomputation) derives its
+                # own x̂, γ/β copies and tables: one kept from the last would sit in the stream through a
+                # whole backward pass
                 self.memo.clear()
-            phase = now
+            phase, remaking = now, remade
             method = getattr(self, "lower_" + node.kind, None)
             if method is None:
                 raise BackendError(f"node %{node.name}: op kind {node.kind!r} has no TinT construction")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ir.graph import Graph, WeightRef
 from ir.errors import BackendError
+from ir.passes.rematerialise import aux_op
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def plan(graph: Graph) -> Layout:
     vocab = positions = unembed = None
     offset = 0
     for node in graph.nodes():
-        name = node.name.split("@")[0]  # the aux op: the same block at every step
+        name = aux_op(node.name)  # the same block at every step and in a recomputation
         if node.kind == "embed":
             vocab = node.weights["table"]
         elif node.kind == "lm_head":

@@ -204,7 +204,7 @@ class AttentionRowsSpec(PassSpec):
                               description=f"an integer from 1 to {MAX_SIZE}, or null for the default")
 
 
-class SharedRowsSpec(PassSpec):
+class OptInSpec(PassSpec):
     enabled: bool = Field(False, strict=True, description="true | false")
 
 
@@ -216,7 +216,8 @@ class PassesSpec(_Strict):
     sub_mlp: WidthPassSpec = Field(default_factory=WidthPassSpec)  # width: the head-splitting width
     block_sharing: PassSpec = Field(default_factory=PassSpec)
     low_rank: LowRankSpec = Field(default_factory=LowRankSpec)  # off by default
-    shared_rows: SharedRowsSpec = Field(default_factory=SharedRowsSpec)  # off by default (backends/torch/allocate.py)
+    shared_rows: OptInSpec = Field(default_factory=OptInSpec)  # off by default (backends/torch/allocate.py)
+    rematerialise: OptInSpec = Field(default_factory=OptInSpec)  # off by default (ir/passes/rematerialise.py)
     split_mlp: SplitMlpSpec = Field(default_factory=SplitMlpSpec)  # off by default; width: the aux hidden size
     attention_rows: AttentionRowsSpec = Field(default_factory=AttentionRowsSpec)  # off; heads: hidden // T
 

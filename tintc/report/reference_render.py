@@ -25,7 +25,9 @@ CONVENTIONS_TEXT = [
     "counts the Conv2D maps a forward pass applies, its position maps and gates as stored.", "",
     "**(3) Dense, everything in the stream.** The same dense count with every value the TinT keeps inside "
     "the stream, so that it is one plain stack of transformer blocks. The reference has no such count: its "
-    "blocks read stored activations and per-layer prefixes from Python lists.", "",
+    "blocks read stored activations and per-layer prefixes from Python lists. tint.passes.rematerialise "
+    "narrows ours: the backward recomputes each layer's forward from the layer's input, so the stream holds "
+    "the layer inputs and one layer's activations (and (2) widens: the recomputed values are the backward's).", "",
 ]
 
 
