@@ -154,6 +154,18 @@ def test_prefixes_must_divide_the_width(tmp_path):
     )
 
 
+def test_prefixes_are_not_checked_when_nothing_is_stacked(tmp_path):
+    """With prefix stacking off every prefix token holds one row (K = Dout): tint.prefixes is not used, so a
+    value that would not divide the width is no problem, and the TinT compiles."""
+    from tintc import pipeline
+
+    text = GOOD.replace("prefixes: 16", "prefixes: 24\n  passes: {prefix_stacking: {enabled: false}}")
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.tint.prefixes == 24 and not cfg.tint.passes.prefix_stacking.enabled
+    blocks = pipeline.compile_tint(cfg).tint.program.layout.blocks.values()
+    assert all(b.rows == 1 for b in blocks if b.kind == "linear")  # one row per prefix token
+
+
 def test_heads_must_divide_the_width(tmp_path):
     problem = one_problem(tmp_path, GOOD.replace("n_head: 4", "n_head: 5"))
     assert problem.endswith(

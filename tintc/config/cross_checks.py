@@ -165,7 +165,10 @@ def _shape_checks(data: dict, hf, from_kwargs: bool) -> list[tuple[Loc, str]]:
 
     tint = data.get("tint") if isinstance(data.get("tint"), dict) else {}
     prefixes = tint.get("prefixes", TintSpec.model_fields["prefixes"].default)
-    if isinstance(prefixes, int) and not isinstance(prefixes, bool) and prefixes >= 1 and hidden % prefixes:
+    passes = tint.get("passes") if isinstance(tint.get("passes"), dict) else {}
+    stacking = passes.get("prefix_stacking") if isinstance(passes.get("prefix_stacking"), dict) else {}
+    stacked = stacking.get("enabled", True) is not False  # off: one row per prefix token, K unused
+    if stacked and isinstance(prefixes, int) and not isinstance(prefixes, bool) and prefixes >= 1 and hidden % prefixes:
         divisors = " | ".join(str(d) for d in range(1, hidden + 1) if hidden % d == 0)
         problems.append(
             (("tint", "prefixes"), f"got {prefixes}; allowed: a divisor of the hidden size {hidden} ({key('hidden_size')}): {divisors}")
