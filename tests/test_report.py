@@ -214,3 +214,12 @@ def test_report_command(tmp_path):
     for name in ("report.json", "report.md", "report.png"):
         assert f"wrote{tmp_path / 'out' / name}" in output
     assert (tmp_path / "out" / "report.md").read_text() == V.to_markdown(expected)
+
+
+def test_the_settings_name_the_passes_that_differ_from_the_defaults(report):
+    assert report["settings"]["passes_changed"] == []
+    assert "passes: the defaults" in V.to_markdown(report)
+    cfg = tiny_config("gpt2", passes={"rematerialise": {"enabled": True}, "head_splitting": {"width": 16}})
+    changed = R.parameter_report(pipeline.compile_tint(cfg, tiny_model("gpt2")))["settings"]
+    assert changed["passes"]["rematerialise"] == {"enabled": True}
+    assert changed["passes_changed"] == ["head_splitting.width = 16", "rematerialise.enabled = true"]

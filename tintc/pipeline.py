@@ -194,6 +194,7 @@ def compile_tint(cfg: TintcConfig, model=None, announce=lambda line: None) -> Co
     parameters = sum(p.numel() for p in shapes.parameters())
     compiled = Compiled(graph, tg, tint, seconds, config, parameters, lambda: load_aux_model(cfg), model)
     compiled.predicted = predicted  # the compile's peak as predicted before it started
+    compiled.passes = cfg.tint.passes.model_dump()  # the passes' switches and knobs, for the report
     return compiled
 
 

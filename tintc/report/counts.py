@@ -25,13 +25,14 @@ counted dense, as stored (`numel`), and its nonzeros separately (`count_nonzero`
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 
 import torch
 from torch import nn
 
 from ir.passes.autodiff import rules_of
-from tintc.config.schema import rule_set_name
+from tintc.config.schema import PassesSpec, rule_set_name
 from tintc.report.dense_count import dense_counts
 from tintc.report.reference_counts import like_with_like
 
@@ -113,6 +114,13 @@ def _ref_numel(ref, shapes) -> int:
     for s in ref.shape(tuple(shapes[ref.name])):
         n *= s
     return n
+
+
+def changed_passes(passes: dict) -> list[str]:
+    """The passes' switches and knobs that differ from the defaults, as `name.key = value` (JSON values)."""
+    defaults = PassesSpec().model_dump()
+    return [f"{name}.{key} = {json.dumps(value)}" for name, spec in passes.items() for key, value in spec.items()
+            if value != defaults[name][key]]
 
 
 def parameter_report(compiled) -> dict:
@@ -208,6 +216,8 @@ def parameter_report(compiled) -> dict:
             "trained_layers": sorted(trained_layers),
             "tied_embeddings": layout.tied,
             "backward_rules": {"set": rule_set_name(rules_of(train_graph)), **rules_of(train_graph)},
+            "passes": compiled.passes,
+            "passes_changed": changed_passes(compiled.passes),
         },
         "tint": {
             "width": program.width,

@@ -42,7 +42,8 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                       f"{aux['max_positions']} positions"],
         ["settings", f"K = {s['prefixes']} prefix tokens per linear map, {s['steps']} SGD step(s), "
                      f"lr {s['lr']}, trained layers {_ranges(trained)}, "
-                     f"{'tied' if s['tied_embeddings'] else 'untied'} embeddings"],
+                     f"{'tied' if s['tied_embeddings'] else 'untied'} embeddings; passes: "
+                     f"{', '.join(s['passes_changed']) or 'the defaults'}"],
         ["token stream width of the fast executor", _n(tint["width"])],
         ["standard view: D_sim, blocks", f"{_n(report['standard_view']['ours']['d_sim'])}, "
                                          f"{_n(report['standard_view']['blocks'])}"],
