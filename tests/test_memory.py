@@ -70,8 +70,8 @@ def test_a_run_that_would_not_fit_is_refused_naming_its_largest_term(monkeypatch
     shape = memory.run_shape(compiled.tint.program)
     small = memory.run_prediction(shape, 8, holds_package=False)
     large = memory.run_prediction(shape, 32, 64, holds_package=False)
-    for prediction, tokens in ((small, 8), (large, 32 * 64)):  # the worst moment at this many tokens
-        worst = max(tokens * held + made for held, made in shape["moments"]) * shape["itemsize"]
+    for prediction, batch, tokens in ((small, 1, 8), (large, 64, 32 * 64)):  # the worst moment at this many tokens
+        worst = max(tokens * held + batch * made for held, made in shape["moments"]) * shape["itemsize"]
         assert prediction.terms["token streams"] + prediction.terms["trained blocks' new versions"] == worst
     # more tokens weigh the stream more: the worst moment holds a stream at least as wide
     assert large.terms["token streams"] / (32 * 64) >= small.terms["token streams"] / 8

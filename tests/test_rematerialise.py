@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ir.interpret import Interpreter
-from ir.passes.rematerialise import REMAT, phase_of, rematerialise
+from ir.passes.rematerialise import REMAT, crosses_a_residual, aux_op, phase_of, rematerialise
 from tintc import pipeline
 from tintc.oracle.fidelity import example_input
 from tintc.report.dense_count import dense_counts
@@ -40,7 +40,7 @@ def test_the_backward_reads_no_forward_value_of_its_own_layer_and_computes_the_s
     copies = [n for n in remade.nodes() if REMAT in n.name]
     assert copies and len(remade) == len(kept) + len(copies)
     for copy in copies:  # a copy of the forward op: same kind, settings and weight versions
-        source = kept.node(copy.name.replace(REMAT, ""))
+        source = kept.node(f"{aux_op(copy.name)}@{copy.name.rsplit('@', 1)[1]}")
         assert (copy.kind, copy.attrs, copy.weights, copy.shape) == (source.kind, source.attrs, source.weights,
                                                                      source.shape)
     for node in remade.nodes():
@@ -49,6 +49,14 @@ def test_the_backward_reads_no_forward_value_of_its_own_layer_and_computes_the_s
                 read = remade.node(name)
                 assert not (phase_of(read, steps) == "forward" and read.attrs.get("layer") == node.attrs["layer"]), \
                     f"{node.name} reads {name}, kept from the forward pass"
+    # a copy serves one sublayer: none is read past the next residual sum's gradient (what the FFN's backward
+    # recomputed of the attention is made again for the attention's backward)
+    order = {n.name: i for i, n in enumerate(remade.nodes())}
+    crossings = [order[n.name] for n in remade.nodes() if crosses_a_residual(remade, n)]
+    for copy in copies:
+        end = min((c for c in crossings if c > order[copy.name]), default=len(order))
+        assert all(order[r] <= end for r in remade.nx.successors(copy.name)), copy.name
+    assert any(f"{REMAT}2@" in copy.name for copy in copies)
     assert rematerialise(remade, enabled=True).changed is False  # a second run changes nothing
     model = tiny_model(family, dtype=torch.float64, table=MICRO)
     params = {n: p.detach() for n, p in model.named_parameters()}

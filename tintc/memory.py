@@ -147,9 +147,10 @@ def run_prediction(shape: dict, length: int, batch: int = 1, holds_package: bool
         terms["TinT weights"] = shape["weights_bytes"]
         terms["prefixes"] = shape["prefix_bytes"]
     tokens, itemsize = batch * length, shape["itemsize"]
-    held, made = max(shape["moments"], key=lambda m: tokens * m[0] + m[1])
+    # each sequence trains its own copy of θ: the new block versions are [batch, K, width]
+    held, made = max(shape["moments"], key=lambda m: tokens * m[0] + batch * m[1])
     terms |= {"token streams": tokens * held * itemsize,
-              "trained blocks' new versions": made * itemsize,
+              "trained blocks' new versions": batch * made * itemsize,
               "logits": tokens * shape["vocab"] * itemsize}
     if itemsize < WIDE:  # bfloat16: the output head's product in float32 (on a CPU)
         terms[WIDENED_HEAD] = (shape["vocab"] * shape["head_width"] + tokens * shape["vocab"]) * WIDE

@@ -27,7 +27,7 @@ CONVENTIONS_TEXT = [
     "the stream, so that it is one plain stack of transformer blocks. The reference has no such count: its "
     "blocks read stored activations and per-layer prefixes from Python lists. tint.passes.rematerialise "
     "narrows ours: the backward recomputes each layer's forward from the layer's input, so the stream holds "
-    "the layer inputs and one layer's activations (and (2) widens: the recomputed values are the backward's).", "",
+    "the layer inputs and one sublayer's activations (and (2) widens: the recomputed values are the backward's).", "",
 ]
 
 
