@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ir.interpret import Interpreter
-from ir.passes.rematerialise import REMAT, crosses_a_residual, aux_op, phase_of, rematerialise
+from ir.passes.rematerialise import REMAT, aux_op, crosses_a_residual, phase_of, rematerialise
 from tintc import pipeline
 from tintc.oracle.fidelity import example_input
 from tintc.report.dense_count import dense_counts
@@ -93,21 +93,22 @@ def test_rematerialised_tint_is_g_hat_its_view_the_fast_executor_and_its_stream_
     assert logits_error <= 1e-10 and prefix_error <= 1e-10
     logits, updates, moved = _run_against_g_hat(cfg, model, compiled)
     assert moved > 1e-3 and logits <= 1e-9 and updates <= 1e-9
-    assert compiled.tint.program.layout.blocks == kept.tint.program.layout.blocks  # a recomputation reads the same blocks
+    assert compiled.tint.program.layout.blocks == kept.tint.program.layout.blocks  # a copy reads its op's block
     assert compiled.tint.program.width < kept.tint.program.width  # the fast executor's stream too
     assert _kept_through_the_backward(compiled) <= _layer_inputs(compiled.train_graph)
     ours, theirs = (dense_counts(c.tint.program, c.tint.layers)["ours"] for c in (compiled, kept))
     assert ours["d_sim"] < theirs["d_sim"] and ours["dense"]["total"] < theirs["dense"]["total"]
 
 
-def test_with_every_lever_the_stream_holds_the_layer_inputs_and_one_layer():
-    """The compact levers and rematerialisation together: what crosses the backward of a layer is the
-    layer inputs of the layers below it; at the micro shapes the stream is narrower than the compact one's."""
+def test_with_every_lever_the_stream_holds_the_layer_inputs_and_one_sublayer():
+    """The compact levers and rematerialisation together: what the forward keeps for the backward is the
+    layer inputs; at the micro shapes the stream is narrower than the compact one's."""
     cfg, model, compiled = _compile("gpt2", {}, {**COMPACT, **ON})
     _, _, compact = _compile("gpt2", {}, COMPACT)
     logits_error, prefix_error, _ = _view_against_fast(compiled, model)
     assert logits_error <= 1e-10 and prefix_error <= 1e-10
     logits, updates, moved = _run_against_g_hat(cfg, model, compiled)
     assert moved > 1e-3 and logits <= 1e-9 and updates <= 1e-9
+    assert _kept_through_the_backward(compiled) <= _layer_inputs(compiled.train_graph)
     ours, theirs = (dense_counts(c.tint.program, c.tint.layers)["ours"] for c in (compiled, compact))
     assert ours["d_sim"] < theirs["d_sim"] and ours["dense"]["total"] < theirs["dense"]["total"]

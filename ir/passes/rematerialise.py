@@ -8,12 +8,13 @@ a layer boundary (each layer's input, the residual stream); right before the fir
 descent op of a layer that reads one of its forward values, that value is computed again, with the
 ops it depends on inside the layer, from the kept input and the same weight versions. The stream then
 holds the layers' inputs and one sublayer's activations at a time: width traded for depth (one more
-forward pass and the attention's ops once more, run inside the backward). A copy serves one sublayer: where the backward sums the gradient
-of a residual sum it leaves the FFN for the attention below, and what the FFN's backward recomputed of
-the attention (to reach the FFN's input) is made again there rather than kept through the FFN's backward.
+forward pass and the attention's ops once more, run inside the backward).
 
-A recomputed op is a copy of the forward op named `<op>.remat@<step>` (a second copy `<op>.remat2@<step>`):
-its phase is the backward (phase_of). Ops outside the layers (embeddings, the final norm, layer −1) are read as kept.
+A copy serves one sublayer: where the backward sums the gradient of a residual sum it leaves the FFN for
+the attention below, and what the FFN's backward recomputed of the attention (to reach the FFN's input)
+is made again there rather than kept through the FFN's backward. A recomputed op is a copy of the forward
+op named `<op>.remat@<step>` (a second copy `<op>.remat2@<step>`); its phase is the backward (phase_of).
+Ops outside the layers (embeddings, the final norm, layer −1) are read as kept.
 """
 
 from __future__ import annotations
