@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ir.interpret import Interpreter
-from ir.passes.rematerialise import REMAT, aux_op, crosses_a_residual, phase_of, rematerialise
+from ir.passes.autodiff import REMAT, aux_op, phase_of
+from ir.passes.rematerialise import crosses_a_residual, rematerialise
 from tintc import pipeline
 from tintc.oracle.fidelity import example_input
 from tintc.report.dense_count import dense_counts

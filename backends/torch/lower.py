@@ -25,7 +25,7 @@ from torch import nn
 
 from ir.graph import Graph, Node
 from ir.errors import BackendError
-from ir.passes.rematerialise import REMAT, phase_of
+from ir.passes.autodiff import REMAT, phase_of
 
 from . import runtime as P
 from .low_rank import factorise
@@ -100,7 +100,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
         reads = tuple(r if isinstance(r, Read) else Read(TOKENS, tuple(tuple(g) for g in r)) for r in reads)
         write = out if isinstance(out, Write) else Write(TOKENS, tuple(out))
         node = self.node
-        self.calls.append(Call(layer, reads, write, node.name, self._op(node), self._phase(node)))
+        self.calls.append(Call(layer, reads, write, node.name, self._op(node), phase_of(node, self.steps)))
 
     def new(self, width: int, group: int) -> tuple[Field, list[Field]]:
         """A fresh field and its chunks of `group` width (the groups' output fields)."""
@@ -112,9 +112,6 @@ class _Lowering(BackwardLowering, LlamaLowering):
         (passes/sub_mlp.py) where it divides, else one chunk."""
         g = self.node.attrs.get("group_width", width)
         return g if width % g == 0 else width
-
-    def _phase(self, node: Node) -> str:
-        return phase_of(node, self.steps)
 
     @staticmethod
     def _op(node: Node) -> str:
@@ -137,7 +134,7 @@ class _Lowering(BackwardLowering, LlamaLowering):
         phase, remaking = None, False
         for node in self.graph.nodes():
             self.node = node
-            now = self._phase(node) if "@" in node.name else phase  # the inputs and masks have no step
+            now = phase_of(node, self.steps) if "@" in node.name else phase  # the inputs and masks have no step
             remade = REMAT in node.name
             if (now in ("forward", "eval") and phase in ("backward", "descent")) or (remade and not remaking):
                 # each forward pass (the next step's, the evaluation, a layer's recomputation) derives its

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ir.graph import Graph, WeightRef
 from ir.errors import BackendError
-from ir.passes.rematerialise import aux_op
+from ir.passes.autodiff import aux_op
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,11 @@ class Units:
     b: tuple | None
     o: tuple  # (matrix [out, n] or None for the identity, scale, per written field: runs)
 
+    @property
+    def erases(self) -> bool:
+        """Erase units (erase_units): −h_c on the constant branch, b the string-tagged ("negate", runs)."""
+        return self.b is not None and isinstance(self.b[0], str)
+
 
 @dataclass
 class BlockPlan:
@@ -67,7 +72,7 @@ class BlockPlan:
         coordinates left."""
         left = set(coords)
         for i, u in enumerate(self.units):
-            if not left or u.o[0] is not None or len(u.o[2]) != 1 or u.b is None or isinstance(u.b[0], str):
+            if not left or u.o[0] is not None or len(u.o[2]) != 1 or u.b is None or u.erases:
                 continue
             if u.a is None:
                 self.units[i], left = _fold_erasure(u, left, self.sigma_one)

@@ -14,6 +14,8 @@ get theirs through the scores (attention_score_backward).
 
 from __future__ import annotations
 
+import re
+
 import networkx as nx
 
 from ir.errors import PassError
@@ -43,6 +45,28 @@ def autodiff(graph: Graph, steps: int, lr: float, attention: str = "stop_gradien
         builder.backward(step)
     builder.forward(steps, evaluate=True)
     return PassResult(out, True)
+
+
+REMAT = ".remat"  # a forward op recomputed in the backward (passes/rematerialise.py): <op>.remat<n>@<step>
+
+
+def aux_op(name: str) -> str:
+    """The traced op a training-graph op simulates: its name without the step and a recomputation's suffix
+    (the op's prefix block is named for it)."""
+    return re.sub(rf"{re.escape(REMAT)}\d*$", "", name.split("@")[0])
+
+
+def phase_of(node: Node, steps: int) -> str:
+    """forward | backward | descent | eval of a training-graph op, from its kind and name: a gradient's
+    sums and products are named `.grad…`, a recomputed forward op `.remat`; the evaluation is the
+    forward of step `steps`. Ops with no step (the inputs and masks) belong to the first forward."""
+    if node.kind.endswith("_descent"):
+        return "descent"
+    if node.kind.endswith("_backward") or node.kind == "loss_grad" or ".grad" in node.name or REMAT in node.name:
+        return "backward"
+    if "@" not in node.name:
+        return "forward"
+    return "eval" if int(node.name.rsplit("@", 1)[1]) == steps else "forward"
 
 
 def rules_of(graph: Graph) -> dict[str, str]:

@@ -19,32 +19,11 @@ Ops outside the layers (embeddings, the final norm, layer −1) are read as kept
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 from ..graph import Graph, Node
 from . import PassResult
-
-REMAT = ".remat"
-
-
-def aux_op(name: str) -> str:
-    """The traced op a training-graph op simulates: its name without the step and a recomputation's suffix
-    (the op's prefix block is named for it)."""
-    return re.sub(rf"{re.escape(REMAT)}\d*$", "", name.split("@")[0])
-
-
-def phase_of(node: Node, steps: int) -> str:
-    """forward | backward | descent | eval of a training-graph op, from its kind and name: a gradient's
-    sums and products are named `.grad…`, a recomputed forward op `.remat`; the evaluation is the
-    forward of step `steps`. Ops with no step (the inputs and masks) belong to the first forward."""
-    if node.kind.endswith("_descent"):
-        return "descent"
-    if node.kind.endswith("_backward") or node.kind == "loss_grad" or ".grad" in node.name or REMAT in node.name:
-        return "backward"
-    if "@" not in node.name:
-        return "forward"
-    return "eval" if int(node.name.rsplit("@", 1)[1]) == steps else "forward"
+from .autodiff import REMAT, phase_of
 
 
 def rematerialise(graph: Graph, enabled: bool) -> PassResult:

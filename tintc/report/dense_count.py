@@ -78,7 +78,7 @@ def _dense(stream: StreamPlan, d_sim: int, reference: Program | None = None) -> 
     for b in stream.blocks:
         if reference is not None and b.node != "erase" and reference.calls[call].op == "residual":
             erase = BlockPlan(b.kind, b.node, b.phase, act=b.act,
-                              units=[u for u in b.units if u.b is not None and isinstance(u.b[0], str)])
+                              units=[u for u in b.units if u.erases])
             python_sums += b.dense_parameters(d_sim, stream.one) - erase.dense_parameters(d_sim, stream.one)
             b = erase
         if call >= dies:
